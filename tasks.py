@@ -1,0 +1,29 @@
+"""The `inv` entry point: the root namespace of difyops, built from the modules in tasks/.
+
+Invoke imports this file as the module `tasks`, which would hide the tasks/ folder. Giving the
+module a `__path__` makes it a package whose submodules live in tasks/, so `import tasks.db`
+works the same under `inv`, pytest and GitHub Actions.
+"""
+
+from pathlib import Path
+
+__path__ = [str(Path(__file__).resolve().parent / "tasks")]
+
+from invoke import Collection  # noqa: E402
+
+from tasks import (  # noqa: E402
+    app,
+    backup,
+    cache,
+    config,
+    db,
+    deploy,
+    dev,
+    lb,
+    monitor,
+    vector,
+)
+
+ns = Collection()
+for module in (config, db, cache, vector, app, lb, monitor, backup, dev, deploy):
+    ns.add_collection(Collection.from_module(module))

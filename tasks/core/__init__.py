@@ -1,0 +1,4 @@
+"""The difyops engine: inventory, validation, rendering, hosts, plans, apply, health gates.
+
+Nothing here defines an Invoke task; the modules in tasks/ are thin wrappers around this package.
+"""

@@ -1,0 +1,209 @@
+"""One interface over the machines difyops manages: this machine (Invoke) or SSH (Fabric).
+
+A host runs commands (with sudo when the login is not root), reads files and installs files
+atomically (temporary file, then rename), reporting whether anything changed. Backends differ
+only in how a command is executed and how bytes reach the machine.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import io
+import os
+import shlex
+import tempfile
+from dataclasses import dataclass
+
+from invoke import Context
+from invoke.exceptions import CommandTimedOut
+
+from tasks.core.errors import HostError
+from tasks.core.inventory import Host
+
+
+@dataclass(frozen=True)
+class Result:
+    """What a command answered."""
+
+    exited: int
+    stdout: str
+    stderr: str
+
+    @property
+    def ok(self) -> bool:
+        """Whether the command exited 0."""
+        return self.exited == 0
+
+    @property
+    def answer(self) -> str:
+        """The last line the command printed (stderr first), for messages."""
+        text = (self.stderr.strip() or self.stdout.strip()).splitlines()
+        return text[-1] if text else f"exit {self.exited}"
+
+
+@dataclass(frozen=True)
+class FileState:
+    """What is on the host at a path: content digest, mode and ownership."""
+
+    sha256: str
+    mode: int
+    owner: str
+    group: str
+
+
+class Machine:
+    """Commands and files on one host; subclasses say how commands run and bytes travel."""
+
+    def __init__(self, host: Host, command_timeout: float = 1800) -> None:
+        self.host = host
+        self.command_timeout = command_timeout
+
+    @property
+    def is_root(self) -> bool:
+        """Whether commands already run as root (no sudo needed)."""
+        raise NotImplementedError
+
+    def _execute(self, command: str, timeout: float) -> Result:
+        raise NotImplementedError
+
+    def _upload(self, content: bytes) -> str:
+        """Put bytes into a new private temporary file on the host; return its path."""
+        raise NotImplementedError
+
+    def close(self) -> None:
+        """Release the connection, if any."""
+
+    def run(self, command: str, *, sudo: bool = True, timeout: float | None = None) -> Result:
+        """Run a shell command; as root through `sudo -n` when the login is not root."""
+        if sudo and not self.is_root:
+            command = f"sudo -n sh -c {shlex.quote(command)}"
+        return self._execute(command, timeout or self.command_timeout)
+
+    def check(self, command: str, *, sudo: bool = True, timeout: float | None = None) -> Result:
+        """Run a command that must succeed; a failure raises HostError naming the host."""
+        result = self.run(command, sudo=sudo, timeout=timeout)
+        if not result.ok:
+            raise HostError(f"{self.host.target}: `{command}` failed: {result.answer}")
+        return result
+
+    def read_file(self, path: str) -> bytes | None:
+        """The file's bytes, or None when it does not exist."""
+        quoted = shlex.quote(path)
+        result = self.run(f"if [ -f {quoted} ]; then base64 -w0 {quoted}; else echo MISSING; fi")
+        if not result.ok:
+            raise HostError(f"{self.host.target}: cannot read {path}: {result.answer}")
+        out = result.stdout.strip()
+        return None if out == "MISSING" else base64.b64decode(out)
+
+    def file_state(self, path: str) -> FileState | None:
+        """Digest, mode and ownership of a file, or None when it does not exist."""
+        quoted = shlex.quote(path)
+        result = self.run(f"[ -f {quoted} ] && stat -c '%a %U %G' {quoted} "
+                          f"&& sha256sum {quoted} || echo MISSING")
+        lines = result.stdout.split()
+        if not result.ok or lines[:1] == ["MISSING"]:
+            return None
+        mode, owner, group, digest = lines[0], lines[1], lines[2], lines[3]
+        return FileState(digest, int(mode, 8), owner, group)
+
+    def install_file(self, path: str, content: bytes, *, mode: int = 0o644,
+                     owner: str = "root", group: str = "root") -> bool:
+        """Make the file exactly this; return whether anything had to change."""
+        wanted = FileState(hashlib.sha256(content).hexdigest(), mode, owner, group)
+        if self.file_state(path) == wanted:
+            return False
+        temporary = self._upload(content)
+        quoted, staged = shlex.quote(path), shlex.quote(f"{path}.difyops-new")
+        parent = shlex.quote(os.path.dirname(path) or "/")
+        self.check(f"mkdir -p {parent} && install -m {mode:04o} -o {owner} -g {group} "
+                   f"{shlex.quote(temporary)} {staged} && mv -f {staged} {quoted}; "
+                   f"status=$?; rm -f {shlex.quote(temporary)}; exit $status")
+        return True
+
+
+class LocalMachine(Machine):
+    """This machine, through Invoke."""
+
+    def __init__(self, host: Host, command_timeout: float = 1800) -> None:
+        super().__init__(host, command_timeout)
+        self.context = Context()
+
+    @property
+    def is_root(self) -> bool:
+        return os.geteuid() == 0
+
+    def _execute(self, command: str, timeout: float) -> Result:
+        try:
+            result = self.context.run(command, hide=True, warn=True, timeout=timeout,
+                                      in_stream=False)
+        except CommandTimedOut:
+            return Result(124, "", f"timed out after {timeout:g} s")
+        return Result(result.exited, result.stdout, result.stderr)
+
+    def _upload(self, content: bytes) -> str:
+        fd, path = tempfile.mkstemp(prefix="difyops.")
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(content)
+        return path
+
+
+class SshMachine(Machine):
+    """A remote machine, through a Fabric connection opened on first use."""
+
+    def __init__(self, host: Host, command_timeout: float = 1800,
+                 connect_timeout: float = 10) -> None:
+        super().__init__(host, command_timeout)
+        self.connect_timeout = connect_timeout
+        self._connection = None
+
+    @property
+    def connection(self):  # -> fabric.Connection, imported lazily to keep `inv --list` fast
+        """The open connection; connecting failures name the host and its address."""
+        if self._connection is None:
+            from fabric import Connection
+            from paramiko.ssh_exception import NoValidConnectionsError, SSHException
+
+            kwargs = {"key_filename": os.path.expanduser(self.host.ssh.key)} \
+                if self.host.ssh.key else {}
+            connection = Connection(self.host.address, user=self.host.ssh.user,
+                                    port=self.host.ssh.port, connect_timeout=self.connect_timeout,
+                                    connect_kwargs=kwargs)
+            try:
+                connection.open()
+            except (TimeoutError, OSError, NoValidConnectionsError, SSHException) as exc:
+                raise HostError(f"cannot connect to {self.host.target}: "
+                                f"{exc or type(exc).__name__}") from exc
+            self._connection = connection
+        return self._connection
+
+    @property
+    def is_root(self) -> bool:
+        return self.host.ssh.user == "root"
+
+    def _execute(self, command: str, timeout: float) -> Result:
+        try:
+            result = self.connection.run(command, hide=True, warn=True, timeout=timeout,
+                                         in_stream=False)
+        except CommandTimedOut:
+            return Result(124, "", f"timed out after {timeout:g} s")
+        except (OSError, EOFError) as exc:
+            raise HostError(f"lost the connection to {self.host.target}: {exc}") from exc
+        return Result(result.exited, result.stdout, result.stderr)
+
+    def _upload(self, content: bytes) -> str:
+        path = self.check("umask 077 && mktemp /tmp/difyops.XXXXXXXX", sudo=False).stdout.strip()
+        self.connection.put(io.BytesIO(content), remote=path)
+        return path
+
+    def close(self) -> None:
+        if self._connection is not None:
+            self._connection.close()
+
+
+def connect(host: Host, timeouts: dict[str, int] | None = None) -> Machine:
+    """The machine behind an inventory host, with the inventory's timeouts."""
+    timeouts = timeouts or {"connect": 10, "command": 1800}
+    if host.connection == "local":
+        return LocalMachine(host, timeouts["command"])
+    return SshMachine(host, timeouts["command"], timeouts["connect"])

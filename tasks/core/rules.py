@@ -1,0 +1,230 @@
+"""Rules that relate inventory settings and hosts to each other and to the Dify version.
+
+Each rule returns the problems it finds; `check` runs them all. They encode the failures that
+self-hosted Dify installations meet (see DIFY.md): unconsumed queues, two beats, two plugin
+daemons, a Celery broker on a Redis Cluster, Weaviate without quorum, diverging local storage,
+PostgreSQL running out of connections.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+
+from tasks.core.errors import Problem
+from tasks.core.inventory import APP_ROLES, Inventory
+from tasks.core.profiles import version_key
+from tasks.core.project import display
+
+Rule = Callable[[Inventory, str], Iterator[Problem]]
+
+
+def check(inventory: Inventory) -> list[Problem]:
+    """Every problem every rule finds, in a stable order."""
+    shown = display(inventory.file)
+    return [problem for rule in RULES for problem in rule(inventory, shown)]
+
+
+def required_roles(inventory: Inventory) -> list[str]:
+    """Roles an inventory of this layout cannot do without."""
+    roles = ["db_primary", "cache"]
+    if inventory.settings["vector"]["store"] == "weaviate":
+        roles.append("vector")
+    if not inventory.is_dev_layout:
+        roles.extend([*APP_ROLES, "lb"])
+    return roles
+
+
+def role_presence(inventory: Inventory, shown: str) -> Iterator[Problem]:
+    """A required role with no host, and roles that must be played exactly once."""
+    for role in required_roles(inventory):
+        if not inventory.with_role(role):
+            yield Problem(shown, "hosts[*].roles", f"no host has the required role {role!r}",
+                          f"add {role!r} to the roles of a host")
+    singletons = {"db_primary": "one PostgreSQL primary",
+                  "plugin_daemon": "one plugin daemon (plugin state lives in one place)",
+                  "beat": "one Celery beat (two would schedule every periodic task twice)"}
+    for role, why in singletons.items():
+        hosts = inventory.with_role(role)
+        if len(hosts) > 1:
+            yield Problem(shown, f"hosts[{index_of(inventory, hosts[1].name)}].roles",
+                          f"{len(hosts)} hosts have role {role!r} "
+                          f"({', '.join(h.name for h in hosts)}): the installation needs exactly "
+                          f"{why}", f"keep {role!r} on one host only")
+    if inventory.with_role("db_replica") and not inventory.with_role("db_primary"):
+        yield Problem(shown, "hosts[*].roles", "replicas without a primary",
+                      "give one host the role 'db_primary'")
+
+
+def queue_coverage(inventory: Inventory, shown: str) -> Iterator[Problem]:
+    """The worker groups that run somewhere must consume every queue of the Dify version."""
+    profile = inventory.profile
+    groups = inventory.settings["app"]["worker_groups"]
+    workers = inventory.with_role("worker")
+    if not workers:
+        return
+    running = {name for host in workers for name in (host.worker_groups or
+                                                     [g["name"] for g in groups])}
+    consumed: set[str] = set()
+    for index, group in enumerate(groups):
+        queues = profile.queues if group["queues"] == "all" else group["queues"]
+        for queue_index, queue in enumerate(queues):
+            if queue not in profile.queues:
+                yield Problem(shown, f"app.worker_groups[{index}].queues[{queue_index}]",
+                              f"{queue!r} is not a queue of Dify {profile.version}",
+                              f"use queues of that version: {', '.join(profile.queues)}")
+        if group["name"] in running:
+            consumed.update(queues)
+    missing = [queue for queue in profile.queues if queue not in consumed]
+    if missing:
+        yield Problem(shown, "app.worker_groups",
+                      f"no worker consumes the queue(s) {', '.join(missing)} of Dify "
+                      f"{profile.version}: their tasks (documents, mail, workflows) would wait "
+                      f"in 'Queuing' forever",
+                      "add them to a worker group that runs on a worker host, or set "
+                      "`queues: all` on one group")
+
+
+def broker_not_on_cluster(inventory: Inventory, shown: str) -> Iterator[Problem]:
+    """Celery and the plugin daemon cannot use Redis Cluster: a cluster needs broker hosts."""
+    cache = inventory.settings["cache"]
+    if cache["mode"] not in ("standalone", "sentinel", "cluster"):
+        yield Problem(shown, "cache.mode", f"unknown mode {cache['mode']!r}",
+                      "use standalone, sentinel or cluster")
+        return
+    hosts = inventory.with_role("cache")
+    if cache["mode"] == "cluster" and not inventory.with_role("broker"):
+        yield Problem(shown, "cache.mode",
+                      "the Celery broker and the plugin daemon do not support Redis Cluster, "
+                      "and no host has the role 'broker'",
+                      "add a host with role 'broker' (a standalone Redis for Celery), or set "
+                      "cache.mode to sentinel")
+    if cache["mode"] == "cluster" and 0 < len(hosts) < 3:
+        yield Problem(shown, "cache.mode", f"a Redis Cluster needs 3 or more masters, the "
+                      f"inventory has {len(hosts)} cache host(s)",
+                      "add cache hosts or set cache.mode to standalone")
+    if cache["mode"] == "sentinel" and 0 < len(hosts) < 3:
+        yield Problem(shown, "cache.mode", f"Sentinel needs 3 or more cache hosts to reach a "
+                      f"quorum, the inventory has {len(hosts)}",
+                      "add cache hosts, or set cache.mode to standalone on a single host")
+
+
+def vector_store(inventory: Inventory, shown: str) -> Iterator[Problem]:
+    """Weaviate: a version the Dify client speaks to, and 1 node or a RAFT quorum of 3+."""
+    vector = inventory.settings["vector"]
+    if vector["store"] not in ("weaviate", "pgvector"):
+        yield Problem(shown, "vector.store", f"unknown vector store {vector['store']!r}",
+                      "use weaviate or pgvector")
+        return
+    if vector["store"] != "weaviate":
+        return
+    nodes = inventory.with_role("vector")
+    if len(nodes) == 2:
+        yield Problem(shown, "hosts[*].roles",
+                      "2 hosts have role 'vector': a 2-node Weaviate cluster has no RAFT quorum "
+                      "and stops when either node is down",
+                      "use 1 vector host, or 3 or more")
+    version = weaviate_version(inventory)
+    minimum = inventory.profile.weaviate_min_version
+    if version_key(version) < version_key(minimum):
+        yield Problem(shown, "vector.weaviate_version",
+                      f"Weaviate {version} is too old for Dify {inventory.profile.version}, "
+                      f"whose client needs {minimum} or newer (gRPC on :50051)",
+                      f"set vector.weaviate_version to {minimum} or newer (or leave it empty)")
+    factor = vector["replication_factor"]
+    if nodes and not 1 <= factor <= len(nodes):
+        yield Problem(shown, "vector.replication_factor",
+                      f"replication factor {factor} with {len(nodes)} Weaviate node(s)",
+                      f"use a factor between 1 and {len(nodes)}")
+
+
+def shared_storage(inventory: Inventory, shown: str) -> Iterator[Problem]:
+    """Several api/worker hosts must share storage; a local volume per host diverges."""
+    storage = inventory.settings["storage"]
+    if storage["type"] not in ("local", "s3", "shared-fs"):
+        yield Problem(shown, "storage.type", f"unknown storage type {storage['type']!r}",
+                      "use local, s3 or shared-fs")
+        return
+    app_hosts = inventory.with_role("api", "worker")
+    if storage["type"] == "local" and len(app_hosts) > 1:
+        yield Problem(shown, "storage.type",
+                      f"{len(app_hosts)} api/worker hosts with host-local storage: uploads made "
+                      f"through one host are missing on the others",
+                      "set storage.type to s3 (with s3_endpoint and s3_bucket) or shared-fs")
+    if storage["type"] == "s3":
+        for key in ("s3_endpoint", "s3_bucket"):
+            if not storage[key]:
+                yield Problem(shown, f"storage.{key}", "required when storage.type is s3",
+                              f"set storage.{key}")
+
+
+def connection_budget(inventory: Inventory, shown: str) -> Iterator[Problem]:
+    """PostgreSQL's max_connections must hold every pool the app tier can open at once."""
+    db, app = inventory.settings["db"], inventory.settings["app"]
+    parts = connection_parts(inventory)
+    needed = sum(count for _, count in parts) + db["reserved_connections"]
+    if parts and db["max_connections"] < needed:
+        detail = " + ".join(f"{what} {count}" for what, count in parts)
+        yield Problem(shown, "db.max_connections",
+                      f"{db['max_connections']} is below what the app tier can open: {detail} "
+                      f"+ reserved {db['reserved_connections']} = {needed} "
+                      f"(PostgreSQL would answer 'too many clients')",
+                      f"raise db.max_connections to at least {needed}, or lower "
+                      f"app.api.db_pool_size/db_max_overflow (now "
+                      f"{app['api']['db_pool_size']}+{app['api']['db_max_overflow']})")
+
+
+def connection_parts(inventory: Inventory) -> list[tuple[str, int]]:
+    """Connections each kind of app process can hold: (label, count) per kind that exists."""
+    app = inventory.settings["app"]
+    groups = {group["name"] for group in app["worker_groups"]}
+
+    def pool(section: str) -> int:
+        return app[section]["db_pool_size"] + app[section]["db_max_overflow"]
+
+    api_hosts = inventory.with_role("api")
+    worker_processes = sum(len(host.worker_groups or groups)
+                           for host in inventory.with_role("worker"))
+    parts = [
+        (f"api {len(api_hosts)}x{app['api']['server_workers']}x{pool('api')}",
+         len(api_hosts) * app["api"]["server_workers"] * pool("api")),
+        (f"workers {worker_processes}x{pool('worker')}", worker_processes * pool("worker")),
+        ("beat", len(inventory.with_role("beat")) * pool("beat")),
+        ("plugin daemon", len(inventory.with_role("plugin_daemon"))
+         * app["plugin_daemon"]["db_max_open_conns"]),
+    ]
+    return [(label, count) for label, count in parts if count]
+
+
+def tls_settings(inventory: Inventory, shown: str) -> Iterator[Problem]:
+    """TLS mode known, with the files or contact it needs."""
+    tls = inventory.settings["tls"]
+    if tls["mode"] not in ("off", "self-signed", "file", "acme"):
+        yield Problem(shown, "tls.mode", f"unknown TLS mode {tls['mode']!r}",
+                      "use off, self-signed, file or acme")
+    if tls["mode"] == "file":
+        for key in ("cert_file", "key_file"):
+            if not tls[key]:
+                yield Problem(shown, f"tls.{key}", "required when tls.mode is file",
+                              f"set tls.{key} to the path on the control machine")
+    if tls["mode"] == "acme":
+        if not tls["acme_email"]:
+            yield Problem(shown, "tls.acme_email", "required when tls.mode is acme",
+                          "set tls.acme_email to a contact address")
+        if inventory.settings["domain"] in ("localhost", ""):
+            yield Problem(shown, "domain", "ACME certificates need a public domain name",
+                          "set domain to the name that resolves to the load balancer")
+
+
+def weaviate_version(inventory: Inventory) -> str:
+    """The Weaviate version in use: the inventory's, else the one in the profile's image."""
+    chosen = inventory.settings["vector"]["weaviate_version"]
+    return chosen or inventory.profile.images["weaviate"].rsplit(":", 1)[-1]
+
+
+def index_of(inventory: Inventory, name: str) -> int:
+    """The position of a host in the inventory's host list (for key paths in messages)."""
+    return next(i for i, host in enumerate(inventory.hosts) if host.name == name)
+
+
+RULES: tuple[Rule, ...] = (role_presence, queue_coverage, broker_not_on_cluster, vector_store,
+                           shared_storage, connection_budget, tls_settings)

@@ -1,0 +1,140 @@
+"""Secrets: which an inventory needs, reading them, refusing published ones, generating the rest.
+
+Secrets live in a python-dotenv file outside version control, mode 0600. They are generated
+with the `secrets` module, never overwritten, never printed.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets as random
+import stat
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from dotenv import dotenv_values
+
+from tasks.core.errors import Problem
+from tasks.core.inventory import Inventory
+from tasks.core.project import display
+
+MIN_LENGTH = 16
+
+# Values published in Dify's example files and in the original plan, plus obvious placeholders.
+PUBLISHED = frozenset({
+    "sk-9f73s3ljTXVcMT3Blb3ljTqtsKiGHXVcMT3BlbkFJLK7U",
+    "difyai123456",
+    "dify-sandbox",
+    "lYkiYYT6owG+71oLerGzA7GXCgOT++6ovaezWAjpCjf+Sjc3ZtU+qUEi",
+    "QaHbTe77CtuXmsfyhR7+vRjI/+XbV1AaFy691iy+kGDv2Jvy0/eAh8Y1",
+    "WVF5YThaHlkYwhGUSmCRgsX3tD5ngdN8pkih",
+    "your_secure_password",
+    "your_redis_password",
+    "replication_password",
+    "your_weaviate_key",
+    "your_admin_password",
+    "admin",
+    "password",
+    "changeme",
+})
+
+
+@dataclass(frozen=True)
+class SecretSpec:
+    """A secret the deployment uses: when it is needed and whether difyops may generate it."""
+
+    name: str
+    purpose: str
+    needed: Callable[[Inventory], bool]
+    generated: bool = True
+
+
+def always(_: Inventory) -> bool:
+    """Needed by every inventory."""
+    return True
+
+
+SPECS: tuple[SecretSpec, ...] = (
+    SecretSpec("SECRET_KEY", "signs sessions and encrypts stored credentials", always),
+    SecretSpec("DB_PASSWORD", "the dify database role", always),
+    SecretSpec("DB_REPLICATION_PASSWORD", "the streaming replication role",
+               lambda inv: bool(inv.with_role("db_replica"))),
+    SecretSpec("REDIS_PASSWORD", "Redis, Sentinel and the Celery broker", always),
+    SecretSpec("SANDBOX_API_KEY", "api/worker -> sandbox (CODE_EXECUTION_API_KEY)", always),
+    SecretSpec("PLUGIN_DAEMON_KEY", "api -> plugin daemon (the daemon's SERVER_KEY)", always),
+    SecretSpec("PLUGIN_DIFY_INNER_API_KEY", "plugin daemon -> api inner API", always),
+    SecretSpec("WEAVIATE_API_KEY", "Weaviate API-key authentication",
+               lambda inv: inv.settings["vector"]["store"] == "weaviate"),
+    SecretSpec("GRAFANA_ADMIN_PASSWORD", "Grafana's admin user",
+               lambda inv: bool(inv.with_role("monitor"))),
+    SecretSpec("S3_ACCESS_KEY", "the S3-compatible storage",
+               lambda inv: inv.settings["storage"]["type"] == "s3", generated=False),
+    SecretSpec("S3_SECRET_KEY", "the S3-compatible storage",
+               lambda inv: inv.settings["storage"]["type"] == "s3", generated=False),
+)
+
+
+def needed(inventory: Inventory) -> list[SecretSpec]:
+    """The secrets this inventory's layout uses."""
+    return [spec for spec in SPECS if spec.needed(inventory)]
+
+
+def read(inventory: Inventory) -> tuple[dict[str, str], list[Problem]]:
+    """The secrets file's values and every problem with them (missing, weak, published, mode)."""
+    path, shown = inventory.secrets_file, display(inventory.secrets_file)
+    if not path.is_file():
+        return {}, [Problem(shown, "(file)", "the secrets file does not exist",
+                            "run `inv config.secrets` to generate it")]
+    problems = []
+    mode = stat.S_IMODE(path.stat().st_mode)
+    if mode & 0o077:
+        problems.append(Problem(shown, "(file)", f"readable by others (mode {mode:04o})",
+                                f"run `chmod 600 {shown}` (or `inv config.secrets`)"))
+    values = {key: value or "" for key, value in dotenv_values(path).items()}
+    for spec in needed(inventory):
+        problem = weakness(spec, values.get(spec.name))
+        if problem:
+            fix = ("run `inv config.secrets` to generate it" if spec.generated and
+                   spec.name not in values else
+                   f"set {spec.name} to a value of your own"
+                   + (" (or delete the line and run `inv config.secrets`)"
+                      if spec.generated else ""))
+            problems.append(Problem(shown, spec.name, problem, fix))
+    return values, problems
+
+
+def weakness(spec: SecretSpec, value: str | None) -> str | None:
+    """Why a secret's value is unusable, or None when it is fine. Never includes the value."""
+    if value is None:
+        return f"missing ({spec.purpose})"
+    if not value.strip():
+        return f"empty ({spec.purpose})"
+    if value in PUBLISHED or value.lower() in PUBLISHED:
+        return "is a published default or placeholder: anyone can read it"
+    if spec.generated and len(value) < MIN_LENGTH:
+        return f"shorter than {MIN_LENGTH} characters"
+    return None
+
+
+def generate(inventory: Inventory) -> list[str]:
+    """Append every missing generatable secret to the file (0600); return the names written."""
+    path = inventory.secrets_file
+    path.parent.mkdir(parents=True, exist_ok=True)
+    present = dotenv_values(path) if path.is_file() else {}
+    missing = [spec.name for spec in needed(inventory)
+               if spec.generated and spec.name not in present]
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    with os.fdopen(fd, "a") as handle:
+        if missing and path.stat().st_size and not path.read_bytes().endswith(b"\n"):
+            handle.write("\n")
+        for name in missing:
+            handle.write(f"{name}={new_secret(name)}\n")
+    os.chmod(path, 0o600)
+    return missing
+
+
+def new_secret(name: str) -> str:
+    """A random value: URL-safe, so it can sit in a Redis or PostgreSQL URL unquoted."""
+    return ("sk-" if name == "SECRET_KEY" else "") + random.token_urlsafe(42 if name ==
+                                                                         "SECRET_KEY" else 32)
+
