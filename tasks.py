@@ -11,19 +11,8 @@ __path__ = [str(Path(__file__).resolve().parent / "tasks")]
 
 from invoke import Collection  # noqa: E402
 
-from tasks import (  # noqa: E402
-    app,
-    backup,
-    cache,
-    config,
-    db,
-    deploy,
-    dev,
-    lb,
-    monitor,
-    vector,
-)
+from tasks import app, cache, config, db, deploy, lb, vector  # noqa: E402
 
 ns = Collection()
-for module in (config, db, cache, vector, app, lb, monitor, backup, dev, deploy):
+for module in (config, db, cache, vector, app, lb, deploy):
     ns.add_collection(Collection.from_module(module))

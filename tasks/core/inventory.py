@@ -176,7 +176,9 @@ def load_inventory(path: Path, *, check_secrets: bool = True) -> Inventory:
 
 def check_settings(data: dict, defaults: dict, shown: str, problems: list[Problem]) -> dict:
     """Merge the inventory's settings over the defaults, noting unknown keys and wrong types."""
-    values = {key: value for key, value in data.items() if key != "hosts"}
+    # `x-` keys hold YAML anchors for reuse (as in compose files); they are not settings.
+    values = {key: value for key, value in data.items()
+              if key != "hosts" and not str(key).startswith("x-")}
     return merge(values, defaults, "", shown, problems)
 
 

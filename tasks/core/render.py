@@ -6,13 +6,16 @@ rendered for, the Dify version profile and the secrets.
 
 from __future__ import annotations
 
+import ipaddress
 from functools import cached_property
+from pathlib import Path
 from typing import Any
 
 from jinja2 import Environment, FileSystemLoader, StrictUndefined, TemplateError
 
 from tasks.core.errors import DifyopsError
 from tasks.core.inventory import Host, Inventory
+from tasks.core.plan import TierPlan
 from tasks.core.project import ROOT
 
 
@@ -29,6 +32,7 @@ class Renderer:
                                   keep_trailing_newline=True, trim_blocks=True,
                                   lstrip_blocks=True, autoescape=False)
         environment.filters["env_quote"] = env_quote
+        environment.filters["cidr"] = cidr
         return environment
 
     def context(self, host: Host | None, extra: dict[str, Any]) -> dict[str, Any]:
@@ -55,9 +59,31 @@ class Renderer:
             raise DifyopsError(f"cannot render {template}{where}: {exc}") from exc
 
 
+def cidr(address: str) -> str:
+    """A single address as a CIDR block (/32 or /128); a DNS name is left as it is."""
+    try:
+        return str(ipaddress.ip_network(address))
+    except ValueError:
+        return address
+
+
 def env_quote(value: Any) -> str:
     """A value safe in an env file read by both docker compose and python-dotenv."""
     text = str(value)
     if text and all(c.isalnum() or c in "-_./:@,+=" for c in text):
         return text
     return "'" + text.replace("'", "") + "'"
+
+
+def write_tree(plans: list[TierPlan], out: Path) -> int:
+    """Write every file of the plans under out/<host>/<path> (secrets 0600); return the count."""
+    count = 0
+    for tier in plans:
+        for host_plan in tier.hosts:
+            for step in host_plan.files():
+                target = out / host_plan.host.name / step.path.lstrip("/")
+                target.parent.mkdir(parents=True, exist_ok=True)
+                target.write_text(step.content)
+                target.chmod(0o600 if step.secret else 0o644)
+                count += 1
+    return count

@@ -1,0 +1,62 @@
+"""Plumbing shared by every task module: choosing the inventory, running tiers, failing well."""
+
+from __future__ import annotations
+
+import functools
+import os
+from collections.abc import Callable
+from typing import Any
+
+from invoke import Context, Task, task
+from invoke.exceptions import Exit
+
+from tasks.core.apply import execute
+from tasks.core.errors import DifyopsError
+from tasks.core.inventory import Inventory, load_inventory
+from tasks.core.project import inventory_path
+from tasks.core.report import Report
+from tasks.core.tiers import Tier, build, select
+
+
+def load(ctx: Context, *, check_secrets: bool = True) -> Inventory:
+    """The inventory: DIFY_INVENTORY, else the invoke config's difyops.inventory, else local.yml."""
+    configured = (ctx.config.get("difyops") or {}).get("inventory")
+    return load_inventory(inventory_path(os.environ.get("DIFY_INVENTORY") or configured),
+                          check_secrets=check_secrets)
+
+
+def reported(task_body: Callable[..., Any]) -> Callable[..., Any]:
+    """Turn difyops errors into a non-zero exit with the message (no traceback)."""
+
+    @functools.wraps(task_body)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return task_body(*args, **kwargs)
+        except DifyopsError as exc:
+            raise Exit(f"error: {exc}", code=1) from None
+
+    return wrapper
+
+
+def run_tiers(ctx: Context, tiers: list[Tier], *, dry: bool, only: str | None = None) -> Report:
+    """Validate, plan and apply (or dry-run) tiers; exit non-zero when any step failed."""
+    inventory = load(ctx)
+    chosen = select(tiers, only)
+    action = "dry run of" if dry else "applying"
+    print(f"{action} {', '.join(t.name for t in chosen)} on inventory {inventory.name} "
+          f"({len(inventory.hosts)} host(s), Dify {inventory.profile.version})", flush=True)
+    report = execute(build(chosen, inventory), dry=dry, timeouts=inventory.settings["timeouts"])
+    if report.failed:
+        raise Exit(f"error: {len(report.failed)} step(s) failed; see the summary above. "
+                   f"Fix the cause and run the same command again: it resumes.", code=1)
+    return report
+
+
+def deploy_task(tier: Tier) -> Task:
+    """The `<tier>.deploy` task: the tier alone through the same plan/apply machinery."""
+
+    def deploy(ctx: Context, dry: bool = False) -> None:
+        run_tiers(ctx, [tier], dry=dry)
+
+    deploy.__doc__ = f"Deploy the {tier.summary} (--dry: show the plan, touch nothing)."
+    return task(reported(deploy), help={"dry": "print the plan with file diffs; change nothing"})

@@ -1,0 +1,40 @@
+"""Step builders several tiers share: OS packages, systemd services, compose projects."""
+
+from __future__ import annotations
+
+import shlex
+
+from tasks.core.plan import RunCommand
+
+
+def packages(*names: str) -> RunCommand:
+    """Install OS packages unless all are already installed (no service started by apt)."""
+    listed = " ".join(names)
+    probe = " && ".join(
+        f"dpkg-query -W -f='${{Status}}' {shlex.quote(n)} 2>/dev/null | grep -q 'ok installed'"
+        for n in names)
+    return RunCommand(f"install {listed}",
+                      f"export DEBIAN_FRONTEND=noninteractive; apt-get update -q && "
+                      f"apt-get install -y -q --no-install-recommends {listed}",
+                      unless=probe)
+
+
+def service_running(unit: str) -> RunCommand:
+    """Enable and start a systemd unit unless it is already enabled and active."""
+    quoted = shlex.quote(unit)
+    return RunCommand(f"enable and start {unit}", f"systemctl enable --now {quoted}",
+                      unless=f"systemctl is-enabled --quiet {quoted} && "
+                             f"systemctl is-active --quiet {quoted}")
+
+
+def service_restart(unit: str, *files: str) -> RunCommand:
+    """Restart a unit when one of its configuration files changed."""
+    return RunCommand(f"restart {unit}", f"systemctl restart {shlex.quote(unit)}",
+                      on_change=files)
+
+
+def compose_up(directory: str, project: str, *files: str) -> RunCommand:
+    """Bring a compose project up (waiting for its healthchecks) when its files changed."""
+    compose = f"docker compose --project-directory {shlex.quote(directory)} -p {project}"
+    return RunCommand(f"compose up {project}", f"{compose} up -d --wait --remove-orphans",
+                      on_change=files)
