@@ -125,9 +125,10 @@ class Machine:
 class LocalMachine(Machine):
     """This machine, through Invoke."""
 
-    def __init__(self, host: Host, command_timeout: float = 1800) -> None:
+    def __init__(self, host: Host, command_timeout: float = 1800,
+                 context: Context | None = None) -> None:
         super().__init__(host, command_timeout)
-        self.context = Context()
+        self.context = context or Context()
 
     @property
     def is_root(self) -> bool:

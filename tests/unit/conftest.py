@@ -1,0 +1,79 @@
+"""Unit-test helpers: inventories written to a temporary folder, with valid secrets."""
+
+from __future__ import annotations
+
+import copy
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from tasks.core import secrets
+from tasks.core.inventory import Inventory, load_inventory
+
+# A valid multi-host inventory every test starts from and breaks in one place.
+BASE: dict[str, Any] = {
+    "name": "unit",
+    "domain": "dify.test",
+    "storage": {"type": "shared-fs"},
+    "db": {"max_connections": 400},
+    "cache": {"mode": "sentinel"},
+    "hosts": [
+        {"name": "lb1", "address": "10.0.1.10", "roles": ["lb"]},
+        {"name": "web1", "address": "10.0.2.11", "roles": ["web"]},
+        {"name": "api1", "address": "10.0.2.21", "roles": ["api", "plugin_daemon"]},
+        {"name": "api2", "address": "10.0.2.22", "roles": ["api"]},
+        {"name": "worker1", "address": "10.0.2.31", "roles": ["worker", "beat"]},
+        {"name": "db1", "address": "10.0.3.11", "roles": ["db_primary", "cache"]},
+        {"name": "db2", "address": "10.0.3.12", "roles": ["db_replica", "cache"]},
+        {"name": "db3", "address": "10.0.3.13", "roles": ["db_replica", "cache"]},
+        {"name": "vector1", "address": "10.0.3.21", "roles": ["vector"]},
+        {"name": "monitor1", "address": "10.0.4.10", "roles": ["monitor"]},
+    ],
+}
+
+InventoryFactory = Callable[..., Path]
+
+
+def good_secrets() -> dict[str, str]:
+    """A strong, unique value for every secret difyops knows."""
+    return {spec.name: f"unit-test-{spec.name.lower()}-0123456789abcdef"
+            for spec in secrets.SPECS}
+
+
+@pytest.fixture
+def base() -> dict[str, Any]:
+    """A fresh deep copy of the valid inventory, to break in one place."""
+    return copy.deepcopy(BASE)
+
+
+@pytest.fixture
+def write_inventory(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> InventoryFactory:
+    """Write an inventory and its secrets file (mode 0600) under tmp_path; return its path."""
+
+    def write(data: dict[str, Any], secret_values: dict[str, str] | None = None,
+              mode: int = 0o600) -> Path:
+        path = tmp_path / "inventory.yml"
+        path.write_text(yaml.safe_dump(data, sort_keys=False))
+        env = tmp_path / "secrets.env"
+        values = good_secrets() if secret_values is None else secret_values
+        env.write_text("".join(f"{k}={v}\n" for k, v in values.items()))
+        os.chmod(env, mode)
+        monkeypatch.setenv("DIFY_SECRETS", str(env))
+        return path
+
+    return write
+
+
+@pytest.fixture
+def load(write_inventory: InventoryFactory) -> Callable[..., Inventory]:
+    """Write an inventory and load it through the real loader."""
+
+    def load_data(data: dict[str, Any], secret_values: dict[str, str] | None = None,
+                  mode: int = 0o600) -> Inventory:
+        return load_inventory(write_inventory(data, secret_values, mode))
+
+    return load_data
