@@ -142,7 +142,7 @@ def test_undefined_names_fail_loudly(load, base, tmp_path, monkeypatch) -> None:
 
     (tmp_path / "bad.j2").write_text("{{ settings.nope }}")
     monkeypatch.setattr(render, "ROOT", tmp_path)
-    with pytest.raises(DifyopsError, match="cannot render bad.j2"):
+    with pytest.raises(DifyopsError, match=r"cannot render bad\.j2"):
         Renderer(load(base)).render("bad.j2")
 
 

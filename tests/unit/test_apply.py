@@ -1,0 +1,151 @@
+"""The executor: changed/unchanged, triggered commands, dry runs, failures and resumption."""
+
+from __future__ import annotations
+
+import io
+
+import pytest
+
+from tasks.core import apply
+from tasks.core.apply import Executor
+from tasks.core.gates import CommandGate
+from tasks.core.inventory import Host
+from tasks.core.plan import HostPlan, RunCommand, TierPlan, WaitFor, WriteFile
+from tasks.core.report import CHANGED, FAILED, NOT_RUN, UNCHANGED, WOULD_CHANGE, Report
+from tests.unit.fakes import FakeMachine
+
+CONF = "/etc/app.conf"
+
+
+def host(name: str) -> Host:
+    return Host(name=name, address=f"10.9.0.{len(name)}")
+
+
+def plan_for(*names: str, content: str = "a = 1\n") -> TierPlan:
+    return TierPlan("demo", [HostPlan(host(name), [
+        WriteFile(CONF, content),
+        RunCommand("install app", "apt-get install app", unless="dpkg -s app"),
+        RunCommand("restart app", "systemctl restart app", on_change=(CONF,)),
+        WaitFor(CommandGate("app", command="app --ping", timeout=1)),
+    ]) for name in names])
+
+
+class Lab:
+    """Fake machines by host name, wired into an executor."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch, **machines: FakeMachine) -> None:
+        self.machines = machines
+        monkeypatch.setattr(apply, "connect", lambda h, timeouts=None: self.machines[h.name])
+
+    def run(self, *tiers: TierPlan, dry: bool = False) -> Report:
+        return Executor(Report(out=io.StringIO()), dry=dry).run(list(tiers))
+
+
+def statuses(report: Report, name: str) -> list[tuple[str, str]]:
+    return [(r.step, r.status) for r in report.results if r.host == name]
+
+
+def not_installed(command: str) -> int:
+    return 1 if command == "dpkg -s app" else 0
+
+
+def test_first_apply_changes_and_second_changes_nothing(monkeypatch) -> None:
+    machine = FakeMachine(host("a"), answers=not_installed)
+    lab = Lab(monkeypatch, a=machine)
+    first = lab.run(plan_for("a"))
+    assert statuses(first, "a") == [(f"file {CONF}", CHANGED), ("install app", CHANGED),
+                                    ("restart app", CHANGED), ("health app", UNCHANGED)]
+    machine.answers = lambda command: 0  # now installed
+    second = lab.run(plan_for("a"))
+    assert second.count(CHANGED) == 0
+    assert "systemctl restart app" not in machine.commands[len(machine.commands) // 2:]
+
+
+def test_restart_runs_only_when_its_file_changed(monkeypatch) -> None:
+    machine = FakeMachine(host("a"))
+    lab = Lab(monkeypatch, a=machine)
+    lab.run(plan_for("a"))
+    machine.commands.clear()
+    lab.run(plan_for("a", content="a = 2\n"))
+    assert machine.commands.count("systemctl restart app") == 1
+    machine.commands.clear()
+    lab.run(plan_for("a", content="a = 2\n"))
+    assert "systemctl restart app" not in machine.commands
+
+
+def test_dry_run_touches_nothing_and_shows_a_diff(monkeypatch) -> None:
+    machine = FakeMachine(host("a"), answers=not_installed)
+    machine.files[CONF] = (b"a = 0\n", 0o644, "root", "root")
+    lab = Lab(monkeypatch, a=machine)
+    report = lab.run(plan_for("a"), dry=True)
+    assert machine.files[CONF][0] == b"a = 0\n"
+    assert not any(c.startswith(("apt-get", "systemctl")) for c in machine.commands)
+    assert machine.markers == set()
+    assert statuses(report, "a")[:3] == [(f"file {CONF}", WOULD_CHANGE),
+                                         ("install app", WOULD_CHANGE),
+                                         ("restart app", WOULD_CHANGE)]
+    diff = report.results[0].detail
+    assert "-a = 0" in diff and "+a = 1" in diff
+
+
+def test_dry_run_hides_secret_content(monkeypatch) -> None:
+    machine = FakeMachine(host("a"))
+    machine.files["/s"] = (b"PASSWORD=old\n", 0o600, "root", "root")
+    lab = Lab(monkeypatch, a=machine)
+    tier = TierPlan("demo", [HostPlan(host("a"), [WriteFile("/s", "PASSWORD=new\n", mode=0o600,
+                                                            secret=True)])])
+    detail = lab.run(tier, dry=True).results[0].detail
+    assert detail == "content differs (secret: not shown)"
+
+
+def test_a_failing_host_stops_its_own_steps_only(monkeypatch) -> None:
+    lab = Lab(monkeypatch, a=FakeMachine(host("a"), answers=not_installed),
+              b=FakeMachine(host("b"), answers=lambda c: 1 if c.startswith(("dpkg", "apt"))
+                            else 0))
+    report = lab.run(plan_for("a", "b"))
+    assert statuses(report, "a")[-1] == ("health app", UNCHANGED)
+    b = statuses(report, "b")
+    assert b[1] == ("install app", FAILED)
+    assert [status for _, status in b[2:]] == [NOT_RUN, NOT_RUN]
+    assert "stopped after install app failed" in report.results[-1].detail
+
+
+def test_unreachable_host_fails_cleanly_and_others_finish(monkeypatch) -> None:
+    lab = Lab(monkeypatch, a=FakeMachine(host("a")),
+              b=FakeMachine(host("b"), unreachable=True))
+    report = lab.run(plan_for("a", "b"))
+    assert all(status != FAILED for _, status in statuses(report, "a"))
+    failure = next(r for r in report.results if r.host == "b" and r.status == FAILED)
+    assert "cannot connect to b (root@10.9.0.1:22)" in failure.detail
+
+
+def test_dependent_tiers_do_not_run_after_a_failure(monkeypatch) -> None:
+    lab = Lab(monkeypatch, a=FakeMachine(host("a"), unreachable=True), b=FakeMachine(host("b")))
+    first = plan_for("a")
+    second = TierPlan("after", plan_for("b").hosts, depends_on=("demo",))
+    report = lab.run(first, second)
+    after = [r for r in report.results if r.tier == "after"]
+    assert {r.status for r in after} == {NOT_RUN}
+    assert after[0].detail == "depends on demo, which failed"
+
+
+def test_a_restart_owed_by_a_failed_run_runs_on_the_rerun(monkeypatch) -> None:
+    machine = FakeMachine(host("a"), answers=lambda c: 1 if c == "systemctl restart app" else 0)
+    lab = Lab(monkeypatch, a=machine)
+    lab.run(plan_for("a"))  # file written, restart failed
+    assert machine.markers
+    machine.answers = lambda c: 0
+    machine.commands.clear()
+    report = lab.run(plan_for("a"))  # file unchanged now, but the restart is still owed
+    assert ("restart app", CHANGED) in statuses(report, "a")
+    assert machine.markers == set()
+
+
+def test_summary_has_a_line_per_host(monkeypatch) -> None:
+    lab = Lab(monkeypatch, a=FakeMachine(host("a")), bb=FakeMachine(host("bb"), unreachable=True))
+    summary = lab.run(plan_for("a", "bb")).summary()
+    lines = summary.splitlines()
+    assert lines[0].split() == ["host", "changed", "unchanged", "failed", "not", "run"]
+    assert lines[1].split()[:5] == ["a", "2", "2", "0", "0"]
+    assert lines[2].split()[:5] == ["bb", "0", "0", "1", "3"]
+    assert "cannot connect to bb" in lines[2]

@@ -1,0 +1,82 @@
+"""Health gates poll until they pass or the deadline passes; never a fixed sleep."""
+
+from __future__ import annotations
+
+import http.server
+import threading
+
+import pytest
+
+from tasks.core.errors import GateTimeout
+from tasks.core.gates import Gate, HttpGate, TcpGate, wait
+from tasks.core.inventory import Host
+from tests.unit.fakes import FakeMachine
+
+MACHINE = FakeMachine(Host(name="db1", address="10.0.3.11"))
+
+
+class Scripted(Gate):
+    """A gate that answers from a list."""
+
+    def __init__(self, answers: list[bool], timeout: float) -> None:
+        object.__setattr__(self, "answers", answers)
+        super().__init__("postgresql", timeout=timeout, interval=1)
+
+    def probe(self, machine):
+        passed = self.answers.pop(0)
+        return passed, "accepting" if passed else "no response"
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 0.0
+        self.pauses: list[float] = []
+
+    def __call__(self) -> float:
+        return self.now
+
+    def pause(self, seconds: float) -> None:
+        self.pauses.append(seconds)
+        self.now += seconds
+
+
+def test_passes_after_a_few_probes() -> None:
+    clock = Clock()
+    assert wait(Scripted([False, False, True], 10), MACHINE, clock=clock,
+                pause=clock.pause) == "accepting"
+    assert clock.pauses == [1, 1]
+
+
+def test_timeout_names_component_host_and_last_answer() -> None:
+    clock = Clock()
+    with pytest.raises(GateTimeout) as caught:
+        wait(Scripted([False] * 10, 3), MACHINE, clock=clock, pause=clock.pause)
+    assert str(caught.value) == ("postgresql on db1 (root@10.0.3.11:22) not healthy after 3 s; "
+                                 "last answer: no response")
+
+
+def test_http_and_tcp_gates_against_a_real_server() -> None:
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            body = b'{"status": "ok"}' if self.path == "/health" else b"missing"
+            self.send_response(200 if self.path == "/health" else 404)
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    port = server.server_address[1]
+    try:
+        good = HttpGate("api", url=f"http://127.0.0.1:{port}/health", contains='"ok"')
+        assert good.probe(MACHINE)[0] is True
+        bad = HttpGate("api", url=f"http://127.0.0.1:{port}/other")
+        passed, answer = bad.probe(MACHINE)
+        assert (passed, answer.startswith("HTTP 404")) == (False, True)
+        assert TcpGate("api", address="127.0.0.1", port=port).probe(MACHINE)[0] is True
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert TcpGate("api", address="127.0.0.1", port=port).probe(MACHINE)[0] is False
