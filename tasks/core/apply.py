@@ -57,6 +57,10 @@ class Executor:
 
     def run(self, tiers: Iterable[TierPlan]) -> Report:
         """Apply (or dry-run) the tiers in order; return the report."""
+        tiers = list(tiers)
+        for tier in tiers:
+            for plan in tier.hosts:
+                self.report.expect(plan.host.name)
         failed_tiers: set[str] = set()
         for tier in tiers:
             blocked = [name for name in tier.depends_on if name in failed_tiers]

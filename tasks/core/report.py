@@ -29,6 +29,7 @@ class Report:
 
     out: TextIO = field(default_factory=lambda: sys.stdout)
     results: list[StepResult] = field(default_factory=list)
+    hosts: list[str] = field(default_factory=list)  # summary order: as the plan lists them
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     def add(self, result: StepResult) -> None:
@@ -38,6 +39,11 @@ class Report:
             detail = f": {result.detail}" if result.detail else ""
             print(f"[{result.tier}] {result.host}: {result.step} ... {result.status}{detail}",
                   file=self.out, flush=True)
+
+    def expect(self, host: str) -> None:
+        """Register a host so the summary lists hosts in plan order, not finishing order."""
+        if host not in self.hosts:
+            self.hosts.append(host)
 
     def note(self, text: str) -> None:
         """Print free text (a diff, a heading) without interleaving with other threads."""
@@ -55,7 +61,7 @@ class Report:
 
     def summary(self) -> str:
         """A table with one line per host: counts per status and the first failure."""
-        hosts: dict[str, Counter] = {}
+        hosts: dict[str, Counter] = {name: Counter() for name in self.hosts}
         first_failure: dict[str, str] = {}
         for result in self.results:
             hosts.setdefault(result.host, Counter())[result.status] += 1
