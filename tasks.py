@@ -9,9 +9,9 @@ from pathlib import Path
 
 __path__ = [str(Path(__file__).resolve().parent / "tasks")]
 
-from invoke import Collection  # noqa: E402
+from invoke import Collection
 
-from tasks import app, cache, config, db, deploy, lb, vector  # noqa: E402
+from tasks import app, cache, config, db, deploy, lb, vector
 
 ns = Collection()
 for module in (config, db, cache, vector, app, lb, deploy):
