@@ -1,0 +1,121 @@
+"""Fixtures for the integration tests: a lab of container hosts reachable over SSH.
+
+- ``lab`` (session): a :class:`tests.integration.lab.Lab`, closed at the end of the session
+  (kept for debugging when ``DIFYOPS_KEEP_LAB=1``).
+- ``ssh_hosts`` (session): three started hosts ``h1``, ``h2``, ``h3`` (a list, in that order).
+
+Every test that uses them is marked ``docker``. Without a Docker engine such tests are skipped
+("no Docker engine: run scripts/setup"), except in CI (``CI=true``) where that is a failure.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+from collections.abc import Iterator
+from typing import TYPE_CHECKING
+
+import pytest
+
+if TYPE_CHECKING:
+    from tests.integration.lab import Lab, LabHost
+
+DOCKER_SKIP_REASON = "no Docker engine: run scripts/setup"
+LAB_FIXTURES = frozenset({"lab", "ssh_hosts"})
+_LAB_KEY = pytest.StashKey["Lab"]()
+_KEPT_KEY = pytest.StashKey[str]()
+_DOCKER_STATE: dict[str, bool] = {}
+
+
+def _truthy(name: str) -> bool:
+    """True when environment variable ``name`` is set to 1/true/yes/on."""
+    return os.environ.get(name, "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def docker_answers() -> bool:
+    """True when ``docker info`` succeeds (checked once per session)."""
+    if "ok" not in _DOCKER_STATE:
+        docker = shutil.which("docker")
+        ok = False
+        if docker:
+            try:
+                ok = (
+                    subprocess.run(
+                        [docker, "info"], capture_output=True, timeout=30, check=False
+                    ).returncode
+                    == 0
+                )
+            except (OSError, subprocess.TimeoutExpired):
+                ok = False
+        _DOCKER_STATE["ok"] = ok
+    return _DOCKER_STATE["ok"]
+
+
+def require_docker() -> None:
+    """Skip the current test without a Docker engine; in CI (CI=true) fail it instead."""
+    if docker_answers():
+        return
+    if _truthy("CI"):
+        pytest.fail(f"{DOCKER_SKIP_REASON} (CI=true: this is a failure, not a skip)", pytrace=False)
+    pytest.skip(DOCKER_SKIP_REASON)
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Register the ``docker`` marker."""
+    config.addinivalue_line(
+        "markers", "docker: needs a Docker engine (the lab of container SSH hosts)"
+    )
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Mark every test that uses the lab fixtures with ``docker``."""
+    for item in items:
+        if LAB_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.docker)
+
+
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    """Apply the Docker skip/fail rule to every test marked ``docker``."""
+    if item.get_closest_marker("docker") is not None:
+        require_docker()
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    """Print how long the lab took (images, host starts) and what DIFYOPS_KEEP_LAB kept."""
+    lab = terminalreporter.config.stash.get(_LAB_KEY, None)
+    if lab is None or not lab.timings:
+        return
+    terminalreporter.write_sep("-", "lab timings")
+    for what, seconds in lab.timings.items():
+        terminalreporter.write_line(f"{what}: {seconds:.1f} s")
+    kept = terminalreporter.config.stash.get(_KEPT_KEY, None)
+    if kept:
+        terminalreporter.write_line(kept)
+
+
+@pytest.fixture(scope="session")
+def lab(request: pytest.FixtureRequest) -> Iterator[Lab]:
+    """A lab for the whole session: removed at the end unless DIFYOPS_KEEP_LAB=1."""
+    require_docker()
+    from tests.integration.lab import Lab
+
+    the_lab = Lab()
+    request.config.stash[_LAB_KEY] = the_lab
+    try:
+        yield the_lab
+    finally:
+        if _truthy("DIFYOPS_KEEP_LAB"):
+            names = ", ".join(f"{h.name}={h.address}" for h in the_lab.hosts.values())
+            request.config.stash[_KEPT_KEY] = (
+                f"DIFYOPS_KEEP_LAB=1: kept network {the_lab.network_name}, "
+                f"hosts {names or '(none)'}, key {the_lab.key_file}"
+            )
+        else:
+            the_lab.close()
+
+
+@pytest.fixture(scope="session")
+def ssh_hosts(lab: Lab) -> list[LabHost]:
+    """Three started hosts, h1 h2 h3, shared by the whole session."""
+    return lab.start(["h1", "h2", "h3"])

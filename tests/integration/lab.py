@@ -1,0 +1,632 @@
+"""The lab: Docker containers that behave like SSH servers, for the integration tests.
+
+Each lab host runs systemd as PID 1 and sshd, has a user ``deploy`` with passwordless sudo, and
+accepts one ed25519 key made per session. The engine reaches a host as it would a real server:
+SSH to the container's address on the lab's private network, port 22.
+
+Images are built once and reused across runs: every tag carries a hash of its inputs.
+
+- Base image: ``DIFYOPS_BASE_IMAGE`` (default ``debian:bookworm``). Used if present locally; else
+  pulled (unless ``DIFYOPS_PULL_BASE=0``); else built with debootstrap from the machine's own
+  Debian mirror and imported as ``difyops-test/base:bookworm-<hash>``.
+- Host image: ``tests/hosts/systemd-ssh/Dockerfile`` on that base, as ``difyops-test/host:<hash>``.
+
+Other settings: ``DIFYOPS_LAB_TIMEOUT`` (seconds a host may take to be ready, default 120) and
+``DIFYOPS_LAB_PRIVILEGED=1`` (run hosts with --privileged, for engines where systemd needs it).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import logging
+import os
+import re
+import secrets
+import shutil
+import subprocess
+import tempfile
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+# Ryuk (testcontainers' reaper) is an image that cannot be pulled everywhere; the lab removes its
+# own containers and network. Must be set before testcontainers is imported.
+os.environ["TESTCONTAINERS_RYUK_DISABLED"] = "true"
+
+import docker
+import docker.errors
+import fabric
+import paramiko
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from testcontainers.core.container import DockerContainer
+
+LOG = logging.getLogger("difyops.lab")
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+HOST_IMAGE_DIR = REPO_ROOT / "tests" / "hosts" / "systemd-ssh"
+DEFAULT_BASE_IMAGE = "debian:bookworm"
+BASE_REPO = "difyops-test/base"
+HOST_REPO = "difyops-test/host"
+SUITE = "bookworm"
+DEBOOTSTRAP_INCLUDE = ("ca-certificates",)
+# Bump when the way the base image is made changes (part of its tag's hash).
+BASE_RECIPE = "debootstrap-minbase-v1"
+CA_BUNDLE = Path("/etc/ssl/certs/ca-certificates.crt")
+DEBIAN_SOURCES = Path("/etc/apt/sources.list.d/debian.sources")
+SOURCES_LIST = Path("/etc/apt/sources.list")
+LABEL = "difyops.lab"
+READY_STATES = ("running", "degraded")
+
+
+class LabError(RuntimeError):
+    """The lab could not build an image or bring a host up."""
+
+
+def _env_flag(name: str, default: bool = False) -> bool:
+    """Read a boolean setting from the environment (1/true/yes/on)."""
+    value = os.environ.get(name)
+    if value is None or value.strip() == "":
+        return default
+    return value.strip().lower() in ("1", "true", "yes", "on")
+
+
+def _ready_timeout() -> float:
+    """Seconds a host may take from container start until sshd accepts the key."""
+    return float(os.environ.get("DIFYOPS_LAB_TIMEOUT", "120"))
+
+
+# --- the machine's Debian mirror -----------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class DebianMirror:
+    """The machine's apt sources for bookworm, reused inside the lab's images."""
+
+    uri: str
+    suites: tuple[str, ...]
+    security_uri: str | None
+
+
+def _deb822_stanzas(text: str) -> list[dict[str, str]]:
+    """Parse a deb822 sources file into one dict per stanza (continuation lines joined)."""
+    stanzas: list[dict[str, str]] = []
+    current: dict[str, str] = {}
+    key: str | None = None
+    for raw in text.splitlines():
+        if raw.startswith("#"):
+            continue
+        if not raw.strip():
+            if current:
+                stanzas.append(current)
+            current, key = {}, None
+            continue
+        if raw[0] in " \t" and key is not None:
+            current[key] += " " + raw.strip()
+            continue
+        name, sep, value = raw.partition(":")
+        if sep:
+            key = name.strip().lower()
+            current[key] = value.strip()
+    if current:
+        stanzas.append(current)
+    return stanzas
+
+
+def _one_line_entries(text: str) -> list[tuple[str, str]]:
+    """Parse one-line ``deb [opts] URI SUITE COMPONENTS`` entries into (uri, suite) pairs."""
+    entries: list[tuple[str, str]] = []
+    for raw in text.splitlines():
+        line = re.sub(r"\[[^\]]*\]", " ", raw.split("#", 1)[0]).split()
+        if len(line) >= 3 and line[0] == "deb":
+            entries.append((line[1], line[2]))
+    return entries
+
+
+def debian_mirror() -> DebianMirror | None:
+    """Find the machine's Debian mirror: the entry whose Suites include bookworm.
+
+    Reads ``/etc/apt/sources.list.d/debian.sources`` (deb822), else ``/etc/apt/sources.list``.
+    Returns None on a machine without such an entry (for example an Ubuntu CI runner).
+    """
+    if DEBIAN_SOURCES.is_file():
+        stanzas = [
+            s
+            for s in _deb822_stanzas(DEBIAN_SOURCES.read_text(encoding="utf-8", errors="replace"))
+            if "deb" in s.get("types", "deb").split() and s.get("enabled", "yes") != "no"
+        ]
+        main = next((s for s in stanzas if SUITE in s.get("suites", "").split()), None)
+        if main and main.get("uris"):
+            suites = tuple(x for x in main["suites"].split() if x.startswith(SUITE))
+            security = next(
+                (s for s in stanzas if f"{SUITE}-security" in s.get("suites", "").split()), None
+            )
+            security_uri = (
+                security["uris"].split()[0] if security and security.get("uris") else None
+            )
+            return DebianMirror(main["uris"].split()[0], suites, security_uri)
+    if SOURCES_LIST.is_file():
+        entries = _one_line_entries(SOURCES_LIST.read_text(encoding="utf-8", errors="replace"))
+        uri = next((u for u, suite in entries if suite == SUITE), None)
+        if uri:
+            suites = tuple(s for u, s in entries if u == uri and s.startswith(SUITE))
+            security_uri = next((u for u, s in entries if s == f"{SUITE}-security"), None)
+            return DebianMirror(uri, suites, security_uri)
+    return None
+
+
+# --- images --------------------------------------------------------------------------------
+
+
+def _digest(*parts: str | bytes) -> str:
+    """Return a short sha256 of the given inputs (the tag of an image built from them)."""
+    h = hashlib.sha256()
+    for part in parts:
+        data = part.encode() if isinstance(part, str) else part
+        h.update(len(data).to_bytes(8, "big"))
+        h.update(data)
+    return h.hexdigest()[:16]
+
+
+@contextlib.contextmanager
+def _build_lock() -> Iterator[None]:
+    """Serialise image builds between concurrent test sessions on this machine."""
+    path = Path(tempfile.gettempdir()) / "difyops-lab-images.lock"
+    with path.open("a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _image_exists(client: docker.DockerClient, name: str) -> bool:
+    """True when the image is present locally."""
+    try:
+        client.images.get(name)
+    except docker.errors.ImageNotFound:
+        return False
+    return True
+
+
+def _base_fallback_tag(mirror: DebianMirror) -> str:
+    """Tag of the debootstrap-built base image for this mirror and recipe."""
+    inputs = _digest(BASE_RECIPE, SUITE, mirror.uri, ",".join(DEBOOTSTRAP_INCLUDE))
+    return f"{BASE_REPO}:{SUITE}-{inputs}"
+
+
+def _try_pull(name: str, timeout: float = 90) -> bool:
+    """Try to pull an image with a short client timeout; False when no registry answers."""
+    repo, _, tag = name.rpartition(":") if ":" in name.split("/")[-1] else (name, "", "latest")
+    try:
+        client = docker.from_env(timeout=int(timeout))
+        try:
+            client.images.pull(repo, tag=tag)
+        finally:
+            client.close()
+    except Exception as exc:  # any failure means: build it instead
+        LOG.info("pull of %s failed: %s", name, exc)
+        return False
+    return True
+
+
+def _debootstrap_base(client: docker.DockerClient, mirror: DebianMirror, tag: str) -> None:
+    """Build a minimal bookworm root with debootstrap and import it as ``tag``."""
+    debootstrap = shutil.which("debootstrap") or "/usr/sbin/debootstrap"
+    if not Path(debootstrap).exists():
+        raise LabError("debootstrap is not installed: run scripts/setup")
+    if os.geteuid() != 0:
+        raise LabError(f"building {tag} with debootstrap needs root")
+    work = Path(tempfile.mkdtemp(prefix="difyops-base-"))
+    try:
+        root = work / "root"
+        started = time.monotonic()
+        cmd = [
+            debootstrap,
+            "--variant=minbase",
+            f"--include={','.join(DEBOOTSTRAP_INCLUDE)}",
+            SUITE,
+            str(root),
+            mirror.uri,
+        ]
+        result = subprocess.run(cmd, capture_output=True, text=True, check=False)
+        if result.returncode != 0:
+            raise LabError(f"debootstrap failed ({result.returncode}):\n{result.stdout[-3000:]}")
+        for leftover in ("var/cache/apt/archives", "var/lib/apt/lists"):
+            for item in (root / leftover).glob("*"):
+                if item.is_file():
+                    item.unlink()
+        archive = work / "root.tar"
+        subprocess.run(
+            ["tar", "-C", str(root), "--numeric-owner", "-cf", str(archive), "."], check=True
+        )
+        repo, _, version = tag.rpartition(":")
+        client.api.import_image_from_file(
+            str(archive),
+            repository=repo,
+            tag=version,
+            changes=[
+                "ENV PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+                'CMD ["bash"]',
+            ],
+        )
+        LOG.info("built %s with debootstrap in %.0f s", tag, time.monotonic() - started)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def ensure_base_image(client: docker.DockerClient) -> str:
+    """Return the name of a bookworm base image present locally, pulling or building it."""
+    name = os.environ.get("DIFYOPS_BASE_IMAGE", "").strip() or DEFAULT_BASE_IMAGE
+    if _image_exists(client, name):
+        return name
+    mirror = debian_mirror()
+    fallback = _base_fallback_tag(mirror) if mirror else None
+    if fallback and _image_exists(client, fallback):
+        return fallback
+    with _build_lock():
+        if _image_exists(client, name):
+            return name
+        if fallback and _image_exists(client, fallback):
+            return fallback
+        if _env_flag("DIFYOPS_PULL_BASE", default=True) and _try_pull(name):
+            return name
+        if not mirror or not fallback:
+            raise LabError(
+                f"base image {name} is not present, cannot be pulled, and this machine has no "
+                "Debian bookworm apt source to debootstrap one from"
+            )
+        _debootstrap_base(client, mirror, fallback)
+    return fallback
+
+
+def _host_build_inputs(base_id: str, mirror: DebianMirror | None) -> tuple[dict[str, str], str]:
+    """Return the host image's build args and the hash of everything that goes into it."""
+    args = {"BASE_IMAGE": base_id}
+    if mirror:
+        args["DEBIAN_MIRROR"] = mirror.uri
+        args["DEBIAN_SUITES"] = " ".join(mirror.suites)
+        if mirror.security_uri:
+            args["DEBIAN_SECURITY_MIRROR"] = mirror.security_uri
+    parts: list[str | bytes] = [f"{k}={v}" for k, v in sorted(args.items())]
+    for path in sorted(HOST_IMAGE_DIR.rglob("*")):
+        if path.is_file():
+            parts += [str(path.relative_to(HOST_IMAGE_DIR)), path.read_bytes()]
+    parts.append(CA_BUNDLE.read_bytes() if CA_BUNDLE.is_file() else b"")
+    return args, _digest(*parts)
+
+
+def ensure_host_image(client: docker.DockerClient) -> str:
+    """Return the tag of the systemd+sshd host image, building it once if missing."""
+    base = ensure_base_image(client)
+    base_id = client.images.get(base).id
+    args, inputs = _host_build_inputs(base_id, debian_mirror())
+    tag = f"{HOST_REPO}:{inputs}"
+    if _image_exists(client, tag):
+        return tag
+    with _build_lock():
+        if _image_exists(client, tag):
+            return tag
+        started = time.monotonic()
+        with tempfile.TemporaryDirectory(prefix="difyops-host-ctx-") as ctx:
+            shutil.copytree(HOST_IMAGE_DIR, ctx, dirs_exist_ok=True)
+            bundle = CA_BUNDLE.read_bytes() if CA_BUNDLE.is_file() else b""
+            (Path(ctx) / "machine-ca-bundle.crt").write_bytes(bundle)
+            builder = docker.from_env(timeout=900)
+            try:
+                builder.images.build(
+                    path=ctx, tag=tag, buildargs=args, rm=True, forcerm=True, pull=False
+                )
+            except docker.errors.BuildError as exc:
+                lines = [str(item.get("stream", item.get("error", ""))) for item in exc.build_log]
+                raise LabError(f"building {tag} failed: {exc}\n{''.join(lines)[-4000:]}") from exc
+            finally:
+                builder.close()
+        LOG.info("built %s in %.0f s", tag, time.monotonic() - started)
+    return tag
+
+
+# --- keys ----------------------------------------------------------------------------------
+
+
+def make_key_pair(directory: Path) -> tuple[Path, str]:
+    """Write a new ed25519 key pair (OpenSSH format) into ``directory``.
+
+    Returns the private key's path (mode 0600) and the public key line.
+    """
+    key = Ed25519PrivateKey.generate()
+    private = key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.OpenSSH,
+        serialization.NoEncryption(),
+    )
+    public = key.public_key().public_bytes(
+        serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH
+    )
+    path = directory / "id_ed25519"
+    path.write_bytes(private)
+    path.chmod(0o600)
+    line = public.decode() + " difyops-lab"
+    (directory / "id_ed25519.pub").write_text(line + "\n")
+    return path, line
+
+
+# --- hosts ---------------------------------------------------------------------------------
+
+
+def _cgroup_mode() -> tuple[str, str]:
+    """Return (mount mode, cgroupns mode) for /sys/fs/cgroup on this machine.
+
+    cgroup v1 (tmpfs with one mount per controller): read-only bind mount is enough.
+    cgroup v2 (cgroup2fs): systemd needs to write its own subtree, so mount it read-write.
+    """
+    try:
+        kind = subprocess.run(
+            ["stat", "-fc", "%T", "/sys/fs/cgroup"], capture_output=True, text=True, check=False
+        ).stdout.strip()
+    except OSError:
+        kind = ""
+    if kind == "cgroup2fs":
+        return "rw", "host"
+    return "ro", "host"
+
+
+@dataclass
+class LabHost:
+    """One container host of the lab, reachable over SSH at ``address`` port 22."""
+
+    name: str
+    address: str
+    key_file: Path
+    container: DockerContainer
+    network_name: str = ""
+    public_key: str = ""
+
+    def _wrapped(self) -> Any:
+        """The docker SDK's Container object behind the testcontainers wrapper."""
+        return self.container.get_wrapped_container()
+
+    def exec(self, command: str, user: str = "root") -> tuple[int, str]:
+        """Run ``bash -lc command`` in the container (docker exec); return (exit, output)."""
+        result = self._wrapped().exec_run(["bash", "-lc", command], user=user, demux=False)
+        output = result.output.decode("utf-8", errors="replace") if result.output else ""
+        return int(result.exit_code if result.exit_code is not None else -1), output
+
+    def inventory_entry(self, roles: list[str], user: str = "root") -> dict[str, Any]:
+        """Return this host as an entry of a difyops inventory."""
+        return {
+            "name": self.name,
+            "address": self.address,
+            "connection": "ssh",
+            "ssh": {"user": user, "port": 22, "key": str(self.key_file)},
+            "roles": list(roles),
+        }
+
+    def fabric(self, user: str = "root") -> fabric.Connection:
+        """Return a Fabric connection to this host as ``user``, with the lab's key only."""
+        conn = fabric.Connection(
+            host=self.address,
+            user=user,
+            port=22,
+            connect_timeout=10,
+            # No ~/.ssh/config; never read local stdin (pytest captures it).
+            config=fabric.Config(
+                overrides={"load_ssh_configs": False, "run": {"in_stream": False}}
+            ),
+            connect_kwargs={
+                "key_filename": str(self.key_file),
+                "look_for_keys": False,
+                "allow_agent": False,
+            },
+        )
+        # A fresh client: no ~/.ssh/known_hosts (lab addresses are reused between sessions).
+        client = paramiko.SSHClient()
+        client.set_missing_host_key_policy(paramiko.AutoAddPolicy())
+        conn.client = client
+        return conn
+
+    def refresh_address(self) -> str:
+        """Re-read the container's address on the lab network (it may change on restart)."""
+        wrapped = self._wrapped()
+        wrapped.reload()
+        networks = wrapped.attrs["NetworkSettings"]["Networks"]
+        address = networks.get(self.network_name, {}).get("IPAddress", "")
+        if not address:
+            raise LabError(f"{self.name}: no address on network {self.network_name}")
+        self.address = address
+        return address
+
+    def inject_key(self) -> None:
+        """Write the lab's public key into root's and deploy's authorized_keys."""
+        script = (
+            'set -e; for home in /root /home/deploy; do u=$(stat -c %U "$home"); '
+            'install -d -m 700 -o "$u" -g "$u" "$home/.ssh"; '
+            'printf "%s\\n" "$LAB_KEY" > "$home/.ssh/authorized_keys"; '
+            'chown "$u:$u" "$home/.ssh/authorized_keys"; chmod 600 "$home/.ssh/authorized_keys"; '
+            "done"
+        )
+        result = self._wrapped().exec_run(
+            ["sh", "-c", script], environment={"LAB_KEY": self.public_key}
+        )
+        if result.exit_code != 0:
+            raise LabError(f"{self.name}: cannot write authorized_keys: {result.output!r}")
+
+    def ssh_ok(self, user: str = "root", timeout: float = 5) -> bool:
+        """True when sshd at the host's address accepts the lab key and runs a command."""
+        client = paramiko.SSHClient()
+        client.set_missing_host_key_policy(paramiko.AutoAddPolicy())
+        try:
+            client.connect(
+                self.address,
+                port=22,
+                username=user,
+                key_filename=str(self.key_file),
+                look_for_keys=False,
+                allow_agent=False,
+                timeout=timeout,
+                banner_timeout=timeout,
+                auth_timeout=timeout,
+            )
+            _, stdout, _ = client.exec_command("true", timeout=timeout)
+            return stdout.channel.recv_exit_status() == 0
+        except (OSError, paramiko.SSHException, EOFError):
+            return False
+        finally:
+            client.close()
+
+    def wait_ready(self, timeout: float | None = None) -> None:
+        """Wait until systemd is up (running or degraded) and sshd accepts the lab key."""
+        deadline = time.monotonic() + (timeout if timeout is not None else _ready_timeout())
+        state = ""
+        while True:
+            wrapped = self._wrapped()
+            wrapped.reload()
+            if wrapped.status != "running":
+                logs = wrapped.logs(tail=40).decode("utf-8", errors="replace")
+                raise LabError(f"{self.name}: container is {wrapped.status}:\n{logs}")
+            code, out = self.exec("systemctl is-system-running 2>/dev/null || true")
+            state = out.strip().splitlines()[-1] if out.strip() else ""
+            if state in READY_STATES:
+                break
+            if time.monotonic() > deadline:
+                raise LabError(f"{self.name}: systemd not up in time (state {state!r}, {code})")
+            time.sleep(0.2)
+        if state == "degraded":
+            _, failed = self.exec("systemctl --failed --no-legend --plain | cut -d' ' -f1")
+            LOG.warning("%s: systemd degraded, failed units: %s", self.name, failed.split())
+        while not self.ssh_ok():
+            if time.monotonic() > deadline:
+                raise LabError(f"{self.name}: sshd at {self.address}:22 refused the lab key")
+            time.sleep(0.2)
+
+    def stop(self) -> None:
+        """Stop the container (systemd shuts down as on a real server): SSH then fails."""
+        self._wrapped().stop(timeout=20)
+
+    def start(self) -> None:
+        """Start a stopped container again and wait until SSH answers (address re-read)."""
+        self._wrapped().start()
+        self.refresh_address()
+        self.wait_ready()
+
+    def remove(self) -> None:
+        """Remove the container (and its anonymous volumes) for good."""
+        with contextlib.suppress(docker.errors.NotFound):
+            self.container.stop(force=True, delete_volume=True)
+
+
+class Lab:
+    """A set of container hosts on a private Docker network, with one session key."""
+
+    def __init__(self, client: docker.DockerClient | None = None) -> None:
+        """Prepare a lab: a Docker client, a fresh key pair and a network name (made lazily)."""
+        self.client = client or docker.from_env(timeout=120)
+        self.suffix = secrets.token_hex(4)
+        self.network_name = f"difyops-lab-{self.suffix}"
+        self.key_dir = Path(tempfile.mkdtemp(prefix="difyops-lab-key-"))
+        self.key_file, self.public_key = make_key_pair(self.key_dir)
+        self.hosts: dict[str, LabHost] = {}
+        self.image: str | None = None
+        self._network: Any = None
+        self.timings: dict[str, float] = {}
+
+    def __enter__(self) -> Lab:
+        """Use the lab as a context manager (closed on exit)."""
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        """Close the lab."""
+        self.close()
+
+    def host(self, name: str) -> LabHost:
+        """Return the started host called ``name``."""
+        return self.hosts[name]
+
+    def _ensure_network(self) -> None:
+        """Create the lab's private bridge network on first use."""
+        if self._network is None:
+            self._network = self.client.networks.create(
+                self.network_name, driver="bridge", labels={LABEL: self.suffix}
+            )
+
+    def _ensure_image(self) -> str:
+        """Build (once) and return the host image tag."""
+        if self.image is None:
+            started = time.monotonic()
+            self.image = ensure_host_image(self.client)
+            self.timings["images"] = time.monotonic() - started
+        return self.image
+
+    def _start_one(self, name: str) -> LabHost:
+        """Create and start one host container, then wait until it is ready."""
+        image = self._ensure_image()
+        mount_mode, cgroupns = _cgroup_mode()
+        container = (
+            DockerContainer(image)
+            .with_name(f"{self.network_name}-{name}")
+            .with_tmpfs_mount("/run")
+            .with_tmpfs_mount("/run/lock")
+            .with_volume_mapping("/sys/fs/cgroup", "/sys/fs/cgroup", mount_mode)
+            .with_kwargs(
+                hostname=name,
+                network=self.network_name,
+                labels={LABEL: self.suffix, f"{LABEL}.host": name},
+                cgroupns=cgroupns,
+                privileged=_env_flag("DIFYOPS_LAB_PRIVILEGED"),
+            )
+        )
+        host = LabHost(
+            name=name,
+            address="",
+            key_file=self.key_file,
+            container=container,
+            network_name=self.network_name,
+            public_key=self.public_key,
+        )
+        self.hosts[name] = host  # registered first: close() removes it even if start fails
+        container.start()
+        host.refresh_address()
+        host.inject_key()
+        host.wait_ready()
+        return host
+
+    def start(self, names: list[str]) -> list[LabHost]:
+        """Start hosts ``names`` in parallel and wait until all are ready; return them in order."""
+        clash = [n for n in names if n in self.hosts]
+        if clash or len(set(names)) != len(names):
+            raise LabError(f"host names already used in this lab: {clash or names}")
+        self._ensure_image()
+        self._ensure_network()
+        started = time.monotonic()
+        with ThreadPoolExecutor(max_workers=max(1, len(names))) as pool:
+            futures = [pool.submit(self._start_one, n) for n in names]
+            errors = []
+            hosts = []
+            for future in futures:
+                try:
+                    hosts.append(future.result())
+                except Exception as exc:  # report every host that failed
+                    errors.append(exc)
+        self.timings[f"start {' '.join(names)}"] = time.monotonic() - started
+        if errors:
+            raise LabError("; ".join(str(e) for e in errors)) from errors[0]
+        return hosts
+
+    def close(self) -> None:
+        """Remove every container of the lab, its network and its key directory."""
+        for host in list(self.hosts.values()):
+            try:
+                host.remove()
+            except Exception as exc:  # keep removing the others
+                LOG.warning("cannot remove %s: %s", host.name, exc)
+        self.hosts.clear()
+        if self._network is not None:
+            with contextlib.suppress(docker.errors.NotFound):
+                self._network.remove()
+            self._network = None
+        shutil.rmtree(self.key_dir, ignore_errors=True)
