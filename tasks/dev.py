@@ -1,0 +1,51 @@
+"""dev: the home-lab development layout (home server, backend VM, front-end workstation)."""
+
+from __future__ import annotations
+
+from invoke import Context, task
+from invoke.exceptions import Exit
+
+from tasks.core.cli import load, reported
+from tasks.core.fleet import table
+from tasks.core.inventory import Inventory
+from tasks.core.project import display
+
+
+def connection_rows(inventory: Inventory, show_secrets: bool) -> list[tuple[str, str, str]]:
+    """(service, where, credentials) for every base service the development machines use."""
+    settings, where = inventory.settings, display(inventory.secrets_file)
+
+    def secret(name: str) -> str:
+        return inventory.secrets[name] if show_secrets else f"{name} in {where}"
+
+    primary = inventory.with_role("db_primary")[0]
+    cache = inventory.with_role("cache")[0]
+    rows = [
+        ("PostgreSQL", f"{primary.address}:{settings['db']['port']}",
+         f"user dify, databases dify and dify_plugin, password {secret('DB_PASSWORD')}"),
+        ("Redis", f"{cache.address}:{settings['cache']['port']}",
+         f"password {secret('REDIS_PASSWORD')}"),
+    ]
+    if settings["vector"]["store"] == "weaviate":
+        vector = inventory.with_role("vector")[0]
+        rows.append(("Weaviate", f"http://{vector.address}:8080 (gRPC {vector.address}:50051)",
+                     f"API key {secret('WEAVIATE_API_KEY')}"))
+    for backend in inventory.with_role("dev_backend"):
+        rows.append(("Dify api (dev)", f"http://{backend.address}:5001", f"on {backend.name}"))
+    for frontend in inventory.with_role("dev_frontend"):
+        rows.append(("Dify web (dev)", f"http://{frontend.address}:3000", f"on {frontend.name}"))
+    return rows
+
+
+@task(help={"secrets": "also print the passwords and keys (they are hidden by default)"})
+@reported
+def info(ctx: Context, secrets: bool = False) -> None:
+    """Print what the development machines need to reach the home server's base services."""
+    inventory = load(ctx)
+    if not inventory.with_role("dev_backend", "dev_frontend"):
+        raise Exit(f"error: {display(inventory.file)} has no dev_backend or dev_frontend host: "
+                   f"dev.info is for a home-lab inventory such as "
+                   f"config/inventories/homelab.yml", code=1)
+    network = inventory.settings["dev"]["network"]
+    print(f"home-lab {inventory.name}" + (f", reachable from {network}" if network else ""))
+    print(table(["service", "address", "credentials"], connection_rows(inventory, secrets)))
