@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import os
 from collections.abc import Callable
+from datetime import UTC, datetime
 from typing import Any
 
 from invoke import Context, Task, task
@@ -13,8 +14,9 @@ from invoke.exceptions import Exit
 from tasks.core.apply import execute
 from tasks.core.errors import DifyopsError
 from tasks.core.inventory import Inventory, load_inventory
+from tasks.core.lock import audit, deploy_lock
 from tasks.core.project import inventory_path
-from tasks.core.report import Report
+from tasks.core.report import CHANGED, Report
 from tasks.core.tiers import Tier, build, select
 
 
@@ -45,7 +47,18 @@ def run_tiers(ctx: Context, tiers: list[Tier], *, dry: bool, only: str | None = 
     action = "dry run of" if dry else "applying"
     print(f"{action} {', '.join(t.name for t in chosen)} on inventory {inventory.name} "
           f"({len(inventory.hosts)} host(s), Dify {inventory.profile.version})", flush=True)
-    report = execute(build(chosen, inventory), dry=dry, timeouts=inventory.settings["timeouts"])
+    plans = build(chosen, inventory)
+    if dry:
+        report = execute(plans, dry=True, timeouts=inventory.settings["timeouts"])
+    else:
+        with deploy_lock(inventory.name) as me:
+            report = execute(plans, timeouts=inventory.settings["timeouts"])
+            audit(inventory.name, {**me, "inventory": str(inventory.file),
+                                   "dify_version": inventory.profile.version,
+                                   "tiers": [t.name for t in chosen],
+                                   "changed": report.count(CHANGED),
+                                   "failed": len(report.failed),
+                                   "finished": datetime.now(UTC).isoformat(timespec="seconds")})
     if report.failed:
         raise Exit(f"error: {len(report.failed)} step(s) failed; see the summary above. "
                    f"Fix the cause and run the same command again: it resumes.", code=1)

@@ -1,0 +1,92 @@
+"""One deploy at a time per inventory: a lock file on the control machine, and an audit log.
+
+The lock records who holds it, since when and from which process. A lock whose process no
+longer runs on this machine is stale: it is reported and taken over. A live lock, or one taken
+on another machine, stops the deploy with who holds it and since when.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import getpass
+import json
+import os
+import socket
+import sys
+from collections.abc import Iterator
+from datetime import UTC, datetime
+from pathlib import Path
+
+from tasks.core.errors import DifyopsError
+from tasks.core.project import ROOT
+
+STATE_DIR = ROOT / ".difyops"
+
+
+class Locked(DifyopsError):
+    """Another deploy holds the lock."""
+
+
+def holder() -> dict[str, object]:
+    """Who is deploying: user, machine, process, start time and command line."""
+    return {"user": getpass.getuser(), "machine": socket.gethostname(), "pid": os.getpid(),
+            "since": datetime.now(UTC).isoformat(timespec="seconds"),
+            "command": " ".join(sys.argv[1:]) or "inv"}
+
+
+def alive(pid: int) -> bool:
+    """Whether a process with that id runs on this machine."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def describe(info: dict) -> str:
+    """'alice on ops1 (pid 42) since 2026-01-01T10:00:00+00:00 running `deploy.all`'."""
+    return (f"{info.get('user')} on {info.get('machine')} (pid {info.get('pid')}) since "
+            f"{info.get('since')} running `{info.get('command')}`")
+
+
+@contextlib.contextmanager
+def deploy_lock(name: str, state_dir: Path = STATE_DIR) -> Iterator[dict]:
+    """Hold the inventory's deploy lock for the duration of the block."""
+    path = state_dir / "locks" / f"{name}.lock"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    me = holder()
+    for _ in range(2):
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        except FileExistsError:
+            try:
+                info = json.loads(path.read_text() or "{}")
+            except (OSError, ValueError):
+                info = {}
+            stale = info.get("machine") == me["machine"] and not alive(int(info.get("pid", 0)))
+            if not stale:
+                raise Locked(f"another deploy of inventory {name} holds the lock: "
+                             f"{describe(info)}. Wait for it, or if it is gone, remove "
+                             f"{path}") from None
+            print(f"warning: taking over a stale deploy lock of {describe(info)} "
+                  f"(that process no longer runs)", file=sys.stderr)
+            path.unlink(missing_ok=True)
+            continue
+        with os.fdopen(fd, "w") as handle:
+            json.dump(me, handle)
+        break
+    try:
+        yield me
+    finally:
+        path.unlink(missing_ok=True)
+
+
+def audit(name: str, entry: dict, state_dir: Path = STATE_DIR) -> None:
+    """Append one JSON line to the inventory's audit log: who deployed what, when, outcome."""
+    path = state_dir / "audit" / f"{name}.log"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    with os.fdopen(fd, "a") as handle:
+        handle.write(json.dumps(entry, sort_keys=True) + "\n")

@@ -1,0 +1,55 @@
+"""The deploy lock: one deploy at a time, stale locks reported and taken over; the audit log."""
+
+from __future__ import annotations
+
+import json
+import os
+import stat
+
+import pytest
+
+from tasks.core.lock import Locked, audit, deploy_lock, holder
+
+
+def test_a_second_deploy_is_refused_with_who_and_since(tmp_path) -> None:
+    with deploy_lock("prod", tmp_path) as me:
+        with pytest.raises(Locked) as caught, deploy_lock("prod", tmp_path):
+            pass
+        message = str(caught.value)
+        assert f"{me['user']} on {me['machine']} (pid {os.getpid()}) since {me['since']}" \
+            in message
+    with deploy_lock("prod", tmp_path):  # released: free again
+        pass
+
+
+def test_other_inventories_are_independent(tmp_path) -> None:
+    with deploy_lock("prod", tmp_path), deploy_lock("staging", tmp_path):
+        assert sorted(p.name for p in (tmp_path / "locks").iterdir()) == ["prod.lock",
+                                                                         "staging.lock"]
+
+
+def test_a_stale_lock_is_reported_and_taken_over(tmp_path, capsys) -> None:
+    dead = {**holder(), "pid": 2 ** 22 + 12345, "since": "2026-01-01T00:00:00+00:00"}
+    (tmp_path / "locks").mkdir()
+    (tmp_path / "locks" / "prod.lock").write_text(json.dumps(dead))
+    with deploy_lock("prod", tmp_path):
+        pass
+    err = capsys.readouterr().err
+    assert "taking over a stale deploy lock" in err and "since 2026-01-01T00:00:00" in err
+
+
+def test_a_lock_from_another_machine_is_never_taken_over(tmp_path) -> None:
+    other = {**holder(), "machine": "elsewhere", "pid": 1}
+    (tmp_path / "locks").mkdir()
+    (tmp_path / "locks" / "prod.lock").write_text(json.dumps(other))
+    with pytest.raises(Locked, match="on elsewhere"), deploy_lock("prod", tmp_path):
+        pass
+
+
+def test_audit_appends_private_json_lines(tmp_path) -> None:
+    audit("prod", {"tiers": ["db"], "changed": 3}, tmp_path)
+    audit("prod", {"tiers": ["lb"], "changed": 0}, tmp_path)
+    path = tmp_path / "audit" / "prod.log"
+    assert [json.loads(line)["tiers"] for line in path.read_text().splitlines()] == [["db"],
+                                                                                    ["lb"]]
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
