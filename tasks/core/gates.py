@@ -44,7 +44,7 @@ class HttpGate(Gate):
         try:
             response = requests.get(self.url, timeout=min(self.interval * 5, 10))
         except requests.RequestException as exc:
-            return False, f"{type(exc).__name__}: {exc}"
+            return False, f"{type(exc).__name__} for {self.url}"
         passed = response.status_code == self.status and self.contains in response.text
         return passed, f"HTTP {response.status_code} {response.text[:120]!r}"
 

@@ -150,6 +150,15 @@ def test_inv_deploys_a_real_tier_over_ssh(ssh_hosts: list[LabHost], tmp_path: Pa
     header, line = second.stdout.split("summary:")[1].strip().splitlines()
     assert header.split() == ["host", "unchanged"]  # no column of changes at all
     assert line.split()[0] == "h1"
+    healthy = inv("deploy.status", "--only", "cache")
+    assert healthy.returncode == 0, healthy.stdout + healthy.stderr
+    assert "h1    cache  redis on :6379  healthy" in healthy.stdout
+    h1.exec("systemctl stop redis-server")
+    down = inv("deploy.status", "--only", "cache")
+    assert down.returncode == 1
+    assert "redis on :6379  UNHEALTHY" in down.stdout
+    assert "1 component(s) unhealthy: redis on :6379 on h1" in down.stderr
+    h1.exec("systemctl start redis-server")
     password = (tmp_path / "lab.env").read_text()
     assert not any(line.split("=", 1)[1] in first.stdout + second.stdout
                    for line in password.splitlines())
