@@ -41,7 +41,6 @@ CERT = "/etc/nginx/tls/dify.crt"
 KEY = "/etc/nginx/tls/dify.key"
 ACME_WEBROOT = "/var/www/acme"
 ACCESS_LOG = "/var/log/nginx/dify.access.log"
-SITE = LIVE  # kept for callers that ask where the live site is
 
 # (upstream, role, port): who serves what behind the balancer.
 UPSTREAMS = (("dify_api", "api", 5001), ("dify_web", "web", 3000),
@@ -458,9 +457,11 @@ def _set_drained(inventory: Inventory, name: str, *, drained: bool, wait: float,
 
     def apply(machine: Machine) -> DrainResult:
         before = read_drained(machine)
-        after = ([*before, name] if name not in before else before) if drained else \
-            [n for n in before if n != name]
-        state_changed = machine.install_file(DRAINED, "".join(f"{n}\n" for n in after).encode())
+        after = [n for n in before if n != name]
+        if drained and movable:  # a host that is the only server everywhere is never recorded
+            after = before if name in before else [*before, name]
+        state_changed = after != before and machine.install_file(
+            DRAINED, "".join(f"{n}\n" for n in after).encode())
         result = machine.run(publish_command(LIVE))
         if not result.ok:
             if state_changed:  # the live site did not change: neither does the state
