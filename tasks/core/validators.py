@@ -14,7 +14,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-NGINX_SITE_DIRS = ("/etc/nginx/sites-enabled/", "/etc/nginx/conf.d/")
+NGINX_SITE_DIRS = ("/etc/nginx/sites-available/", "/etc/nginx/sites-enabled/",
+                   "/etc/nginx/conf.d/")
 TLS_DIR = "/etc/nginx/tls/"
 
 

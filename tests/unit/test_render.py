@@ -99,7 +99,7 @@ def location_upstreams(site: str) -> dict[str, str]:
 
 def test_every_route_of_the_version_goes_to_its_upstream(load, base) -> None:
     inventory = load(base)
-    site = files(inventory)[("lb1", "/etc/nginx/sites-enabled/dify.conf")]
+    site = files(inventory)[("lb1", "/etc/nginx/sites-available/dify.conf")]
     routes = location_upstreams(site)
     for prefix in ("/console/api", "/api", "/v1", "/files", "/mcp", "/triggers"):
         assert routes[prefix] == "dify_api"
