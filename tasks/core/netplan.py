@@ -109,6 +109,13 @@ def services(inventory: Inventory) -> list[Service]:
     return plan
 
 
+def runs_compose(inventory: Inventory, host: Host) -> bool:
+    """Whether a tier runs Docker compose projects on this host."""
+    roles = [role for role in COMPOSE_ROLES
+             if role != "vector" or inventory.settings["vector"]["store"] == "weaviate"]
+    return host.has(*roles)
+
+
 def served(inventory: Inventory, host: Host) -> list[Service]:
     """The services a host listens on, by its roles."""
     return [service for service in services(inventory) if host.has(*service.servers)]

@@ -291,7 +291,7 @@ def evaluate(inventory: Inventory, host: Host, facts: Facts) -> list[Row]:
 
     rows.append(check_disk(inventory, host, facts, wanted, percent))
     rows.append(check_ports(inventory, host, facts))
-    if host.has(*netplan.COMPOSE_ROLES):
+    if netplan.runs_compose(inventory, host):
         rows.append(check_docker(host, facts))
     rows.append(check_clock(host, facts, settings["max_clock_skew"]))
     rows.append(check_firewalls(host, facts))

@@ -148,9 +148,14 @@ def ruleset(inventory: Inventory, host: Host, control: str | None) -> Ruleset:
     """The host's rules: SSH, then every service its roles listen on, from its clients only."""
     rules = Ruleset()
     port = host.ssh.port if host.connection == "ssh" else 22
-    rules.input += accept_lines(ssh_sources(inventory, control), f"tcp dport {port}",
-                                "ssh from " + ("anywhere" if not inventory.settings["net"][
-                                    "management"] else "the management range and control"))
+    net = inventory.settings["net"]
+    if not net["management"]:
+        comment = "ssh from anywhere"
+    elif net["allow_control"] and control:
+        comment = "ssh from the management range and the control machine"
+    else:
+        comment = "ssh from the management range"
+    rules.input += accept_lines(ssh_sources(inventory, control), f"tcp dport {port}", comment)
     for service in netplan.served(inventory, host):
         sources = service_sources(inventory, host, service)
         if sources.empty:

@@ -257,3 +257,13 @@ def test_the_whole_preflight_in_parallel_with_a_refusal(load, base, monkeypatch,
     assert "preflight refused" in str(caught.value) and "lb1 (cpu)" in str(caught.value)
     assert [line.split()[0] for line in printed.splitlines()[2:]] == \
         ["lb1"] * 9 + ["db1"] * 9
+
+
+def test_docker_is_only_asked_where_a_compose_tier_runs(load, base) -> None:
+    inventory = load(base)
+    assert "docker" in {r.check for r in preflight.evaluate(
+        inventory, inventory.host("vector1"), facts(docker="missing"))}
+    base["vector"] = {"store": "pgvector"}
+    inventory = load(base)
+    assert "docker" not in {r.check for r in preflight.evaluate(
+        inventory, inventory.host("vector1"), facts(docker="missing"))}
