@@ -274,21 +274,9 @@ def evaluate(inventory: Inventory, host: Host, facts: Facts) -> list[Row]:
     wanted = required_size(inventory, host)
     rows = [check_os(host, facts)]
 
-    cpu, cpu_role = wanted.get("cpu", (0, ""))
-    status = grade(facts.cpu, cpu, percent)
-    detail = f"{facts.cpu} core(s)" + (f"; {cpu_role} wants {cpu}" if cpu else "")
-    if status != OK:
-        detail += f" (refused below {cpu * percent / 100:g})"
-    rows.append(Row(host.name, "cpu", status, declared(host, "cpu", facts.cpu, detail)))
-
-    gib = facts.memory_kb / 1024 / 1024
-    memory, memory_role = wanted.get("memory_gb", (0, ""))
-    status = grade(gib, memory * MEMORY_SLACK, percent)
-    detail = f"{gib:.1f} GiB" + (f"; {memory_role} wants {memory} GB" if memory else "")
-    if status != OK:
-        detail += f" (refused below {memory * percent / 100:g} GB)"
-    rows.append(Row(host.name, "memory", status, declared(host, "memory_gb", gib, detail)))
-
+    rows.append(size_row(host, "cpu", facts.cpu, wanted.get("cpu", (0, "")), percent))
+    rows.append(size_row(host, "memory", facts.memory_kb / 1024 / 1024,
+                         wanted.get("memory_gb", (0, "")), percent))
     rows.append(check_disk(inventory, host, facts, wanted, percent))
     rows.append(check_ports(inventory, host, facts))
     if netplan.runs_compose(inventory, host):
@@ -309,13 +297,23 @@ def check_os(host: Host, facts: Facts) -> Row:
                                         f"{SUPPORTED_TEXT}")
 
 
-def declared(host: Host, key: str, actual: float, detail: str) -> str:
-    """Note when the inventory declares more than the host has (settings are sized from it)."""
-    size = host.size.get(key)
-    slack = MEMORY_SLACK if key == "memory_gb" else 1
-    if size and actual < size * slack:
-        return f"{detail}; the inventory declares {size} (size.{key}), more than the host has"
-    return detail
+def size_row(host: Host, check: str, actual: float, wanted: tuple[int, str],
+             percent: int) -> Row:
+    """cpu or memory against the roles' size, and against the size the inventory declares."""
+    need, role = wanted
+    key, unit, slack = (("cpu", "core(s)", 1.0) if check == "cpu" else
+                        ("memory_gb", "GB", MEMORY_SLACK))
+    status = grade(actual, need * slack, percent)
+    shown = f"{actual:g} core(s)" if check == "cpu" else f"{actual:.1f} GiB"
+    detail = shown + (f"; {role} wants {need} {unit}" if need else "")
+    if status != OK:
+        detail += f" (refused below {need * slack * percent / 100:g})"
+    declared = host.size.get(key)
+    if declared and actual < declared * slack:
+        # Settings are sized from the declaration (PostgreSQL's memory, for one).
+        status = max(status, WARN, key=SEVERITY.get)
+        detail += f"; the inventory declares size.{key} = {declared}, more than the host has"
+    return Row(host.name, check, status, detail)
 
 
 def check_disk(inventory: Inventory, host: Host, facts: Facts,

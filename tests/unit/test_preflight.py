@@ -58,7 +58,17 @@ def test_memory_counts_what_the_kernel_shows_of_a_32_gb_machine(load, base) -> N
     assert row(preflight.evaluate(inventory, db1, facts(memory_kb=20 * GIB)),
                "memory").status == WARN
     refused = row(preflight.evaluate(inventory, db1, facts(memory_kb=8 * GIB)), "memory")
-    assert refused.status == REFUSE and "db_primary wants 32 GB" in refused.detail
+    assert refused.status == REFUSE
+    assert refused.detail == "8.0 GiB; db_primary wants 32 GB (refused below 14.4)"
+
+
+def test_a_declared_size_larger_than_the_host_is_a_warning(load, base) -> None:
+    base["hosts"][5]["size"] = {"memory_gb": 64}
+    inventory = load(base)
+    found = row(preflight.evaluate(inventory, inventory.host("db1"), facts()), "memory")
+    assert found.status == WARN
+    assert found.detail.endswith("the inventory declares size.memory_gb = 64, more than the "
+                                 "host has")
 
 
 def test_the_inventory_can_lower_the_sizes(load, base) -> None:
@@ -253,7 +263,7 @@ def test_the_whole_preflight_in_parallel_with_a_refusal(load, base, monkeypatch,
     with pytest.raises(preflight.PreflightRefused) as caught:
         preflight.check(inventory, hosts)
     printed = capsys.readouterr().out
-    assert "lb1   cpu       REFUSE  1 core(s); lb wants 4 (refused below 2)" in printed
+    assert "lb1   cpu       REFUSE  1 core(s); lb wants 4 core(s) (refused below 2)" in printed
     assert "preflight refused" in str(caught.value) and "lb1 (cpu)" in str(caught.value)
     assert [line.split()[0] for line in printed.splitlines()[2:]] == \
         ["lb1"] * 9 + ["db1"] * 9
