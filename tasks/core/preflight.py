@@ -16,7 +16,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
 from tasks.core import netplan
-from tasks.core.errors import DifyopsError, HostError
+from tasks.core.errors import DifyopsError
 from tasks.core.fleet import each_host, table
 from tasks.core.hosts import Machine
 from tasks.core.inventory import Host, Inventory
@@ -243,8 +243,8 @@ def gather(inventory: Inventory, machine: Machine) -> Facts:
     result = machine.run(script, timeout=60)
     facts = parse_facts(result.stdout)
     if not facts.os_id:
-        raise HostError(f"{host.target}: no POSIX shell answered the checks "
-                        f"(a Windows machine?): {result.answer}")
+        facts.os_name = f"no POSIX shell answered the checks (Windows?): {result.answer}"
+        return facts
     before = time.time()
     answer = machine.run("date +%s.%N", sudo=False, timeout=30)
     after = time.time()
@@ -292,8 +292,9 @@ def check_os(host: Host, facts: Facts) -> Row:
     if (facts.os_id, facts.os_version) in SUPPORTED_OS:
         return Row(host.name, "os", OK, shown)
     # A development workstation is the operator's own machine: noted, not refused.
-    status = WARN if set(host.roles) <= {"dev_frontend", "dev_backend"} else REFUSE
-    return Row(host.name, "os", status, f"{shown} is not supported: difyops supports "
+    if set(host.roles) <= {"dev_frontend", "dev_backend"}:
+        return Row(host.name, "os", WARN, f"{shown}; a development machine: not checked further")
+    return Row(host.name, "os", REFUSE, f"{shown} is not supported: difyops supports "
                                         f"{SUPPORTED_TEXT}")
 
 
@@ -514,7 +515,8 @@ def run(inventory: Inventory, hosts: Sequence[Host]) -> list[Row]:
     """Both rounds on the hosts, in parallel; the rows in host order, then check order."""
     timeouts = inventory.settings["timeouts"]
     first = each_host(hosts, lambda machine: gather(inventory, machine), timeouts)
-    facts = {outcome.host.name: outcome.value for outcome in first if outcome.ok}
+    facts = {outcome.host.name: outcome.value for outcome in first
+             if outcome.ok and outcome.value.os_id}
     probe_timeout = inventory.settings["preflight"]["probe_timeout"]
 
     def probe(machine: Machine) -> dict[tuple[str, int], tuple[int, str]]:
@@ -526,12 +528,15 @@ def run(inventory: Inventory, hosts: Sequence[Host]) -> list[Row]:
         return parse_probes(result.stdout)
 
     second = {outcome.host.name: outcome for outcome in
-              each_host([o.host for o in first if o.ok], probe, timeouts)}
+              each_host([o.host for o in first if o.host.name in facts], probe, timeouts)}
     rows: list[Row] = []
     for outcome in first:
         host = outcome.host
         if not outcome.ok:
             rows.append(Row(host.name, "connect", REFUSE, outcome.error))
+            continue
+        if host.name not in facts:  # not a POSIX system: only the OS verdict
+            rows.append(check_os(host, outcome.value))
             continue
         rows += evaluate(inventory, host, outcome.value)
         rows.append(check_resolution(inventory, host, outcome.value))

@@ -277,3 +277,31 @@ def test_docker_is_only_asked_where_a_compose_tier_runs(load, base) -> None:
     inventory = load(base)
     assert "docker" not in {r.check for r in preflight.evaluate(
         inventory, inventory.host("vector1"), facts(docker="missing"))}
+
+
+def test_a_windows_workstation_gets_a_warning_not_a_refusal(load, monkeypatch) -> None:
+    inventory = load({"name": "lab", "cache": {"mode": "standalone"},
+                      "vector": {"store": "pgvector"},
+                      "preflight": {"sizes": {"db_primary": {"cpu": 1, "memory_gb": 1,
+                                                             "disk_gb": 1}}},
+                      "hosts": [{"name": "server", "address": "192.168.1.100",
+                                 "roles": ["db_primary", "cache"]},
+                                {"name": "win", "address": "192.168.1.102",
+                                 "roles": ["dev_frontend"]}]})
+
+    class Machine(FakeMachine):
+        def _execute(self, command: str, timeout: float) -> Result:
+            if self.host.name == "win":  # cmd.exe does not understand the script
+                return Result(1, "", "'echo' is not recognized as an internal command")
+            if command.startswith("echo \"os="):
+                return Result(0, "os=debian|12|Debian 12\ncpu=2\nmem_kb=4000000\nntp=yes\n"
+                                 "disk=/var/lib/postgresql|/|900000000000|800000000000\n", "")
+            if command == "date +%s.%N":
+                return Result(0, f"{time.time():.3f}\n", "")
+            return Result(0, "", "")
+
+    monkeypatch.setattr(fleet, "connect", lambda host, timeouts=None: Machine(host))
+    rows = preflight.check(inventory, inventory.hosts, out=lambda *a, **k: None)
+    (win,) = [r for r in rows if r.host == "win"]
+    assert win.check == "os" and win.status == WARN
+    assert "no POSIX shell answered the checks (Windows?)" in win.detail
