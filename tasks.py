@@ -11,8 +11,8 @@ __path__ = [str(Path(__file__).resolve().parent / "tasks")]
 
 from invoke import Collection
 
-from tasks import app, cache, config, db, deploy, dev, lb, vector
+from tasks import app, cache, config, db, deploy, dev, lb, net, vector
 
 ns = Collection()
-for module in (config, db, cache, vector, app, lb, dev, deploy):
+for module in (config, db, cache, vector, app, lb, dev, deploy, net):
     ns.add_collection(Collection.from_module(module))

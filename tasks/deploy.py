@@ -5,18 +5,24 @@ from __future__ import annotations
 from invoke import Context, task
 from invoke.exceptions import Exit
 
+from tasks.core import preflight as checks
 from tasks.core.cli import load, reported, run_tiers
 from tasks.core.fleet import table
 from tasks.core.health import probe_all
+from tasks.core.inventory import Host, Inventory
 from tasks.core.tiers import build, select
 from tasks.tiers import TIERS
 
 
-@task(help={"dry": "print the plan with a diff of every file; touch nothing",
-            "only": "comma-separated tiers to run, e.g. db,cache (default: all, in order)"})
+@task(help={"dry": "print the plan with a diff of every file; touch nothing (no preflight)",
+            "only": "comma-separated tiers to run, e.g. db,cache (default: all, in order)",
+            "preflight": "check the hosts first and stop on a refusal (--no-preflight: skip)"})
 @reported
-def all(ctx: Context, dry: bool = False, only: str = "") -> None:
+def all(ctx: Context, dry: bool = False, only: str = "", preflight: bool = True) -> None:
     """Deploy every tier of the inventory in dependency order (or only some, or --dry)."""
+    if preflight and not dry:
+        inventory = load(ctx)
+        checks.check(inventory, preflight_hosts(inventory, only))
     run_tiers(ctx, list(TIERS), dry=dry, only=only)
 
 
@@ -35,3 +41,20 @@ def status(ctx: Context, only: str = "") -> None:
     if unhealthy:
         raise Exit(f"error: {len(unhealthy)} component(s) unhealthy: "
                    + ", ".join(f"{p.component} on {p.host}" for p in unhealthy), code=1)
+
+
+@task(name="preflight",
+      help={"only": "comma-separated tiers whose hosts to check (default: every host)"})
+@reported
+def preflight_task(ctx: Context, only: str = "") -> None:
+    """Check the hosts before deploying: OS, size, disk, ports, Docker, clock, names, reach."""
+    inventory = load(ctx)
+    checks.check(inventory, preflight_hosts(inventory, only))
+
+
+def preflight_hosts(inventory: Inventory, only: str) -> list[Host]:
+    """Every host, or the hosts of the tiers named in --only (unknown names refused)."""
+    if not only:
+        return list(inventory.hosts)
+    roles = [role for tier in select(TIERS, only) for role in tier.roles]
+    return inventory.with_role(*roles)

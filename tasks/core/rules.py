@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 
+from tasks.core import netplan
 from tasks.core.errors import Problem
 from tasks.core.inventory import APP_ROLES, Inventory
 from tasks.core.profiles import version_key
@@ -227,4 +228,4 @@ def index_of(inventory: Inventory, name: str) -> int:
 
 
 RULES: tuple[Rule, ...] = (role_presence, queue_coverage, broker_not_on_cluster, vector_store,
-                           shared_storage, connection_budget, tls_settings)
+                           shared_storage, connection_budget, tls_settings, netplan.check)

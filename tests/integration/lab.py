@@ -562,7 +562,7 @@ class Lab:
             self.timings["images"] = time.monotonic() - started
         return self.image
 
-    def _start_one(self, name: str) -> LabHost:
+    def _start_one(self, name: str, cap_add: tuple[str, ...] = ()) -> LabHost:
         """Create and start one host container, then wait until it is ready."""
         image = self._ensure_image()
         mount_mode, cgroupns = _cgroup_mode()
@@ -578,6 +578,7 @@ class Lab:
                 labels={LABEL: self.suffix, f"{LABEL}.host": name},
                 cgroupns=cgroupns,
                 privileged=_env_flag("DIFYOPS_LAB_PRIVILEGED"),
+                **({"cap_add": list(cap_add)} if cap_add else {}),
             )
         )
         host = LabHost(
@@ -595,8 +596,12 @@ class Lab:
         host.wait_ready()
         return host
 
-    def start(self, names: list[str]) -> list[LabHost]:
-        """Start hosts ``names`` in parallel and wait until all are ready; return them in order."""
+    def start(self, names: list[str], cap_add: tuple[str, ...] = ()) -> list[LabHost]:
+        """Start hosts ``names`` in parallel and wait until all are ready; return them in order.
+
+        ``cap_add``: extra capabilities, e.g. ``("NET_ADMIN",)`` for hosts that get a firewall
+        (nftables rules then apply to that host's own network namespace only).
+        """
         clash = [n for n in names if n in self.hosts]
         if clash or len(set(names)) != len(names):
             raise LabError(f"host names already used in this lab: {clash or names}")
@@ -604,7 +609,7 @@ class Lab:
         self._ensure_network()
         started = time.monotonic()
         with ThreadPoolExecutor(max_workers=max(1, len(names))) as pool:
-            futures = [pool.submit(self._start_one, n) for n in names]
+            futures = [pool.submit(self._start_one, n, tuple(cap_add)) for n in names]
             errors = []
             hosts = []
             for future in futures:

@@ -1,0 +1,185 @@
+"""The network plan: which roles listen on which ports, and which roles may connect to them.
+
+One table serves the preflight (ports that must be free, peers that must be reachable) and the
+host firewall (what each host accepts, from whom). It follows the original plan's port plan
+(80/443 public; 3000, 5001, 5432, 6379, 8080 internal) and completes it with what a Dify
+installation really uses: the plugin daemon, Sentinel, Weaviate's gRPC and cluster ports, the
+exporters Prometheus scrapes, SSH from the management range.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import socket
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+from tasks.core.errors import DifyopsError, Problem
+from tasks.core.inventory import ROLES, Host, Inventory
+
+# Pseudo-roles for clients that are not inventory hosts.
+PUBLIC = "@public"          # anyone: the load balancer's HTTP(S)
+MANAGEMENT = "@management"  # net.management (anywhere when empty)
+EVERY_HOST = "@hosts"       # every host of the inventory (log shippers)
+DEV_NETWORK = "@dev"        # dev.network, the home-lab network
+# Roles whose processes talk to PostgreSQL and Redis.
+DATA_CLIENTS = ("api", "worker", "beat", "plugin_daemon", "dev_backend")
+# Roles whose services run under Docker compose (Docker and compose v2 must be there).
+COMPOSE_ROLES = ("api", "worker", "beat", "web", "plugin_daemon", "vector", "monitor", "logging")
+# Processes that publish a compose service's port on the host.
+DOCKER = ("docker-proxy", "dockerd")
+
+
+@dataclass(frozen=True)
+class Service:
+    """A port some roles listen on and the roles (or pseudo-roles) allowed to connect to it."""
+
+    name: str
+    port: int
+    servers: tuple[str, ...]
+    clients: tuple[str, ...]
+    owners: tuple[str, ...] = ()   # process names that hold the port when it is ours
+    published: bool = False        # published by Docker: reached through DNAT (forward path)
+    udp: bool = False              # also UDP on the same port (Weaviate's gossip)
+
+    def owned_by(self, process: str) -> bool:
+        """Whether a listening process (as `ss` names it, 15 characters at most) is ours."""
+        return any(process == owner[:15] for owner in self.owners)
+
+
+def services(inventory: Inventory) -> list[Service]:
+    """Every service of the plan for this inventory's settings."""
+    settings = inventory.settings
+    db, cache = settings["db"], settings["cache"]
+    weaviate = settings["vector"]["store"] == "weaviate"
+    plan = [
+        Service("http", 80, ("lb",), (PUBLIC,), ("nginx",)),
+        Service("https", 443, ("lb",), (PUBLIC,), ("nginx",)),
+        Service("web", 3000, ("web",), ("lb",), DOCKER, published=True),
+        Service("api", 5001, ("api",), ("lb", "plugin_daemon"), DOCKER, published=True),
+        Service("plugin daemon", 5002, ("plugin_daemon",), ("lb", "api", "worker"), DOCKER,
+                published=True),
+        Service("postgresql", db["port"], ("db_primary", "db_replica"),
+                (*DATA_CLIENTS, "monitor", "db_primary", "db_replica"), ("postgres",)),
+        Service("redis", cache["port"], ("cache", "broker"), (*DATA_CLIENTS, "cache"),
+                ("redis-server", "redis-check-rdb")),
+    ]
+    if cache["mode"] == "sentinel":
+        plan.append(Service("redis sentinel", cache["sentinel_port"], ("cache",),
+                            (*DATA_CLIENTS, "cache"),
+                            ("redis-sentinel", "redis-server", "redis-check-rdb")))
+    if cache["mode"] == "cluster":
+        plan.append(Service("redis cluster bus", cache["port"] + 10000, ("cache",), ("cache",),
+                            ("redis-server",)))
+    if weaviate:
+        owners = ("weaviate", *DOCKER)
+        plan += [
+            Service("weaviate", 8080, ("vector",), ("api", "worker", "dev_backend"), owners),
+            Service("weaviate grpc", 50051, ("vector",), ("api", "worker", "dev_backend"), owners),
+        ]
+        if len(inventory.with_role("vector")) > 1:
+            plan += [Service("weaviate gossip", 7100, ("vector",), ("vector",), owners, udp=True),
+                     Service("weaviate data", 7101, ("vector",), ("vector",), owners),
+                     Service("weaviate raft", 8300, ("vector",), ("vector",), owners),
+                     Service("weaviate raft rpc", 8301, ("vector",), ("vector",), owners)]
+    every_role = tuple(ROLES)
+    plan += [
+        Service("node exporter", 9100, every_role, ("monitor",),
+                ("prometheus-node-exporter", "node_exporter")),
+        Service("postgres exporter", 9187, ("db_primary", "db_replica"), ("monitor",),
+                ("prometheus-postgres-exporter", "postgres_exporter")),
+        Service("redis exporter", 9121, ("cache", "broker"), ("monitor",),
+                ("prometheus-redis-exporter", "redis_exporter")),
+        Service("nginx exporter", 9113, ("lb",), ("monitor",),
+                ("prometheus-nginx-exporter", "nginx-prometheus-exporter")),
+        Service("prometheus", 9090, ("monitor",), (MANAGEMENT,), ("prometheus", *DOCKER),
+                published=True),
+        Service("alertmanager", 9093, ("monitor",), (MANAGEMENT,),
+                ("prometheus-alertmanager", "alertmanager", *DOCKER), published=True),
+        Service("grafana", 3000, ("monitor",), (MANAGEMENT,), ("grafana", "grafana-server",
+                                                               *DOCKER), published=True),
+        Service("elasticsearch", 9200, ("logging",), (EVERY_HOST,), ("java", *DOCKER),
+                published=True),
+        Service("kibana", 5601, ("logging",), (MANAGEMENT,), ("node", *DOCKER), published=True),
+        Service("dify api (dev)", 5001, ("dev_backend",), ("dev_frontend", DEV_NETWORK),
+                ("python", "python3", "flask", "gunicorn", "uv")),
+        Service("dify web (dev)", 3000, ("dev_frontend",), (DEV_NETWORK,),
+                ("node", "next-server", "pnpm")),
+    ]
+    return plan
+
+
+def runs_compose(inventory: Inventory, host: Host) -> bool:
+    """Whether a tier runs Docker compose projects on this host."""
+    roles = [role for role in COMPOSE_ROLES
+             if role != "vector" or inventory.settings["vector"]["store"] == "weaviate"]
+    return host.has(*roles)
+
+
+def served(inventory: Inventory, host: Host) -> list[Service]:
+    """The services a host listens on, by its roles."""
+    return [service for service in services(inventory) if host.has(*service.servers)]
+
+
+def clients(inventory: Inventory, host: Host, service: Service) -> list[Host]:
+    """The other hosts allowed to reach a service on this host."""
+    roles = [role for role in service.clients if not role.startswith("@")]
+    every = EVERY_HOST in service.clients
+    return [peer for peer in inventory.hosts
+            if peer.name != host.name and (every or peer.has(*roles))]
+
+
+def needed_peers(inventory: Inventory, host: Host) -> list[tuple[Host, Service]]:
+    """What this host connects to: (peer, service) for every service its roles are a client of."""
+    found = []
+    for service in services(inventory):
+        every = EVERY_HOST in service.clients
+        if not (every or host.has(*service.clients)):
+            continue
+        for peer in inventory.with_role(*service.servers):
+            if peer.name != host.name:
+                found.append((peer, service))
+    return found
+
+
+def resolve(address: str) -> list[str]:
+    """The IP addresses behind an inventory address (itself when it is one)."""
+    try:
+        return [str(ipaddress.ip_address(address))]
+    except ValueError:
+        pass
+    try:
+        infos = socket.getaddrinfo(address, None, proto=socket.IPPROTO_TCP)
+    except OSError as exc:
+        raise DifyopsError(f"cannot resolve {address}: {exc}; fix DNS (or /etc/hosts) or "
+                           f"give IP addresses in the inventory") from exc
+    return sorted({str(info[4][0]) for info in infos})
+
+
+def check(inventory: Inventory, shown: str) -> Iterator[Problem]:
+    """Rule: the network and preflight settings make sense."""
+    net, preflight = inventory.settings["net"], inventory.settings["preflight"]
+    for index, entry in enumerate(net["management"]):
+        try:
+            ipaddress.ip_network(entry if isinstance(entry, str) else None, strict=False)
+        except (TypeError, ValueError):
+            yield Problem(shown, f"net.management[{index}]",
+                          f"{entry!r} is not an address or a CIDR block",
+                          "write addresses or networks, e.g. `management: [10.0.4.0/24]`")
+    if not 10 <= net["rollback_seconds"] <= 3600:
+        yield Problem(shown, "net.rollback_seconds",
+                      f"{net['rollback_seconds']} is outside 10..3600",
+                      "give the confirmation time to happen: 60 is a good value")
+    if not 1 <= preflight["refuse_percent"] <= 100:
+        yield Problem(shown, "preflight.refuse_percent",
+                      f"{preflight['refuse_percent']} is outside 1..100",
+                      "50 refuses a host with less than half the planned size")
+    for role, size in preflight["sizes"].items():
+        for key, value in size.items():
+            if value < 0:
+                yield Problem(shown, f"preflight.sizes.{role}.{key}", f"negative ({value})",
+                              "use 0 (no minimum) or a positive number")
+    for key in ("min_free_disk_gb", "max_clock_skew", "probe_timeout"):
+        if preflight[key] < 0 or (key == "probe_timeout" and preflight[key] == 0):
+            yield Problem(shown, f"preflight.{key}", f"{preflight[key]} is not allowed",
+                          "use a positive number")
