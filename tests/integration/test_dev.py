@@ -148,6 +148,10 @@ def test_dev_server_runs_the_base_services_for_the_lab(devlab: Lab3) -> None:
     _, listening = devlab.server.exec("ss -ltn")
     assert f"{devlab.server.address}:5432" in listening
     assert f"{devlab.server.address}:6379" in listening
+    # an address pg_hba does not name (here the server's own LAN address) is refused
+    code, out = devlab.server.exec(f"PGPASSWORD={devlab.secrets['DB_PASSWORD']} psql -h "
+                                   f"{devlab.server.address} -U dify -d dify -c 'select 1'")
+    assert code != 0 and "no pg_hba.conf entry" in out, out
 
 
 def test_backend_env_points_at_the_home_server(devlab: Lab3) -> None:
