@@ -117,7 +117,7 @@ def steps(inventory: Inventory, renderer: Renderer, host: Host) -> list[Step]:
         WaitFor(CommandGate(f"redis at {redis.name}:{redis_port} reachable",
                             timeout=20, interval=2,
                             command=tcp_probe(redis.address, redis_port))),
-        packages("python3-venv", "git"),
+        packages("python3-venv", *(["git"] if clone_step_needed(inventory) else [])),
         RunCommand("install uv",
                    f"python3 -m venv {UV_HOME} && {pip_environment(inventory)} "
                    f"{UV_HOME}/bin/pip install --quiet uv && ln -sf {UV_HOME}/bin/uv {UV}",

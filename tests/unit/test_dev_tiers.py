@@ -147,6 +147,7 @@ def test_backend_commands(load) -> None:
                                  "/etc/systemd/system/dify-api-dev.service",
                                  "/etc/systemd/system/dify-worker-dev.service")
     assert "clone" not in " ".join(steps)  # a path is used as it is
+    assert "install python3-venv" in steps  # and git is not needed
 
 
 def test_backend_order_reaches_the_server_first_and_gates_last(load) -> None:
@@ -189,6 +190,7 @@ def test_a_git_source_is_cloned_once_at_the_ref(load) -> None:
                              "clone --quiet --branch 1.13.3 https://github.com/langgenius/dify.git"
                              " /srv/dify-dev/dify")
     assert clone.unless == "test -d /srv/dify-dev/dify/.git"
+    assert "install python3-venv git" in steps
     assert "file /srv/dify-dev/dify/api/.env" in steps
 
 
