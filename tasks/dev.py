@@ -5,10 +5,14 @@ from __future__ import annotations
 from invoke import Context, task
 from invoke.exceptions import Exit
 
-from tasks.core.cli import load, reported
+from tasks.core.cli import load, reported, run_tiers
 from tasks.core.fleet import table
 from tasks.core.inventory import Inventory
 from tasks.core.project import display
+from tasks.tiers import TIERS, dev_backend, dev_frontend
+from tasks.tiers.dev_common import check, server_tiers
+
+DRY_HELP = "print the plan with a diff of every file; touch nothing"
 
 
 def connection_rows(inventory: Inventory, show_secrets: bool) -> list[tuple[str, str, str]]:
@@ -49,3 +53,43 @@ def info(ctx: Context, secrets: bool = False) -> None:
     network = inventory.settings["dev"]["network"]
     print(f"home-lab {inventory.name}" + (f", reachable from {network}" if network else ""))
     print(table(["service", "address", "credentials"], connection_rows(inventory, secrets)))
+
+
+def require(inventory: Inventory, role: str, task_name: str) -> None:
+    """Stop with a message when no host of the inventory plays the role the task deploys."""
+    if not inventory.with_role(role):
+        raise Exit(f"error: {display(inventory.file)} has no host with role {role}: {task_name} "
+                   f"is for a home-lab inventory such as config/inventories/homelab.yml", code=1)
+
+
+@task(help={"dry": DRY_HELP})
+@reported
+def server(ctx: Context, dry: bool = False) -> None:
+    """Deploy the home server's base services (PostgreSQL, Redis, vector store, monitoring)."""
+    inventory = load(ctx)
+    require(inventory, "dev_server", "dev.server")
+    check(inventory, server=True)
+    run_tiers(ctx, server_tiers(TIERS), dry=dry)
+    if not dry:
+        print()
+        info(ctx)
+
+
+@task(help={"dry": DRY_HELP})
+@reported
+def backend(ctx: Context, dry: bool = False) -> None:
+    """Run Dify's api (flask --debug) and worker from a checkout on the development VM."""
+    inventory = load(ctx)
+    require(inventory, "dev_backend", "dev.backend")
+    check(inventory)
+    run_tiers(ctx, [dev_backend.TIER], dry=dry)
+
+
+@task(help={"dry": DRY_HELP})
+@reported
+def frontend(ctx: Context, dry: bool = False) -> None:
+    """Run Dify's web dev server (pnpm dev) on the workstation (Linux or Windows)."""
+    inventory = load(ctx)
+    require(inventory, "dev_frontend", "dev.frontend")
+    check(inventory)
+    run_tiers(ctx, [dev_frontend.TIER], dry=dry)

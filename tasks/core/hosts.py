@@ -207,4 +207,8 @@ def connect(host: Host, timeouts: dict[str, int] | None = None) -> Machine:
     timeouts = timeouts or {"connect": 10, "command": 1800}
     if host.connection == "local":
         return LocalMachine(host, timeouts["command"])
+    if host.labels.get("os", "").lower() == "windows":
+        from tasks.core.windows import WindowsMachine  # PowerShell commands, SFTP uploads
+
+        return WindowsMachine(host, timeouts["command"], timeouts["connect"])
     return SshMachine(host, timeouts["command"], timeouts["connect"])
