@@ -11,8 +11,8 @@ __path__ = [str(Path(__file__).resolve().parent / "tasks")]
 
 from invoke import Collection
 
-from tasks import app, cache, config, db, deploy, lb, vector
+from tasks import app, cache, config, db, deploy, lb, monitor, vector
 
 ns = Collection()
-for module in (config, db, cache, vector, app, lb, deploy):
+for module in (config, db, cache, vector, app, lb, monitor, deploy):
     ns.add_collection(Collection.from_module(module))

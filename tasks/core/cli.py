@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import functools
 import os
+import tempfile
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from invoke import Context, Task, task
@@ -13,9 +15,12 @@ from invoke.exceptions import Exit
 from tasks.core.apply import execute
 from tasks.core.errors import DifyopsError
 from tasks.core.inventory import Inventory, load_inventory
+from tasks.core.plan import TierPlan
 from tasks.core.project import inventory_path
+from tasks.core.render import write_tree
 from tasks.core.report import Report
 from tasks.core.tiers import Tier, build, select
+from tasks.core.validators import validate
 
 
 def load(ctx: Context, *, check_secrets: bool = True) -> Inventory:
@@ -45,11 +50,30 @@ def run_tiers(ctx: Context, tiers: list[Tier], *, dry: bool, only: str | None = 
     action = "dry run of" if dry else "applying"
     print(f"{action} {', '.join(t.name for t in chosen)} on inventory {inventory.name} "
           f"({len(inventory.hosts)} host(s), Dify {inventory.profile.version})", flush=True)
-    report = execute(build(chosen, inventory), dry=dry, timeouts=inventory.settings["timeouts"])
+    plans = build(chosen, inventory)
+    refuse_invalid([plan for tier, plan in zip(chosen, plans, strict=True) if tier.validate])
+    report = execute(plans, dry=dry, timeouts=inventory.settings["timeouts"])
     if report.failed:
         raise Exit(f"error: {len(report.failed)} step(s) failed; see the summary above. "
                    f"Fix the cause and run the same command again: it resumes.", code=1)
     return report
+
+
+def refuse_invalid(plans: list[TierPlan]) -> None:
+    """Check the plans' rendered files with the real validators; raise before any host."""
+    if not plans:
+        return
+    with tempfile.TemporaryDirectory(prefix="difyops-validate.") as scratch:
+        write_tree(plans, Path(scratch))
+        verdicts = validate(Path(scratch))
+    for verdict in verdicts:
+        if verdict.status != "failed":
+            print(f"  {verdict}", flush=True)
+    failed = [verdict for verdict in verdicts if verdict.status == "failed"]
+    if failed:
+        raise DifyopsError("rendered files fail validation; no host was touched:\n"
+                           + "\n".join(f"  {verdict}" for verdict in failed)
+                           + "\n    fix: correct the inventory setting or template named above")
 
 
 def deploy_task(tier: Tier) -> Task:
