@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable, Iterator
+from pathlib import Path
 
 from tasks.core.errors import Problem
 from tasks.core.inventory import APP_ROLES, Inventory
@@ -246,10 +247,20 @@ def monitor_settings(inventory: Inventory, shown: str) -> Iterator[Problem]:
     elif monitor["webhook_format"] == "slack" and not monitor["alert_webhook"]:
         yield Problem(shown, "monitor.alert_webhook", "required when webhook_format is slack",
                       "set monitor.alert_webhook to the incoming webhook's URL")
+    if monitor["extra_rules"] and not extra_rules_path(inventory).is_file():
+        yield Problem(shown, "monitor.extra_rules",
+                      f"no such file: {extra_rules_path(inventory)}",
+                      "give the path of a Prometheus rule file on this machine, or leave it empty")
     for key in ("cpu_percent", "memory_percent", "disk_free_percent", "nginx_5xx_percent"):
         if not 0 < monitor[key] < 100:
             yield Problem(shown, f"monitor.{key}", f"{monitor[key]} is not a percentage",
                           "use a number between 1 and 99")
+
+
+def extra_rules_path(inventory: Inventory) -> Path:
+    """The operator's own rule file: absolute, or relative to the inventory file."""
+    path = Path(inventory.settings["monitor"]["extra_rules"]).expanduser()
+    return path if path.is_absolute() else inventory.file.parent / path
 
 
 def weaviate_version(inventory: Inventory) -> str:

@@ -30,6 +30,7 @@ from tasks.core.inventory import ROLES, Host, Inventory
 from tasks.core.plan import RunCommand, Step, WaitFor, WriteFile
 from tasks.core.project import CONFIG_DIR
 from tasks.core.render import Renderer
+from tasks.core.rules import extra_rules_path
 from tasks.core.tiers import Tier
 from tasks.tiers.common import compose_up, packages, service_restart, service_running
 
@@ -39,6 +40,7 @@ NGINX_STATUS_PORT = 8089  # nginx stub_status, on 127.0.0.1 only, read by the ng
 STAGED = "/etc/prometheus/difyops.next"  # written and checked here ...
 LIVE = "/etc/prometheus/difyops"  # ... then copied here, where the services read it
 STAGED_FILES = ("prometheus.yml", "rules/dify.yml", "alertmanager.yml", "blackbox.yml")
+EXTRA_RULES = "rules/extra.yml"  # monitor.extra_rules, the operator's own, checked the same way
 POSTGRES_QUERIES = "/etc/prometheus/postgres-exporter-queries.yml"
 MONITOR_ROLE_SQL = "/etc/difyops/monitor-role.sql"
 MONITOR_DB_ROLE = "difyops_monitor"
@@ -208,6 +210,10 @@ def monitoring_services(inventory: Inventory, renderer: Renderer, host: Host,
                         mode=0o640, group="prometheus",
                         secret=name == "alertmanager.yml" and bool(monitor["alert_webhook"]))
               for name, template in templates.items()]
+    extra_rules = f"{STAGED}/{EXTRA_RULES}"
+    if monitor["extra_rules"]:
+        staged.append(WriteFile(extra_rules, extra_rules_path(inventory).read_text(),
+                                mode=0o640, group="prometheus"))
     staged_paths = tuple(step.path for step in staged)
     listen = {name: endpoint(host.address, PORTS[name])
               for name in ("prometheus", "alertmanager", "blackbox")}
@@ -222,8 +228,11 @@ def monitoring_services(inventory: Inventory, renderer: Renderer, host: Host,
         "prometheus-blackbox-exporter": f'ARGS="--config.file={LIVE}/blackbox.yml '
                                         f'--web.listen-address={listen["blackbox"]}"\n',
     }
-    plan: list[Step] = [
-        *staged,
+    plan: list[Step] = [*staged]
+    if not monitor["extra_rules"]:
+        plan.append(RunCommand("remove the operator's extra rules (none configured)",
+                               f"rm -f {extra_rules}", unless=f"test ! -e {extra_rules}"))
+    plan += [
         RunCommand("check the configuration (promtool, amtool, blackbox --config.check)",
                    f"promtool check config {STAGED}/prometheus.yml "
                    f"&& amtool check-config {STAGED}/alertmanager.yml "
