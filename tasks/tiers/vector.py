@@ -187,7 +187,7 @@ def pgvector_state(inventory: Inventory, machine: Machine) -> PgvectorState:
     server = machine.check(f"{psql} -c {shlex.quote(SERVER_QUERY)}").stdout.strip()
     version, _, recovery = server.partition("|")
     extension = machine.run(f"{psql} -d {shlex.quote(database)} -c {shlex.quote(EXTENSION_QUERY)}")
-    return PgvectorState("replica" if recovery == "t" else "primary", version,
+    return PgvectorState("replica" if recovery == "t" else "primary", version.split(" ")[0],
                          extension.stdout.strip() if extension.ok else "")
 
 
