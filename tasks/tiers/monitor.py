@@ -153,10 +153,12 @@ def postgres_exporter(inventory: Inventory, renderer: Renderer, host: Host,
                                         host, **extra))
     role: tuple[Step, ...] = ()
     if writable_postgres(inventory, host):
-        probe = ("set -a; . /etc/default/prometheus-postgres-exporter; "
-                 "psql \"$DATA_SOURCE_NAME\" -Atc "
+        # The exporter's own login (never a password prompt: -w, no stdin).
+        probe = ("test -r /etc/default/prometheus-postgres-exporter && "
+                 ". /etc/default/prometheus-postgres-exporter && "
+                 "PGCONNECT_TIMEOUT=5 psql -w \"$DATA_SOURCE_NAME\" -Atc "
                  + shlex.quote("SELECT pg_has_role(current_user, 'pg_monitor', 'MEMBER')")
-                 + " | grep -qx t")
+                 + " </dev/null | grep -qx t")
         role = (
             WriteFile(MONITOR_ROLE_SQL, renderer.render("config/prometheus/monitor-role.sql.j2",
                                                         host, role=MONITOR_DB_ROLE),

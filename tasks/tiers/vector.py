@@ -107,8 +107,8 @@ def pgvector_probe() -> str:
     """Log in with Dify's credentials over TCP and find the extension (the password in env)."""
     query = shlex.quote("SELECT extversion FROM pg_extension WHERE extname = 'vector'")
     return (f". {PGVECTOR_ENV} && PGPASSWORD=\"$PGVECTOR_PASSWORD\" PGCONNECT_TIMEOUT=5 "
-            f"psql -h 127.0.0.1 -p \"$PGVECTOR_PORT\" -U \"$PGVECTOR_USER\" "
-            f"-d \"$PGVECTOR_DATABASE\" -Atc {query} | grep -q .")
+            f"psql -w -h 127.0.0.1 -p \"$PGVECTOR_PORT\" -U \"$PGVECTOR_USER\" "
+            f"-d \"$PGVECTOR_DATABASE\" -Atc {query} </dev/null | grep -q .")
 
 
 # --- status (read-only) ---------------------------------------------------------------------
