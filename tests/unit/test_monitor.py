@@ -117,7 +117,8 @@ def test_postgres_exporter_logs_in_as_a_pg_monitor_role(load, base) -> None:
     assert "GRANT pg_monitor TO difyops_monitor;" in sql.content
     create = next(s for s in plans["db1"] if isinstance(s, RunCommand)
                   and s.name == "create the metrics role (pg_monitor)")
-    assert "psql \"$DATA_SOURCE_NAME\"" in create.unless and password not in create.unless
+    assert "psql -w \"$DATA_SOURCE_NAME\"" in create.unless and password not in create.unless
+    assert create.unless.endswith("</dev/null | grep -qx t")  # never waits for a prompt
     assert "prometheus-postgres-exporter" not in plans["api1"][0].command
 
 
