@@ -167,6 +167,7 @@ def test_pgvector_on_the_db_primary_and_its_replicas(load, base) -> None:
     # Converged means: Dify's own credentials log in over TCP and find the extension.
     assert create.unless.startswith(f". {tier.PGVECTOR_ENV} && PGPASSWORD=")
     assert "-h 127.0.0.1" in create.unless and "FROM pg_extension WHERE extname" in create.unless
+    assert "psql -w " in create.unless and "</dev/null" in create.unless  # never prompts
     assert password not in create.unless + create.command
     probe_env = dotenv_values(stream=io.StringIO(file_of(steps["db1"], tier.PGVECTOR_ENV).content))
     env = env_of(inventory)
