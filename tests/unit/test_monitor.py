@@ -502,3 +502,11 @@ def test_helpers() -> None:
     assert tier.endpoint("fd00::1", 9100) == "[fd00::1]:9100"
     assert tier.duration_seconds("26h") == 93600
     assert tier.duration_seconds("1h30m") == 5400
+
+
+def test_the_metrics_role_has_its_own_secret(load, base) -> None:
+    from tasks.core.secrets import needed
+
+    assert "MONITOR_DB_PASSWORD" in [spec.name for spec in needed(load(base))]
+    base["hosts"] = [h for h in base["hosts"] if h["name"] != "monitor1"]
+    assert "MONITOR_DB_PASSWORD" not in [spec.name for spec in needed(load(base))]
