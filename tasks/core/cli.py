@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import functools
 import os
+import tempfile
 from collections.abc import Callable
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 from invoke import Context, Task, task
@@ -15,9 +17,12 @@ from tasks.core.apply import execute
 from tasks.core.errors import DifyopsError
 from tasks.core.inventory import Inventory, load_inventory
 from tasks.core.lock import audit, deploy_lock
+from tasks.core.plan import TierPlan
 from tasks.core.project import inventory_path
+from tasks.core.render import write_tree
 from tasks.core.report import CHANGED, Report
 from tasks.core.tiers import Tier, build, select
+from tasks.core.validators import validate
 
 
 def load(ctx: Context, *, check_secrets: bool = True) -> Inventory:
@@ -48,6 +53,7 @@ def run_tiers(ctx: Context, tiers: list[Tier], *, dry: bool, only: str | None = 
     print(f"{action} {', '.join(t.name for t in chosen)} on inventory {inventory.name} "
           f"({len(inventory.hosts)} host(s), Dify {inventory.profile.version})", flush=True)
     plans = build(chosen, inventory)
+    refuse_invalid([plan for tier, plan in zip(chosen, plans, strict=True) if tier.validate])
     if dry:
         report = execute(plans, dry=True, timeouts=inventory.settings["timeouts"])
     else:
@@ -63,6 +69,23 @@ def run_tiers(ctx: Context, tiers: list[Tier], *, dry: bool, only: str | None = 
         raise Exit(f"error: {len(report.failed)} step(s) failed; see the summary above. "
                    f"Fix the cause and run the same command again: it resumes.", code=1)
     return report
+
+
+def refuse_invalid(plans: list[TierPlan]) -> None:
+    """Check the plans' rendered files with the real validators; raise before any host."""
+    if not plans:
+        return
+    with tempfile.TemporaryDirectory(prefix="difyops-validate.") as scratch:
+        write_tree(plans, Path(scratch))
+        verdicts = validate(Path(scratch))
+    for verdict in verdicts:
+        if verdict.status != "failed":
+            print(f"  {verdict}", flush=True)
+    failed = [verdict for verdict in verdicts if verdict.status == "failed"]
+    if failed:
+        raise DifyopsError("rendered files fail validation; no host was touched:\n"
+                           + "\n".join(f"  {verdict}" for verdict in failed)
+                           + "\n    fix: correct the inventory setting or template named above")
 
 
 def deploy_task(tier: Tier) -> Task:

@@ -8,7 +8,9 @@ PostgreSQL running out of connections.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Iterator
+from pathlib import Path
 
 from tasks.core import netplan
 from tasks.core.errors import Problem
@@ -17,6 +19,7 @@ from tasks.core.profiles import version_key
 from tasks.core.project import display
 
 Rule = Callable[[Inventory, str], Iterator[Problem]]
+SQL_NAME = re.compile(r"^[a-z_][a-z0-9_]{0,62}$")
 
 
 def check(inventory: Inventory) -> list[Problem]:
@@ -116,6 +119,16 @@ def vector_store(inventory: Inventory, shown: str) -> Iterator[Problem]:
         yield Problem(shown, "vector.store", f"unknown vector store {vector['store']!r}",
                       "use weaviate or pgvector")
         return
+    if vector["store"] == "pgvector" and len(inventory.with_role("vector")) > 1:
+        yield Problem(shown, "hosts[*].roles",
+                      f"{len(inventory.with_role('vector'))} hosts have role 'vector' with "
+                      f"vector.store pgvector: pgvector lives in one PostgreSQL",
+                      "keep 'vector' on one host (its own PostgreSQL), or on none (the db "
+                      "primary's PostgreSQL)")
+    for key in ("pgvector_database", "pgvector_user"):
+        if not SQL_NAME.match(vector[key]):
+            yield Problem(shown, f"vector.{key}", f"{vector[key]!r} is not a plain SQL name",
+                          "use lower-case letters, digits and underscores, e.g. dify_vector")
     if vector["store"] != "weaviate":
         return
     nodes = inventory.with_role("vector")
@@ -216,6 +229,41 @@ def tls_settings(inventory: Inventory, shown: str) -> Iterator[Problem]:
                           "set domain to the name that resolves to the load balancer")
 
 
+PROMETHEUS_DURATION = re.compile(r"^(\d+(ms|s|m|h|d|w|y))+$")
+MONITOR_DURATIONS = ("retention", "scrape_interval", "evaluation_interval", "down_for",
+                     "group_wait", "repeat_interval", "backup_max_age")
+
+
+def monitor_settings(inventory: Inventory, shown: str) -> Iterator[Problem]:
+    """Durations Prometheus and Alertmanager can parse, a known webhook format, sane limits."""
+    monitor = inventory.settings["monitor"]
+    for key in MONITOR_DURATIONS:
+        if not PROMETHEUS_DURATION.match(str(monitor[key])):
+            yield Problem(shown, f"monitor.{key}", f"{monitor[key]!r} is not a duration",
+                          "write a number and a unit, e.g. 30s, 5m, 26h, 15d")
+    if monitor["webhook_format"] not in ("alertmanager", "slack"):
+        yield Problem(shown, "monitor.webhook_format",
+                      f"unknown webhook format {monitor['webhook_format']!r}",
+                      "use alertmanager or slack")
+    elif monitor["webhook_format"] == "slack" and not monitor["alert_webhook"]:
+        yield Problem(shown, "monitor.alert_webhook", "required when webhook_format is slack",
+                      "set monitor.alert_webhook to the incoming webhook's URL")
+    if monitor["extra_rules"] and not extra_rules_path(inventory).is_file():
+        yield Problem(shown, "monitor.extra_rules",
+                      f"no such file: {extra_rules_path(inventory)}",
+                      "give the path of a Prometheus rule file on this machine, or leave it empty")
+    for key in ("cpu_percent", "memory_percent", "disk_free_percent", "nginx_5xx_percent"):
+        if not 0 < monitor[key] < 100:
+            yield Problem(shown, f"monitor.{key}", f"{monitor[key]} is not a percentage",
+                          "use a number between 1 and 99")
+
+
+def extra_rules_path(inventory: Inventory) -> Path:
+    """The operator's own rule file: absolute, or relative to the inventory file."""
+    path = Path(inventory.settings["monitor"]["extra_rules"]).expanduser()
+    return path if path.is_absolute() else inventory.file.parent / path
+
+
 def weaviate_version(inventory: Inventory) -> str:
     """The Weaviate version in use: the inventory's, else the one in the profile's image."""
     chosen = inventory.settings["vector"]["weaviate_version"]
@@ -228,4 +276,5 @@ def index_of(inventory: Inventory, name: str) -> int:
 
 
 RULES: tuple[Rule, ...] = (role_presence, queue_coverage, broker_not_on_cluster, vector_store,
-                           shared_storage, connection_budget, tls_settings, netplan.check)
+                           shared_storage, connection_budget, tls_settings, monitor_settings,
+                           netplan.check)

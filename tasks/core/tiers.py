@@ -27,6 +27,9 @@ class Tier:
     steps: StepBuilder
     depends_on: tuple[str, ...] = ()
     serial: bool = False
+    # Run the offline validators (tasks/core/validators.py) on the tier's rendered files before
+    # any host is touched; a failure stops the deploy there.
+    validate: bool = False
 
     def plan(self, inventory: Inventory, renderer: Renderer | None = None) -> TierPlan:
         """The tier's plan for this inventory (no host is contacted)."""

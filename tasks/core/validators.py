@@ -1,7 +1,7 @@
 """Offline validators for rendered files: the real tools, run where they are installed.
 
 Each validator picks the rendered files it understands and checks them with the tool the host
-will use (nginx -t, docker compose config, promtool). A missing tool is reported as skipped,
+will use (nginx -t, docker compose config, promtool, amtool). A missing tool is reported as skipped,
 never as passed.
 """
 
@@ -115,24 +115,47 @@ def compose(root: Path) -> list[Verdict]:
 
 
 def promtool(root: Path) -> list[Verdict]:
-    """promtool check config / rules on rendered Prometheus files."""
-    files = hosts_files(root, lambda path: "/prometheus/" in path and path.endswith(".yml"))
-    if not files:
+    """promtool on rendered Prometheus files: `check config` on prometheus.yml (which checks the
+    rule files it names: relative names resolve beside it in the rendered tree, as on the host)
+    and `check rules` on rule files under a rules/ folder. Other files are not Prometheus'."""
+    configs = hosts_files(root, lambda path: "/prometheus/" in path
+                          and path.endswith("/prometheus.yml"))
+    rules = hosts_files(root, lambda path: "/prometheus/" in path and "/rules/" in path
+                        and path.endswith((".yml", ".yaml")))
+    checks = [("config", target, file) for target, file in configs] + \
+             [("rules", target, file) for target, file in rules]
+    if not checks:
         return []
     binary = shutil.which("promtool")
     if not binary:
-        return [Verdict("promtool", target, "skipped", "promtool is not installed")
-                for target, _ in files]
+        return [Verdict(f"promtool check {kind}", target, "skipped", "promtool is not installed")
+                for kind, target, _ in checks]
     verdicts = []
-    for target, file in files:
-        kind = "config" if file.name == "prometheus.yml" else "rules"
+    for kind, target, file in checks:
         passed, output = run_tool([binary, "check", kind, str(file)], cwd=file.parent)
         verdicts.append(Verdict(f"promtool check {kind}", target,
                                 "passed" if passed else "failed", "" if passed else output))
     return verdicts
 
 
-VALIDATORS: tuple[Validator, ...] = (nginx, compose, promtool)
+def amtool(root: Path) -> list[Verdict]:
+    """amtool check-config on rendered Alertmanager configurations."""
+    files = hosts_files(root, lambda path: path.endswith("/alertmanager.yml"))
+    if not files:
+        return []
+    binary = shutil.which("amtool")
+    if not binary:
+        return [Verdict("amtool check-config", target, "skipped", "amtool is not installed")
+                for target, _ in files]
+    verdicts = []
+    for target, file in files:
+        passed, output = run_tool([binary, "check-config", str(file)], cwd=file.parent)
+        verdicts.append(Verdict("amtool check-config", target,
+                                "passed" if passed else "failed", "" if passed else output))
+    return verdicts
+
+
+VALIDATORS: tuple[Validator, ...] = (nginx, compose, promtool, amtool)
 
 
 def validate(root: Path) -> list[Verdict]:

@@ -194,10 +194,10 @@ def _image_exists(client: docker.DockerClient, name: str) -> bool:
     return True
 
 
-def _base_fallback_tag(mirror: DebianMirror) -> str:
-    """Tag of the debootstrap-built base image for this mirror and recipe."""
-    inputs = _digest(BASE_RECIPE, SUITE, mirror.uri, ",".join(DEBOOTSTRAP_INCLUDE))
-    return f"{BASE_REPO}:{SUITE}-{inputs}"
+def _base_fallback_tag(mirror: DebianMirror, suite: str = SUITE) -> str:
+    """Tag of the debootstrap-built base image for this mirror, release and recipe."""
+    inputs = _digest(BASE_RECIPE, suite, mirror.uri, ",".join(DEBOOTSTRAP_INCLUDE))
+    return f"{BASE_REPO}:{suite}-{inputs}"
 
 
 def _try_pull(name: str, timeout: float = 90) -> bool:
@@ -215,8 +215,9 @@ def _try_pull(name: str, timeout: float = 90) -> bool:
     return True
 
 
-def _debootstrap_base(client: docker.DockerClient, mirror: DebianMirror, tag: str) -> None:
-    """Build a minimal bookworm root with debootstrap and import it as ``tag``."""
+def _debootstrap_base(client: docker.DockerClient, mirror: DebianMirror, tag: str,
+                      suite: str = SUITE) -> None:
+    """Build a minimal root of ``suite`` with debootstrap and import it as ``tag``."""
     debootstrap = shutil.which("debootstrap") or "/usr/sbin/debootstrap"
     if not Path(debootstrap).exists():
         raise LabError("debootstrap is not installed: run scripts/setup")
@@ -230,7 +231,7 @@ def _debootstrap_base(client: docker.DockerClient, mirror: DebianMirror, tag: st
             debootstrap,
             "--variant=minbase",
             f"--include={','.join(DEBOOTSTRAP_INCLUDE)}",
-            SUITE,
+            suite,
             str(root),
             mirror.uri,
         ]
@@ -260,13 +261,20 @@ def _debootstrap_base(client: docker.DockerClient, mirror: DebianMirror, tag: st
         shutil.rmtree(work, ignore_errors=True)
 
 
-def ensure_base_image(client: docker.DockerClient) -> str:
-    """Return the name of a bookworm base image present locally, pulling or building it."""
-    name = os.environ.get("DIFYOPS_BASE_IMAGE", "").strip() or DEFAULT_BASE_IMAGE
+def ensure_base_image(client: docker.DockerClient, suite: str = SUITE) -> str:
+    """Return the name of a base image of ``suite`` present locally, pulling or building it.
+
+    Another release than bookworm (e.g. trixie, for packages only it ships) is ``debian:<suite>``
+    or built with debootstrap from the same mirror.
+    """
+    if suite == SUITE:
+        name = os.environ.get("DIFYOPS_BASE_IMAGE", "").strip() or DEFAULT_BASE_IMAGE
+    else:
+        name = f"debian:{suite}"
     if _image_exists(client, name):
         return name
-    mirror = debian_mirror()
-    fallback = _base_fallback_tag(mirror) if mirror else None
+    mirror = _mirror_for(suite)
+    fallback = _base_fallback_tag(mirror, suite) if mirror else None
     if fallback and _image_exists(client, fallback):
         return fallback
     with _build_lock():
@@ -281,7 +289,7 @@ def ensure_base_image(client: docker.DockerClient) -> str:
                 f"base image {name} is not present, cannot be pulled, and this machine has no "
                 "Debian bookworm apt source to debootstrap one from"
             )
-        _debootstrap_base(client, mirror, fallback)
+        _debootstrap_base(client, mirror, fallback, suite)
     return fallback
 
 
@@ -301,11 +309,20 @@ def _host_build_inputs(base_id: str, mirror: DebianMirror | None) -> tuple[dict[
     return args, _digest(*parts)
 
 
-def ensure_host_image(client: docker.DockerClient) -> str:
-    """Return the tag of the systemd+sshd host image, building it once if missing."""
-    base = ensure_base_image(client)
+def _mirror_for(suite: str) -> DebianMirror | None:
+    """The machine's mirror, for ``suite``: bookworm as the machine uses it; another release
+    from the same mirror, its main suite only."""
+    mirror = debian_mirror()
+    if mirror is None or suite == SUITE:
+        return mirror
+    return DebianMirror(mirror.uri, (suite,), None)
+
+
+def ensure_host_image(client: docker.DockerClient, suite: str = SUITE) -> str:
+    """Return the tag of the systemd+sshd host image of ``suite``, building it once if missing."""
+    base = ensure_base_image(client, suite)
     base_id = client.images.get(base).id
-    args, inputs = _host_build_inputs(base_id, debian_mirror())
+    args, inputs = _host_build_inputs(base_id, _mirror_for(suite))
     tag = f"{HOST_REPO}:{inputs}"
     if _image_exists(client, tag):
         return tag
@@ -532,6 +549,7 @@ class Lab:
         self.key_file, self.public_key = make_key_pair(self.key_dir)
         self.hosts: dict[str, LabHost] = {}
         self.image: str | None = None
+        self.images: dict[str, str] = {}  # other releases than bookworm: suite -> host image
         self._network: Any = None
         self.timings: dict[str, float] = {}
 
@@ -554,17 +572,24 @@ class Lab:
                 self.network_name, driver="bridge", labels={LABEL: self.suffix}
             )
 
-    def _ensure_image(self) -> str:
-        """Build (once) and return the host image tag."""
+    def _ensure_image(self, suite: str = SUITE) -> str:
+        """Build (once) and return the host image tag (of another release when asked)."""
+        if suite != SUITE:
+            if suite not in self.images:
+                started = time.monotonic()
+                self.images[suite] = ensure_host_image(self.client, suite)
+                self.timings[f"images {suite}"] = time.monotonic() - started
+            return self.images[suite]
         if self.image is None:
             started = time.monotonic()
             self.image = ensure_host_image(self.client)
             self.timings["images"] = time.monotonic() - started
         return self.image
 
-    def _start_one(self, name: str, cap_add: tuple[str, ...] = ()) -> LabHost:
+    def _start_one(self, name: str, cap_add: tuple[str, ...] = (),
+                   suite: str = SUITE) -> LabHost:
         """Create and start one host container, then wait until it is ready."""
-        image = self._ensure_image()
+        image = self._ensure_image(suite)
         mount_mode, cgroupns = _cgroup_mode()
         container = (
             DockerContainer(image)
@@ -596,20 +621,22 @@ class Lab:
         host.wait_ready()
         return host
 
-    def start(self, names: list[str], cap_add: tuple[str, ...] = ()) -> list[LabHost]:
+    def start(self, names: list[str], cap_add: tuple[str, ...] = (),
+              suite: str = SUITE) -> list[LabHost]:
         """Start hosts ``names`` in parallel and wait until all are ready; return them in order.
 
         ``cap_add``: extra capabilities, e.g. ``("NET_ADMIN",)`` for hosts that get a firewall
         (nftables rules then apply to that host's own network namespace only).
+        ``suite``: the Debian release of the hosts (default bookworm; e.g. trixie).
         """
         clash = [n for n in names if n in self.hosts]
         if clash or len(set(names)) != len(names):
             raise LabError(f"host names already used in this lab: {clash or names}")
-        self._ensure_image()
+        self._ensure_image(suite)
         self._ensure_network()
         started = time.monotonic()
         with ThreadPoolExecutor(max_workers=max(1, len(names))) as pool:
-            futures = [pool.submit(self._start_one, n, tuple(cap_add)) for n in names]
+            futures = [pool.submit(self._start_one, n, tuple(cap_add), suite) for n in names]
             errors = []
             hosts = []
             for future in futures:
