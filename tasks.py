@@ -11,8 +11,8 @@ __path__ = [str(Path(__file__).resolve().parent / "tasks")]
 
 from invoke import Collection
 
-from tasks import app, cache, config, db, deploy, lb, vector
+from tasks import app, backup, cache, config, db, deploy, lb, vector
 
 ns = Collection()
-for module in (config, db, cache, vector, app, lb, deploy):
+for module in (config, db, cache, vector, app, lb, deploy, backup):
     ns.add_collection(Collection.from_module(module))
