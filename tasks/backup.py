@@ -20,8 +20,8 @@ def run(ctx: Context, skip_verify: bool = False) -> None:
     engine.backup_now(load(ctx), skip_verify=skip_verify)
 
 
-@task(positional=["backup_id"],
-      help={"backup_id": "the backup to verify (default: the newest; `inv backup.list`)"})
+# Invoke's positional arguments are always required: the optional id is a flag (-b ID).
+@task(help={"backup_id": "the backup to verify (default: the newest; `inv backup.list`)"})
 @reported
 def verify(ctx: Context, backup_id: str = "") -> None:
     """Check a backup's checksums and restore its dumps into scratch databases (row counts)."""

@@ -163,6 +163,11 @@ def run(inventory: Inventory, store: Store, out: Say = say) -> Backup:
         }
         write_json(folder / MANIFEST, manifest)
         final = store.finish(backup_id)
+    except DifyopsError as exc:
+        store.discard(backup_id)
+        raise BackupError(f"backup {backup_id} failed and was discarded (nothing that looks "
+                          f"like a backup was kept): {exc}. Fix the cause and run `inv "
+                          f"backup.run` again") from None
     except BaseException:
         store.discard(backup_id)
         raise
@@ -236,8 +241,9 @@ def dump_database(plan: Plan, folder: Path, database: str,
     item = Item(name, {"host": plan.primary.name, "address": plan.primary.address,
                        "database": database, "command": "pg_dump -Fc"},
                 encrypted=plan.encrypts(secret=False),
-                extra={"content": "pg_dump custom format", "plain_sha256": dump.transfer.sha256,
-                       "plain_size": dump.transfer.size})
+                extra={"content": "pg_dump custom format",
+                       **({"plain_sha256": dump.transfer.sha256, "plain_size": dump.transfer.size}
+                          if plan.encrypts(secret=False) else {})})
     facts = {"database": database, "file": name, "tables": dump.tables, "rows": rows,
              "alembic_revision": dump.alembic,
              "postgres": {"host": plan.primary.name, "server_version": dump.server_version,

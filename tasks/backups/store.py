@@ -198,6 +198,9 @@ class Store:
     def get(self, backup_id: str | None = None) -> Backup:
         """One backup by id; the newest when no id is given."""
         backups = self.backups()
+        if backup_id and self.partial_path(backup_id).exists():
+            raise StoreError(f"backup {backup_id} is incomplete (its run did not finish): "
+                             f"it cannot be used; `inv backup.prune` removes it")
         if not backups:
             raise StoreError(f"no backup in {self.directory}: run `inv backup.run` first")
         if not backup_id:
@@ -205,9 +208,6 @@ class Store:
         for backup in backups:
             if backup.id == backup_id:
                 return backup
-        if self.partial_path(backup_id).exists():
-            raise StoreError(f"backup {backup_id} is incomplete (its run did not finish): "
-                             f"it cannot be used; `inv backup.prune` removes it")
         recent = ", ".join(backup.id for backup in backups[-5:])
         raise StoreError(f"no backup {backup_id} in {self.directory}; the newest: {recent} "
                          f"(`inv backup.list` shows them all)")

@@ -255,6 +255,10 @@ def upload(machine: Machine, command: str, source: BinaryIO, timeout: float | No
 
 
 def last_line(text: str) -> str:
-    """The last non-empty line of a command's output, for messages."""
-    lines = [line for line in text.strip().splitlines() if line.strip()]
+    """The line of a command's output that says why it failed: the first error line
+    (`FATAL:`, `ERROR:`, `error:`), else the last line."""
+    lines = [line.strip() for line in text.strip().splitlines() if line.strip()]
+    for line in lines:
+        if any(mark in line for mark in ("FATAL:", "ERROR:", "error:")):
+            return line
     return lines[-1] if lines else "(no message)"
