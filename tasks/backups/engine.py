@@ -224,6 +224,7 @@ def dump_database(plan: Plan, folder: Path, database: str,
                   out: Say) -> tuple[Item, dict[str, Any]]:
     """pg_dump of one database on the primary, streamed into the backup with its row counts."""
     name = f"db/{database}.dump{plan.suffix(secret=False)}"
+    level = plan.inventory.settings["backup"]["dump_compression"]
     machine = plan.connect(plan.primary)
     clock = time.monotonic()
     try:
@@ -231,7 +232,7 @@ def dump_database(plan: Plan, folder: Path, database: str,
                                     plan.inventory.secrets["DB_PASSWORD"]) as pgpass, \
                 crypto.writer(folder / name, plan.key(secret=False)) as sink:
             dump = postgres.dump(machine, database, plan.port, pgpass, sink,
-                                 plan.timeouts["command"])
+                                 plan.timeouts["command"], level)
         tool = postgres.pg_dump_version(machine)
     finally:
         machine.close()
@@ -239,7 +240,7 @@ def dump_database(plan: Plan, folder: Path, database: str,
     out(f"  {database}: pg_dump -Fc on {plan.primary.name}, {len(dump.tables)} tables, {rows} "
         f"rows, {megabytes(dump.transfer.size)} in {time.monotonic() - clock:.1f} s")
     item = Item(name, {"host": plan.primary.name, "address": plan.primary.address,
-                       "database": database, "command": "pg_dump -Fc"},
+                       "database": database, "command": f"pg_dump -Fc -Z {level}"},
                 encrypted=plan.encrypts(secret=False),
                 extra={"content": "pg_dump custom format",
                        **({"plain_sha256": dump.transfer.sha256, "plain_size": dump.transfer.size}

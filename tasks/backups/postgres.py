@@ -103,7 +103,7 @@ def parse_counts(output: str) -> tuple[dict[str, str], dict[str, int]]:
 
 
 def dump(machine: Machine, database: str, port: int, pgpass: str, sink: BinaryIO,
-         timeout: float | None = None) -> Dump:
+         timeout: float | None = None, compression: int = 1) -> Dump:
     """pg_dump -Fc of one database into sink, with the row counts of the same snapshot."""
     holder = open_session(machine, client("psql -X -q -A -t -v ON_ERROR_STOP=1", pgpass, port,
                                           database), timeout)
@@ -121,8 +121,8 @@ def dump(machine: Machine, database: str, port: int, pgpass: str, sink: BinaryIO
             raise HostError(f"cannot read {database} on {machine.host.target}: "
                             f"{reason}") from None
         values, tables = parse_counts(output)
-        transfer = download(machine, client(f"pg_dump -Fc --snapshot={values['SNAPSHOT']}",
-                                            pgpass, port, database), sink, timeout)
+        program = f"pg_dump -Fc -Z {compression} --snapshot={values['SNAPSHOT']}"
+        transfer = download(machine, client(program, pgpass, port, database), sink, timeout)
         holder.write(b"COMMIT;\n")
         holder.close_stdin()
         while holder.read():

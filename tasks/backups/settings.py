@@ -28,6 +28,10 @@ def problems(inventory: Inventory) -> list[Problem]:
         if backup[key] < 0:
             found.append(Problem(shown, f"backup.{key}", f"{backup[key]} is negative",
                                  "use 0 (none of that kind) or a positive count"))
+    if not 0 <= backup["dump_compression"] <= 9:
+        found.append(Problem(shown, "backup.dump_compression",
+                             f"{backup['dump_compression']} is not a level from 0 to 9",
+                             "use 0 (none) to 9 (smallest, slowest); 1 is the default"))
     if backup["encrypt"] not in ENCRYPT_MODES:
         found.append(Problem(shown, "backup.encrypt", f"unknown mode {backup['encrypt']!r}",
                              f"use one of: {', '.join(ENCRYPT_MODES)}"))

@@ -243,6 +243,26 @@ def test_restore_refuses_another_dify_version(env: Env) -> None:
     assert "restore" not in refused.stdout  # nothing was stopped or touched
 
 
+def test_another_secret_key_needs_config_restore(env: Env) -> None:
+    """A deployment whose SECRET_KEY differs cannot decrypt the backup's credentials: refused,
+    unless --config puts the backup's secrets file and rendered files back."""
+    backup_id = env.ids()[-1]
+    original = env.secrets.read_text()
+    env.secrets.write_text(original.replace(f"SECRET_KEY={env.secret('SECRET_KEY')}",
+                                            "SECRET_KEY=sk-a-new-key-after-a-rebuild-0123456789"))
+    env.app.exec("echo 'DB_PASSWORD=edited' > /opt/dify/.env")
+    refused = env.inv("backup.restore", backup_id)
+    assert refused.returncode == 1 and "another SECRET_KEY" in refused.stderr
+    restored = ok(env.inv("backup.restore", backup_id, "--config"))
+    assert env.secrets.read_text() == original
+    assert env.secrets.stat().st_mode & 0o777 == 0o600
+    aside = env.folder / f"bk.env.before-{backup_id}"
+    assert "sk-a-new-key-after-a-rebuild" in aside.read_text()
+    assert "bk-app: /opt/dify/.env restored" in restored.stdout
+    _, out = env.app.exec("cat /opt/dify/.env; stat -c %a /opt/dify/.env")
+    assert out.split() == [f"DB_PASSWORD={env.secret('DB_PASSWORD')}", "600"]
+
+
 def test_a_damaged_file_fails_verify(env: Env) -> None:
     ok(env.inv("backup.run", "--skip-verify"))
     backup_id = env.ids()[-1]

@@ -33,10 +33,11 @@ def test_defaults_are_valid(load: Callable[..., Inventory], base: dict) -> None:
 
 def test_bad_settings_are_named(load: Callable[..., Inventory], base: dict) -> None:
     base["backup"] = {"dir": "backups", "keep_daily": -1, "encrypt": "yes", "time": "3am",
-                      "verify_host": "db9", "copy": {"type": "ftp"}}
+                      "verify_host": "db9", "copy": {"type": "ftp"}, "dump_compression": 12}
     assert messages(load(base)) == [
         "backup.dir: 'backups' is not an absolute path",
         "backup.keep_daily: -1 is negative",
+        "backup.dump_compression: 12 is not a level from 0 to 9",
         "backup.encrypt: unknown mode 'yes'",
         "backup.time: '3am' is not HH:MM",
         "backup.verify_host: no host named 'db9'",
