@@ -171,8 +171,10 @@ def main() -> None:
         ours_restore, _ = timed(lambda: bench.inv("backup.restore", backup_id))
 
         width = 34
+        load = os.getloadavg()[0]
         print(f"database: {rows} rows in dify.messages, {size / 1e9:.2f} GB on disk "
-              f"(encrypt: {options.encrypt})")
+              f"(encrypt: {options.encrypt}); {os.cpu_count()} CPUs, load average {load:.1f} "
+              f"at the end")
         print(f"{'':{width}}{'difyops':>12}{'seed':>12}{'ratio':>9}")
         print(f"{'backup time (s)':{width}}{ours_backup:>12.1f}{seed_dump:>12.1f}"
               f"{ours_backup / seed_dump:>9.2f}")
