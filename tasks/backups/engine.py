@@ -519,6 +519,8 @@ def restore(inventory: Inventory, backup: Backup, *, force: bool = False,
     if problems:
         raise BackupError(f"backup {backup.id} is damaged, nothing was restored: "
                           + "; ".join(problems))
+    for entry in manifest.get("files", []):
+        passphrase_for(inventory, entry)  # an encrypted backup without its passphrase: refused
     config = read_config(inventory, backup)
     if secret_key_differs(inventory, config) and not (with_config or force):
         raise BackupError(

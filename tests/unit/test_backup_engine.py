@@ -262,6 +262,23 @@ def test_restore_refuses_another_secret_key_unless_told(load, base, tmp_path,
     assert hosts_log == {"__answers__": {}}
 
 
+def test_restore_refuses_an_encrypted_backup_without_passphrase(load, base, tmp_path,
+                                                                hosts_log) -> None:
+    base["backup"] = {"dir": str(tmp_path / "backups")}
+    values = good_secrets()
+    del values["BACKUP_PASSPHRASE"]
+    inventory = load(base, values)
+    folder = make_backup(engine.store_of(inventory))
+    manifest = engine.store_of(inventory).get().manifest
+    manifest["files"][0]["encrypted"] = True
+    write_json(folder / MANIFEST, manifest)
+    with pytest.raises(engine.BackupError, match=r"db/dify.dump is encrypted and "
+                                                 r"BACKUP_PASSPHRASE is not in"):
+        engine.restore_one(inventory, "20250101T030000Z", force=True, with_config=False,
+                           out=lambda text: None)
+    assert hosts_log == {"__answers__": {}}
+
+
 def test_app_is_stopped_where_it_runs_and_started_even_when_the_restore_fails(
         load, base, tmp_path, hosts_log) -> None:
     inventory = restore_inventory(load, base, tmp_path)
