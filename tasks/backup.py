@@ -3,13 +3,10 @@
 from __future__ import annotations
 
 from invoke import Context, task
-from invoke.exceptions import Exit
 
-from tasks.backups import engine, settings
+from tasks.backups import engine
 from tasks.backups import schedule as timer
-from tasks.core.apply import execute
 from tasks.core.cli import load, reported
-from tasks.core.hosts import connect
 
 
 @task(help={"skip_verify": "do not restore the new backup into scratch databases afterwards "
@@ -59,24 +56,4 @@ def prune(ctx: Context, dry: bool = False) -> None:
 @reported
 def schedule_task(ctx: Context, dry: bool = False, cron: bool = False, host: str = "") -> None:
     """Run `inv backup.run` daily at backup.time: systemd timer, else a cron line."""
-    inventory = load(ctx)
-    settings.check(inventory)
-    target = timer.target(inventory, host)
-    machine = connect(target, inventory.settings["timeouts"])
-    try:
-        use_cron = cron or not timer.has_systemd(machine)
-        if use_cron and not timer.has_cron(machine):
-            raise Exit(f"error: {target.target} runs neither systemd nor a cron with "
-                       f"{timer.CRON_DIR}: add this line to root's crontab (`crontab -e`):\n"
-                       f"{timer.cron_line(inventory)}\nthen run `inv backup.schedule` again "
-                       f"to install the script it calls", code=1)
-    finally:
-        machine.close()
-    kind = "cron line" if use_cron else "systemd timer"
-    print(f"{'dry run of' if dry else 'installing'} the {kind} {timer.unit_name(inventory)} on "
-          f"{target.target}: daily at {inventory.settings['backup']['time']}", flush=True)
-    report = execute(timer.plan(inventory, target, cron=use_cron), dry=dry,
-                     timeouts=inventory.settings["timeouts"])
-    if report.failed:
-        raise Exit("error: the schedule was not installed completely; see the summary above, "
-                   "fix the cause and run the same command again", code=1)
+    timer.install(load(ctx), host_name=host, dry=dry, cron=cron)

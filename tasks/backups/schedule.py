@@ -13,11 +13,15 @@ import shlex
 import sys
 from typing import Any
 
-from tasks.core.hosts import Machine
+from tasks.backups import settings
+from tasks.core.apply import execute
+from tasks.core.errors import DifyopsError
+from tasks.core.hosts import Machine, connect
 from tasks.core.inventory import Host, Inventory
 from tasks.core.plan import HostPlan, RunCommand, Step, TierPlan, WriteFile
 from tasks.core.project import ROOT
 from tasks.core.render import Renderer
+from tasks.core.report import Report
 
 UNIT_DIR = "/etc/systemd/system"
 CRON_DIR = "/etc/cron.d"
@@ -41,8 +45,9 @@ def has_systemd(machine: Machine) -> bool:
 
 
 def has_cron(machine: Machine) -> bool:
-    """Whether a cron daemon reads /etc/cron.d there."""
-    return machine.run(f"test -d {CRON_DIR}", sudo=False).ok
+    """Whether a cron daemon that reads /etc/cron.d is installed there."""
+    return machine.run(f"test -d {CRON_DIR} && {{ command -v cron || command -v crond; }} "
+                       f">/dev/null", sudo=False).ok
 
 
 def context(inventory: Inventory) -> dict[str, Any]:
@@ -70,7 +75,8 @@ def cron_line(inventory: Inventory) -> str:
     return f"{int(values['minute'])} {int(values['hour'])} * * * {values['wrapper']}"
 
 
-def steps(inventory: Inventory, renderer: Renderer, host: Host, *, cron: bool) -> list[Step]:
+def steps(inventory: Inventory, renderer: Renderer, host: Host, *, cron: bool,
+          wrapper_only: bool = False) -> list[Step]:
     """The wrapper, then the timer and service (systemd) or the /etc/cron.d file (cron)."""
     values = context(inventory)
     name = values["name"]
@@ -82,6 +88,8 @@ def steps(inventory: Inventory, renderer: Renderer, host: Host, *, cron: bool) -
                                                      **values), mode=0o700, secret=True),
     ]
     quoted = shlex.quote(f"{name}.timer")
+    if wrapper_only:
+        return plan
     if cron:
         return [
             *plan,
@@ -104,7 +112,35 @@ def steps(inventory: Inventory, renderer: Renderer, host: Host, *, cron: bool) -
     ]
 
 
-def plan(inventory: Inventory, host: Host, *, cron: bool) -> list[TierPlan]:
+def plan(inventory: Inventory, host: Host, *, cron: bool,
+         wrapper_only: bool = False) -> list[TierPlan]:
     """The schedule as a one-host plan for the executor."""
     return [TierPlan("backup", [HostPlan(host, steps(inventory, Renderer(inventory), host,
-                                                     cron=cron))])]
+                                                     cron=cron, wrapper_only=wrapper_only))])]
+
+
+def install(inventory: Inventory, *, host_name: str = "", dry: bool = False,
+            cron: bool = False) -> Report:
+    """backup.schedule: the timer (or cron line) and its script, through the executor."""
+    settings.check(inventory)
+    host = target(inventory, host_name)
+    machine = connect(host, inventory.settings["timeouts"])
+    try:
+        use_cron = cron or not has_systemd(machine)
+        nothing_runs_it = use_cron and not has_cron(machine)
+    finally:
+        machine.close()
+    kind = "script only" if nothing_runs_it else "cron line" if use_cron else "systemd timer"
+    print(f"{'dry run of' if dry else 'installing'} the {kind} {unit_name(inventory)} on "
+          f"{host.target}: daily at {inventory.settings['backup']['time']}", flush=True)
+    report = execute(plan(inventory, host, cron=use_cron, wrapper_only=nothing_runs_it),
+                     dry=dry, timeouts=inventory.settings["timeouts"])
+    if report.failed:
+        raise DifyopsError("the schedule was not installed completely; see the summary above, "
+                           "fix the cause and run the same command again")
+    if nothing_runs_it:
+        raise DifyopsError(f"{host.target} runs neither systemd nor cron, so nothing runs the "
+                           f"backup yet: install cron (Debian package cron) and run `inv "
+                           f"backup.schedule` again, or have your scheduler run this daily "
+                           f"(crontab form):\n{cron_line(inventory)}")
+    return report

@@ -110,6 +110,15 @@ def test_schedule_applies_once_then_changes_nothing(load: Callable[..., Inventor
                                  "systemctl restart")) for c in machine.commands)
 
 
+def test_without_cron_or_systemd_only_the_script(load: Callable[..., Inventory],
+                                                 base: dict) -> None:
+    steps = schedule.steps(load(base), Renderer(load(base)), schedule.CONTROL, cron=True,
+                           wrapper_only=True)
+    assert [s.path for s in steps if isinstance(s, WriteFile)] == [
+        "/usr/local/sbin/difyops-backup-unit"]
+    assert len(steps) == 1
+
+
 def test_switching_to_cron_disables_the_timer(load: Callable[..., Inventory],
                                               base: dict) -> None:
     steps = schedule.steps(load(base), Renderer(load(base)), schedule.CONTROL, cron=True)
