@@ -14,7 +14,8 @@ primary key and an index), then measures, from this machine (the control machine
 Both run on the same machine and disk; the seed's file stays on the db host while difyops
 streams to the control machine. Other work on the machine shifts the figures: compare ratios.
 
-Run: python benchmarks/backup.py [--size-gb 1.0] [--encrypt none|secrets|all] [--keep]
+Run: python benchmarks/backup.py [--size-gb 1.0] [--compression 0-9] [--encrypt none|secrets|all]
+     [--keep]
 """
 
 from __future__ import annotations
@@ -56,12 +57,14 @@ ROWS_PER_BATCH = 200_000
 class Bench:
     """The lab hosts, the inventory and the commands the benchmark runs."""
 
-    def __init__(self, folder: Path, db: LabHost, app: LabHost, encrypt: str) -> None:
+    def __init__(self, folder: Path, db: LabHost, app: LabHost, encrypt: str,
+                 compression: int) -> None:
         self.folder, self.db, self.app = folder, db, app
         self.secrets = folder / "bench.env"
         self.backups = folder / "backups"
         data = {"name": "bench", "cache": {"mode": "standalone"}, "vector": {"store": "pgvector"},
-                "backup": {"dir": str(self.backups), "encrypt": encrypt},
+                "backup": {"dir": str(self.backups), "encrypt": encrypt,
+                           "dump_compression": compression},
                 "hosts": [db.inventory_entry(["db_primary", "cache"]),
                           app.inventory_entry(["api", "worker", "beat", "web", "plugin_daemon",
                                                "lb"])]}
@@ -129,6 +132,8 @@ def main() -> None:
                         help="size of the generated dify database (default 1.0)")
     parser.add_argument("--encrypt", choices=("none", "secrets", "all"), default="none",
                         help="backup.encrypt for the difyops run (default none)")
+    parser.add_argument("--compression", type=int, default=1,
+                        help="backup.dump_compression, pg_dump -Z for difyops (default 1)")
     parser.add_argument("--keep", action="store_true",
                         help="keep the lab hosts and files afterwards (for a look)")
     options = parser.parse_args()
@@ -136,7 +141,7 @@ def main() -> None:
     folder = Path(tempfile.mkdtemp(prefix="difyops-bench-backup-"))
     try:
         db, app = lab.start(["bench-db", "bench-app"])
-        bench = Bench(folder, db, app, options.encrypt)
+        bench = Bench(folder, db, app, options.encrypt, options.compression)
         bench.inv("config.secrets")
         print("deploying PostgreSQL with inv db.deploy ...", flush=True)
         bench.inv("db.deploy")
@@ -173,8 +178,8 @@ def main() -> None:
         width = 34
         load = os.getloadavg()[0]
         print(f"database: {rows} rows in dify.messages, {size / 1e9:.2f} GB on disk "
-              f"(encrypt: {options.encrypt}); {os.cpu_count()} CPUs, load average {load:.1f} "
-              f"at the end")
+              f"(pg_dump -Z {options.compression}, encrypt: {options.encrypt}); "
+              f"{os.cpu_count()} CPUs, load average {load:.1f} at the end")
         print(f"{'':{width}}{'difyops':>12}{'seed':>12}{'ratio':>9}")
         print(f"{'backup time (s)':{width}}{ours_backup:>12.1f}{seed_dump:>12.1f}"
               f"{ours_backup / seed_dump:>9.2f}")
