@@ -75,6 +75,14 @@ SPECS: tuple[SecretSpec, ...] = (
                lambda inv: inv.settings["storage"]["type"] == "s3", generated=False),
     SecretSpec("S3_SECRET_KEY", "the S3-compatible storage",
                lambda inv: inv.settings["storage"]["type"] == "s3", generated=False),
+    # Not generated: the operator keeps a copy outside the control machine, or the encrypted
+    # secrets in a backup cannot be read after losing that machine.
+    SecretSpec("BACKUP_PASSPHRASE", "encrypts backups (keep a copy away from this machine)",
+               lambda inv: inv.settings["backup"]["encrypt"] != "none", generated=False),
+    SecretSpec("BACKUP_S3_ACCESS_KEY", "the bucket that receives backup copies",
+               lambda inv: inv.settings["backup"]["copy"]["type"] == "s3", generated=False),
+    SecretSpec("BACKUP_S3_SECRET_KEY", "the bucket that receives backup copies",
+               lambda inv: inv.settings["backup"]["copy"]["type"] == "s3", generated=False),
 )
 
 

@@ -1,0 +1,108 @@
+"""The inventory's `backup:` settings, checked before any host is touched."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+from tasks.core.errors import InputError, Problem
+from tasks.core.inventory import Host, Inventory
+from tasks.core.project import display
+
+ENCRYPT_MODES = ("none", "secrets", "all")
+COPY_TYPES = ("none", "ssh", "s3")
+TIME = re.compile(r"^([01]\d|2[0-3]):([0-5]\d)$")
+MIN_PASSPHRASE = 16
+
+
+def problems(inventory: Inventory) -> list[Problem]:
+    """Every problem with the backup settings, in a stable order."""
+    shown = display(inventory.file)
+    backup = inventory.settings["backup"]
+    found: list[Problem] = []
+    if not Path(backup["dir"]).is_absolute():
+        found.append(Problem(shown, "backup.dir", f"{backup['dir']!r} is not an absolute path",
+                             "use an absolute path on the control machine, e.g. "
+                             "/var/backups/dify"))
+    for key in ("keep_last", "keep_daily", "keep_weekly", "keep_monthly"):
+        if backup[key] < 0:
+            found.append(Problem(shown, f"backup.{key}", f"{backup[key]} is negative",
+                                 "use 0 (none of that kind) or a positive count"))
+    if not 0 <= backup["dump_compression"] <= 9:
+        found.append(Problem(shown, "backup.dump_compression",
+                             f"{backup['dump_compression']} is not a level from 0 to 9",
+                             "use 0 (none) to 9 (smallest, slowest); 1 is the default"))
+    if backup["encrypt"] not in ENCRYPT_MODES:
+        found.append(Problem(shown, "backup.encrypt", f"unknown mode {backup['encrypt']!r}",
+                             f"use one of: {', '.join(ENCRYPT_MODES)}"))
+    elif backup["encrypt"] != "none":
+        passphrase = inventory.secrets.get("BACKUP_PASSPHRASE", "")
+        if passphrase and len(passphrase) < MIN_PASSPHRASE:
+            found.append(Problem(display(inventory.secrets_file), "BACKUP_PASSPHRASE",
+                                 f"shorter than {MIN_PASSPHRASE} characters",
+                                 "set a longer passphrase (and keep a copy away from this "
+                                 "machine)"))
+    if not TIME.match(backup["time"]):
+        found.append(Problem(shown, "backup.time", f"{backup['time']!r} is not HH:MM",
+                             "write the daily time as two-digit hours and minutes, e.g. 03:00"))
+    if backup["verify_host"]:
+        names = [host.name for host in inventory.hosts]
+        if backup["verify_host"] not in names:
+            found.append(Problem(shown, "backup.verify_host",
+                                 f"no host named {backup['verify_host']!r}",
+                                 f"use one of: {', '.join(names)} (or leave it empty for the "
+                                 f"db primary)"))
+        elif inventory.host(backup["verify_host"]).has("db_replica"):
+            found.append(Problem(shown, "backup.verify_host",
+                                 f"{backup['verify_host']} is a read-only replica: it cannot "
+                                 f"create scratch databases",
+                                 "use the db primary (leave it empty) or another host with "
+                                 "PostgreSQL"))
+    found.extend(copy_problems(inventory, shown))
+    return found
+
+
+def copy_problems(inventory: Inventory, shown: str) -> list[Problem]:
+    """The second place: a known type with the fields it needs."""
+    copy = inventory.settings["backup"]["copy"]
+    if copy["type"] not in COPY_TYPES:
+        return [Problem(shown, "backup.copy.type", f"unknown type {copy['type']!r}",
+                        f"use one of: {', '.join(COPY_TYPES)}")]
+    needed = {"none": (), "ssh": ("address", "path"), "s3": ("s3_endpoint", "s3_bucket")}
+    found = [Problem(shown, f"backup.copy.{key}", f"required when backup.copy.type is "
+                     f"{copy['type']}", f"set backup.copy.{key}")
+             for key in needed[copy["type"]] if not copy[key]]
+    if copy["type"] == "ssh" and copy["path"] and not copy["path"].startswith("/"):
+        found.append(Problem(shown, "backup.copy.path", f"{copy['path']!r} is not absolute",
+                             "use an absolute directory on the copy host"))
+    return found
+
+
+def check(inventory: Inventory) -> None:
+    """Raise InputError when the backup settings have problems."""
+    found = problems(inventory)
+    if found:
+        raise InputError(found)
+
+
+def db_primary(inventory: Inventory) -> Host:
+    """The host whose databases are dumped and restored."""
+    primaries = inventory.with_role("db_primary")
+    if not primaries:
+        raise InputError([Problem(display(inventory.file), "hosts[*].roles",
+                                  "no host has the role 'db_primary': nothing to back up",
+                                  "give the PostgreSQL primary the role 'db_primary'")])
+    return primaries[0]
+
+
+def verify_host(inventory: Inventory) -> Host:
+    """Where scratch restores run: backup.verify_host, else the db primary."""
+    name = inventory.settings["backup"]["verify_host"]
+    return inventory.host(name) if name else db_primary(inventory)
+
+
+def passphrase(inventory: Inventory) -> str | None:
+    """The passphrase when backups are encrypted, else None."""
+    if inventory.settings["backup"]["encrypt"] == "none":
+        return None
+    return inventory.secrets["BACKUP_PASSPHRASE"]
