@@ -187,7 +187,8 @@ def nginx_exporters(renderer: Renderer, host: Host, extra: dict[str, Any]) -> li
     scrape = f"http://127.0.0.1:{NGINX_STATUS_PORT}/stub_status"
     nginx_defaults = (f'ARGS="-nginx.scrape-uri={scrape} '
                       f'-web.listen-address={endpoint(host.address, PORTS["nginx"])}"\n')
-    mtail_defaults = (f"LOGS=/var/log/nginx/access.log\nHOST={host.address}\n"
+    # Both nginx's own log and the Dify site's (nginx/dify.conf.j2); mtail expands the glob.
+    mtail_defaults = (f"LOGS=/var/log/nginx/*access.log\nHOST={host.address}\n"
                       f"PORT={PORTS['nginx-log']}\n")
     return [
         WriteFile(status_conf, renderer.render("config/prometheus/nginx-status.conf.j2", host,

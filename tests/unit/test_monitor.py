@@ -138,7 +138,7 @@ def test_redis_and_nginx_exporters_on_their_tiers(load, base) -> None:
     assert f"-nginx.scrape-uri=http://127.0.0.1:{tier.NGINX_STATUS_PORT}/stub_status" in \
         nginx_args and "-web.listen-address=10.0.1.10:9113" in nginx_args
     assert defaults(lb["/etc/default/mtail"].content) == {
-        "LOGS": "/var/log/nginx/access.log", "HOST": "10.0.1.10", "PORT": "3903"}
+        "LOGS": "/var/log/nginx/*access.log", "HOST": "10.0.1.10", "PORT": "3903"}
     assert "counter dify_nginx_http_responses_total by status_class" in \
         lb["/etc/mtail/dify-nginx.mtail"].content
     reload = next(s for s in plans["lb1"] if isinstance(s, RunCommand)
