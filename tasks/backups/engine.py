@@ -664,7 +664,28 @@ def backup_now(inventory: Inventory, *, skip_verify: bool = False, out: Say = sa
     if problems:
         raise BackupError(f"backup {backup.id} is complete in {display(backup.path)}, but: "
                           + "; ".join(problems))
+    record_success(inventory, out)
     return backup
+
+
+# Read by the monitor host's node exporter (textfile collector): the BackupTooOld and
+# BackupNeverSucceeded alerts watch this metric.
+SUCCESS_METRIC = "/var/lib/prometheus/node-exporter/dify_backup.prom"
+
+
+def record_success(inventory: Inventory, out: Say = say) -> None:
+    """Tell monitoring when the last complete backup finished (a failure here is a warning)."""
+    text = ("# HELP dify_backup_last_success_timestamp_seconds End of the last complete backup.\n"
+            "# TYPE dify_backup_last_success_timestamp_seconds gauge\n"
+            f"dify_backup_last_success_timestamp_seconds {int(time.time())}\n").encode()
+    for monitor in inventory.with_role("monitor"):
+        machine = connect(monitor, inventory.settings["timeouts"])
+        try:
+            machine.install_file(SUCCESS_METRIC, text)
+        except DifyopsError as exc:
+            out(f"warning: could not record the backup's success on {monitor.name}: {exc}")
+        finally:
+            machine.close()
 
 
 def verify_one(inventory: Inventory, backup_id: str | None, out: Say = say) -> Backup:

@@ -343,3 +343,20 @@ def test_s3_failure_says_which_command(load, base, tmp_path) -> None:
 
     with pytest.raises(copy.CopyError, match="aws s3 rm failed: upload failed: AccessDenied"):
         copy.aws(inventory, ["s3", "rm", "s3://b/x"], runner)
+
+
+def test_success_is_recorded_for_the_monitor_hosts(load, base, monkeypatch) -> None:
+    from tasks.backups import engine as backup_engine
+    from tests.unit.fakes import FakeMachine
+
+    machines: dict[str, FakeMachine] = {}
+
+    def fake_connect(host, timeouts=None):
+        return machines.setdefault(host.name, FakeMachine(host))
+
+    monkeypatch.setattr(backup_engine, "connect", fake_connect)
+    monkeypatch.setattr(backup_engine.time, "time", lambda: 1767225600.5)
+    backup_engine.record_success(load(base), out=lambda text: None)
+    assert list(machines) == ["monitor1"]
+    content = machines["monitor1"].files[backup_engine.SUCCESS_METRIC][0].decode()
+    assert content.endswith("dify_backup_last_success_timestamp_seconds 1767225600\n")
