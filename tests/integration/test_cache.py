@@ -10,7 +10,7 @@ import os
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -58,6 +58,15 @@ def until(check: Callable[[], bool], timeout: float, what: str) -> float:
     return time.monotonic() - started
 
 
+def release(lab: Lab, hosts: dict[str, LabHost]) -> None:
+    """Remove this module's hosts when it is done (kept with DIFYOPS_KEEP_LAB=1)."""
+    if os.environ.get("DIFYOPS_KEEP_LAB", "").lower() in ("1", "true", "yes", "on"):
+        return
+    for name, host in hosts.items():
+        host.remove()
+        lab.hosts.pop(name, None)
+
+
 def summary_columns(output: str) -> list[str]:
     return output.split("summary:")[1].strip().splitlines()[0].split()
 
@@ -77,11 +86,13 @@ def make_lab(lab: Lab, folder: Path, mode: str, roles: dict[str, list[str]]) -> 
 
 
 @pytest.fixture(scope="module")
-def sentinel(lab: Lab, tmp_path_factory: pytest.TempPathFactory) -> CacheLab:
+def sentinel(lab: Lab, tmp_path_factory: pytest.TempPathFactory) -> Iterator[CacheLab]:
     # db_primary and dev_backend only satisfy the inventory rules: no db or app tier runs here.
-    return make_lab(lab, tmp_path_factory.mktemp("sentinel"), "sentinel",
-                    {"r1": ["cache", "db_primary", "dev_backend"], "r2": ["cache"],
-                     "r3": ["cache"]})
+    cache = make_lab(lab, tmp_path_factory.mktemp("sentinel"), "sentinel",
+                     {"r1": ["cache", "db_primary", "dev_backend"], "r2": ["cache"],
+                      "r3": ["cache"]})
+    yield cache
+    release(lab, cache.hosts)
 
 
 def sentinel_views(cache: CacheLab, client: str) -> set[str]:
@@ -161,11 +172,32 @@ def test_deploy_after_failover_keeps_the_new_master(sentinel: CacheLab) -> None:
     assert sentinel.redis("r1", "get after-failover") == "written"
 
 
+def test_sentinel_settings_change_through_sentinel_set(sentinel: CacheLab) -> None:
+    """A changed timeout reaches every Sentinel without rewriting its file or moving the master."""
+    master = celery_style_master(sentinel, "r2")
+    data = yaml.safe_load(sentinel.inventory.read_text())
+    data["cache"]["down_after_ms"] = 4000
+    sentinel.inventory.write_text(yaml.safe_dump(data, sort_keys=False))
+    changed = sentinel.inv("cache.deploy")
+    assert changed.returncode == 0, changed.stdout + changed.stderr
+    for name in ("r1", "r2", "r3"):
+        assert f"[cache] {name}: sentinel quorum 2 and timeouts ... changed" in changed.stdout
+        answer = sentinel.redis(name, "sentinel master dify-master", 26379).splitlines()
+        assert answer[answer.index("down-after-milliseconds") + 1] == "4000"
+    assert "seed sentinel.conf (once: Sentinel owns it afterwards) ... changed" \
+        not in changed.stdout
+    assert celery_style_master(sentinel, "r2") == master
+    again = sentinel.inv("cache.deploy")
+    assert summary_columns(again.stdout) == ["host", "unchanged"]
+
+
 @pytest.fixture(scope="module")
-def cluster(lab: Lab, tmp_path_factory: pytest.TempPathFactory) -> CacheLab:
-    return make_lab(lab, tmp_path_factory.mktemp("cluster"), "cluster",
-                    {"c1": ["cache", "db_primary"], "c2": ["cache"], "c3": ["cache"],
-                     "cb": ["broker", "dev_backend"]})
+def cluster(lab: Lab, tmp_path_factory: pytest.TempPathFactory) -> Iterator[CacheLab]:
+    cache = make_lab(lab, tmp_path_factory.mktemp("cluster"), "cluster",
+                     {"c1": ["cache", "db_primary"], "c2": ["cache"], "c3": ["cache"],
+                      "cb": ["broker", "dev_backend"]})
+    yield cache
+    release(lab, cache.hosts)
 
 
 def masters(cache: CacheLab) -> dict[str, str]:

@@ -105,6 +105,16 @@ def db(lab: Lab, tmp_path_factory: pytest.TempPathFactory) -> Iterator[DbLab]:
 
     threading.Thread(target=install_client, daemon=True).start()
     yield DbLab(hosts, inventory, folder / "db-lab.env", ready)
+    release(lab, hosts)
+
+
+def release(lab: Lab, hosts: dict[str, LabHost]) -> None:
+    """Remove this module's hosts when it is done (kept with DIFYOPS_KEEP_LAB=1)."""
+    if os.environ.get("DIFYOPS_KEEP_LAB", "").lower() in ("1", "true", "yes", "on"):
+        return
+    for name, host in hosts.items():
+        host.remove()
+        lab.hosts.pop(name, None)
 
 
 def test_deploy_streams_to_every_standby(db: DbLab) -> None:
@@ -227,3 +237,20 @@ def test_after_the_edit_the_old_primary_rejoins_as_a_standby(db: DbLab) -> None:
     again = db.inv("db.deploy")
     assert again.returncode == 0, again.stdout + again.stderr
     assert summary_columns(again.stdout) == ["host", "unchanged"]
+
+
+def test_switchover_of_a_healthy_primary_loses_nothing(db: DbLab) -> None:
+    db.sql("db2", "INSERT INTO probe SELECT g, 'before the switchover' "
+                  "FROM generate_series(2000, 2999) g")
+    committed = db.sql("db2", "SELECT count(*) FROM probe")
+    switchover = db.inv("db.failover")  # no --host: the standby that received the most WAL
+    assert switchover.returncode == 0, switchover.stdout + switchover.stderr
+    assert "db2 still accepts writes: stopping it first" in switchover.stdout
+    new = next(name for name in ("db1", "db3") if f"{name} promoted accepts writes"
+               in switchover.stdout)
+    other = "db3" if new == "db1" else "db1"
+    assert db.sql(new, "SELECT count(*) FROM probe") == committed
+    assert db.sql(other, "SELECT sender_host FROM pg_stat_wal_receiver", "postgres") == \
+        db.hosts[new].address
+    _, state = db.hosts["db2"].exec(f"systemctl is-enabled {UNIT}; systemctl is-active {UNIT}")
+    assert state.split() == ["masked", "inactive"]
