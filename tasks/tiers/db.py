@@ -9,6 +9,8 @@ Before anything is touched, each host checks that its state matches its role in 
 
 from __future__ import annotations
 
+import shlex
+
 from tasks.core.gates import CommandGate
 from tasks.core.inventory import Host, Inventory
 from tasks.core.plan import RunCommand, Step, WaitFor, WriteFile
@@ -39,9 +41,19 @@ def conf_dir(inventory: Inventory) -> str:
 
 
 def psql(inventory: Inventory, sql: str) -> str:
-    """A local psql command as the postgres superuser (peer authentication, no password)."""
+    """psql as the postgres superuser on the host itself (peer authentication, no password),
+    unaligned with fields split by |."""
     port = inventory.settings["db"]["port"]
-    return f"cd / && runuser -u postgres -- psql -XAtq -p {port} -v ON_ERROR_STOP=1 -c \"{sql}\""
+    return (f"cd / && runuser -u postgres -- psql -XAtq -F '|' -p {port} -v ON_ERROR_STOP=1 "
+            f"-c {shlex.quote(sql)}")
+
+
+def writable_gate(inventory: Inventory) -> CommandGate:
+    """Passes when the server accepts writes: out of recovery and able to assign an xid."""
+    timeout = inventory.settings["db"]["promote_timeout"]
+    return CommandGate("primary accepts writes", timeout=timeout,
+                       command=psql(inventory, "SELECT pg_is_in_recovery()") + " | grep -qx f && "
+                       + psql(inventory, "SELECT pg_current_xact_id()") + " >/dev/null")
 
 
 def steps(inventory: Inventory, renderer: Renderer, host: Host) -> list[Step]:
@@ -96,9 +108,7 @@ def steps(inventory: Inventory, renderer: Renderer, host: Host) -> list[Step]:
     ]
     if host.has("db_primary"):
         plan += [
-            WaitFor(CommandGate("primary accepts writes", timeout=db["promote_timeout"],
-                                command=psql(inventory, "SELECT pg_is_in_recovery()")
-                                + " | grep -qx f")),
+            WaitFor(writable_gate(inventory)),
             WriteFile(ROLES_SQL, render("roles.sql.j2"), mode=0o600, owner="postgres",
                       group="postgres", secret=True),
             RunCommand("create roles and databases",

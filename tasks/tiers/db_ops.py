@@ -19,12 +19,12 @@ from dataclasses import dataclass, field
 from tasks.core.apply import execute
 from tasks.core.errors import DifyopsError, HostError
 from tasks.core.fleet import each_host, table
-from tasks.core.gates import CommandGate, wait
+from tasks.core.gates import wait
 from tasks.core.hosts import Machine, connect
 from tasks.core.inventory import Host, Inventory
 from tasks.core.project import display
 from tasks.core.report import Report
-from tasks.tiers.db import FENCE, HELPER, TIER, slot_name, unit
+from tasks.tiers.db import FENCE, HELPER, TIER, psql, slot_name, unit, writable_gate
 
 Out = Callable[[str], None]
 
@@ -90,13 +90,6 @@ def lsn(text: str) -> int:
         return 0
     high, low = text.split("/")
     return (int(high, 16) << 32) | int(low, 16)
-
-
-def psql(inventory: Inventory, sql: str) -> str:
-    """psql as the postgres superuser on the host itself, unaligned, fields split by |."""
-    port = inventory.settings["db"]["port"]
-    return (f"cd / && runuser -u postgres -- psql -XAtq -F '|' -p {port} -v ON_ERROR_STOP=1 "
-            f"-c {shlex.quote(sql)}")
 
 
 def rows(machine: Machine, inventory: Inventory, sql: str) -> list[list[str]]:
@@ -253,13 +246,6 @@ def status(inventory: Inventory, out: Out = print) -> None:
     out("replication healthy: one primary, every standby streaming from it")
 
 
-def writable_gate(inventory: Inventory) -> CommandGate:
-    """Passes when the server accepts writes (out of recovery and able to assign an xid)."""
-    return CommandGate("accepts writes", timeout=inventory.settings["db"]["promote_timeout"],
-                       command=psql(inventory, "SELECT pg_is_in_recovery()") + " | grep -qx f && "
-                       + psql(inventory, "SELECT pg_current_xact_id()") + " >/dev/null")
-
-
 def with_machine(host: Host, inventory: Inventory, action: Callable[[Machine], object]) -> object:
     """Run an action on one host's connection, closing it afterwards."""
     machine = connect(host, inventory.settings["timeouts"])
@@ -283,8 +269,8 @@ def promote_node(inventory: Inventory, node: Node, out: Out) -> None:
 
     started = time.monotonic()
     with_machine(node.host, inventory, promote)
-    verb = "promoted" if node.in_recovery else "was already a primary and"
-    out(f"{name} {verb} accepts writes ({time.monotonic() - started:.1f} s)")
+    done = "promoted" if node.in_recovery else "was already a primary"
+    out(f"{name} {done}: accepts writes ({time.monotonic() - started:.1f} s)")
 
 
 def promote(inventory: Inventory, name: str, out: Out = print) -> None:
@@ -425,6 +411,7 @@ def failover(inventory: Inventory, wanted: str | None = None, out: Out = print,
         raise DifyopsError(f"{wanted} is the primary already named by the inventory")
     nodes = survey(inventory)
     old_node = next(n for n in nodes if n.host.name == old.name)
+    target = promotable(choose(inventory, nodes, wanted))   # before anything is stopped
     final = 0
     if old_node.error:
         out(f"warning: {old.name} does not answer ({old_node.error}); it cannot be fenced now")
@@ -433,7 +420,7 @@ def failover(inventory: Inventory, wanted: str | None = None, out: Out = print,
             f"the standbys")
         final = with_machine(old, inventory, lambda m: stop_and_checkpoint(inventory, m))
         catch_up(inventory, nodes, final, time.monotonic() + 30)
-    target = choose(inventory, nodes, wanted)
+        target = promotable(choose(inventory, nodes, wanted))
     if final and target.in_recovery and target.lsn <= final:
         out(f"warning: {target.host.name} did not receive all of {old.name}'s WAL before "
             f"promotion; the last transactions may be missing")
@@ -451,7 +438,7 @@ def failover(inventory: Inventory, wanted: str | None = None, out: Out = print,
     app_hosts = [h.name for h in inventory.with_role("api", "worker", "beat", "plugin_daemon")]
     out(f"\nthe inventory must now say so; edit {display(inventory.file)}:\n"
         + inventory_edit(inventory, old.name, target.host.name))
-    out(f"until then `inv db.deploy` refuses to run ({old.name} is fenced but named the primary).")
+    out("until then `inv db.deploy` refuses to run: its hosts do not match their roles.")
     if app_hosts:
         out(f"then `inv app.deploy` renders DB_HOST={target.host.address} into the environment "
             f"of {', '.join(app_hosts)} and restarts their services")
@@ -465,6 +452,14 @@ def failover(inventory: Inventory, wanted: str | None = None, out: Out = print,
                            f"re-pointing the standbys failed (see above); after the inventory "
                            f"edit, run `inv db.deploy` to finish")
     return after
+
+
+def promotable(node: Node) -> Node:
+    """The node, when it can be promoted now; else an error saying nothing was changed."""
+    if node.error or not node.running:
+        raise HostError(f"cannot promote {node.host.name}: "
+                        f"{node.error or 'PostgreSQL is not running'}; nothing was fenced")
+    return node
 
 
 def stop_and_checkpoint(inventory: Inventory, machine: Machine) -> int:

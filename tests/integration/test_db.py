@@ -182,7 +182,7 @@ def test_stopped_primary_then_promote(db: DbLab) -> None:
     promoted = db.inv("db.promote", "--host", "db2")
     elapsed = time.monotonic() - started
     assert promoted.returncode == 0, promoted.stdout + promoted.stderr
-    assert "db2 promoted accepts writes" in promoted.stdout
+    assert "db2 promoted: accepts writes" in promoted.stdout
     assert db.sql("db2", "SELECT count(*) FROM probe") == committed
     db.sql("db2", "INSERT INTO probe VALUES (1000, 'written on the promoted standby')")
     assert elapsed < 30
@@ -246,7 +246,7 @@ def test_switchover_of_a_healthy_primary_loses_nothing(db: DbLab) -> None:
     switchover = db.inv("db.failover")  # no --host: the standby that received the most WAL
     assert switchover.returncode == 0, switchover.stdout + switchover.stderr
     assert "db2 still accepts writes: stopping it first" in switchover.stdout
-    new = next(name for name in ("db1", "db3") if f"{name} promoted accepts writes"
+    new = next(name for name in ("db1", "db3") if f"{name} promoted: accepts writes"
                in switchover.stdout)
     other = "db3" if new == "db1" else "db1"
     assert db.sql(new, "SELECT count(*) FROM probe") == committed

@@ -290,3 +290,19 @@ def test_failover_fences_promotes_and_repoints(load, base, monkeypatch) -> None:
     assert "-  - db_replica\n+  - db_primary" in text      # db2's
     assert "DB_HOST=10.0.3.12" in text and "api1, api2, worker1" in text
     assert "db1: fenced" in text
+
+
+def test_failover_fences_nothing_when_the_standby_cannot_be_promoted(load, base,
+                                                                    monkeypatch) -> None:
+    inventory = load(base)
+    nodes = healthy(inventory)
+    nodes[2].error = "cannot connect to db3"
+    machines: dict[str, FakeMachine] = {}
+    monkeypatch.setattr(db_ops, "survey", lambda inv: nodes)
+    monkeypatch.setattr(db_ops, "connect",
+                        lambda host, timeouts=None: machines.setdefault(host.name,
+                                                                        FakeMachine(host)))
+    with pytest.raises(DifyopsError, match="cannot promote db3: cannot connect to db3; nothing "
+                                           "was fenced"):
+        db_ops.failover(inventory, "db3", out=lambda text: None)
+    assert machines == {}                             # not even the old primary was touched
