@@ -87,6 +87,11 @@ def steps(inventory: Inventory, renderer: Renderer, host: Host) -> list[Step]:
         WriteFile(upstream, render("upstream.conf.j2"), owner="postgres", group="postgres"),
         WriteFile(hba, render("pg_hba.conf.j2"), mode=0o640, owner="postgres", group="postgres"),
     ]
+    if db["wal_archive"]:
+        archive = f"/var/lib/postgresql/{version}/archive"
+        plan.append(RunCommand(f"WAL archive {archive}",
+                               f"install -d -o postgres -g postgres -m 0700 {archive}",
+                               unless=f"test -d {archive}"))
     if replicas:
         plan.append(WriteFile(PASSFILE, render("pgpass.j2"), mode=0o600, owner="postgres",
                               group="postgres", secret=True))

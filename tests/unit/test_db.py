@@ -306,3 +306,14 @@ def test_failover_fences_nothing_when_the_standby_cannot_be_promoted(load, base,
                                            "was fenced"):
         db_ops.failover(inventory, "db3", out=lambda text: None)
     assert machines == {}                             # not even the old primary was touched
+
+
+def test_wal_archive_gets_its_folder(load, base) -> None:
+    base["db"]["wal_archive"] = True
+    inventory = load(base)
+    conf = db_files(inventory)[("db1", f"{CONFD}/difyops.conf")].content
+    assert "archive_mode = on" in conf and "/var/lib/postgresql/15/archive/%f" in conf
+    folder = next(s for s in steps_of(inventory, "db1")
+                  if isinstance(s, RunCommand) and s.name.startswith("WAL archive"))
+    assert folder.command == "install -d -o postgres -g postgres -m 0700 " \
+                             "/var/lib/postgresql/15/archive"
