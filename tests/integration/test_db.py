@@ -113,7 +113,7 @@ def release(lab: Lab, hosts: dict[str, LabHost]) -> None:
     if os.environ.get("DIFYOPS_KEEP_LAB", "").lower() in ("1", "true", "yes", "on"):
         return
     for name, host in hosts.items():
-        host.remove()
+        host._wrapped().remove(force=True, v=True)  # killed: nothing on them is kept
         lab.hosts.pop(name, None)
 
 
