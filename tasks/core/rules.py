@@ -102,6 +102,12 @@ def broker_not_on_cluster(inventory: Inventory, shown: str) -> Iterator[Problem]
                       "and no host has the role 'broker'",
                       "add a host with role 'broker' (a standalone Redis for Celery), or set "
                       "cache.mode to sentinel")
+    for host in inventory.with_role("broker") if cache["mode"] == "cluster" else ():
+        if host.has("cache"):
+            yield Problem(shown, f"hosts[{index_of(inventory, host.name)}].roles",
+                          f"{host.name} is both a cluster node and the broker: both listen on "
+                          f"cache.port {cache['port']}",
+                          "give the role 'broker' to a host without the role 'cache'")
     if cache["mode"] == "cluster" and 0 < len(hosts) < 3:
         yield Problem(shown, "cache.mode", f"a Redis Cluster needs 3 or more masters, the "
                       f"inventory has {len(hosts)} cache host(s)",

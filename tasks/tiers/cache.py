@@ -1,30 +1,158 @@
-"""cache tier: Redis from the OS packages under systemd, password-protected."""
+"""cache tier: Redis from the OS packages under systemd, in one of three modes.
+
+- standalone: redis-server on each cache (and broker) host.
+- sentinel: redis-server on every cache host, the first one seeding the master and the others
+  its replicas, and redis-sentinel on each with quorum = a majority. Sentinel rewrites its own
+  file and, through CONFIG REWRITE, the replicaof line of redis.conf: difyops writes
+  sentinel.conf only while it does not monitor the master yet, converges quorum and timeouts
+  with SENTINEL SET, and compares only its own part of redis.conf, so a deploy never undoes a
+  failover.
+- cluster: cluster_nodes_per_host redis-server@PORT nodes per cache host (ports port, port+1...),
+  joined once with redis-cli --cluster create; the broker hosts run a standalone Redis for Celery
+  and the plugin daemon, which do not support Redis Cluster.
+"""
 
 from __future__ import annotations
 
 from tasks.core.gates import CommandGate
 from tasks.core.inventory import Host, Inventory
-from tasks.core.plan import Step, WaitFor, WriteFile
+from tasks.core.plan import RunCommand, Step, WaitFor, WriteFile
 from tasks.core.render import Renderer
 from tasks.core.tiers import Tier
 from tasks.tiers.common import packages, service_restart, service_running
 
+HELPER = "/usr/local/sbin/difyops-redis"
+OWNED_DIR = "/etc/difyops/redis"
+AUTH = f"{OWNED_DIR}/auth.env"
+OWNED_CONF = f"{OWNED_DIR}/redis.conf"
+SENTINEL_SEED = f"{OWNED_DIR}/sentinel.conf"
+AUTHED = f"set -a; . {AUTH}; set +a;"  # REDISCLI_AUTH from the root-only file
+
+
+def quorum(inventory: Inventory) -> int:
+    """Sentinels that must agree a master is down: a majority of the cache hosts."""
+    return len(inventory.with_role("cache")) // 2 + 1
+
+
+def cluster_ports(inventory: Inventory) -> list[int]:
+    """The ports of the cluster nodes on each cache host."""
+    cache = inventory.settings["cache"]
+    return [cache["port"] + index for index in range(cache["cluster_nodes_per_host"])]
+
+
+def cluster_nodes(inventory: Inventory) -> list[str]:
+    """Every cluster node as address:port, ordered so that redis-cli spreads masters over hosts."""
+    hosts = inventory.with_role("cache")
+    return [f"{host.address}:{port}" for port in cluster_ports(inventory) for host in hosts]
+
+
+def memory(megabytes: int) -> str:
+    """A size the way CONFIG REWRITE writes it (1024mb is written 1gb)."""
+    if megabytes % 1024 == 0:
+        return f"{megabytes // 1024}gb"
+    return f"{megabytes}mb"
+
+
+def ping(port: int, name: str, timeout: float = 60) -> WaitFor:
+    """A gate: the Redis (or Sentinel) on this port answers PING with the password."""
+    return WaitFor(CommandGate(name, timeout=timeout,
+                               command=f"{AUTHED} redis-cli -p {port} ping | grep -q PONG"))
+
 
 def steps(inventory: Inventory, renderer: Renderer, host: Host) -> list[Step]:
-    """Install, configure and start redis-server; wait until it answers PING."""
-    conf = "/etc/redis/redis.conf"
-    port = inventory.settings["cache"]["port"]
-    return [
-        packages("redis-server"),
-        WriteFile(conf, renderer.render("config/redis/redis.conf.j2", host), mode=0o640,
-                  owner="redis", group="redis", secret=True),
+    """The host's Redis processes for the inventory's mode."""
+    cache = inventory.settings["cache"]
+    mode = cache["mode"]
+    nodes = inventory.with_role("cache")
+    extra = {
+        "seed": nodes[0].address if nodes else host.address,
+        "nodes": [node.address for node in nodes],
+        "quorum": quorum(inventory),
+        "cluster_nodes": cluster_nodes(inventory) if mode == "cluster" else [],
+        "owned": OWNED_CONF, "sentinel_seed": SENTINEL_SEED, "auth": AUTH,
+        "maxmemory": memory(cache["maxmemory_mb"]) if cache["maxmemory_mb"] else "",
+    }
+
+    def render(template: str, **more: object) -> str:
+        return renderer.render(f"config/redis/{template}", host, **{**extra, **more})
+
+    sentinel = mode == "sentinel" and host.has("cache")
+    cluster = mode == "cluster" and host.has("cache")
+    plan: list[Step] = [
+        packages("redis-server", *(["redis-sentinel"] if sentinel else [])),
+        WriteFile(HELPER, render("difyops-redis.sh.j2"), mode=0o755),
+        WriteFile(AUTH, render("auth.env.j2"), mode=0o600, secret=True),
+    ]
+    if cluster:
+        return [*plan, *cluster_steps(inventory, render, host)]
+    plan += [
+        WriteFile(OWNED_CONF, render("redis.conf.j2", port=cache["port"], cluster=False,
+                                     data_dir="/var/lib/redis",
+                                     log_file="/var/log/redis/redis-server.log", pid_file=""),
+                  mode=0o600, secret=True),
+        RunCommand("redis.conf: difyops's settings, Redis's replicaof kept",
+                   f"{HELPER} config-merge", unless=f"{HELPER} config-ok"),
         service_running("redis-server"),
-        service_restart("redis-server", conf),
-        WaitFor(CommandGate(f"redis on :{port}", timeout=60,
-                            command=f"REDISCLI_AUTH=\"$(sed -n 's/^requirepass //p' {conf})\" "
-                                    f"redis-cli -p {port} ping | grep -q PONG")),
+        ping(cache["port"], f"redis on :{cache['port']}"),
+    ]
+    if not sentinel:
+        return plan
+    return [
+        *plan,
+        RunCommand("replica of the current master", f"{HELPER} join",
+                   unless=f"{HELPER} join-ok"),
+        WaitFor(CommandGate("replication link up", timeout=300, interval=1,
+                            command=f"{HELPER} in-sync")),
+        WriteFile(SENTINEL_SEED, render("sentinel.conf.j2"), mode=0o600, secret=True),
+        RunCommand("seed sentinel.conf (once: Sentinel owns it afterwards)",
+                   f"{HELPER} sentinel-seed",
+                   unless=f"grep -q '^sentinel monitor {cache['master_name']} ' "
+                          f"/etc/redis/sentinel.conf"),
+        service_running("redis-sentinel"),
+        ping(cache["sentinel_port"], f"sentinel on :{cache['sentinel_port']}"),
+        RunCommand(f"sentinel quorum {quorum(inventory)} and timeouts", f"{HELPER} sentinel-set",
+                   unless=f"{HELPER} sentinel-ok"),
+        WaitFor(CommandGate(f"sentinels agree on {cache['master_name']}", timeout=60,
+                            interval=2, command=f"{HELPER} sentinels-ok")),
     ]
 
 
-TIER = Tier("cache", "Redis cache and Celery broker", ("cache", "broker"),
-            steps)
+def cluster_steps(inventory: Inventory, render, host: Host) -> list[Step]:
+    """Cluster nodes as redis-server@PORT units; the first cache host forms the cluster once."""
+    cache = inventory.settings["cache"]
+    plan: list[Step] = [
+        RunCommand("stop the packaged redis-server (cluster nodes have their own units)",
+                   "systemctl disable --now redis-server",
+                   unless="! systemctl is-enabled --quiet redis-server && "
+                          "! systemctl is-active --quiet redis-server"),
+    ]
+    for port in cluster_ports(inventory):
+        conf, data = f"/etc/redis/redis-{port}.conf", f"/var/lib/redis/{port}"
+        service = f"redis-server@{port}"
+        plan += [
+            RunCommand(f"data directory {data}",
+                       f"install -d -o redis -g redis -m 0750 {data}", unless=f"test -d {data}"),
+            WriteFile(conf, render("redis.conf.j2", port=port, cluster=True, data_dir=data,
+                                   log_file=f"/var/log/redis/redis-server-{port}.log",
+                                   pid_file=f"/run/redis-{port}/redis-server.pid"),
+                      mode=0o640, owner="redis", group="redis", secret=True),
+            service_running(service),
+            service_restart(service, conf),
+            ping(port, f"cluster node on :{port}"),
+        ]
+    in_sync = [WaitFor(CommandGate(f"cluster node :{port} in sync", timeout=300, interval=1,
+                                   command=f"{HELPER} in-sync {port}"))
+               for port in cluster_ports(inventory)]
+    if host.name == inventory.with_role("cache")[0].name:
+        plan += [
+            WaitFor(CommandGate("every cluster node answers", timeout=300, interval=2,
+                                command=f"{HELPER} cluster-nodes-up")),
+            RunCommand(f"create the cluster ({cache['cluster_replicas']} replica(s) per master)",
+                       f"{HELPER} cluster-create", unless=f"{HELPER} cluster-ok"),
+        ]
+    plan.append(WaitFor(CommandGate("cluster_state:ok", timeout=300, interval=2,
+                                    command=f"{HELPER} cluster-state")))
+    return [*plan, *in_sync]
+
+
+TIER = Tier("cache", "Redis cache and Celery broker", ("cache", "broker"), steps)

@@ -133,7 +133,7 @@ def test_pg_hba_admits_app_hosts_and_replicas_only(load, base) -> None:
 def test_secret_files_are_private(load, base) -> None:
     steps = [s for t in build(TIERS, load(base)) for p in t.hosts for s in p.steps
              if isinstance(s, WriteFile) and s.secret]
-    assert {s.path for s in steps} >= {"/opt/dify/.env", "/etc/redis/redis.conf"}
+    assert {s.path for s in steps} >= {"/opt/dify/.env", "/etc/difyops/redis/redis.conf"}
     assert all(s.mode & 0o007 == 0 for s in steps)  # at most the service group reads them
 
 

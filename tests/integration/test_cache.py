@@ -1,0 +1,252 @@
+"""cache tier on real hosts: Redis with Sentinel failover, then a Redis Cluster with a broker.
+
+r1 r2 r3 run redis-server and redis-sentinel (sentinel mode); c1 c2 c3 run two cluster nodes
+each and cb the standalone broker Redis (cluster mode). The tests run in order and share hosts.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests.integration.lab import Lab, LabHost
+
+ROOT = Path(__file__).resolve().parents[2]
+AUTHED = "set -a; . /etc/difyops/redis/auth.env; set +a;"
+DOWN_AFTER_S = 5  # cache.down_after_ms in config/defaults.yml
+
+
+@dataclass
+class CacheLab:
+    """Hosts of one mode, their inventory and a way to run `inv` on it."""
+
+    hosts: dict[str, LabHost]
+    inventory: Path
+    secrets: Path
+
+    def inv(self, *args: str) -> subprocess.CompletedProcess:
+        env = {**os.environ, "DIFY_INVENTORY": str(self.inventory),
+               "DIFY_SECRETS": str(self.secrets)}
+        return subprocess.run([sys.executable, "-m", "invoke", *args], cwd=ROOT, text=True,
+                              capture_output=True, env=env, timeout=900, check=False)
+
+    def redis(self, host: str, command: str, port: int = 6379, target: str = "") -> str:
+        """redis-cli on a host (docker exec), authenticated from the root-only file."""
+        to = f"-h {target} " if target else ""
+        code, out = self.hosts[host].exec(f"{AUTHED} redis-cli {to}-p {port} {command}")
+        return out.strip() if code == 0 else f"exit {code}: {out.strip()}"
+
+    def address(self, name: str) -> str:
+        return self.hosts[name].address
+
+
+def until(check: Callable[[], bool], timeout: float, what: str) -> float:
+    """Poll until check() is true; return the seconds it took, fail at the deadline."""
+    started = time.monotonic()
+    while not check():
+        if time.monotonic() - started > timeout:
+            pytest.fail(f"{what}: not true after {timeout:g} s")
+        time.sleep(0.2)
+    return time.monotonic() - started
+
+
+def release(lab: Lab, hosts: dict[str, LabHost]) -> None:
+    """Remove this module's hosts when it is done (kept with DIFYOPS_KEEP_LAB=1)."""
+    if os.environ.get("DIFYOPS_KEEP_LAB", "").lower() in ("1", "true", "yes", "on"):
+        return
+    for name, host in hosts.items():
+        host._wrapped().remove(force=True, v=True)  # killed: nothing on them is kept
+        lab.hosts.pop(name, None)
+
+
+def summary_columns(output: str) -> list[str]:
+    return output.split("summary:")[1].strip().splitlines()[0].split()
+
+
+def make_lab(lab: Lab, folder: Path, mode: str, roles: dict[str, list[str]]) -> CacheLab:
+    hosts = dict(zip(roles, lab.start(list(roles)), strict=True))
+    inventory = folder / f"cache-{mode}.yml"
+    inventory.write_text(yaml.safe_dump({
+        "name": f"cache-{mode}", "cache": {"mode": mode}, "vector": {"store": "pgvector"},
+        "hosts": [hosts[name].inventory_entry(host_roles, user="deploy" if name == "r3"
+                                              else "root")
+                  for name, host_roles in roles.items()],
+    }, sort_keys=False))
+    cache = CacheLab(hosts, inventory, folder / f"cache-{mode}.env")
+    assert cache.inv("config.secrets").returncode == 0
+    return cache
+
+
+@pytest.fixture(scope="module")
+def sentinel(lab: Lab, tmp_path_factory: pytest.TempPathFactory) -> Iterator[CacheLab]:
+    # db_primary and dev_backend only satisfy the inventory rules: no db or app tier runs here.
+    cache = make_lab(lab, tmp_path_factory.mktemp("sentinel"), "sentinel",
+                     {"r1": ["cache", "db_primary", "dev_backend"], "r2": ["cache"],
+                      "r3": ["cache"]})
+    yield cache
+    release(lab, cache.hosts)
+
+
+def sentinel_views(cache: CacheLab, client: str) -> set[str]:
+    """The master address every Sentinel gives, asked from a client host."""
+    return {cache.redis(client, "sentinel get-master-addr-by-name dify-master", 26379,
+                        cache.address(name)).splitlines()[0] for name in ("r1", "r2", "r3")}
+
+
+def celery_style_master(cache: CacheLab, client: str) -> str:
+    """What a Sentinel client does: ask the Sentinels in turn, take the first answer."""
+    for name in ("r1", "r2", "r3"):
+        answer = cache.redis(client, "sentinel get-master-addr-by-name dify-master", 26379,
+                             cache.address(name))
+        if answer and not answer.startswith("exit"):
+            return answer.splitlines()[0]
+    return ""
+
+
+def test_sentinel_deploy_one_master_two_replicas(sentinel: CacheLab) -> None:
+    first = sentinel.inv("cache.deploy")
+    assert first.returncode == 0, first.stdout + first.stderr
+    r1 = sentinel.address("r1")
+    assert "role:master" in sentinel.redis("r1", "info replication")
+    assert "connected_slaves:2" in sentinel.redis("r1", "info replication")
+    for name in ("r2", "r3"):
+        assert f"master_host:{r1}" in sentinel.redis(name, "info replication")
+    assert sentinel_views(sentinel, "r2") == {r1}
+    assert sentinel.redis("r1", "sentinel ckquorum dify-master", 26379).startswith("OK 3 usable")
+    assert sentinel.redis("r1", "set before-failover kept") == "OK"
+    until(lambda: sentinel.redis("r3", "get before-failover") == "kept", 10, "key on r3")
+    _, conf = sentinel.hosts["r1"].exec("grep -c '^replicaof' /etc/redis/redis.conf || true")
+    assert conf.strip() == "0"
+    password = sentinel.secrets.read_text()
+    assert not any(line.split("=", 1)[1] in first.stdout for line in password.splitlines())
+    status = sentinel.inv("cache.status")
+    assert status.returncode == 0, status.stdout + status.stderr
+
+
+def test_sentinel_second_deploy_changes_nothing(sentinel: CacheLab) -> None:
+    second = sentinel.inv("cache.deploy")
+    assert second.returncode == 0, second.stdout + second.stderr
+    assert summary_columns(second.stdout) == ["host", "unchanged"]
+
+
+def test_killed_master_is_replaced_and_clients_follow(sentinel: CacheLab) -> None:
+    old = sentinel.address("r1")
+    sentinel.hosts["r1"].exec("systemctl stop redis-server")  # killed, and it stays down
+    deadline = DOWN_AFTER_S + 25
+    took = until(lambda: celery_style_master(sentinel, "r3") not in ("", old), deadline,
+                 "a new master named by Sentinel")
+    new = celery_style_master(sentinel, "r3")
+    assert new in (sentinel.address("r2"), sentinel.address("r3"))
+    print(f"\nSentinel named a new master {took:.1f} s after the old one was killed")
+    until(lambda: sentinel.redis("r3", "role", target=new).startswith("master"), 10,
+          "the new master answers as master")
+    assert sentinel.redis("r3", "set after-failover written", target=new) == "OK"
+    assert sentinel.redis("r3", "get before-failover", target=new) == "kept"
+    until(lambda: sentinel_views(sentinel, "r2") == {new}, 20, "every Sentinel agrees")
+    status = sentinel.inv("cache.status")
+    assert status.returncode == 1
+    assert "r1:6379" in status.stderr
+
+
+def test_deploy_after_failover_keeps_the_new_master(sentinel: CacheLab) -> None:
+    new = celery_style_master(sentinel, "r2")
+    rejoin = sentinel.inv("cache.deploy")  # r1's redis-server is started again, as a replica
+    assert rejoin.returncode == 0, rejoin.stdout + rejoin.stderr
+    assert "[cache] r1: enable and start redis-server ... changed" in rejoin.stdout
+    assert f"master_host:{new}" in sentinel.redis("r1", "info replication")
+    _, tail = sentinel.hosts["r1"].exec("grep '^replicaof' /etc/redis/redis.conf")
+    assert tail.split() == ["replicaof", new, "6379"]
+    again = sentinel.inv("cache.deploy")
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert summary_columns(again.stdout) == ["host", "unchanged"]
+    assert celery_style_master(sentinel, "r2") == new
+    until(lambda: sentinel.inv("cache.status").returncode == 0, 30, "cache.status healthy")
+    assert sentinel.redis("r1", "get after-failover") == "written"
+
+
+def test_sentinel_settings_change_through_sentinel_set(sentinel: CacheLab) -> None:
+    """A changed timeout reaches every Sentinel without rewriting its file or moving the master."""
+    master = celery_style_master(sentinel, "r2")
+    data = yaml.safe_load(sentinel.inventory.read_text())
+    data["cache"]["down_after_ms"] = 4000
+    sentinel.inventory.write_text(yaml.safe_dump(data, sort_keys=False))
+    changed = sentinel.inv("cache.deploy")
+    assert changed.returncode == 0, changed.stdout + changed.stderr
+    for name in ("r1", "r2", "r3"):
+        assert f"[cache] {name}: sentinel quorum 2 and timeouts ... changed" in changed.stdout
+        answer = sentinel.redis(name, "sentinel master dify-master", 26379).splitlines()
+        assert answer[answer.index("down-after-milliseconds") + 1] == "4000"
+    assert "seed sentinel.conf (once: Sentinel owns it afterwards) ... changed" \
+        not in changed.stdout
+    assert celery_style_master(sentinel, "r2") == master
+    again = sentinel.inv("cache.deploy")
+    assert summary_columns(again.stdout) == ["host", "unchanged"]
+
+
+@pytest.fixture(scope="module")
+def cluster(lab: Lab, tmp_path_factory: pytest.TempPathFactory) -> Iterator[CacheLab]:
+    cache = make_lab(lab, tmp_path_factory.mktemp("cluster"), "cluster",
+                     {"c1": ["cache", "db_primary"], "c2": ["cache"], "c3": ["cache"],
+                      "cb": ["broker", "dev_backend"]})
+    yield cache
+    release(lab, cache.hosts)
+
+
+def masters(cache: CacheLab) -> dict[str, str]:
+    """address:port -> slot ranges of every master, from c1's view of the cluster."""
+    nodes = cache.redis("c1", "cluster nodes").splitlines()
+    return {fields[1].split("@")[0]: " ".join(fields[8:]) for fields in
+            (line.split() for line in nodes) if "master" in fields[2] and
+            "fail" not in fields[2]}
+
+
+def test_cluster_deploy_spreads_slots_and_keys(cluster: CacheLab) -> None:
+    first = cluster.inv("cache.deploy")
+    assert first.returncode == 0, first.stdout + first.stderr
+    for name in ("c1", "c2", "c3"):
+        for port in (6379, 6380):
+            assert "cluster_state:ok" in cluster.redis(name, "cluster info", port)
+    found = masters(cluster)
+    assert len(found) == 3
+    assert {address.split(":")[0] for address in found} == {cluster.address(n)
+                                                            for n in ("c1", "c2", "c3")}
+    for index in range(60):
+        assert cluster.redis("c2", f"-c set key{index} value{index}") == "OK"
+    for address in found:
+        host, port = address.split(":")
+        assert int(cluster.redis("c1", "dbsize", int(port), host)) > 0, address
+    assert "cluster_enabled:0" in cluster.redis("cb", "info cluster")
+    assert cluster.redis("cb", "ping") == "PONG"
+    status = cluster.inv("cache.status")
+    assert status.returncode == 0, status.stdout + status.stderr
+
+
+def test_cluster_second_deploy_changes_nothing(cluster: CacheLab) -> None:
+    second = cluster.inv("cache.deploy")
+    assert second.returncode == 0, second.stdout + second.stderr
+    assert summary_columns(second.stdout) == ["host", "unchanged"]
+
+
+def test_a_stopped_cluster_master_is_replaced_by_its_replica(cluster: CacheLab) -> None:
+    c1 = cluster.address("c1")
+    nodes = cluster.redis("c2", "cluster nodes").splitlines()
+    master_id = next(line.split()[0] for line in nodes if f"{c1}:6379@" in line)
+    replica = next(line.split()[1].split("@")[0] for line in nodes
+                   if line.split()[3] == master_id)
+    cluster.hosts["c1"].exec("systemctl stop redis-server@6379")
+    host, port = replica.split(":")
+    took = until(lambda: cluster.redis("c2", "role", int(port), host).startswith("master"),
+                 30, f"{replica} promoted")
+    print(f"\ncluster replica {replica} took over {took:.1f} s after its master stopped")
+    until(lambda: "cluster_state:ok" in cluster.redis("c2", "cluster info"), 30,
+          "cluster_state:ok again")
+    for index in range(60):
+        assert cluster.redis("c3", f"-c get key{index}") == f"value{index}"
