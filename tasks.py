@@ -12,7 +12,9 @@ __path__ = [str(Path(__file__).resolve().parent / "tasks")]
 from invoke import Collection
 
 from tasks import app, cache, config, db, deploy, dev, lb, vector
+from tasks import images
 
 ns = Collection()
 for module in (config, db, cache, vector, app, lb, dev, deploy):
     ns.add_collection(Collection.from_module(module))
+ns.add_collection(Collection.from_module(images))

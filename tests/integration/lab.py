@@ -10,6 +10,9 @@ Images are built once and reused across runs: every tag carries a hash of its in
   pulled (unless ``DIFYOPS_PULL_BASE=0``); else built with debootstrap from the machine's own
   Debian mirror and imported as ``difyops-test/base:bookworm-<hash>``.
 - Host image: ``tests/hosts/systemd-ssh/Dockerfile`` on that base, as ``difyops-test/host:<hash>``.
+- Docker host image (hosts started with ``docker=True``): ``tests/hosts/systemd-docker/Dockerfile``
+  on the host image, as ``difyops-test/docker-host:<hash>``: the same host plus its own Docker
+  engine (vfs driver) and compose v2, for the tiers deployed by compose.
 
 Other settings: ``DIFYOPS_LAB_TIMEOUT`` (seconds a host may take to be ready, default 120) and
 ``DIFYOPS_LAB_PRIVILEGED=1`` (run hosts with --privileged, for engines where systemd needs it).
@@ -53,6 +56,13 @@ HOST_IMAGE_DIR = REPO_ROOT / "tests" / "hosts" / "systemd-ssh"
 DEFAULT_BASE_IMAGE = "debian:bookworm"
 BASE_REPO = "difyops-test/base"
 HOST_REPO = "difyops-test/host"
+DOCKER_HOST_IMAGE_DIR = REPO_ROOT / "tests" / "hosts" / "systemd-docker"
+DOCKER_HOST_REPO = "difyops-test/docker-host"
+# What a host needs to run its own Docker engine (without --privileged).
+DOCKER_HOST_KWARGS: dict[str, Any] = {
+    "cap_add": ["SYS_ADMIN", "NET_ADMIN"],
+    "security_opt": ["seccomp=unconfined"],
+}
 SUITE = "bookworm"
 DEBOOTSTRAP_INCLUDE = ("ca-certificates",)
 # Bump when the way the base image is made changes (part of its tag's hash).
@@ -331,6 +341,34 @@ def ensure_host_image(client: docker.DockerClient) -> str:
     return tag
 
 
+def ensure_docker_host_image(client: docker.DockerClient) -> str:
+    """Return the tag of the host image with its own Docker engine, building it once if missing."""
+    host_id = client.images.get(ensure_host_image(client)).id
+    parts: list[str | bytes] = [host_id]
+    for path in sorted(DOCKER_HOST_IMAGE_DIR.rglob("*")):
+        if path.is_file():
+            parts += [str(path.relative_to(DOCKER_HOST_IMAGE_DIR)), path.read_bytes()]
+    tag = f"{DOCKER_HOST_REPO}:{_digest(*parts)}"
+    if _image_exists(client, tag):
+        return tag
+    with _build_lock():
+        if _image_exists(client, tag):
+            return tag
+        started = time.monotonic()
+        builder = docker.from_env(timeout=900)
+        try:
+            builder.images.build(path=str(DOCKER_HOST_IMAGE_DIR), tag=tag,
+                                 buildargs={"HOST_IMAGE": host_id}, rm=True, forcerm=True,
+                                 pull=False)
+        except docker.errors.BuildError as exc:
+            lines = [str(item.get("stream", item.get("error", ""))) for item in exc.build_log]
+            raise LabError(f"building {tag} failed: {exc}\n{''.join(lines)[-4000:]}") from exc
+        finally:
+            builder.close()
+        LOG.info("built %s in %.0f s", tag, time.monotonic() - started)
+    return tag
+
+
 # --- keys ----------------------------------------------------------------------------------
 
 
@@ -386,6 +424,7 @@ class LabHost:
     container: DockerContainer
     network_name: str = ""
     public_key: str = ""
+    docker: bool = False
 
     def _wrapped(self) -> Any:
         """The docker SDK's Container object behind the testcontainers wrapper."""
@@ -499,6 +538,10 @@ class LabHost:
         if state == "degraded":
             _, failed = self.exec("systemctl --failed --no-legend --plain | cut -d' ' -f1")
             LOG.warning("%s: systemd degraded, failed units: %s", self.name, failed.split())
+        while self.docker and self.exec("docker info >/dev/null 2>&1")[0] != 0:
+            if time.monotonic() > deadline:
+                raise LabError(f"{self.name}: the inner Docker engine does not answer")
+            time.sleep(0.2)
         while not self.ssh_ok():
             if time.monotonic() > deadline:
                 raise LabError(f"{self.name}: sshd at {self.address}:22 refused the lab key")
@@ -532,6 +575,7 @@ class Lab:
         self.key_file, self.public_key = make_key_pair(self.key_dir)
         self.hosts: dict[str, LabHost] = {}
         self.image: str | None = None
+        self.docker_image: str | None = None
         self._network: Any = None
         self.timings: dict[str, float] = {}
 
@@ -562,10 +606,20 @@ class Lab:
             self.timings["images"] = time.monotonic() - started
         return self.image
 
-    def _start_one(self, name: str) -> LabHost:
+    def _ensure_docker_image(self) -> str:
+        """Build (once) and return the tag of the host image with its own Docker engine."""
+        if self.docker_image is None:
+            started = time.monotonic()
+            self.docker_image = ensure_docker_host_image(self.client)
+            self.timings["docker host image"] = time.monotonic() - started
+        return self.docker_image
+
+    def _start_one(self, name: str, docker: bool = False) -> LabHost:
         """Create and start one host container, then wait until it is ready."""
-        image = self._ensure_image()
+        image = self._ensure_docker_image() if docker else self._ensure_image()
         mount_mode, cgroupns = _cgroup_mode()
+        if docker:
+            mount_mode = "rw"  # the inner engine creates cgroups for its containers
         container = (
             DockerContainer(image)
             .with_name(f"{self.network_name}-{name}")
@@ -578,6 +632,7 @@ class Lab:
                 labels={LABEL: self.suffix, f"{LABEL}.host": name},
                 cgroupns=cgroupns,
                 privileged=_env_flag("DIFYOPS_LAB_PRIVILEGED"),
+                **(DOCKER_HOST_KWARGS if docker else {}),
             )
         )
         host = LabHost(
@@ -587,6 +642,7 @@ class Lab:
             container=container,
             network_name=self.network_name,
             public_key=self.public_key,
+            docker=docker,
         )
         self.hosts[name] = host  # registered first: close() removes it even if start fails
         container.start()
@@ -595,16 +651,22 @@ class Lab:
         host.wait_ready()
         return host
 
-    def start(self, names: list[str]) -> list[LabHost]:
-        """Start hosts ``names`` in parallel and wait until all are ready; return them in order."""
+    def start(self, names: list[str], docker: bool = False) -> list[LabHost]:
+        """Start hosts ``names`` in parallel and wait until all are ready; return them in order.
+
+        ``docker=True``: hosts that run their own Docker engine (for compose tiers).
+        """
         clash = [n for n in names if n in self.hosts]
         if clash or len(set(names)) != len(names):
             raise LabError(f"host names already used in this lab: {clash or names}")
-        self._ensure_image()
+        if docker:
+            self._ensure_docker_image()
+        else:
+            self._ensure_image()
         self._ensure_network()
         started = time.monotonic()
         with ThreadPoolExecutor(max_workers=max(1, len(names))) as pool:
-            futures = [pool.submit(self._start_one, n) for n in names]
+            futures = [pool.submit(self._start_one, n, docker) for n in names]
             errors = []
             hosts = []
             for future in futures:
