@@ -11,8 +11,7 @@ __path__ = [str(Path(__file__).resolve().parent / "tasks")]
 
 from invoke import Collection
 
-from tasks import app, cache, config, db, deploy, dev, lb, vector
-from tasks import images
+from tasks import app, cache, config, db, deploy, dev, images, lb, vector
 
 ns = Collection()
 for module in (config, db, cache, vector, app, lb, dev, deploy):

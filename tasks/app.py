@@ -13,7 +13,7 @@ from tasks.core.fleet import each_host, table
 from tasks.core.hosts import Machine
 from tasks.core.inventory import APP_ROLES
 from tasks.core.report import Report
-from tasks.tiers.app import PROJECT, TIER, compose, deploy_dir
+from tasks.tiers.app import PROJECT, TIER, compose, deploy_dir, migration_host
 
 deploy = deploy_task(TIER)
 
@@ -26,7 +26,7 @@ def migrate(ctx: Context, version: str = "") -> None:
     inventory = load(ctx)
     if version:
         inventory = release.with_release(inventory, version)
-    host = release.tier.migration_host(inventory)
+    host = migration_host(inventory)
     release.ensure_images(inventory, [host])
     outcome = release.migrate(inventory, Report())
     if outcome.ran:

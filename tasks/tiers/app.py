@@ -127,12 +127,14 @@ def migrate_step(inventory: Inventory) -> RunCommand:
     """One migration run, unless the database is at the image's head already; verified after,
     since `flask upgrade-db` exits 0 even when it skipped (another process held its lock)."""
     probe = at_head_probe(inventory)
-    message = ("the migration exited 0 but the database is not at the api image's alembic "
-               "head (skipped: another process held db_upgrade_lock, or it failed): see "
-               "the output above, then run inv app.migrate")
+    message = ("the migration exited 0 but the database is not at the alembic head of the api "
+               "image (skipped because another process held db_upgrade_lock, or failed)")
+    run = f"{migration_compose(inventory)} run --rm -T migration"
     return RunCommand("migrate the database (one run)",
-                      f"{migration_compose(inventory)} run --rm -T migration && "
-                      f"{{ {probe} || {{ echo '{message}' >&2; exit 1; }}; }}",
+                      f"out=$({run} 2>&1) || {{ printf '%s\\n' \"$out\" | tail -n 5 >&2; "
+                      f"exit 1; }}; {probe} || {{ echo \"{message}; it printed: "
+                      f"$(printf '%s' \"$out\" | tail -n 1); fix the cause and rerun\" >&2; "
+                      f"exit 1; }}",
                       unless=probe)
 
 

@@ -58,9 +58,11 @@ BASE_REPO = "difyops-test/base"
 HOST_REPO = "difyops-test/host"
 DOCKER_HOST_IMAGE_DIR = REPO_ROOT / "tests" / "hosts" / "systemd-docker"
 DOCKER_HOST_REPO = "difyops-test/docker-host"
-# What a host needs to run its own Docker engine (without --privileged).
+# What a host needs to run its own Docker engine (without --privileged). SYS_PTRACE: runc joins
+# the namespaces of a container whose process runs as another user (Dify's api runs as uid
+# 1001) only with it, so `docker exec` and healthchecks fail without it.
 DOCKER_HOST_KWARGS: dict[str, Any] = {
-    "cap_add": ["SYS_ADMIN", "NET_ADMIN"],
+    "cap_add": ["SYS_ADMIN", "NET_ADMIN", "SYS_PTRACE"],
     "security_opt": ["seccomp=unconfined"],
 }
 SUITE = "bookworm"

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
-NAMESPACES = ("config", "db", "cache", "vector", "app", "lb", "dev", "deploy")
+NAMESPACES = ("config", "db", "cache", "vector", "app", "lb", "dev", "deploy", "images")
 
 
 def inv(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
