@@ -278,7 +278,8 @@ def replace(target: Inventory, previous: Inventory | None, hooks_: Hooks,
     front, back = order(target)
 
     def plan(inventory: Inventory, host: Host, shared: Renderer) -> HostPlan:
-        return HostPlan(host, tier.steps(inventory, shared, host, release_guard=False))
+        return HostPlan(host, tier.steps(inventory, shared, host, release_guard=False,
+                                         migrate=False))
 
     restore = None
     if previous is not None:
@@ -287,7 +288,8 @@ def replace(target: Inventory, previous: Inventory | None, hooks_: Hooks,
     timeouts = target.settings["timeouts"]
     outcome = roll("app", [plan(target, h, renderer) for h in front], report=report,
                    timeouts=timeouts, drain=hooks_.drain, undrain=hooks_.undrain,
-                   behind_lb=lambda host: host.has("api", "web", "plugin_daemon"),
+                   behind_lb=lambda host: hooks_.load_balanced and host.has(
+                       "api", "web", "plugin_daemon"),
                    restore=restore)
     if not outcome.ok:
         outcome.untouched += [h.name for h in back]

@@ -156,8 +156,12 @@ def redis_endpoint(inventory: Inventory) -> tuple[str, int]:
 
 
 def steps(inventory: Inventory, renderer: Renderer, host: Host, *,
-          release_guard: bool = True) -> list[Step]:
-    """Files, checks, storage, images; then the start order with its gates (module doc)."""
+          release_guard: bool = True, migrate: bool = True) -> list[Step]:
+    """Files, checks, storage, images; then the start order with its gates (module doc).
+
+    release_guard=False, migrate=False: the plan of one host in a rolling upgrade or rollback,
+    which checks the release and migrates once for all hosts before it replaces any.
+    """
     check_limits(inventory)
     directory = deploy_dir(inventory)
     timeout = inventory.settings["app"]["health_timeout"]
@@ -210,7 +214,8 @@ def steps(inventory: Inventory, renderer: Renderer, host: Host, *,
                                on_change=triggers))
     daemons = [pd for pd in inventory.with_role("plugin_daemon") if pd.name != host.name]
     if is_migrator:
-        plan.append(migrate_step(inventory))
+        if migrate:
+            plan.append(migrate_step(inventory))
     else:
         plan.append(WaitFor(HttpGate(
             f"{migrator.name} api /console/api/setup (database migrated)", timeout=timeout,

@@ -78,9 +78,10 @@ class App:
         assert code == 0, out
         return out.strip()
 
-    def redis(self, *args: str) -> str:
+    def redis(self, *args: str, db: int = 1) -> str:
+        """A redis-cli command on the cache host (db 1: the broker, db 0: the cache)."""
         command = ("REDISCLI_AUTH=$(sed -n 's/^requirepass //p' /etc/redis/redis.conf) "
-                   "redis-cli -n 1 --no-auth-warning " + " ".join(args))
+                   f"redis-cli -n {db} --no-auth-warning " + " ".join(args))
         code, out = self.hosts["app-db"].exec(command)
         assert code == 0, out
         return out.strip()
@@ -155,11 +156,11 @@ def test_deploy_starts_every_service_healthy_then_changes_nothing(app: App) -> N
         health = requests.get(f"http://{host.address}:5001/health", timeout=5).json()
         assert health["status"] == "ok" and health["version"] == A
         _, out = host.exec(f"stat -c '%a %U' {DEPLOY}/.env; stat -c %u /srv/dify/storage; "
-                              f"grep -c '^MIGRATION_ENABLED=false$' {DEPLOY}/.env")
+                           f"grep -c '^MIGRATION_ENABLED=false$' {DEPLOY}/.env")
         assert out.split() == ["600", "root", "1001", "1"], out
         _, out = host.exec("docker inspect -f '{{.HostConfig.Memory}} "
-                              "{{.HostConfig.NanoCpus}} {{.HostConfig.RestartPolicy.Name}} "
-                              "{{.State.Health.Status}}' dify-api-1")
+                           "{{.HostConfig.NanoCpus}} {{.HostConfig.RestartPolicy.Name}} "
+                           "{{.State.Health.Status}}' dify-api-1")
         assert out.split() == [str(256 * 1024 * 1024), str(10**9), "always", "healthy"], out
     assert requests.get(f"http://{app.hosts['app-api1'].address}:5002/health/check",
                         timeout=5).json()["code"] == 0
@@ -201,18 +202,18 @@ def test_deploy_refuses_another_release_without_touching_a_host(app: App) -> Non
 def test_upgrade_stops_before_any_api_when_the_migration_skips(app: App) -> None:
     app.ok("images.sync", "--version", B)
     before = {name: app.images(name) for name in ("app-api1", "app-api2", "app-work")}
-    app.redis("SET", "db_upgrade_lock", "someone-else", "EX", "600")  # another migration runs
+    # Another migration holds Dify's lock (in the cache database, as Dify takes it).
+    app.redis("SET", "db_upgrade_lock", "someone-else", "EX", "600", db=0)
     try:
         result = app.inv("app.upgrade", "--version", B)
     finally:
-        app.redis("DEL", "db_upgrade_lock")
+        app.redis("DEL", "db_upgrade_lock", db=0)
     assert result.returncode == 1, result.stdout
     assert "Database migration skipped" in result.stderr
     assert f"expects its head {standin.head(B)}" in result.stderr
     assert app.sql("SELECT version_num FROM alembic_version") == standin.head(A)
     assert {name: app.images(name) for name in before} == before
-    assert "[app] app-api1: drained" not in result.stdout
-    assert "compose up dify" not in result.stdout
+    assert "compose up" not in result.stdout
 
 
 def test_rolling_upgrade_keeps_an_api_answering(app: App) -> None:

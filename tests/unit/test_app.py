@@ -385,3 +385,52 @@ def test_a_local_machine_streams_bytes_into_a_command(tmp_path) -> None:
     with source.open("rb") as handle:
         result = machine.feed("wc -c", handle, sudo=False)
     assert result.ok and result.stdout.strip() == str(3 << 20)
+
+
+class RegistryDocker(images_engine.ControlDocker):
+    """A control engine that records docker commands; `pushed` after a push of that name."""
+
+    def __init__(self, ids: dict[str, str]) -> None:
+        super().__init__()
+        self.ids, self.commands, self.pushes = dict(ids), [], set()
+
+    def image_id(self, name: str) -> str | None:
+        return self.ids.get(name)
+
+    def pushed(self, name: str) -> bool:
+        return name in self.pushes
+
+    def check(self, *args: str) -> None:
+        self.commands.append(" ".join(args))
+        if args[0] == "pull":
+            self.ids[args[-1]] = f"id-{args[-1]}"
+        if args[0] == "tag":
+            self.ids[args[2]] = self.ids[args[1]]
+        if args[0] == "push":
+            self.pushes.add(args[-1])
+
+
+def test_a_private_registry_gets_every_image_once(load, base) -> None:
+    base["dify"] = {"registry_mirror": "mirror.example/", "private_registry": "reg.lan:5000"}
+    base["vector"] = {"store": "pgvector"}
+    base["hosts"] = [h for h in base["hosts"] if h["name"] != "vector1"]
+    inventory = load(base)
+    upstream = "mirror.example/langgenius/dify-api:1.13.3"
+    docker = RegistryDocker({upstream: "id-api"})  # already pulled once
+    rows = images_engine.prepare(inventory, docker, refresh=False)
+    assert f"pull -q {upstream}" not in docker.commands
+    assert "pull -q mirror.example/langgenius/dify-web:1.13.3" in docker.commands
+    assert f"tag {upstream} reg.lan:5000/langgenius/dify-api:1.13.3" in docker.commands
+    pushes = [c for c in docker.commands if c.startswith("push")]
+    assert len(pushes) == 5 and all(" reg.lan:5000/" in c for c in pushes)
+    assert {r.status for r in rows if r.where == "reg.lan:5000"} == {"pushed"}
+    docker.commands.clear()
+    again = images_engine.prepare(inventory, docker, refresh=False)
+    assert docker.commands == []
+    assert {r.status for r in again} == {"present"}
+
+
+def test_rolling_plans_neither_check_the_release_nor_migrate(load, base) -> None:
+    plan = labels(plan_of(load(base), "api1", release_guard=False, migrate=False))
+    assert "release check" not in plan and "migrate the database (one run)" not in plan
+    assert plan.index("compose up plugin_daemon") < plan.index("compose up dify")
