@@ -11,8 +11,8 @@ __path__ = [str(Path(__file__).resolve().parent / "tasks")]
 
 from invoke import Collection
 
-from tasks import app, backup, cache, config, db, deploy, dev, lb, monitor, net, vector
+from tasks import app, backup, cache, config, db, deploy, dev, images, lb, monitor, net, vector
 
 ns = Collection()
-for module in (config, db, cache, vector, app, lb, monitor, backup, dev, deploy, net):
+for module in (config, db, cache, vector, app, images, lb, monitor, backup, dev, deploy, net):
     ns.add_collection(Collection.from_module(module))

@@ -1,6 +1,108 @@
 """app: Dify's api, workers, beat, web, plugin daemon, sandbox and SSRF proxy."""
 
-from tasks.core.cli import deploy_task
-from tasks.tiers.app import TIER
+from __future__ import annotations
+
+import json
+
+from invoke import Context, task
+from invoke.exceptions import Exit
+
+from tasks.core import release
+from tasks.core.cli import deploy_task, load, reported
+from tasks.core.fleet import each_host, table
+from tasks.core.hosts import Machine
+from tasks.core.inventory import APP_ROLES
+from tasks.core.report import Report
+from tasks.tiers.app import PROJECT, TIER, compose, deploy_dir, migration_host
 
 deploy = deploy_task(TIER)
+
+
+@task(help={"version": "the Dify version to migrate to (default: the inventory's dify.version); "
+                       "its images must be on the migration host"})
+@reported
+def migrate(ctx: Context, version: str = "") -> None:
+    """Run the one database migration of a release on the first api host, and verify it."""
+    inventory = load(ctx)
+    if version:
+        inventory = release.with_release(inventory, version)
+    host = migration_host(inventory)
+    release.ensure_images(inventory, [host])
+    outcome = release.migrate(inventory, Report())
+    if outcome.ran:
+        print(f"migrated from {outcome.before or '(empty)'} to {outcome.after}")
+
+
+@task(help={"version": "the Dify version to upgrade to (a config/profiles/<version>.yml must "
+                       "exist; its images are shipped with inv images.sync --version V)"})
+@reported
+def upgrade(ctx: Context, version: str) -> None:
+    """Upgrade Dify: backup, one migration, api/web hosts one at a time, then the workers."""
+    inventory = load(ctx)
+    report = Report()
+    print(f"upgrading Dify to {version} on inventory {inventory.name}", flush=True)
+    outcome = release.upgrade(inventory, version, report)
+    print(f"\nupgraded to Dify {version}: replaced {', '.join(outcome.replaced) or 'none'}"
+          + (f"; already there: {', '.join(outcome.unchanged)}" if outcome.unchanged else ""))
+    note = release.reminder(inventory, version)
+    if note:
+        print(f"note: {note}")
+
+
+@task
+@reported
+def rollback(ctx: Context) -> None:
+    """Go back to the release before the last upgrade (refused across a migration: restore)."""
+    inventory = load(ctx)
+    report = Report()
+    outcome = release.rollback(inventory, report)
+    history = release.read_history(inventory)
+    version = history[-1]["version"]
+    print(f"\nrolled back to Dify {version}: replaced {', '.join(outcome.replaced) or 'none'}")
+    note = release.reminder(inventory, version)
+    if note:
+        print(f"note: {note}")
+
+
+def containers(machine: Machine, directory: str) -> list[dict]:
+    """The compose project's containers with image, state, health and worker queues."""
+    result = machine.run(f"{compose(directory, PROJECT)} ps -a --format json")
+    if not result.ok:
+        return [{"Service": "-", "Image": "-", "State": f"error: {result.answer}",
+                 "Health": ""}]
+    text = result.stdout.strip()
+    items = json.loads(text) if text.startswith("[") else [json.loads(line) for line in
+                                                          text.splitlines() if line.strip()]
+    for item in items:
+        if item.get("Service", "").startswith("worker_") and item["Service"] != "worker_beat":
+            env = machine.run("docker inspect -f '{{range .Config.Env}}{{println .}}{{end}}' "
+                              f"{item['Name']}")
+            queues = [line.split("=", 1)[1] for line in env.stdout.splitlines()
+                      if line.startswith("CELERY_QUEUES=")]
+            item["Queues"] = queues[0] if queues else ""
+    return items
+
+
+@task
+@reported
+def status(ctx: Context) -> None:
+    """Per app host and container: image, state, health, and the queues each worker consumes."""
+    inventory = load(ctx)
+    directory = deploy_dir(inventory)
+    outcomes = each_host(inventory.with_role(*APP_ROLES),
+                         lambda m: containers(m, directory), inventory.settings["timeouts"])
+    rows = []
+    for outcome in outcomes:
+        if not outcome.ok:
+            rows.append((outcome.host.name, "-", "-", "unreachable", "", outcome.error))
+            continue
+        for item in outcome.value or []:
+            rows.append((outcome.host.name, item.get("Service", "-"), item.get("Image", "-"),
+                         item.get("State", "-"), item.get("Health", "") or "-",
+                         item.get("Queues", "")))
+        if not outcome.value:
+            rows.append((outcome.host.name, "-", "-", "no containers", "-", ""))
+    print(table(["host", "service", "image", "state", "health", "queues"], rows))
+    bad = [r for r in rows if r[3] != "running" or r[4] not in ("healthy", "-")]
+    if bad:
+        raise Exit(f"error: {len(bad)} container(s) not running and healthy; see above", code=1)

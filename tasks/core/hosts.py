@@ -12,8 +12,10 @@ import hashlib
 import io
 import os
 import shlex
+import subprocess
 import tempfile
 from dataclasses import dataclass
+from typing import BinaryIO
 
 from invoke import Context
 from invoke.exceptions import CommandTimedOut
@@ -71,14 +73,28 @@ class Machine:
         """Put bytes into a new private temporary file on the host; return its path."""
         raise NotImplementedError
 
+    def _feed(self, command: str, source: BinaryIO, timeout: float) -> Result:
+        """Run a command whose standard input is the bytes of source."""
+        raise NotImplementedError
+
     def close(self) -> None:
         """Release the connection, if any."""
 
+    def as_root(self, command: str, sudo: bool = True) -> str:
+        """The command as it runs: through `sudo -n sh -c` when the login is not root."""
+        if sudo and not self.is_root:
+            return f"sudo -n sh -c {shlex.quote(command)}"
+        return command
+
     def run(self, command: str, *, sudo: bool = True, timeout: float | None = None) -> Result:
         """Run a shell command; as root through `sudo -n` when the login is not root."""
-        if sudo and not self.is_root:
-            command = f"sudo -n sh -c {shlex.quote(command)}"
-        return self._execute(command, timeout or self.command_timeout)
+        return self._execute(self.as_root(command, sudo), timeout or self.command_timeout)
+
+    def feed(self, command: str, source: BinaryIO, *, sudo: bool = True,
+             timeout: float | None = None) -> Result:
+        """Run a command that reads its standard input from source until its end, streamed
+        (e.g. `docker save ... | <host> docker load`); as root like run()."""
+        return self._feed(self.as_root(command, sudo), source, timeout or self.command_timeout)
 
     def check(self, command: str, *, sudo: bool = True, timeout: float | None = None) -> Result:
         """Run a command that must succeed; a failure raises HostError naming the host."""
@@ -142,6 +158,15 @@ class LocalMachine(Machine):
             return Result(124, "", f"timed out after {timeout:g} s")
         return Result(result.exited, result.stdout, result.stderr)
 
+    def _feed(self, command: str, source: BinaryIO, timeout: float) -> Result:
+        try:
+            result = subprocess.run(["sh", "-c", command], stdin=source, capture_output=True,
+                                    timeout=timeout, check=False)
+        except subprocess.TimeoutExpired:
+            return Result(124, "", f"timed out after {timeout:g} s")
+        return Result(result.returncode, result.stdout.decode(errors="replace"),
+                      result.stderr.decode(errors="replace"))
+
     def _upload(self, content: bytes) -> str:
         fd, path = tempfile.mkstemp(prefix="difyops.")
         with os.fdopen(fd, "wb") as handle:
@@ -191,6 +216,23 @@ class SshMachine(Machine):
         except (OSError, EOFError) as exc:
             raise HostError(f"lost the connection to {self.host.target}: {exc}") from exc
         return Result(result.exited, result.stdout, result.stderr)
+
+    def _feed(self, command: str, source: BinaryIO, timeout: float) -> Result:
+        try:
+            channel = self.connection.client.get_transport().open_session()
+            channel.settimeout(timeout)
+            channel.exec_command(command)
+            while chunk := source.read(1 << 20):
+                channel.sendall(chunk)
+            channel.shutdown_write()
+            stdout = channel.makefile("rb").read().decode(errors="replace")
+            stderr = channel.makefile_stderr("rb").read().decode(errors="replace")
+            exited = channel.recv_exit_status()
+        except TimeoutError:
+            return Result(124, "", f"timed out after {timeout:g} s")
+        except (OSError, EOFError) as exc:
+            raise HostError(f"lost the connection to {self.host.target}: {exc}") from exc
+        return Result(exited, stdout, stderr)
 
     def _upload(self, content: bytes) -> str:
         path = self.check("umask 077 && mktemp /tmp/difyops.XXXXXXXX", sudo=False).stdout.strip()

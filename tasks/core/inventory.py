@@ -113,9 +113,20 @@ class Inventory:
                                   f"use one of: {known}")])
 
     def image(self, component: str) -> str:
-        """The image of a component: inventory override, else the profile, with the mirror."""
-        image = self.settings["dify"]["images"].get(component) or self.profile.images[component]
-        return self.settings["dify"]["registry_mirror"] + image
+        """The image of a component as hosts name it: behind the private registry when one is
+        set, else as pulled from upstream (see upstream_image)."""
+        registry = self.settings["dify"]["private_registry"].rstrip("/")
+        if registry:
+            return f"{registry}/{self.base_image(component)}"
+        return self.upstream_image(component)
+
+    def upstream_image(self, component: str) -> str:
+        """The image of a component as pulled from upstream: override or profile, mirrored."""
+        return self.settings["dify"]["registry_mirror"] + self.base_image(component)
+
+    def base_image(self, component: str) -> str:
+        """The image name without any registry prefix: inventory override, else the profile."""
+        return self.settings["dify"]["images"].get(component) or self.profile.images[component]
 
     @property
     def is_dev_layout(self) -> bool:

@@ -1,44 +1,242 @@
-"""app tier: the Dify services of each app host as one compose project, from one environment."""
+"""app tier: the Dify services of each app host as one compose project, from one environment.
+
+Start order across hosts, enforced by health gates (hosts of the tier run in parallel):
+database and Redis reachable from every app host -> the plugin daemon up -> one migration run
+on the first api host (the "migration host"), checked against the image's alembic head -> the
+first api answering /console/api/setup (which needs a migrated database) -> every other api,
+worker, beat and web host. A compose project runs no migration itself: MIGRATION_ENABLED=false
+everywhere but in the one-off migration container.
+
+Each app host keeps <deploy_dir>/release.json (the Dify version and images it runs). A deploy
+refuses to change a host to another version or api image: that is `inv app.upgrade` (backup,
+migration, one host at a time) or `inv app.rollback`.
+"""
 
 from __future__ import annotations
 
-from tasks.core.gates import HttpGate
+import json
+import re
+import shlex
+
+from tasks.core.errors import InputError, Problem
+from tasks.core.gates import CommandGate, HttpGate
 from tasks.core.inventory import APP_ROLES, Host, Inventory
 from tasks.core.plan import RunCommand, Step, WaitFor, WriteFile
+from tasks.core.project import display
 from tasks.core.render import Renderer
 from tasks.core.tiers import Tier
 from tasks.tiers.common import compose_up
 
 # The uid the Dify api image runs as: storage must belong to it.
 DIFY_UID = 1001
+PROJECT = "dify"
+MIGRATION_PROJECT = "dify-migration"
+# Components that run the api image, and which components each role brings to a host.
+ROLE_COMPONENTS = {
+    "api": ("api", "sandbox", "ssrf_proxy"),
+    "worker": ("api", "sandbox", "ssrf_proxy"),
+    "beat": ("api",),
+    "web": ("web",),
+    "plugin_daemon": ("plugin_daemon",),
+}
+LIMITED = ("api", "worker", "beat", "plugin_daemon", "web", "sandbox", "ssrf_proxy")
+CPUS = re.compile(r"^\d+(\.\d+)?$")
+MEMORY = re.compile(r"^\d+(\.\d+)?[kmgKMG]?[bB]?$")
 
 
-def steps(inventory: Inventory, renderer: Renderer, host: Host) -> list[Step]:
-    """Environment, compose file and proxy config; storage owned by Dify's uid; start; gates."""
-    directory = inventory.settings["app"]["deploy_dir"]
+def deploy_dir(inventory: Inventory) -> str:
+    """Where the compose project and its environment live on every app host."""
+    return inventory.settings["app"]["deploy_dir"]
+
+
+def compose(directory: str, project: str = PROJECT) -> str:
+    """The docker compose command line of a project in a folder."""
+    return f"docker compose --project-directory {shlex.quote(directory)} -p {project}"
+
+
+def migration_compose(inventory: Inventory) -> str:
+    """docker compose of the one-off migration project (on the migration host)."""
+    return compose(f"{deploy_dir(inventory)}/migration", MIGRATION_PROJECT)
+
+
+def migration_host(inventory: Inventory) -> Host:
+    """The api host that runs the one migration of a release: the first api host."""
+    return inventory.with_role("api")[0]
+
+
+def host_images(inventory: Inventory, host: Host) -> dict[str, str]:
+    """component -> image for every Dify component this host runs (as the host names it)."""
+    components = sorted({c for role, comps in ROLE_COMPONENTS.items() if host.has(role)
+                         for c in comps})
+    return {component: inventory.image(component) for component in components}
+
+
+def release(inventory: Inventory, host: Host) -> dict:
+    """What a host runs after a deploy: the Dify version and its images."""
+    return {"version": inventory.profile.version, "images": host_images(inventory, host)}
+
+
+def release_text(record: dict) -> str:
+    """release.json's content (one key per line: the release check greps it)."""
+    return json.dumps(record, indent=2, sort_keys=True) + "\n"
+
+
+def check_limits(inventory: Inventory) -> None:
+    """Resource limits must be what compose understands; refused before any host is touched."""
+    app, problems = inventory.settings["app"], []
+    for service in LIMITED:
+        cpus, memory = app[service]["cpus"], app[service]["memory"]
+        if cpus and not (CPUS.match(cpus) and float(cpus) > 0):
+            problems.append(Problem(display(inventory.file), f"app.{service}.cpus",
+                                    f"{cpus!r} is not a number of CPUs",
+                                    'write it as a quoted number, e.g. cpus: "2" or "0.5"'))
+        if memory and not MEMORY.match(memory):
+            problems.append(Problem(display(inventory.file), f"app.{service}.memory",
+                                    f"{memory!r} is not an amount of memory",
+                                    'write a number with a unit, e.g. memory: "4g" or "512m"'))
+    if problems:
+        raise InputError(problems)
+
+
+def release_check(inventory: Inventory, host: Host) -> RunCommand:
+    """Fail when the host runs another version or api image than the inventory asks for."""
+    path = f"{deploy_dir(inventory)}/release.json"
+    record = release(inventory, host)
+    wanted = [f'"version": "{record["version"]}"']
+    if "api" in record["images"]:
+        wanted.append(f'"api": "{record["images"]["api"]}"')
+    greps = " && ".join(f"grep -qF {shlex.quote(w)} {path}" for w in wanted)
+    running = f"$(sed -n 's/^  \"version\": \"\\(.*\\)\"$/\\1/p' {path})"
+    message = (f"{host.name} runs Dify {running} ({path}), not the inventory's "
+               f"{record['version']} with {record['images'].get('api', 'its images')}: change "
+               f"releases with inv app.upgrade --version {record['version']} (backup, "
+               f"migration, one host at a time) or inv app.rollback")
+    return RunCommand("release check",
+                      f"test ! -f {path} || {{ {greps}; }} || {{ echo \"{message}\" >&2; "
+                      f"exit 1; }}", changes=False)
+
+
+def at_head_probe(inventory: Inventory) -> str:
+    """Exit 0 when the database's alembic revision is the api image's head (`flask db current`
+    marks a revision that is a head of the image's migration scripts with "(head)")."""
+    return (f"{migration_compose(inventory)} run --rm -T --entrypoint flask migration "
+            f"db current 2>/dev/null | grep -q '(head)'")
+
+
+def migrate_step(inventory: Inventory) -> RunCommand:
+    """One migration run, unless the database is at the image's head already; verified after,
+    since `flask upgrade-db` exits 0 even when it skipped (another process held its lock)."""
+    probe = at_head_probe(inventory)
+    message = ("the migration exited 0 but the database is not at the alembic head of the api "
+               "image (skipped because another process held db_upgrade_lock, or failed)")
+    run = f"{migration_compose(inventory)} run --rm -T migration"
+    return RunCommand("migrate the database (one run)",
+                      f"out=$({run} 2>&1) || {{ printf '%s\\n' \"$out\" | tail -n 5 >&2; "
+                      f"exit 1; }}; {probe} || {{ echo \"{message}; it printed: "
+                      f"$(printf '%s' \"$out\" | tail -n 1); fix the cause and rerun\" >&2; "
+                      f"exit 1; }}",
+                      unless=probe)
+
+
+def reachable(name: str, address: str, port: int, timeout: float) -> WaitFor:
+    """A TCP port answering from the app host itself (not from the control machine)."""
+    return WaitFor(CommandGate(f"{name} reachable at {address}:{port}", timeout=timeout,
+                               interval=2,
+                               command=f"timeout 3 bash -c '</dev/tcp/{address}/{port}'"))
+
+
+def redis_endpoint(inventory: Inventory) -> tuple[str, int]:
+    """The Redis the app reaches first: a broker host, else the first cache host (Sentinel's
+    port in sentinel mode)."""
+    cache = inventory.settings["cache"]
+    hosts = inventory.with_role("broker") or inventory.with_role("cache")
+    port = cache["sentinel_port"] if cache["mode"] == "sentinel" and not \
+        inventory.with_role("broker") else cache["port"]
+    return hosts[0].address, port
+
+
+def steps(inventory: Inventory, renderer: Renderer, host: Host, *,
+          release_guard: bool = True, migrate: bool = True) -> list[Step]:
+    """Files, checks, storage, images; then the start order with its gates (module doc).
+
+    release_guard=False, migrate=False: the plan of one host in a rolling upgrade or rollback,
+    which checks the release and migrates once for all hosts before it replaces any.
+    """
+    check_limits(inventory)
+    directory = deploy_dir(inventory)
+    timeout = inventory.settings["app"]["health_timeout"]
+    env = renderer.render("config/env/dify.env.j2", host)
     files = [
-        WriteFile(f"{directory}/.env", renderer.render("config/env/dify.env.j2", host),
-                  mode=0o600, secret=True),
+        WriteFile(f"{directory}/.env", env, mode=0o600, secret=True),
         WriteFile(f"{directory}/compose.yml", renderer.render("compose/app.yml.j2", host)),
     ]
     if host.has("api", "worker"):
         files.append(WriteFile(f"{directory}/squid.conf",
                                renderer.render("config/squid/squid.conf.j2", host)))
-    plan: list[Step] = [*files]
+    triggers = tuple(step.path for step in files)
+    migrator = migration_host(inventory)
+    is_migrator = host.name == migrator.name
+    plan: list[Step] = [release_check(inventory, host)] if release_guard else []
+    plan += files
+    if is_migrator:
+        plan += [
+            WriteFile(f"{directory}/migration/.env", env, mode=0o600, secret=True),
+            WriteFile(f"{directory}/migration/compose.yml",
+                      renderer.render("compose/app-migration.yml.j2", host)),
+        ]
+    plan.append(WriteFile(f"{directory}/release.json", release_text(release(inventory, host))))
+    plan.append(RunCommand(
+        "docker engine and compose v2",
+        "docker info >/dev/null 2>&1 && docker compose version >/dev/null 2>&1 || { echo "
+        "'this host needs a running Docker Engine with the compose v2 plugin (docker.io or "
+        "docker-ce, and docker-compose-plugin)' >&2; exit 1; }", changes=False))
     storage = inventory.settings["storage"]
     if host.has("api", "worker") and storage["type"] != "s3":
         plan.append(RunCommand(
             f"storage {storage['path']} owned by uid {DIFY_UID}",
             f"mkdir -p {storage['path']} && chown {DIFY_UID}:{DIFY_UID} {storage['path']}",
             unless=f"test \"$(stat -c %u {storage['path']} 2>/dev/null)\" = {DIFY_UID}"))
-    plan.append(compose_up(directory, "dify", *(step.path for step in files)))
-    probes = {"api": (5001, "/health"), "plugin_daemon": (5002, "/health/check"),
-              "web": (3000, "/")}
-    for role, (port, path) in probes.items():
-        if host.has(role):
-            plan.append(WaitFor(HttpGate(f"{role} {path}", timeout=300, interval=2,
-                                         url=f"http://{host.address}:{port}{path}")))
+    images = sorted(set(host_images(inventory, host).values()))
+    plan.append(RunCommand(
+        "images present",
+        f"{compose(directory)} pull --quiet || {{ echo 'cannot pull the images: where hosts "
+        f"reach no registry, ship them with inv images.sync' >&2; exit 1; }}",
+        unless="docker image inspect " + " ".join(shlex.quote(i) for i in images)
+               + " >/dev/null 2>&1"))
+    if host.has("api", "worker", "beat", "plugin_daemon"):
+        primary = inventory.with_role("db_primary")[0]
+        plan.append(reachable("PostgreSQL", primary.address, inventory.settings["db"]["port"],
+                              timeout))
+        plan.append(reachable("Redis", *redis_endpoint(inventory), timeout))
+    if host.has("plugin_daemon"):
+        plan.append(RunCommand("compose up plugin_daemon",
+                               f"{compose(directory)} up -d --wait plugin_daemon",
+                               on_change=triggers))
+    daemons = [pd for pd in inventory.with_role("plugin_daemon") if pd.name != host.name]
+    if is_migrator:
+        if migrate:
+            plan.append(migrate_step(inventory))
+    else:
+        plan.append(WaitFor(HttpGate(
+            f"{migrator.name} api /console/api/setup (database migrated)", timeout=timeout,
+            interval=2, url=f"http://{migrator.address}:5001/console/api/setup")))
+    if host.has("api"):
+        plan += [WaitFor(HttpGate(f"plugin daemon on {pd.name}", timeout=timeout, interval=2,
+                                  url=f"http://{pd.address}:5002/health/check"))
+                 for pd in daemons]
+    plan.append(compose_up(directory, PROJECT, *triggers))
+    plan += gates(inventory, host)
     return plan
+
+
+def gates(inventory: Inventory, host: Host) -> list[WaitFor]:
+    """The health answers of the services this host serves (probed from the control machine)."""
+    timeout = inventory.settings["app"]["health_timeout"]
+    probes = [("api", 5001, "/health", "ok"), ("api", 5001, "/console/api/setup", ""),
+              ("plugin_daemon", 5002, "/health/check", ""), ("web", 3000, "/", "")]
+    return [WaitFor(HttpGate(f"{role} {path}", timeout=timeout, interval=1, contains=contains,
+                             url=f"http://{host.address}:{port}{path}"))
+            for role, port, path, contains in probes if host.has(role)]
 
 
 TIER = Tier("app", "Dify services on the app hosts", APP_ROLES, steps,

@@ -10,6 +10,9 @@ Images are built once and reused across runs: every tag carries a hash of its in
   pulled (unless ``DIFYOPS_PULL_BASE=0``); else built with debootstrap from the machine's own
   Debian mirror and imported as ``difyops-test/base:bookworm-<hash>``.
 - Host image: ``tests/hosts/systemd-ssh/Dockerfile`` on that base, as ``difyops-test/host:<hash>``.
+- Docker host image (hosts started with ``docker=True``): ``tests/hosts/systemd-docker/Dockerfile``
+  on the host image, as ``difyops-test/docker-host:<hash>``: the same host plus its own Docker
+  engine (vfs driver) and compose v2, for the tiers deployed by compose.
 
 Other settings: ``DIFYOPS_LAB_TIMEOUT`` (seconds a host may take to be ready, default 120) and
 ``DIFYOPS_LAB_PRIVILEGED=1`` (run hosts with --privileged, for engines where systemd needs it).
@@ -53,6 +56,15 @@ HOST_IMAGE_DIR = REPO_ROOT / "tests" / "hosts" / "systemd-ssh"
 DEFAULT_BASE_IMAGE = "debian:bookworm"
 BASE_REPO = "difyops-test/base"
 HOST_REPO = "difyops-test/host"
+DOCKER_HOST_IMAGE_DIR = REPO_ROOT / "tests" / "hosts" / "systemd-docker"
+DOCKER_HOST_REPO = "difyops-test/docker-host"
+# What a host needs to run its own Docker engine (without --privileged). SYS_PTRACE: runc joins
+# the namespaces of a container whose process runs as another user (Dify's api runs as uid
+# 1001) only with it, so `docker exec` and healthchecks fail without it.
+DOCKER_HOST_KWARGS: dict[str, Any] = {
+    "cap_add": ["SYS_ADMIN", "NET_ADMIN", "SYS_PTRACE"],
+    "security_opt": ["seccomp=unconfined"],
+}
 SUITE = "bookworm"
 DEBOOTSTRAP_INCLUDE = ("ca-certificates",)
 # Bump when the way the base image is made changes (part of its tag's hash).
@@ -348,6 +360,34 @@ def ensure_host_image(client: docker.DockerClient, suite: str = SUITE) -> str:
     return tag
 
 
+def ensure_docker_host_image(client: docker.DockerClient) -> str:
+    """Return the tag of the host image with its own Docker engine, building it once if missing."""
+    host_id = client.images.get(ensure_host_image(client)).id
+    parts: list[str | bytes] = [host_id]
+    for path in sorted(DOCKER_HOST_IMAGE_DIR.rglob("*")):
+        if path.is_file():
+            parts += [str(path.relative_to(DOCKER_HOST_IMAGE_DIR)), path.read_bytes()]
+    tag = f"{DOCKER_HOST_REPO}:{_digest(*parts)}"
+    if _image_exists(client, tag):
+        return tag
+    with _build_lock():
+        if _image_exists(client, tag):
+            return tag
+        started = time.monotonic()
+        builder = docker.from_env(timeout=900)
+        try:
+            builder.images.build(path=str(DOCKER_HOST_IMAGE_DIR), tag=tag,
+                                 buildargs={"HOST_IMAGE": host_id}, rm=True, forcerm=True,
+                                 pull=False)
+        except docker.errors.BuildError as exc:
+            lines = [str(item.get("stream", item.get("error", ""))) for item in exc.build_log]
+            raise LabError(f"building {tag} failed: {exc}\n{''.join(lines)[-4000:]}") from exc
+        finally:
+            builder.close()
+        LOG.info("built %s in %.0f s", tag, time.monotonic() - started)
+    return tag
+
+
 # --- keys ----------------------------------------------------------------------------------
 
 
@@ -403,6 +443,7 @@ class LabHost:
     container: DockerContainer
     network_name: str = ""
     public_key: str = ""
+    docker: bool = False
 
     def _wrapped(self) -> Any:
         """The docker SDK's Container object behind the testcontainers wrapper."""
@@ -516,6 +557,10 @@ class LabHost:
         if state == "degraded":
             _, failed = self.exec("systemctl --failed --no-legend --plain | cut -d' ' -f1")
             LOG.warning("%s: systemd degraded, failed units: %s", self.name, failed.split())
+        while self.docker and self.exec("docker info >/dev/null 2>&1")[0] != 0:
+            if time.monotonic() > deadline:
+                raise LabError(f"{self.name}: the inner Docker engine does not answer")
+            time.sleep(0.2)
         while not self.ssh_ok():
             if time.monotonic() > deadline:
                 raise LabError(f"{self.name}: sshd at {self.address}:22 refused the lab key")
@@ -550,6 +595,7 @@ class Lab:
         self.hosts: dict[str, LabHost] = {}
         self.image: str | None = None
         self.images: dict[str, str] = {}  # other releases than bookworm: suite -> host image
+        self.docker_image: str | None = None
         self._network: Any = None
         self.timings: dict[str, float] = {}
 
@@ -586,11 +632,23 @@ class Lab:
             self.timings["images"] = time.monotonic() - started
         return self.image
 
-    def _start_one(self, name: str, cap_add: tuple[str, ...] = (),
-                   suite: str = SUITE) -> LabHost:
+    def _ensure_docker_image(self) -> str:
+        """Build (once) and return the tag of the host image with its own Docker engine."""
+        if self.docker_image is None:
+            started = time.monotonic()
+            self.docker_image = ensure_docker_host_image(self.client)
+            self.timings["docker host image"] = time.monotonic() - started
+        return self.docker_image
+
+    def _start_one(self, name: str, cap_add: tuple[str, ...] = (), suite: str = SUITE,
+                   docker: bool = False) -> LabHost:
         """Create and start one host container, then wait until it is ready."""
-        image = self._ensure_image(suite)
+        image = self._ensure_docker_image() if docker else self._ensure_image(suite)
+        extra = dict(DOCKER_HOST_KWARGS) if docker else {}
+        capabilities = [*extra.pop("cap_add", []), *cap_add]
         mount_mode, cgroupns = _cgroup_mode()
+        if docker:
+            mount_mode = "rw"  # the inner engine creates cgroups for its containers
         container = (
             DockerContainer(image)
             .with_name(f"{self.network_name}-{name}")
@@ -603,7 +661,8 @@ class Lab:
                 labels={LABEL: self.suffix, f"{LABEL}.host": name},
                 cgroupns=cgroupns,
                 privileged=_env_flag("DIFYOPS_LAB_PRIVILEGED"),
-                **({"cap_add": list(cap_add)} if cap_add else {}),
+                **({"cap_add": capabilities} if capabilities else {}),
+                **extra,
             )
         )
         host = LabHost(
@@ -613,6 +672,7 @@ class Lab:
             container=container,
             network_name=self.network_name,
             public_key=self.public_key,
+            docker=docker,
         )
         self.hosts[name] = host  # registered first: close() removes it even if start fails
         container.start()
@@ -621,22 +681,27 @@ class Lab:
         host.wait_ready()
         return host
 
-    def start(self, names: list[str], cap_add: tuple[str, ...] = (),
-              suite: str = SUITE) -> list[LabHost]:
+    def start(self, names: list[str], cap_add: tuple[str, ...] = (), suite: str = SUITE,
+              docker: bool = False) -> list[LabHost]:
         """Start hosts ``names`` in parallel and wait until all are ready; return them in order.
 
         ``cap_add``: extra capabilities, e.g. ``("NET_ADMIN",)`` for hosts that get a firewall
         (nftables rules then apply to that host's own network namespace only).
         ``suite``: the Debian release of the hosts (default bookworm; e.g. trixie).
+        ``docker=True``: hosts that run their own Docker engine (for compose tiers; bookworm).
         """
         clash = [n for n in names if n in self.hosts]
         if clash or len(set(names)) != len(names):
             raise LabError(f"host names already used in this lab: {clash or names}")
-        self._ensure_image(suite)
+        if docker:
+            self._ensure_docker_image()
+        else:
+            self._ensure_image(suite)
         self._ensure_network()
         started = time.monotonic()
         with ThreadPoolExecutor(max_workers=max(1, len(names))) as pool:
-            futures = [pool.submit(self._start_one, n, tuple(cap_add), suite) for n in names]
+            futures = [pool.submit(self._start_one, n, tuple(cap_add), suite, docker)
+                       for n in names]
             errors = []
             hosts = []
             for future in futures:

@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
-NAMESPACES = ("config", "db", "cache", "vector", "app", "lb", "monitor", "backup", "dev", "deploy",
-              "net")
+NAMESPACES = ("config", "db", "cache", "vector", "app", "images", "lb", "monitor", "backup", "dev",
+              "deploy", "net")
 
 
 def inv(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:

@@ -1,0 +1,446 @@
+#!/usr/bin/env python3
+"""A stand-in for Dify's images in difyops' integration tests: one program, every role.
+
+The real images cannot be pulled where the tests run, so this program honours the contract the
+deployment relies on: the same ports, health paths, MODE values and environment variable names.
+The role comes from STANDIN_ROLE (set per image tag); the release it pretends to be from
+STANDIN_VERSION, and its migration chain from STANDIN_REVISIONS (oldest first: the last is the
+image's alembic head, which `flask db heads` prints).
+
+- api image (STANDIN_ROLE=api), like Dify's entrypoint: MIGRATION_ENABLED=true runs `flask
+  upgrade-db` first; MODE=migration then exits (only where STANDIN_MIGRATION_MODE=1, as in Dify
+  releases that have that mode); MODE=worker / MODE=beat run a loop connected to the broker in
+  CELERY_BROKER_URL (a worker announces its queues in the key standin:worker:<hostname>, beat in
+  standin:beat); otherwise the api on :5001. GET /health answers "ok" only when the database and
+  Redis named in the environment answer; GET /console/api/setup needs a migrated database.
+- `flask upgrade-db` takes the Redis lock db_upgrade_lock as Dify does and, like Dify, exits 0
+  when another process holds it ("Database migration skipped") or when the migration fails.
+- web :3000 (GET /), plugin_daemon :5002 (GET /health/check: its own database and Redis),
+  sandbox :8194 (GET /health), ssrf_proxy :3128 (needs /etc/squid/squid.conf; refuses requests).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import sys
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from urllib.parse import unquote, urlparse
+
+ROLE = os.environ.get("STANDIN_ROLE", "api")
+VERSION = os.environ.get("STANDIN_VERSION", "0.0.0")
+REVISIONS = os.environ.get("STANDIN_REVISIONS", "").split()
+HOSTNAME = socket.gethostname()
+LOCK = "db_upgrade_lock"
+DEFAULT_QUEUES = "dataset,mail,ops_trace,app_deletion"
+REQUIRED = {
+    "api": ["SECRET_KEY", "DB_USERNAME", "DB_PASSWORD", "DB_HOST", "DB_PORT", "DB_DATABASE",
+            "REDIS_HOST", "REDIS_PORT", "CELERY_BROKER_URL", "PLUGIN_DAEMON_URL",
+            "PLUGIN_DAEMON_KEY", "PLUGIN_DIFY_INNER_API_KEY", "CODE_EXECUTION_ENDPOINT",
+            "CODE_EXECUTION_API_KEY", "STORAGE_TYPE"],
+    "plugin_daemon": ["SERVER_KEY", "DIFY_INNER_API_URL", "DIFY_INNER_API_KEY", "DB_USERNAME",
+                      "DB_PASSWORD", "DB_HOST", "DB_PORT", "DB_DATABASE", "REDIS_HOST",
+                      "REDIS_PORT"],
+    "sandbox": ["API_KEY"],
+    "web": ["CONSOLE_API_URL", "APP_API_URL"],
+    "ssrf_proxy": [],
+}
+
+
+def log(message: str) -> None:
+    print(f"[standin {ROLE} {VERSION}] {message}", flush=True)
+
+
+# --- Redis (RESP over a socket) ------------------------------------------------------------
+
+
+class RedisError(Exception):
+    pass
+
+
+class Redis:
+    """The few Redis commands the stand-in needs, without a client library."""
+
+    def __init__(self, host: str, port: int, password: str = "", db: int = 0,
+                 timeout: float = 3) -> None:
+        self.sock = socket.create_connection((host, port), timeout=timeout)
+        self.file = self.sock.makefile("rb")
+        if password:
+            self.call("AUTH", password)
+        if db:
+            self.call("SELECT", db)
+
+    def close(self) -> None:
+        self.sock.close()
+
+    def call(self, *args: object):
+        parts = [str(a).encode() for a in args]
+        payload = b"*%d\r\n" % len(parts) + b"".join(
+            b"$%d\r\n%s\r\n" % (len(p), p) for p in parts)
+        self.sock.sendall(payload)
+        return self.reply()
+
+    def reply(self):
+        line = self.file.readline()
+        if not line:
+            raise RedisError("connection closed")
+        kind, rest = line[:1], line[1:-2]
+        if kind == b"+":
+            return rest.decode()
+        if kind == b"-":
+            raise RedisError(rest.decode())
+        if kind == b":":
+            return int(rest)
+        if kind == b"$":
+            size = int(rest)
+            if size < 0:
+                return None
+            data = self.file.read(size + 2)[:-2]
+            return data.decode()
+        if kind == b"*":
+            size = int(rest)
+            return None if size < 0 else [self.reply() for _ in range(size)]
+        raise RedisError(f"unexpected reply {line!r}")
+
+
+def sentinel_master(sentinels: list[tuple[str, int]], name: str, password: str) -> tuple[str, int]:
+    """Ask each Sentinel in turn where the master of `name` is."""
+    errors = []
+    for host, port in sentinels:
+        try:
+            client = Redis(host, port, password)
+            try:
+                answer = client.call("SENTINEL", "get-master-addr-by-name", name)
+            finally:
+                client.close()
+            if answer:
+                return answer[0], int(answer[1])
+        except (OSError, RedisError) as exc:
+            errors.append(f"{host}:{port}: {exc}")
+    raise RedisError(f"no Sentinel knows master {name!r}: {'; '.join(errors) or 'no answer'}")
+
+
+def redis_from_env() -> Redis:
+    """The Redis cache the api uses (REDIS_* names, standalone or Sentinel)."""
+    env = os.environ
+    password = env.get("REDIS_PASSWORD", "")
+    db = int(env.get("REDIS_DB", "0") or 0)
+    if env.get("REDIS_USE_SENTINEL", "").lower() == "true":
+        sentinels = [(item.rsplit(":", 1)[0], int(item.rsplit(":", 1)[1]))
+                     for item in env.get("REDIS_SENTINELS", "").split(",") if item]
+        host, port = sentinel_master(sentinels, env.get("REDIS_SENTINEL_SERVICE_NAME", ""),
+                                     env.get("REDIS_SENTINEL_PASSWORD", ""))
+        return Redis(host, port, password, db)
+    return Redis(env["REDIS_HOST"], int(env["REDIS_PORT"]), password, db)
+
+
+def broker_from_env() -> Redis:
+    """The Celery broker of CELERY_BROKER_URL: redis://:pw@host:port/db or sentinel://...;..."""
+    url = os.environ.get("CELERY_BROKER_URL", "")
+    if not url:
+        raise RedisError("CELERY_BROKER_URL is not set (Celery would look for a local RabbitMQ)")
+    first = urlparse(url.split(";")[0])
+    password = unquote(first.password or "")
+    db = int((first.path or "/0").strip("/") or 0)
+    if first.scheme == "sentinel":
+        sentinels = [(urlparse(item).hostname, urlparse(item).port or 26379)
+                     for item in url.split(";") if item]
+        host, port = sentinel_master(sentinels,
+                                     os.environ.get("CELERY_SENTINEL_MASTER_NAME", ""),
+                                     os.environ.get("CELERY_SENTINEL_PASSWORD", ""))
+        return Redis(host, port, password, db)
+    if first.scheme != "redis":
+        raise RedisError(f"unsupported broker scheme {first.scheme!r}")
+    return Redis(first.hostname, first.port or 6379, password, db)
+
+
+# --- PostgreSQL ----------------------------------------------------------------------------
+
+
+def database(name: str | None = None):
+    import psycopg2
+
+    env = os.environ
+    return psycopg2.connect(host=env["DB_HOST"], port=int(env["DB_PORT"]),
+                            user=env["DB_USERNAME"], password=env["DB_PASSWORD"],
+                            dbname=name or env["DB_DATABASE"], connect_timeout=3)
+
+
+def current_revision(connection) -> str | None:
+    """The revision in alembic_version, or None when the table does not exist or is empty."""
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT to_regclass('alembic_version') IS NOT NULL")
+        if not cursor.fetchone()[0]:
+            return None
+        cursor.execute("SELECT version_num FROM alembic_version")
+        row = cursor.fetchone()
+        return row[0] if row else None
+
+
+# --- flask commands ------------------------------------------------------------------------
+
+
+def upgrade_db() -> int:
+    """`flask upgrade-db` as Dify has it: under a Redis lock, exit 0 even when it did nothing."""
+    try:
+        lock = redis_from_env()
+    except (OSError, RedisError) as exc:
+        print(f"Failed to execute database migration: Redis: {exc}", file=sys.stderr)
+        return 1
+    try:
+        if lock.call("SET", LOCK, HOSTNAME, "NX", "EX", 60) is None:
+            print("Database migration skipped")
+            return 0
+        try:
+            print("Starting database migration.")
+            migrate()
+            print("Database migration successful!")
+        except Exception as exc:  # Dify logs the failure and still exits 0
+            print(f"Failed to execute database migration: {exc}", file=sys.stderr)
+        finally:
+            if lock.call("GET", LOCK) == HOSTNAME:
+                lock.call("DEL", LOCK)
+        return 0
+    finally:
+        lock.close()
+
+
+def migrate() -> None:
+    connection = database()
+    try:
+        with connection, connection.cursor() as cursor:
+            cursor.execute("CREATE TABLE IF NOT EXISTS alembic_version (version_num "
+                           "VARCHAR(32) NOT NULL, CONSTRAINT alembic_version_pkc "
+                           "PRIMARY KEY (version_num))")
+            current = current_revision(connection)
+            if current is not None and current not in REVISIONS:
+                raise RuntimeError(f"Can't locate revision identified by '{current}'")
+            todo = REVISIONS[REVISIONS.index(current) + 1:] if current else REVISIONS
+            for revision in todo:
+                # Each revision leaves a visible mark, as a real schema change would.
+                cursor.execute(f"CREATE TABLE IF NOT EXISTS standin_{revision} (id INTEGER)")
+                print(f"Running upgrade {current or ''} -> {revision}")
+                current = revision
+            cursor.execute("DELETE FROM alembic_version")
+            cursor.execute("INSERT INTO alembic_version (version_num) VALUES (%s)",
+                           (REVISIONS[-1],))
+    finally:
+        connection.close()
+
+
+def flask(args: list[str]) -> int:
+    if args == ["upgrade-db"]:
+        return upgrade_db()
+    if args == ["db", "heads"]:
+        print(f"{REVISIONS[-1]} (head)")
+        return 0
+    if args == ["db", "current"]:
+        connection = database()
+        try:
+            current = current_revision(connection)
+        finally:
+            connection.close()
+        if current is None:
+            return 0
+        if current not in REVISIONS:
+            print(f"ERROR [flask_migrate] Error: Can't locate revision identified by "
+                  f"'{current}'", file=sys.stderr)
+            return 1
+        print(f"{current} (head)" if current == REVISIONS[-1] else current)
+        return 0
+    print(f"Error: No such command {' '.join(args)!r}.", file=sys.stderr)
+    return 2
+
+
+# --- HTTP roles ----------------------------------------------------------------------------
+
+
+def check_dependencies(database_name: str | None = None) -> list[str]:
+    """What does not answer among the database and Redis of the environment."""
+    problems = []
+    try:
+        connection = database(database_name)
+        try:
+            with connection.cursor() as cursor:
+                cursor.execute("SELECT 1")
+        finally:
+            connection.close()
+    except Exception as exc:
+        problems.append(f"database: {str(exc).strip().splitlines()[0] if str(exc) else exc}")
+    try:
+        client = redis_from_env()
+        try:
+            if client.call("PING") != "PONG":
+                problems.append("redis: no PONG")
+        finally:
+            client.close()
+    except (OSError, RedisError, KeyError) as exc:
+        problems.append(f"redis: {exc}")
+    return problems
+
+
+def api_routes(path: str) -> tuple[int, dict]:
+    if path == "/health":
+        problems = check_dependencies()
+        if problems:
+            return 503, {"status": "error", "problems": problems, "version": VERSION}
+        return 200, {"pid": os.getpid(), "status": "ok", "version": VERSION}
+    if path == "/console/api/setup":
+        try:
+            connection = database()
+            try:
+                revision = current_revision(connection)
+            finally:
+                connection.close()
+        except Exception as exc:
+            return 500, {"message": f"database: {exc}"}
+        if revision is None:
+            return 500, {"message": "relation \"dify_setups\" does not exist (not migrated)"}
+        return 200, {"step": "not_started", "version": VERSION, "host": HOSTNAME}
+    return 404, {"message": "not found", "version": VERSION}
+
+
+def plugin_daemon_routes(path: str) -> tuple[int, dict]:
+    if path == "/health/check":
+        problems = check_dependencies(os.environ["DB_DATABASE"])
+        if problems:
+            return 503, {"code": -1, "message": "; ".join(problems)}
+        return 200, {"code": 0, "message": "success", "data": {"version": VERSION}}
+    return 404, {"code": -1, "message": "not found"}
+
+
+def sandbox_routes(path: str) -> tuple[int, dict]:
+    return (200, {"status": "ok"}) if path == "/health" else (404, {"message": "not found"})
+
+
+def web_routes(path: str) -> tuple[int, dict]:
+    return 200, {"page": path, "console_api": os.environ["CONSOLE_API_URL"], "version": VERSION}
+
+
+def serve(port: int, routes) -> None:
+    class Handler(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def do_GET(self) -> None:
+            status, body = routes(urlparse(self.path).path)
+            data = (json.dumps(body) + "\n").encode()
+            self.send_response(status)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("0.0.0.0", port), Handler)
+    server.daemon_threads = True
+    log(f"listening on :{port}")
+    server.serve_forever(poll_interval=0.2)
+
+
+def ssrf_proxy() -> None:
+    conf = "/etc/squid/squid.conf"
+    if not os.path.isfile(conf):
+        log(f"{conf} is missing")
+        sys.exit(1)
+    listener = socket.create_server(("0.0.0.0", 3128))
+    log("proxy on :3128 (refuses every request)")
+    while True:
+        client, _ = listener.accept()
+        threading.Thread(target=refuse, args=(client,), daemon=True).start()
+
+
+def refuse(client: socket.socket) -> None:
+    with client:
+        client.settimeout(5)
+        try:
+            client.recv(4096)
+            client.sendall(b"HTTP/1.1 403 Forbidden\r\nContent-Length: 0\r\n\r\n")
+        except OSError:
+            pass
+
+
+# --- Celery-like loops ---------------------------------------------------------------------
+
+
+def broker_loop(key: str, value: dict, queues: list[str] | None = None) -> None:
+    """Stay connected to the broker, announce ourselves, wait on the queues like a consumer."""
+    while True:
+        try:
+            broker = broker_from_env()
+            log(f"connected to the broker; queues: {','.join(queues or [])}")
+            while True:
+                broker.call("SET", key, json.dumps(value), "EX", 15)
+                if queues:
+                    broker.sock.settimeout(10)
+                    broker.call("BRPOP", *queues, 3)
+                else:
+                    time.sleep(3)
+        except (OSError, RedisError) as exc:
+            log(f"broker: {exc}; retrying")
+            time.sleep(2)
+
+
+def storage_writable() -> None:
+    """Like Dify with local storage: writing under storage/ must work (uid 1001 owns it)."""
+    if os.environ.get("STORAGE_TYPE") == "opendal" and os.environ.get("OPENDAL_SCHEME") == "fs":
+        root = os.environ.get("OPENDAL_FS_ROOT", "storage")
+        path = os.path.join(root, f".standin-{HOSTNAME}")
+        try:
+            with open(path, "w") as handle:
+                handle.write(VERSION)
+        except OSError as exc:
+            log(f"storage: {exc}")
+            sys.exit(1)
+
+
+def main(argv: list[str]) -> int:
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    if argv[:1] == ["flask"]:
+        return flask(argv[1:])
+    missing = [name for name in REQUIRED.get(ROLE, []) if not os.environ.get(name)]
+    if missing:
+        log(f"missing environment: {', '.join(missing)}")
+        return 1
+    if ROLE == "api":
+        mode = os.environ.get("MODE", "api")
+        if os.environ.get("MIGRATION_ENABLED") == "true":
+            print("Running migrations", flush=True)
+            status = upgrade_db()
+            if status:
+                return status
+            if mode == "migration" and os.environ.get("STANDIN_MIGRATION_MODE") == "1":
+                print("Migration completed, exiting normally", flush=True)
+                return 0
+        if mode == "worker":
+            queues = (os.environ.get("CELERY_WORKER_QUEUES") or os.environ.get("CELERY_QUEUES")
+                      or DEFAULT_QUEUES).split(",")
+            storage_writable()
+            broker_loop(f"standin:worker:{HOSTNAME}", {"queues": queues, "version": VERSION},
+                        queues)
+        elif mode == "beat":
+            broker_loop("standin:beat", {"host": HOSTNAME, "version": VERSION})
+        else:
+            storage_writable()
+            serve(int(os.environ.get("DIFY_PORT", "5001")), api_routes)
+    elif ROLE == "web":
+        serve(3000, web_routes)
+    elif ROLE == "plugin_daemon":
+        serve(int(os.environ.get("SERVER_PORT", "5002")), plugin_daemon_routes)
+    elif ROLE == "sandbox":
+        serve(int(os.environ.get("SANDBOX_PORT", "8194")), sandbox_routes)
+    elif ROLE == "ssrf_proxy":
+        ssrf_proxy()
+    else:
+        log(f"unknown role {ROLE!r}")
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

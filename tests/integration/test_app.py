@@ -1,0 +1,278 @@
+"""The app tier on real hosts: stand-in Dify images on Docker-capable lab hosts, with the real
+PostgreSQL and Redis tiers, deployed, upgraded and rolled back by the real tasks.
+
+Hosts: app-db (PostgreSQL + Redis, deployed by db.deploy / cache.deploy), app-api1 (api +
+plugin daemon: the migration host), app-api2 (api), app-work (worker groups, beat, web). The
+Dify images are the stand-ins of tests/images (same ports, health paths, MODE values and
+environment names; /health only "ok" when the database and Redis really answer), named as the
+1.5.1 and 1.13.3 profiles name them behind the registry mirror prefix "difyops-standin/".
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import requests
+import yaml
+
+from tests.images import standin
+from tests.integration.lab import Lab, LabHost, ensure_base_image
+
+ROOT = Path(__file__).resolve().parents[2]
+A, B = "1.5.1", "1.13.3"
+DEPLOY = "/opt/dify"
+PSQL = "runuser -u postgres -- psql -d dify -AtX -c"
+
+
+class App:
+    """The module's hosts, inventory and a way to run `inv` against them."""
+
+    def __init__(self, hosts: dict[str, LabHost], tmp: Path) -> None:
+        self.hosts = hosts
+        self.tmp = tmp
+        self.inventory_file = tmp / "app-lab.yml"
+        self.env = {**os.environ, "DIFY_INVENTORY": str(self.inventory_file),
+                    "DIFY_SECRETS": str(tmp / "app-lab.env")}
+
+    def write_inventory(self, version: str = A) -> None:
+        h = self.hosts
+        inventory = {
+            "name": "app-lab",
+            "domain": "dify.lab",
+            "dify": {"version": version, "registry_mirror": standin.PREFIX},
+            "storage": {"type": "shared-fs", "path": "/srv/dify/storage"},
+            "cache": {"mode": "standalone"},
+            "vector": {"store": "pgvector"},
+            "timeouts": {"connect": 10, "command": 600},
+            "app": {"health_timeout": 90,
+                    "api": {"cpus": "1", "memory": "256m"},
+                    "worker_groups": [
+                        {"name": "docs", "queues": ["dataset"], "concurrency": 1},
+                        {"name": "rest", "queues": "all", "concurrency": 1}]},
+            "hosts": [h["app-db"].inventory_entry(["db_primary", "cache", "lb"]),
+                      h["app-api1"].inventory_entry(["api", "plugin_daemon"]),
+                      h["app-api2"].inventory_entry(["api"], user="deploy"),
+                      h["app-work"].inventory_entry(["worker", "beat", "web"])],
+        }
+        self.inventory_file.write_text(yaml.safe_dump(inventory, sort_keys=False))
+
+    def inv(self, *args: str, timeout: float = 600) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "invoke", *args], cwd=ROOT, text=True,
+                              capture_output=True, env=self.env, timeout=timeout, check=False)
+
+    def ok(self, *args: str) -> subprocess.CompletedProcess:
+        result = self.inv(*args)
+        assert result.returncode == 0, f"inv {' '.join(args)}:\n{result.stdout}\n{result.stderr}"
+        return result
+
+    def sql(self, query: str) -> str:
+        code, out = self.hosts["app-db"].exec(f"{PSQL} \"{query}\"")
+        assert code == 0, out
+        return out.strip()
+
+    def redis(self, *args: str, db: int = 1) -> str:
+        """A redis-cli command on the cache host (db 1: the broker, db 0: the cache)."""
+        command = ("REDISCLI_AUTH=$(sed -n 's/^requirepass //p' /etc/redis/redis.conf) "
+                   f"redis-cli -n {db} --no-auth-warning " + " ".join(args))
+        code, out = self.hosts["app-db"].exec(command)
+        assert code == 0, out
+        return out.strip()
+
+    def images(self, name: str) -> dict[str, str]:
+        """service -> image of the running containers of the dify project on a host."""
+        code, out = self.hosts[name].exec(
+            "docker ps --filter label=com.docker.compose.project=dify "
+            "--format '{{.Label \"com.docker.compose.service\"}} {{.Image}}'")
+        assert code == 0, out
+        return dict(line.split() for line in out.splitlines() if line.strip())
+
+
+def summary_counts(output: str) -> dict[str, dict[str, int]]:
+    """host -> {status: count} from the summary table an apply prints last."""
+    lines = output.split("summary:")[-1].strip().splitlines()
+    header = re.split(r"\s{2,}", lines[0].strip())[1:]
+    counts = {}
+    for line in lines[1:]:
+        parts = line.split()
+        counts[parts[0]] = dict(zip(header, (int(p) for p in parts[1:1 + len(header)]),
+                                    strict=True))
+    return counts
+
+
+@pytest.fixture(scope="module")
+def app(lab: Lab, tmp_path_factory: pytest.TempPathFactory) -> App:
+    """Stand-in images built here, four hosts started, PostgreSQL and Redis deployed."""
+    started = time.monotonic()
+    standin.ensure_images(lab.client, ensure_base_image(lab.client))
+    lab.timings["app: stand-in images"] = time.monotonic() - started
+    (db,) = lab.start(["app-db"])
+    docker_hosts = lab.start(["app-api1", "app-api2", "app-work"], docker=True)
+    the_app = App({h.name: h for h in [db, *docker_hosts]}, tmp_path_factory.mktemp("app"))
+    the_app.write_inventory()
+    the_app.ok("config.secrets")
+    started = time.monotonic()
+    the_app.ok("db.deploy")
+    the_app.ok("cache.deploy")
+    lab.timings["app: db + cache tiers"] = time.monotonic() - started
+    return the_app
+
+
+def test_images_sync_ships_over_ssh_then_does_nothing(app: App, lab: Lab) -> None:
+    first = app.ok("images.sync")
+    control = {name: lab.client.images.get(name).id
+               for name in standin.ensure_images(lab.client, ensure_base_image(lab.client),
+                                                 (A,))[A].values()}
+    for host, wanted in (("app-api1", ["api", "plugin_daemon", "sandbox", "ssrf_proxy"]),
+                         ("app-work", ["api", "web", "sandbox", "ssrf_proxy"])):
+        for component in wanted:
+            name = standin.image_name(A, component)
+            code, out = app.hosts[host].exec(f"docker image inspect -f '{{{{.Id}}}}' {name}")
+            assert (code, out.strip()) == (0, control[name]), (host, name, out)
+    assert "shipped" in first.stdout
+    assert app.hosts["app-db"].exec("command -v docker")[0] != 0  # no images for the db host
+    second = app.ok("images.sync")
+    statuses = {line.split()[2] for line in second.stdout.splitlines()[2:-1]
+                if line.startswith("app-")}
+    assert statuses == {"present"}, second.stdout
+    assert "nothing to do" in second.stdout
+
+
+def test_deploy_starts_every_service_healthy_then_changes_nothing(app: App) -> None:
+    first = app.ok("app.deploy")
+    # Order: the migration ran once, on the first api host, before any api started.
+    assert "[app] app-api1: migrate the database (one run) ... changed" in first.stdout
+    assert "migrate the database" not in first.stdout.replace("app-api1: migrate", "")
+    assert app.sql("SELECT version_num FROM alembic_version") == standin.head(A)
+    for name in ("app-api1", "app-api2"):
+        host = app.hosts[name]
+        health = requests.get(f"http://{host.address}:5001/health", timeout=5).json()
+        assert health["status"] == "ok" and health["version"] == A
+        _, out = host.exec(f"stat -c '%a %U' {DEPLOY}/.env; stat -c %u /srv/dify/storage; "
+                           f"grep -c '^MIGRATION_ENABLED=false$' {DEPLOY}/.env")
+        assert out.split() == ["600", "root", "1001", "1"], out
+        _, out = host.exec("docker inspect -f '{{.HostConfig.Memory}} "
+                           "{{.HostConfig.NanoCpus}} {{.HostConfig.RestartPolicy.Name}} "
+                           "{{.State.Health.Status}}' dify-api-1")
+        assert out.split() == [str(256 * 1024 * 1024), str(10**9), "always", "healthy"], out
+    assert requests.get(f"http://{app.hosts['app-api1'].address}:5002/health/check",
+                        timeout=5).json()["code"] == 0
+    assert requests.get(f"http://{app.hosts['app-work'].address}:3000/",
+                        timeout=5).status_code == 200
+    # Workers consume every queue between them, through the broker; one beat.
+    workers = [json.loads(app.redis("GET", key))
+               for key in app.redis("KEYS", "'standin:worker:*'").split()]
+    assert len(workers) == 2
+    assert set().union(*(w["queues"] for w in workers)) >= {"dataset", "mail", "ops_trace"}
+    assert json.loads(app.redis("GET", "standin:beat"))["version"] == A
+    # The sandbox has no way out but the SSRF proxy.
+    _, out = app.hosts["app-api1"].exec(
+        "docker inspect -f '{{range $k, $v := .NetworkSettings.Networks}}{{$k}} {{end}}' "
+        "dify-sandbox-1; docker network inspect -f '{{.Internal}}' dify_ssrf_proxy_network")
+    assert out.split() == ["dify_ssrf_proxy_network", "true"], out
+    status = app.ok("app.status")
+    assert "dataset" in status.stdout and "healthy" in status.stdout
+
+    second = app.ok("app.deploy")
+    counts = summary_counts(second.stdout)
+    assert set(counts) == {"app-api1", "app-api2", "app-work"}
+    assert all(c.get("changed", 0) == 0 for c in counts.values()), second.stdout
+
+
+def test_deploy_refuses_another_release_without_touching_a_host(app: App) -> None:
+    app.write_inventory(version=B)
+    try:
+        result = app.inv("app.deploy")
+    finally:
+        app.write_inventory(version=A)
+    assert result.returncode == 1
+    assert "app-api1 runs Dify 1.5.1" in result.stdout
+    assert "inv app.upgrade --version 1.13.3" in result.stdout
+    assert app.images("app-api1")["api"] == standin.image_name(A, "api")
+    assert A in app.hosts["app-api1"].exec(f"cat {DEPLOY}/compose.yml")[1]
+
+
+def test_upgrade_stops_before_any_api_when_the_migration_skips(app: App) -> None:
+    app.ok("images.sync", "--version", B)
+    before = {name: app.images(name) for name in ("app-api1", "app-api2", "app-work")}
+    # Another migration holds Dify's lock (in the cache database, as Dify takes it).
+    app.redis("SET", "db_upgrade_lock", "someone-else", "EX", "600", db=0)
+    try:
+        result = app.inv("app.upgrade", "--version", B)
+    finally:
+        app.redis("DEL", "db_upgrade_lock", db=0)
+    assert result.returncode == 1, result.stdout
+    assert "Database migration skipped" in result.stderr
+    assert f"expects its head {standin.head(B)}" in result.stderr
+    assert app.sql("SELECT version_num FROM alembic_version") == standin.head(A)
+    assert {name: app.images(name) for name in before} == before
+    assert "compose up" not in result.stdout
+
+
+def test_rolling_upgrade_keeps_an_api_answering(app: App) -> None:
+    apis = [app.hosts["app-api1"].address, app.hosts["app-api2"].address]
+    rounds: list[tuple[float, list[str]]] = []
+    stop = threading.Event()
+
+    def poll() -> None:
+        session = requests.Session()
+        while not stop.is_set():
+            answers = []
+            for address in apis:
+                try:
+                    body = session.get(f"http://{address}:5001/health", timeout=2).json()
+                    answers.append(body["version"] if body["status"] == "ok" else "")
+                except (requests.RequestException, ValueError):
+                    answers.append("")
+            rounds.append((time.monotonic(), answers))
+            time.sleep(0.1)
+
+    poller = threading.Thread(target=poll, daemon=True)
+    poller.start()
+    try:
+        result = app.inv("app.upgrade", "--version", B)
+    finally:
+        stop.set()
+        poller.join()
+    assert result.returncode == 0, result.stdout + result.stderr
+    down = [answers for _, answers in rounds if not any(answers)]
+    assert down == [], f"{len(down)} of {len(rounds)} polls found no api answering"
+    # Each api was replaced in turn: some polls saw one on B while the other was still on A.
+    assert any(set(answers) == {A, B} for _, answers in rounds)
+    assert rounds[-1][1] == [B, B]
+    assert app.sql("SELECT version_num FROM alembic_version") == standin.head(B)
+    assert app.images("app-work")["web"] == standin.image_name(B, "web")
+    assert json.loads(app.redis("GET", "standin:beat"))["version"] == B
+    order = [line for line in result.stdout.splitlines() if "compose up dify ... changed" in line]
+    assert [line.split()[1] for line in order] == ["app-api1:", "app-api2:", "app-work:"]
+    history = json.loads(app.hosts["app-api2"].exec(
+        "cat /var/lib/difyops/dify-releases.json")[1])
+    assert [(h["version"], h["alembic"]) for h in history] == [(A, standin.head(A)),
+                                                               (B, standin.head(B))]
+    assert "set `dify.version: \"1.13.3\"`" in result.stdout
+
+
+def test_rollback_across_the_migration_needs_a_restore(app: App) -> None:
+    refused = app.inv("app.rollback")
+    assert refused.returncode == 1
+    assert "A rollback across a migration is a restore" in refused.stderr
+    assert f"alembic revision {standin.head(A)}" in refused.stderr
+    assert app.images("app-api1")["api"] == standin.image_name(B, "api")
+    # What a restore of the pre-upgrade backup does to the schema, then the rollback goes on.
+    app.sql(f"UPDATE alembic_version SET version_num = '{standin.head(A)}'")
+    result = app.ok("app.rollback")
+    assert "rolled back to Dify 1.5.1" in result.stdout
+    for name in ("app-api1", "app-api2"):
+        assert app.images(name)["api"] == standin.image_name(A, "api")
+        assert requests.get(f"http://{app.hosts[name].address}:5001/health",
+                            timeout=5).json()["version"] == A
+    # The inventory says 1.5.1 again, so a deploy agrees with the hosts and changes nothing.
+    counts = summary_counts(app.ok("app.deploy").stdout)
+    assert all(c.get("changed", 0) == 0 for c in counts.values()), counts

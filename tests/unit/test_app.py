@@ -1,0 +1,436 @@
+"""The app tier without hosts: rendered compose facts, step order, release rules, the rolling
+replacement, image shipping decisions and the hooks other tiers plug into."""
+
+from __future__ import annotations
+
+import io
+from typing import Any
+
+import pytest
+import yaml
+
+from tasks.core import apply, hooks, release, rollout
+from tasks.core import images as images_engine
+from tasks.core.errors import DifyopsError, InputError
+from tasks.core.gates import CommandGate, HttpGate
+from tasks.core.hosts import LocalMachine, Result
+from tasks.core.inventory import Host, Inventory
+from tasks.core.plan import HostPlan, RunCommand, WaitFor, WriteFile
+from tasks.core.render import Renderer
+from tasks.core.report import Report
+from tasks.tiers import app as tier
+from tests.unit.fakes import FakeMachine
+
+
+def plan_of(inventory: Inventory, name: str, **kwargs: Any) -> list:
+    return tier.steps(inventory, Renderer(inventory), inventory.host(name), **kwargs)
+
+
+def file_of(inventory: Inventory, name: str, path: str) -> str:
+    return next(s.content for s in plan_of(inventory, name)
+                if isinstance(s, WriteFile) and s.path == path)
+
+
+def compose_of(inventory: Inventory, name: str) -> dict:
+    return yaml.safe_load(file_of(inventory, name, "/opt/dify/compose.yml"))
+
+
+def labels(plan: list) -> list[str]:
+    return [step.label for step in plan]
+
+
+# --- rendered facts ------------------------------------------------------------------------
+
+
+def test_resource_limits_come_from_the_inventory(load, base) -> None:
+    base["app"] = {"api": {"cpus": "2", "memory": "4g"}, "sandbox": {"memory": "512m"}}
+    services = compose_of(load(base), "api1")["services"]
+    assert services["api"]["deploy"]["resources"]["limits"] == {"cpus": "2", "memory": "4g"}
+    assert services["sandbox"]["deploy"]["resources"]["limits"] == {"memory": "512m"}
+    assert "deploy" not in services["plugin_daemon"]
+
+
+@pytest.mark.parametrize(("key", "value", "message"), [
+    ("cpus", "two", "app.api.cpus: 'two' is not a number of CPUs"),
+    ("cpus", "0", "app.api.cpus: '0' is not a number of CPUs"),
+    ("memory", "4 GB", "app.api.memory: '4 GB' is not an amount of memory")])
+def test_bad_limits_are_refused_before_any_host(load, base, key, value, message) -> None:
+    base["app"] = {"api": {key: value}}
+    with pytest.raises(InputError, match=message):
+        plan_of(load(base), "api1")
+
+
+def test_healthchecks_where_an_endpoint_exists_restart_everywhere(load, base) -> None:
+    inventory = load(base)
+    services = {**compose_of(inventory, "api1")["services"],
+                **compose_of(inventory, "worker1")["services"],
+                **compose_of(inventory, "web1")["services"]}
+    probes = {name: " ".join(s["healthcheck"]["test"]) for name, s in services.items()
+              if "healthcheck" in s}
+    assert set(probes) == {"api", "plugin_daemon", "sandbox", "web"}
+    assert "http://127.0.0.1:5001/health" in probes["api"]
+    assert "http://127.0.0.1:5002/health/check" in probes["plugin_daemon"]
+    assert "http://127.0.0.1:8194/health" in probes["sandbox"]
+    assert "http://127.0.0.1:3000/" in probes["web"]
+    assert {s["restart"] for s in services.values()} == {"always"}
+    assert all(s["logging"]["options"] == {"max-size": "50m", "max-file": "5"}
+               for s in services.values())
+    assert services["api"]["depends_on"]["plugin_daemon"] == {"condition": "service_healthy"}
+
+
+def test_only_the_one_off_container_migrates(load, base) -> None:
+    inventory = load(base)
+    assert "MIGRATION_ENABLED=false" in file_of(inventory, "api1", "/opt/dify/.env")
+    migration = yaml.safe_load(file_of(inventory, "api1", "/opt/dify/migration/compose.yml"))
+    service = migration["services"]["migration"]
+    assert service["environment"] == {"MODE": "migration", "MIGRATION_ENABLED": "true"}
+    assert service["restart"] == "no"
+    assert service["image"] == "langgenius/dify-api:1.13.3"
+    paths = {s.path for s in plan_of(inventory, "api2") if isinstance(s, WriteFile)}
+    assert not any("/migration/" in path for path in paths)
+
+
+def test_a_release_without_migration_mode_runs_the_command_itself(load, base) -> None:
+    base["dify"] = {"version": "1.5.1"}
+    base["app"] = {"worker_groups": [{"name": "all", "queues": "all"}]}
+    migration = yaml.safe_load(file_of(load(base), "api1", "/opt/dify/migration/compose.yml"))
+    service = migration["services"]["migration"]
+    assert service["entrypoint"] == ["flask", "upgrade-db"]
+    assert "environment" not in service
+
+
+def test_private_registry_names_every_image(load, base) -> None:
+    base["dify"] = {"registry_mirror": "mirror.example/", "private_registry": "reg.lan:5000/"}
+    inventory = load(base)
+    assert compose_of(inventory, "api1")["services"]["api"]["image"] == \
+        "reg.lan:5000/langgenius/dify-api:1.13.3"
+    assert inventory.upstream_image("api") == "mirror.example/langgenius/dify-api:1.13.3"
+    assert images_engine.upstream(inventory)["reg.lan:5000/langgenius/dify-web:1.13.3"] == \
+        "mirror.example/langgenius/dify-web:1.13.3"
+
+
+# --- the start order -----------------------------------------------------------------------
+
+
+def test_the_migration_host_migrates_before_it_starts_anything(load, base) -> None:
+    plan = plan_of(load(base), "api1")
+    names = labels(plan)
+    assert names[0] == "release check"
+    assert names.index("compose up plugin_daemon") < names.index(
+        "migrate the database (one run)") < names.index("compose up dify")
+    assert names.index("health PostgreSQL reachable at 10.0.3.11:5432") < names.index(
+        "migrate the database (one run)")
+    migrate = next(s for s in plan if s.label == "migrate the database (one run)")
+    assert migrate.unless.endswith("run --rm -T --entrypoint flask migration db current "
+                                   "2>/dev/null | grep -q '(head)'")
+    assert migrate.command.startswith("out=$(docker compose --project-directory "
+                                      "/opt/dify/migration -p dify-migration run --rm -T "
+                                      "migration 2>&1) || {")
+    assert migrate.command.count(migrate.unless) == 1  # verified after the run
+    assert names[-3:] == ["health api /health", "health api /console/api/setup",
+                          "health plugin_daemon /health/check"]
+
+
+def test_other_hosts_wait_for_the_migrated_api_and_the_plugin_daemon(load, base) -> None:
+    inventory = load(base)
+    names = labels(plan_of(inventory, "api2"))
+    setup = "health api1 api /console/api/setup (database migrated)"
+    daemon = "health plugin daemon on api1"  # labels of WaitFor steps start with "health"
+    assert names.index(setup) < names.index(daemon) < names.index("compose up dify")
+    gate = next(s.gate for s in plan_of(inventory, "api2") if s.label == daemon)
+    assert isinstance(gate, HttpGate) and gate.url == "http://10.0.2.21:5002/health/check"
+    web = labels(plan_of(inventory, "web1"))
+    assert web.index(setup) < web.index("compose up dify")
+    assert not any("reachable" in name for name in web)  # web talks to neither
+    redis = next(s.gate for s in plan_of(inventory, "worker1")
+                 if isinstance(s, WaitFor) and "Redis" in s.gate.name)
+    assert isinstance(redis, CommandGate)
+    assert redis.command == "timeout 3 bash -c '</dev/tcp/10.0.3.11/26379'"  # Sentinel
+
+
+def test_the_release_check_names_the_way_to_change_releases(load, base) -> None:
+    check = plan_of(load(base), "api2")[0]
+    assert isinstance(check, RunCommand) and not check.changes
+    assert check.command.startswith("test ! -f /opt/dify/release.json || { grep -qF "
+                                    "'\"version\": \"1.13.3\"' /opt/dify/release.json && "
+                                    "grep -qF '\"api\": \"langgenius/dify-api:1.13.3\"' ")
+    assert "inv app.upgrade --version 1.13.3" in check.command
+    assert "release check" not in labels(plan_of(load(base), "api2", release_guard=False))
+
+
+def test_release_json_holds_the_version_and_images(load, base) -> None:
+    record = yaml.safe_load(file_of(load(base), "web1", "/opt/dify/release.json"))
+    assert record == {"version": "1.13.3", "images": {"web": "langgenius/dify-web:1.13.3"}}
+
+
+# --- release rules -------------------------------------------------------------------------
+
+
+def test_upgrades_go_forward_one_release_at_a_time(monkeypatch) -> None:
+    monkeypatch.setattr(release, "available_versions", lambda: ["1.5.1", "1.9.0", "1.13.3"])
+    with pytest.raises(InputError, match=r"skips Dify 1\.9\.0: upgrades go one release at a time"):
+        release.check_step("1.5.1", "1.13.3")
+    with pytest.raises(InputError, match=r"go back with inv app\.rollback"):
+        release.check_step("1.13.3", "1.9.0")
+    release.check_step("1.9.0", "1.13.3")
+
+
+def test_a_target_version_must_satisfy_the_rules(load, base) -> None:
+    base["dify"] = {"version": "1.5.1"}
+    base["app"] = {"worker_groups": [{"name": "few", "queues": ["dataset", "mail", "ops_trace",
+                                                                 "app_deletion"]}]}
+    with pytest.raises(InputError, match="no worker consumes the queue"):
+        release.with_release(load(base), "1.13.3")
+
+
+def test_rollback_across_a_migration_names_the_backup(load, base, monkeypatch) -> None:
+    history = [{"version": "1.5.1", "images": {}, "alembic": "aaa", "action": "deployed",
+                "backup": "", "at": "t0"},
+               {"version": "1.13.3", "images": {}, "alembic": "bbb", "action": "upgrade",
+                "backup": "db1-20250101T0000", "at": "t1"}]
+    monkeypatch.setattr(release, "read_history", lambda inventory: history)
+    monkeypatch.setattr(release, "database_revision", lambda inventory: "bbb")
+    monkeypatch.setattr(release, "replace", lambda *a: pytest.fail("must not replace"))
+    with pytest.raises(release.ReleaseError) as caught:
+        release.rollback(load(base), Report(out=io.StringIO()), release.Hooks())
+    message = str(caught.value)
+    assert "needs the database at alembic revision aaa, but it is at bbb" in message
+    assert "restore backup db1-20250101T0000" in message
+    history[-1]["backup"] = ""
+    with pytest.raises(release.ReleaseError, match="a backup taken before t1"):
+        release.rollback(load(base), Report(out=io.StringIO()), release.Hooks())
+
+
+def test_registered_hooks_are_bound_to_the_inventory(load, base) -> None:
+    calls = []
+    inventory = load(base)
+    hooks.register("lb.drain", lambda inv, name: calls.append(("drain", inv.name, name)))
+    hooks.register("lb.undrain", lambda inv, name: calls.append(("undrain", inv.name, name)))
+    try:
+        bound = release.Hooks.registered(inventory)
+        bound.drain("api1")
+        bound.undrain("api1")
+    finally:
+        hooks.unregister("lb.drain")
+        hooks.unregister("lb.undrain")
+    assert calls == [("drain", "unit", "api1"), ("undrain", "unit", "api1")]
+    assert bound.load_balanced and bound.backup is None
+    assert not release.Hooks.registered(inventory).load_balanced
+
+
+# --- rolling replacement -------------------------------------------------------------------
+
+
+def rolling_plans(*names: str, content: str = "v2\n") -> list[HostPlan]:
+    return [HostPlan(Host(name=name, address=f"10.9.0.{i}"), [
+        WriteFile("/opt/dify/compose.yml", content),
+        RunCommand("compose up dify", "docker compose up -d --wait",
+                   on_change=("/opt/dify/compose.yml",)),
+    ]) for i, name in enumerate(names, start=1)]
+
+
+def rolled(monkeypatch, machines: dict[str, FakeMachine], plans: list[HostPlan], **kwargs):
+    monkeypatch.setattr(apply, "connect", lambda host, timeouts=None: machines[host.name])
+    events: list[str] = []
+    for machine in machines.values():
+        original = machine._execute
+
+        def spy(command, timeout, original=original, name=machine.host.name):
+            if command.startswith("docker compose"):
+                events.append(f"up {name}")
+            return original(command, timeout)
+
+        machine._execute = spy
+    outcome = rollout.roll("app", plans, report=Report(out=io.StringIO()),
+                           drain=lambda name: events.append(f"drain {name}"),
+                           undrain=lambda name: events.append(f"undrain {name}"), **kwargs)
+    return outcome, events
+
+
+def test_hosts_are_replaced_one_at_a_time_behind_the_load_balancer(monkeypatch) -> None:
+    plans = rolling_plans("api1", "api2", "api3")
+    machines = {p.host.name: FakeMachine(p.host) for p in plans}
+    machines["api2"].files["/opt/dify/compose.yml"] = (b"v2\n", 0o644, "root", "root")
+    outcome, events = rolled(monkeypatch, machines, plans)
+    assert events == ["drain api1", "up api1", "undrain api1",
+                      "drain api3", "up api3", "undrain api3"]
+    assert outcome.ok and outcome.replaced == ["api1", "api3"] and outcome.unchanged == ["api2"]
+
+
+def test_a_host_that_fails_stops_the_rollout_and_gets_its_release_back(monkeypatch) -> None:
+    plans = rolling_plans("api1", "api2", "api3")
+    machines = {p.host.name: FakeMachine(p.host) for p in plans}
+    machines["api2"] = FakeMachine(plans[1].host, answers=lambda c: 1 if "--wait" in c else 0)
+    back = rolling_plans("api2", content="v1\n")[0]
+    back.steps[1] = RunCommand("compose up dify", "docker compose up -d",
+                               on_change=("/opt/dify/compose.yml",))
+    outcome, events = rolled(monkeypatch, machines, plans, restore=lambda host: back)
+    assert events == ["drain api1", "up api1", "undrain api1",
+                      "drain api2", "up api2", "up api2", "undrain api2"]
+    assert outcome.failed == "api2" and "compose up dify" in outcome.reason
+    assert outcome.untouched == ["api3"] and outcome.restored and not outcome.left_drained
+    assert machines["api2"].files["/opt/dify/compose.yml"][0] == b"v1\n"
+    assert "/opt/dify/compose.yml" not in machines["api3"].files
+
+
+def test_a_failed_host_without_a_way_back_stays_drained(monkeypatch) -> None:
+    plans = rolling_plans("web1", "web2")
+    machines = {p.host.name: FakeMachine(p.host, answers=lambda c: 1 if "--wait" in c else 0)
+                for p in plans}
+    outcome, events = rolled(monkeypatch, machines, plans)
+    assert events == ["drain web1", "up web1"]
+    assert outcome.left_drained and outcome.untouched == ["web2"] and not outcome.restored
+    text = release.describe(outcome, *[type("I", (), {"profile": type("P", (), {
+        "version": v})})() for v in ("1.13.3", "1.5.1")])
+    assert "not touched, still serving Dify 1.5.1: web2" in text
+    assert "web1 is out of the load balancer" in text
+
+
+def test_workers_are_not_drained(monkeypatch) -> None:
+    plans = rolling_plans("worker1")
+    machines = {"worker1": FakeMachine(plans[0].host)}
+    _, events = rolled(monkeypatch, machines, plans, behind_lb=lambda host: False)
+    assert events == ["up worker1"]
+
+
+def test_a_drain_that_fails_touches_nothing(monkeypatch) -> None:
+    plans = rolling_plans("api1")
+    machines = {"api1": FakeMachine(plans[0].host)}
+    monkeypatch.setattr(apply, "connect", lambda host, timeouts=None: machines[host.name])
+
+    def drain(name: str) -> None:
+        raise DifyopsError("nginx on lb1 did not reload")
+
+    outcome = rollout.roll("app", plans, report=Report(out=io.StringIO()), drain=drain)
+    assert outcome.failed == "api1" and "nginx on lb1 did not reload" in outcome.reason
+    assert machines["api1"].files == {}
+
+
+# --- images --------------------------------------------------------------------------------
+
+
+class Docker(images_engine.ControlDocker):
+    """The control machine's engine, answering from a dict; saves return fixed bytes."""
+
+    def __init__(self, ids: dict[str, str]) -> None:
+        super().__init__()
+        self.ids = ids
+        self.saved: list[list[str]] = []
+
+    def image_id(self, name: str) -> str | None:
+        return self.ids.get(name)
+
+    def save(self, names):
+        self.saved.append(list(names))
+
+        class Saver:
+            stdout = io.BytesIO(b"tar-bytes")
+            stderr = io.BytesIO(b"")
+            returncode = 0
+
+            def wait(self) -> int:
+                return 0
+
+        return Saver()
+
+
+class ImageHost(FakeMachine):
+    """A host engine: image IDs it holds; `docker load` adds what the control machine sent."""
+
+    def __init__(self, host: Host, held: dict[str, str], control: Docker) -> None:
+        super().__init__(host)
+        self.held, self.control, self.fed = held, control, []
+
+    def _execute(self, command: str, timeout: float) -> Result:
+        images = [part.split(" ", 1)[0].strip("'")
+                  for part in command.split("docker image inspect -f '{{.Id}}' ")[1:]]
+        return Result(0, "\n".join(self.held.get(i, "-") for i in images), "")
+
+    def _feed(self, command: str, source, timeout: float) -> Result:
+        self.fed.append((command, source.read()))
+        for image in self.control.saved[-1]:
+            self.held[image] = self.control.ids[image]
+        return Result(0, "Loaded image", "")
+
+
+def test_ship_sends_only_missing_or_different_images(load, base) -> None:
+    inventory = load(base)
+    web = inventory.host("web1")
+    name = inventory.image("web")
+    docker = Docker({name: "sha256:new"})
+    machine = ImageHost(web, {name: "sha256:old"}, docker)
+    rows = images_engine.ship(inventory, docker, web, machine, refresh=False)
+    assert [(r.image, r.status) for r in rows] == [(name, "shipped")]
+    assert docker.saved == [[name]] and machine.fed == [("docker load -q", b"tar-bytes")]
+    again = images_engine.ship(inventory, docker, web, machine, refresh=False)
+    assert [r.status for r in again] == ["present"] and len(docker.saved) == 1
+
+
+def test_images_per_host_follow_roles(load, base) -> None:
+    inventory = load(base)
+    assert images_engine.host_images(inventory, inventory.host("web1")) == [
+        "langgenius/dify-web:1.13.3"]
+    assert images_engine.host_images(inventory, inventory.host("api1")) == [
+        "langgenius/dify-api:1.13.3", "langgenius/dify-plugin-daemon:0.5.3-local",
+        "langgenius/dify-sandbox:0.2.12", "ubuntu/squid:latest"]
+    assert images_engine.host_images(inventory, inventory.host("vector1")) == [
+        "semitechnologies/weaviate:1.27.0"]
+    assert images_engine.host_images(inventory, inventory.host("db1")) == []
+
+
+def test_a_local_machine_streams_bytes_into_a_command(tmp_path) -> None:
+    machine = LocalMachine(Host(name="here", address="127.0.0.1", connection="local"))
+    source = tmp_path / "data"
+    source.write_bytes(b"x" * (3 << 20))
+    with source.open("rb") as handle:
+        result = machine.feed("wc -c", handle, sudo=False)
+    assert result.ok and result.stdout.strip() == str(3 << 20)
+
+
+class RegistryDocker(images_engine.ControlDocker):
+    """A control engine that records docker commands; `pushed` after a push of that name."""
+
+    def __init__(self, ids: dict[str, str]) -> None:
+        super().__init__()
+        self.ids, self.commands, self.pushes = dict(ids), [], set()
+
+    def image_id(self, name: str) -> str | None:
+        return self.ids.get(name)
+
+    def pushed(self, name: str) -> bool:
+        return name in self.pushes
+
+    def check(self, *args: str) -> None:
+        self.commands.append(" ".join(args))
+        if args[0] == "pull":
+            self.ids[args[-1]] = f"id-{args[-1]}"
+        if args[0] == "tag":
+            self.ids[args[2]] = self.ids[args[1]]
+        if args[0] == "push":
+            self.pushes.add(args[-1])
+
+
+def test_a_private_registry_gets_every_image_once(load, base) -> None:
+    base["dify"] = {"registry_mirror": "mirror.example/", "private_registry": "reg.lan:5000"}
+    base["vector"] = {"store": "pgvector"}
+    base["hosts"] = [h for h in base["hosts"] if h["name"] != "vector1"]
+    inventory = load(base)
+    upstream = "mirror.example/langgenius/dify-api:1.13.3"
+    docker = RegistryDocker({upstream: "id-api"})  # already pulled once
+    rows = images_engine.prepare(inventory, docker, refresh=False)
+    assert f"pull -q {upstream}" not in docker.commands
+    assert "pull -q mirror.example/langgenius/dify-web:1.13.3" in docker.commands
+    assert f"tag {upstream} reg.lan:5000/langgenius/dify-api:1.13.3" in docker.commands
+    pushes = [c for c in docker.commands if c.startswith("push")]
+    assert len(pushes) == 5 and all(" reg.lan:5000/" in c for c in pushes)
+    assert {r.status for r in rows if r.where == "reg.lan:5000"} == {"pushed"}
+    docker.commands.clear()
+    again = images_engine.prepare(inventory, docker, refresh=False)
+    assert docker.commands == []
+    assert {r.status for r in again} == {"present"}
+
+
+def test_rolling_plans_neither_check_the_release_nor_migrate(load, base) -> None:
+    plan = labels(plan_of(load(base), "api1", release_guard=False, migrate=False))
+    assert "release check" not in plan and "migrate the database (one run)" not in plan
+    assert plan.index("compose up plugin_daemon") < plan.index("compose up dify")
