@@ -62,14 +62,16 @@ def require(inventory: Inventory, role: str, task_name: str) -> None:
                    f"is for a home-lab inventory such as config/inventories/homelab.yml", code=1)
 
 
-@task(help={"dry": DRY_HELP})
+@task(help={"dry": DRY_HELP,
+            "only": "comma-separated base tiers to deploy, e.g. db,cache (default: all of db, "
+                    "cache, vector, monitor)"})
 @reported
-def server(ctx: Context, dry: bool = False) -> None:
+def server(ctx: Context, dry: bool = False, only: str = "") -> None:
     """Deploy the home server's base services (PostgreSQL, Redis, vector store, monitoring)."""
     inventory = load(ctx)
     require(inventory, "dev_server", "dev.server")
     check(inventory, server=True)
-    run_tiers(ctx, server_tiers(TIERS), dry=dry)
+    run_tiers(ctx, server_tiers(TIERS), dry=dry, only=only)
     if not dry:
         print()
         info(ctx)

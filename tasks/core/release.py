@@ -6,7 +6,7 @@
   primary) must equal the image's head (`flask db heads` in that image): `flask upgrade-db`
   exits 0 even when it skipped because another process held its lock, or when it failed.
 - An upgrade: preflight (profiles, rules, plans, images pulled or shipped on every host) ->
-  database backup through the backup tier when one is registered -> the migration -> api and
+  database backup (backup.run, verified) -> the migration -> api and
   web hosts one at a time behind the load balancer -> worker and beat hosts.
 - The history of releases (version, images, alembic revision after, backup taken before) is kept
   on every api host in HISTORY_FILE. A rollback goes back to the release before the last upgrade
@@ -24,7 +24,7 @@ import shlex
 from collections.abc import Callable
 from datetime import UTC, datetime
 
-from tasks.core import hooks, rules
+from tasks.core import rules
 from tasks.core.apply import Executor
 from tasks.core.errors import DifyopsError, InputError, Problem
 from tasks.core.fleet import each_host
@@ -244,22 +244,29 @@ def migrate(inventory: Inventory, report: Report) -> Migration:
 
 @dataclasses.dataclass
 class Hooks:
-    """What an upgrade calls outside the app tier (registered by other tiers, or injected)."""
+    """What an upgrade calls outside the app tier: the load balancer and the backup tier."""
 
     drain: HostAction = no_op
     undrain: HostAction = no_op
     backup: Callable[[str], str] | None = None
     load_balanced: bool = False
+    # Hosts that leave the load balancer while they are replaced: only those that share an
+    # upstream with another host (the sole member of an upstream cannot leave it).
+    drainable: Callable[[Host], bool] = lambda host: False
 
     @classmethod
-    def registered(cls, inventory: Inventory) -> Hooks:
-        """The hooks other tiers registered (tasks.core.hooks), bound to the inventory."""
-        drain, undrain = hooks.lookup("lb.drain"), hooks.lookup("lb.undrain")
-        backup = hooks.lookup("backup.database")
-        return cls(drain=(lambda name: drain(inventory, name)) if drain else no_op,
-                   undrain=(lambda name: undrain(inventory, name)) if undrain else no_op,
-                   backup=(lambda reason: backup(inventory, reason)) if backup else None,
-                   load_balanced=bool(drain and undrain))
+    def for_inventory(cls, inventory: Inventory) -> Hooks:
+        """The lb tier's drain/undrain (when there is a balancer) and the backup tier's run."""
+        from tasks.backups import engine as backups
+        from tasks.tiers import lb
+
+        shared = [role for role in ("api", "web") if len(inventory.with_role(role)) > 1]
+        balanced = bool(inventory.with_role("lb"))
+        return cls(drain=lambda name: lb.drain(inventory, name),
+                   undrain=lambda name: lb.undrain(inventory, name),
+                   backup=lambda reason: backups.backup_now(inventory).id,
+                   load_balanced=balanced,
+                   drainable=lambda host: balanced and host.has(*shared))
 
 
 def order(inventory: Inventory) -> tuple[list[Host], list[Host]]:
@@ -288,8 +295,7 @@ def replace(target: Inventory, previous: Inventory | None, hooks_: Hooks,
     timeouts = target.settings["timeouts"]
     outcome = roll("app", [plan(target, h, renderer) for h in front], report=report,
                    timeouts=timeouts, drain=hooks_.drain, undrain=hooks_.undrain,
-                   behind_lb=lambda host: hooks_.load_balanced and host.has(
-                       "api", "web", "plugin_daemon"),
+                   behind_lb=hooks_.drainable,
                    restore=restore)
     if not outcome.ok:
         outcome.untouched += [h.name for h in back]
@@ -361,7 +367,7 @@ def upgrade(inventory: Inventory, version: str, report: Report,
     Rerunning an upgrade that stopped resumes it: the migration is skipped when the database is
     at the head already, and hosts already on the target are left alone.
     """
-    hooks_ = hooks_ or Hooks.registered(inventory)
+    hooks_ = hooks_ or Hooks.for_inventory(inventory)
     target = with_release(inventory, version)
     front, back = order(target)
     for host in front + back:  # every plan renders before anything is touched
@@ -387,7 +393,7 @@ def upgrade(inventory: Inventory, version: str, report: Report,
         backup_id = hooks_.backup(f"before the upgrade to Dify {version}")
         report.note(f"[app] backup {backup_id} taken")
     else:
-        report.note("[app] no backup tier registered: no backup taken. A rollback across this "
+        report.note("[app] no backup step given: no backup taken. A rollback across this "
                     "migration will need a backup of your own.")
     if not hooks_.load_balanced:
         report.note("[app] no load balancer hooks registered: hosts are replaced one at a time "
@@ -416,7 +422,7 @@ def upgrade(inventory: Inventory, version: str, report: Report,
 
 def rollback(inventory: Inventory, report: Report, hooks_: Hooks | None = None) -> Outcome:
     """Back to the release before the last upgrade, when the database allows it."""
-    hooks_ = hooks_ or Hooks.registered(inventory)
+    hooks_ = hooks_ or Hooks.for_inventory(inventory)
     history = read_history(inventory)
     if len(history) < 2:
         raise ReleaseError("no earlier release is recorded on the api hosts: app.rollback goes "

@@ -52,6 +52,7 @@ class App:
             "cache": {"mode": "standalone"},
             "vector": {"store": "pgvector"},
             "timeouts": {"connect": 10, "command": 600},
+            "backup": {"dir": str(self.tmp / "backups")},
             "app": {"health_timeout": 90,
                     "api": {"cpus": "1", "memory": "256m"},
                     "worker_groups": [
@@ -121,7 +122,8 @@ def app(lab: Lab, tmp_path_factory: pytest.TempPathFactory) -> App:
     started = time.monotonic()
     the_app.ok("db.deploy")
     the_app.ok("cache.deploy")
-    lab.timings["app: db + cache tiers"] = time.monotonic() - started
+    the_app.ok("lb.deploy")  # the rolling upgrade drains api hosts through it
+    lab.timings["app: db + cache + lb tiers"] = time.monotonic() - started
     return the_app
 
 
@@ -257,6 +259,10 @@ def test_rolling_upgrade_keeps_an_api_answering(app: App) -> None:
     assert [(h["version"], h["alembic"]) for h in history] == [(A, standin.head(A)),
                                                                (B, standin.head(B))]
     assert "set `dify.version: \"1.13.3\"`" in result.stdout
+    # A verified backup came first; each api host left the balancer while it was replaced.
+    assert re.search(r"\[app\] backup \d{8}T\d{6}Z taken", result.stdout), result.stdout
+    assert "app-api1: drained" in result.stdout and "app-api2: drained" in result.stdout
+    assert "app-work: drained" not in result.stdout  # the only web host stays in its upstream
 
 
 def test_rollback_across_the_migration_needs_a_restore(app: App) -> None:

@@ -45,6 +45,8 @@ def summary(result: subprocess.CompletedProcess) -> dict[str, dict[str, int]]:
 
 
 def write_inventory(tmp: Path, data: dict) -> dict[str, str]:
+    # A dev_backend host stands in for the app (no app tier is deployed here): it needs a source.
+    data = {"dev": {"dify_source": "/srv/dify"}, **data}
     path = tmp / f"{data['name']}.yml"
     path.write_text(yaml.safe_dump(data, sort_keys=False))
     return {"DIFY_INVENTORY": str(path), "DIFY_SECRETS": str(tmp / f"{data['name']}.env")}

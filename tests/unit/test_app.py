@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 import yaml
 
-from tasks.core import apply, hooks, release, rollout
+from tasks.core import apply, release, rollout
 from tasks.core import images as images_engine
 from tasks.core.errors import DifyopsError, InputError
 from tasks.core.gates import CommandGate, HttpGate
@@ -201,21 +201,21 @@ def test_rollback_across_a_migration_names_the_backup(load, base, monkeypatch) -
         release.rollback(load(base), Report(out=io.StringIO()), release.Hooks())
 
 
-def test_registered_hooks_are_bound_to_the_inventory(load, base) -> None:
+def test_upgrade_drains_through_the_lb_tier_only_hosts_that_share_an_upstream(
+        load, base, monkeypatch) -> None:
+    from tasks.tiers import lb
+
     calls = []
+    monkeypatch.setattr(lb, "drain", lambda inv, name: calls.append(("drain", name)))
+    monkeypatch.setattr(lb, "undrain", lambda inv, name: calls.append(("undrain", name)))
     inventory = load(base)
-    hooks.register("lb.drain", lambda inv, name: calls.append(("drain", inv.name, name)))
-    hooks.register("lb.undrain", lambda inv, name: calls.append(("undrain", inv.name, name)))
-    try:
-        bound = release.Hooks.registered(inventory)
-        bound.drain("api1")
-        bound.undrain("api1")
-    finally:
-        hooks.unregister("lb.drain")
-        hooks.unregister("lb.undrain")
-    assert calls == [("drain", "unit", "api1"), ("undrain", "unit", "api1")]
-    assert bound.load_balanced and bound.backup is None
-    assert not release.Hooks.registered(inventory).load_balanced
+    bound = release.Hooks.for_inventory(inventory)
+    assert bound.drainable(inventory.host("api1"))  # two api hosts: api1 can leave
+    assert not bound.drainable(inventory.host("web1"))  # the only web host stays
+    bound.drain("api1")
+    bound.undrain("api1")
+    assert calls == [("drain", "api1"), ("undrain", "api1")]
+    assert bound.load_balanced and bound.backup is not None
 
 
 # --- rolling replacement -------------------------------------------------------------------
