@@ -220,7 +220,9 @@ def test_upgrade_stops_before_any_api_when_the_migration_skips(app: App) -> None
 
 def test_rolling_upgrade_keeps_an_api_answering(app: App) -> None:
     apis = [app.hosts["app-api1"].address, app.hosts["app-api2"].address]
+    through_lb = f"http://{app.hosts['app-db'].address}/console/api/setup"
     rounds: list[tuple[float, list[str]]] = []
+    balanced: list[int] = []  # status of each steady request through nginx (0: no answer)
     stop = threading.Event()
 
     def poll() -> None:
@@ -234,6 +236,10 @@ def test_rolling_upgrade_keeps_an_api_answering(app: App) -> None:
                 except (requests.RequestException, ValueError):
                     answers.append("")
             rounds.append((time.monotonic(), answers))
+            try:
+                balanced.append(session.get(through_lb, timeout=5).status_code)
+            except requests.RequestException:
+                balanced.append(0)
             time.sleep(0.1)
 
     poller = threading.Thread(target=poll, daemon=True)
@@ -246,6 +252,8 @@ def test_rolling_upgrade_keeps_an_api_answering(app: App) -> None:
     assert result.returncode == 0, result.stdout + result.stderr
     down = [answers for _, answers in rounds if not any(answers)]
     assert down == [], f"{len(down)} of {len(rounds)} polls found no api answering"
+    failed = [status for status in balanced if status != 200]
+    assert failed == [], f"{len(failed)} of {len(balanced)} requests through nginx failed"
     # Each api was replaced in turn: some polls saw one on B while the other was still on A.
     assert any(set(answers) == {A, B} for _, answers in rounds)
     assert rounds[-1][1] == [B, B]
