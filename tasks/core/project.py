@@ -12,8 +12,6 @@ PROFILE_DIR = CONFIG_DIR / "profiles"
 DEFAULTS_FILE = CONFIG_DIR / "defaults.yml"
 DEFAULT_INVENTORY = INVENTORY_DIR / "local.yml"
 SECRETS_DIR = ROOT / ".secrets"
-# Folders that hold Jinja2 templates; a template is named by its path relative to ROOT.
-TEMPLATE_ROOTS = ("compose", "nginx", "backup", "config")
 
 
 def inventory_path(explicit: str | None = None) -> Path:
