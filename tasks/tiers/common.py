@@ -8,7 +8,7 @@ from tasks.core.plan import RunCommand
 
 
 def packages(*names: str) -> RunCommand:
-    """Install OS packages unless all are already installed (no service started by apt)."""
+    """Install OS packages unless all are already installed (apt may start their services)."""
     listed = " ".join(names)
     probe = " && ".join(
         f"dpkg-query -W -f='${{Status}}' {shlex.quote(n)} 2>/dev/null | grep -q 'ok installed'"
@@ -22,15 +22,23 @@ def packages(*names: str) -> RunCommand:
 def service_running(unit: str) -> RunCommand:
     """Enable and start a systemd unit unless it is already enabled and active."""
     quoted = shlex.quote(unit)
-    return RunCommand(f"enable and start {unit}", f"systemctl enable --now {quoted}",
+    return RunCommand(f"enable and start {unit}",
+                      f"{reset_failed(quoted)}systemctl enable --now {quoted}",
                       unless=f"systemctl is-enabled --quiet {quoted} && "
                              f"systemctl is-active --quiet {quoted}")
 
 
 def service_restart(unit: str, *files: str) -> RunCommand:
     """Restart a unit when one of its configuration files changed."""
-    return RunCommand(f"restart {unit}", f"systemctl restart {shlex.quote(unit)}",
+    quoted = shlex.quote(unit)
+    return RunCommand(f"restart {unit}", f"{reset_failed(quoted)}systemctl restart {quoted}",
                       on_change=files)
+
+
+def reset_failed(quoted_unit: str) -> str:
+    """Clear a unit's start rate limit first: a service that apt started before difyops wrote
+    its configuration may have crash-looped into "start request repeated too quickly"."""
+    return f"systemctl reset-failed {quoted_unit} 2>/dev/null; "
 
 
 def compose_up(directory: str, project: str, *files: str) -> RunCommand:
