@@ -9,8 +9,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,6 +17,7 @@ import pytest
 import yaml
 
 from tests.integration.lab import Lab, LabHost
+from tests.integration.support import release, summary_columns, until
 
 ROOT = Path(__file__).resolve().parents[2]
 AUTHED = "set -a; . /etc/difyops/redis/auth.env; set +a;"
@@ -46,29 +46,6 @@ class CacheLab:
 
     def address(self, name: str) -> str:
         return self.hosts[name].address
-
-
-def until(check: Callable[[], bool], timeout: float, what: str) -> float:
-    """Poll until check() is true; return the seconds it took, fail at the deadline."""
-    started = time.monotonic()
-    while not check():
-        if time.monotonic() - started > timeout:
-            pytest.fail(f"{what}: not true after {timeout:g} s")
-        time.sleep(0.2)
-    return time.monotonic() - started
-
-
-def release(lab: Lab, hosts: dict[str, LabHost]) -> None:
-    """Remove this module's hosts when it is done (kept with DIFYOPS_KEEP_LAB=1)."""
-    if os.environ.get("DIFYOPS_KEEP_LAB", "").lower() in ("1", "true", "yes", "on"):
-        return
-    for name, host in hosts.items():
-        host._wrapped().remove(force=True, v=True)  # killed: nothing on them is kept
-        lab.hosts.pop(name, None)
-
-
-def summary_columns(output: str) -> list[str]:
-    return output.split("summary:")[1].strip().splitlines()[0].split()
 
 
 def make_lab(lab: Lab, folder: Path, mode: str, roles: dict[str, list[str]]) -> CacheLab:

@@ -12,7 +12,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,6 +20,7 @@ import pytest
 import yaml
 
 from tests.integration.lab import Lab, LabHost
+from tests.integration.support import release, summary_columns, until
 
 ROOT = Path(__file__).resolve().parents[2]
 DATA = "/var/lib/postgresql/15/main"
@@ -66,21 +67,6 @@ class DbLab:
         self.inventory.write_text(yaml.safe_dump(data, sort_keys=False))
 
 
-def until(check: Callable[[], bool], timeout: float, what: str) -> float:
-    """Poll until check() is true; return the seconds it took, fail at the deadline."""
-    started = time.monotonic()
-    while not check():
-        if time.monotonic() - started > timeout:
-            pytest.fail(f"{what}: not true after {timeout:g} s")
-        time.sleep(0.2)
-    return time.monotonic() - started
-
-
-def summary_columns(output: str) -> list[str]:
-    """The status columns of a deploy's summary table (e.g. ['host', 'unchanged'])."""
-    return output.split("summary:")[1].strip().splitlines()[0].split()
-
-
 @pytest.fixture(scope="module")
 def db(lab: Lab, tmp_path_factory: pytest.TempPathFactory) -> Iterator[DbLab]:
     hosts = dict(zip(["db1", "db2", "db3", "dbapp"],
@@ -106,15 +92,6 @@ def db(lab: Lab, tmp_path_factory: pytest.TempPathFactory) -> Iterator[DbLab]:
     threading.Thread(target=install_client, daemon=True).start()
     yield DbLab(hosts, inventory, folder / "db-lab.env", ready)
     release(lab, hosts)
-
-
-def release(lab: Lab, hosts: dict[str, LabHost]) -> None:
-    """Remove this module's hosts when it is done (kept with DIFYOPS_KEEP_LAB=1)."""
-    if os.environ.get("DIFYOPS_KEEP_LAB", "").lower() in ("1", "true", "yes", "on"):
-        return
-    for name, host in hosts.items():
-        host._wrapped().remove(force=True, v=True)  # killed: nothing on them is kept
-        lab.hosts.pop(name, None)
 
 
 def test_deploy_streams_to_every_standby(db: DbLab) -> None:
