@@ -53,10 +53,27 @@ class RunCommand:
 
 
 @dataclass(frozen=True)
+class Restart:
+    """How to restart the component a gate checks (used by deploy.doctor, never by a deploy).
+
+    `what` names the component (a systemd unit, a compose service): restarts are counted per
+    host and `what`, and gates sharing one `what` get one restart between them.
+    """
+
+    what: str
+    command: str
+
+
+@dataclass(frozen=True)
 class WaitFor:
-    """Poll a health gate until it passes or its deadline runs out."""
+    """Poll a health gate until it passes or its deadline runs out.
+
+    `restart`: how deploy.doctor may bring the component back when the gate fails; None for
+    gates that check something the host does not run itself (a peer, replication, a quorum).
+    """
 
     gate: Gate
+    restart: Restart | None = None
 
     @property
     def label(self) -> str:

@@ -25,7 +25,7 @@ from tasks.core.plan import RunCommand, Step, WaitFor, WriteFile
 from tasks.core.project import display
 from tasks.core.render import Renderer
 from tasks.core.tiers import Tier
-from tasks.tiers.common import compose_up
+from tasks.tiers.common import compose_up, restart_compose
 
 # The uid the Dify api image runs as: storage must belong to it.
 DIFY_UID = 1001
@@ -234,8 +234,10 @@ def gates(inventory: Inventory, host: Host) -> list[WaitFor]:
     timeout = inventory.settings["app"]["health_timeout"]
     probes = [("api", 5001, "/health", "ok"), ("api", 5001, "/console/api/setup", ""),
               ("plugin_daemon", 5002, "/health/check", ""), ("web", 3000, "/", "")]
+    directory = deploy_dir(inventory)
     return [WaitFor(HttpGate(f"{role} {path}", timeout=timeout, interval=1, contains=contains,
-                             url=f"http://{host.address}:{port}{path}"))
+                             url=f"http://{host.address}:{port}{path}"),
+                    restart=restart_compose(directory, PROJECT, role))
             for role, port, path, contains in probes if host.has(role)]
 
 

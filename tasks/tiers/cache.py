@@ -19,7 +19,7 @@ from tasks.core.inventory import Host, Inventory
 from tasks.core.plan import RunCommand, Step, WaitFor, WriteFile
 from tasks.core.render import Renderer
 from tasks.core.tiers import Tier
-from tasks.tiers.common import packages, service_restart, service_running
+from tasks.tiers.common import packages, restart_unit, service_restart, service_running
 
 HELPER = "/usr/local/sbin/difyops-redis"
 OWNED_DIR = "/etc/difyops/redis"
@@ -53,10 +53,11 @@ def memory(megabytes: int) -> str:
     return f"{megabytes}mb"
 
 
-def ping(port: int, name: str, timeout: float = 60) -> WaitFor:
-    """A gate: the Redis (or Sentinel) on this port answers PING with the password."""
+def ping(port: int, name: str, unit: str, timeout: float = 60) -> WaitFor:
+    """A gate: the Redis (or Sentinel) of this unit answers PING on its port with the password."""
     return WaitFor(CommandGate(name, timeout=timeout,
-                               command=f"{AUTHED} redis-cli -p {port} ping | grep -q PONG"))
+                               command=f"{AUTHED} redis-cli -p {port} ping | grep -q PONG"),
+                   restart=restart_unit(unit))
 
 
 def steps(inventory: Inventory, renderer: Renderer, host: Host) -> list[Step]:
@@ -93,7 +94,7 @@ def steps(inventory: Inventory, renderer: Renderer, host: Host) -> list[Step]:
         RunCommand("redis.conf: difyops's settings, Redis's replicaof kept",
                    f"{HELPER} config-merge", unless=f"{HELPER} config-ok"),
         service_running("redis-server"),
-        ping(cache["port"], f"redis on :{cache['port']}"),
+        ping(cache["port"], f"redis on :{cache['port']}", "redis-server"),
     ]
     if not sentinel:
         return plan
@@ -109,7 +110,8 @@ def steps(inventory: Inventory, renderer: Renderer, host: Host) -> list[Step]:
                    unless=f"grep -q '^sentinel monitor {cache['master_name']} ' "
                           f"/etc/redis/sentinel.conf"),
         service_running("redis-sentinel"),
-        ping(cache["sentinel_port"], f"sentinel on :{cache['sentinel_port']}"),
+        ping(cache["sentinel_port"], f"sentinel on :{cache['sentinel_port']}",
+             "redis-sentinel"),
         RunCommand(f"sentinel quorum {quorum(inventory)} and timeouts", f"{HELPER} sentinel-set",
                    unless=f"{HELPER} sentinel-ok"),
         WaitFor(CommandGate(f"sentinels agree on {cache['master_name']}", timeout=60,
@@ -138,7 +140,7 @@ def cluster_steps(inventory: Inventory, render, host: Host) -> list[Step]:
                       mode=0o640, owner="redis", group="redis", secret=True),
             service_running(service),
             service_restart(service, conf),
-            ping(port, f"cluster node on :{port}"),
+            ping(port, f"cluster node on :{port}", service),
         ]
     in_sync = [WaitFor(CommandGate(f"cluster node :{port} in sync", timeout=300, interval=1,
                                    command=f"{HELPER} in-sync {port}"))

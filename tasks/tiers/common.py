@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import shlex
 
-from tasks.core.plan import RunCommand
+from tasks.core.plan import Restart, RunCommand
 
 
 def packages(*names: str) -> RunCommand:
@@ -46,3 +46,17 @@ def compose_up(directory: str, project: str, *files: str) -> RunCommand:
     compose = f"docker compose --project-directory {shlex.quote(directory)} -p {project}"
     return RunCommand(f"compose up {project}", f"{compose} up -d --wait --remove-orphans",
                       on_change=files)
+
+
+def restart_unit(unit: str) -> Restart:
+    """deploy.doctor's way back for a systemd service: clear its start limit, restart it."""
+    quoted = shlex.quote(unit)
+    return Restart(unit, f"{reset_failed(quoted)}systemctl restart {quoted}")
+
+
+def restart_compose(directory: str, project: str, service: str) -> Restart:
+    """deploy.doctor's way back for a compose service: restart its container (started when
+    stopped), then create it if it is missing, from the files the last deploy wrote."""
+    compose = f"docker compose --project-directory {shlex.quote(directory)} -p {project}"
+    return Restart(f"{project}/{service}",
+                   f"{compose} restart {service} && {compose} up -d --no-recreate {service}")

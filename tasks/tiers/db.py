@@ -16,7 +16,7 @@ from tasks.core.inventory import Host, Inventory
 from tasks.core.plan import RunCommand, Step, WaitFor, WriteFile
 from tasks.core.render import Renderer
 from tasks.core.tiers import Tier
-from tasks.tiers.common import packages, service_restart, service_running
+from tasks.tiers.common import packages, restart_unit, service_restart, service_running
 
 HELPER = "/usr/local/sbin/difyops-pg"
 PASSFILE = "/var/lib/postgresql/.pgpass"
@@ -109,7 +109,8 @@ def steps(inventory: Inventory, renderer: Renderer, host: Host) -> list[Step]:
         service_restart(service, settings, hba),
         RunCommand(f"reload {service}", f"systemctl reload {service}", on_change=(upstream,)),
         WaitFor(CommandGate(f"postgresql on :{port}", timeout=60,
-                            command=f"pg_isready -q -h 127.0.0.1 -p {port}")),
+                            command=f"pg_isready -q -h 127.0.0.1 -p {port}"),
+                restart=restart_unit(service)),  # doctor restarts, never promotes
     ]
     if host.has("db_primary"):
         plan += [

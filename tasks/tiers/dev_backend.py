@@ -16,7 +16,7 @@ from tasks.core.inventory import Host, Inventory
 from tasks.core.plan import RunCommand, Step, WaitFor, WriteFile
 from tasks.core.render import Renderer
 from tasks.core.tiers import Tier
-from tasks.tiers.common import packages, service_running
+from tasks.tiers.common import packages, restart_unit, service_running
 from tasks.tiers.dev_common import (
     API_PORT,
     WEB_PORT,
@@ -158,7 +158,8 @@ def steps(inventory: Inventory, renderer: Renderer, host: Host) -> list[Step]:
         RunCommand("restart the api and worker", f"systemctl daemon-reload && systemctl restart "
                    f"{API_UNIT} {WORKER_UNIT}", on_change=(env_file, *units.values())),
         WaitFor(HttpGate("api /health", timeout=120, interval=1,
-                         url=f"http://{host.address}:{API_PORT}/health", contains='"ok"')),
+                         url=f"http://{host.address}:{API_PORT}/health", contains='"ok"'),
+                restart=restart_unit(API_UNIT)),
         WaitFor(HttpGate("api /console/api/setup (reads the database)", timeout=60, interval=1,
                          url=f"http://{host.address}:{API_PORT}/console/api/setup",
                          contains='"step"')),
@@ -166,7 +167,8 @@ def steps(inventory: Inventory, renderer: Renderer, host: Host) -> list[Step]:
                             f"Dify {inventory.profile.version}", timeout=120, interval=2,
                             command=in_api(api_dir, user, f"{uv_run} python -c "
                                            f"{shlex.quote(QUEUE_CHECK)} "
-                                           + " ".join(inventory.profile.queues)))),
+                                           + " ".join(inventory.profile.queues))),
+                restart=restart_unit(WORKER_UNIT)),
     ]
     return plan
 

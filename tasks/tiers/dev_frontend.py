@@ -15,7 +15,7 @@ from tasks.core.plan import RunCommand, Step, WaitFor, WriteFile
 from tasks.core.render import Renderer
 from tasks.core.tiers import Tier
 from tasks.core.windows import is_windows, ps_quote
-from tasks.tiers.common import service_running
+from tasks.tiers.common import restart_unit, service_running
 from tasks.tiers.dev_common import (
     API_PORT,
     WEB_PORT,
@@ -99,7 +99,8 @@ def linux_steps(inventory: Inventory, renderer: Renderer, host: Host) -> list[St
                    f"systemctl daemon-reload && systemctl restart {WEB_UNIT}",
                    on_change=(env_file, unit)),
         WaitFor(HttpGate("web dev server /", timeout=300, interval=2,
-                         url=f"http://{host.address}:{WEB_PORT}/")),
+                         url=f"http://{host.address}:{WEB_PORT}/"),
+                restart=restart_unit(WEB_UNIT)),
     ]
     return plan
 

@@ -30,7 +30,7 @@ from tasks.core.plan import RunCommand, Step, WaitFor, WriteFile
 from tasks.core.project import display
 from tasks.core.render import Renderer
 from tasks.core.tiers import Tier
-from tasks.tiers.common import packages, service_running
+from tasks.tiers.common import packages, restart_unit, service_running
 
 AVAILABLE = "/etc/nginx/sites-available/dify.conf"  # rendered by the deploy
 LIVE = "/etc/nginx/sites-enabled/dify.conf"  # what nginx reads: published from AVAILABLE
@@ -306,7 +306,8 @@ def steps(inventory: Inventory, renderer: Renderer, host: Host) -> list[Step]:
                                acme_command(domain, inventory.settings["tls"]["acme_email"]),
                                unless=f"cmp -s /etc/letsencrypt/live/{domain}/fullchain.pem "
                                       f"{CERT}"))
-    plan.append(WaitFor(HttpGate("nginx /health", timeout=30, url=f"http://{host.address}/health")))
+    plan.append(WaitFor(HttpGate("nginx /health", timeout=30, url=f"http://{host.address}/health"),
+                        restart=restart_unit("nginx")))
     return plan
 
 

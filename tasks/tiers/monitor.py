@@ -32,7 +32,14 @@ from tasks.core.project import CONFIG_DIR
 from tasks.core.render import Renderer
 from tasks.core.rules import extra_rules_path
 from tasks.core.tiers import Tier
-from tasks.tiers.common import compose_up, packages, service_restart, service_running
+from tasks.tiers.common import (
+    compose_up,
+    packages,
+    restart_compose,
+    restart_unit,
+    service_restart,
+    service_running,
+)
 
 PORTS = {"node": 9100, "postgres": 9187, "redis": 9121, "nginx": 9113, "nginx-log": 3903,
          "blackbox": 9115, "prometheus": 9090, "alertmanager": 9093, "weaviate": 2112}
@@ -128,7 +135,7 @@ def exporter(unit: str, host: Host, port: int, defaults: str, *, secret: bool = 
         service_running(unit),
         service_restart(unit, default, *files),
         WaitFor(CommandGate(f"{unit} on {endpoint(host.address, port)}", timeout=60,
-                            command=listening(host.address, port))),
+                            command=listening(host.address, port)), restart=restart_unit(unit)),
     ]
 
 
@@ -257,11 +264,14 @@ def monitoring_services(inventory: Inventory, renderer: Renderer, host: Host,
                    "systemctl reload prometheus prometheus-alertmanager "
                    "prometheus-blackbox-exporter", on_change=staged_paths),
         WaitFor(HttpGate("prometheus ready", timeout=90, interval=1,
-                         url=f"http://{listen['prometheus']}/-/ready")),
+                         url=f"http://{listen['prometheus']}/-/ready"),
+                restart=restart_unit("prometheus")),
         WaitFor(HttpGate("alertmanager ready", timeout=60, interval=1,
-                         url=f"http://{listen['alertmanager']}/-/ready")),
+                         url=f"http://{listen['alertmanager']}/-/ready"),
+                restart=restart_unit("prometheus-alertmanager")),
         WaitFor(CommandGate(f"blackbox exporter on {listen['blackbox']}", timeout=60,
-                            command=listening(host.address, PORTS["blackbox"]))),
+                            command=listening(host.address, PORTS["blackbox"])),
+                restart=restart_unit("prometheus-blackbox-exporter")),
     ]
     if monitor["grafana"]:
         plan += grafana(inventory, renderer, host, extra)
@@ -291,7 +301,8 @@ def grafana(inventory: Inventory, renderer: Renderer, host: Host,
         *files,
         compose_up(GRAFANA_DIR, "dify-monitor", *(step.path for step in files)),
         WaitFor(HttpGate("grafana /api/health", timeout=180, interval=2,
-                         url=f"http://{endpoint(host.address, port)}/api/health")),
+                         url=f"http://{endpoint(host.address, port)}/api/health"),
+                restart=restart_compose(GRAFANA_DIR, "dify-monitor", "grafana")),
         # The environment only seeds the password of a new Grafana database: keep it in step.
         RunCommand("set grafana's admin password from the secrets file",
                    f"{compose} exec -T grafana sh -c 'printf %s \"$GF_SECURITY_ADMIN_PASSWORD\" "

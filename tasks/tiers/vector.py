@@ -23,7 +23,7 @@ from tasks.core.plan import RunCommand, Step, WaitFor, WriteFile
 from tasks.core.render import Renderer
 from tasks.core.tiers import Tier
 from tasks.tiers import db
-from tasks.tiers.common import compose_up
+from tasks.tiers.common import compose_up, restart_compose
 
 DIRECTORY = "/opt/dify-vector"
 PGVECTOR_SQL = "/etc/difyops/pgvector.sql"
@@ -47,7 +47,8 @@ def steps(inventory: Inventory, renderer: Renderer, host: Host) -> list[Step]:
         *files,
         compose_up(DIRECTORY, "dify-vector", *(step.path for step in files)),
         WaitFor(HttpGate("weaviate ready", timeout=180, interval=2,
-                         url=f"http://{host.address}:{REST_PORT}/v1/.well-known/ready")),
+                         url=f"http://{host.address}:{REST_PORT}/v1/.well-known/ready"),
+                restart=restart_compose(DIRECTORY, "dify-vector", "weaviate")),
     ]
 
 
