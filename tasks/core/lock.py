@@ -51,6 +51,20 @@ def describe(info: dict) -> str:
             f"{info.get('since')} running `{info.get('command')}`")
 
 
+def held(name: str, state_dir: Path = STATE_DIR) -> dict | None:
+    """Who holds the inventory's deploy lock now, without taking it; None when it is free or
+    its holder no longer runs on this machine (stale)."""
+    path = state_dir / "locks" / f"{name}.lock"
+    try:
+        info = json.loads(path.read_text() or "{}")
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError):
+        info = {}
+    stale = info.get("machine") == socket.gethostname() and not alive(int(info.get("pid", 0)))
+    return None if stale else info
+
+
 @contextlib.contextmanager
 def deploy_lock(name: str, state_dir: Path = STATE_DIR) -> Iterator[dict]:
     """Hold the inventory's deploy lock for the duration of the block."""

@@ -8,7 +8,7 @@ import stat
 
 import pytest
 
-from tasks.core.lock import Locked, audit, deploy_lock, holder
+from tasks.core.lock import Locked, audit, deploy_lock, held, holder
 
 
 def test_a_second_deploy_is_refused_with_who_and_since(tmp_path) -> None:
@@ -44,6 +44,19 @@ def test_a_lock_from_another_machine_is_never_taken_over(tmp_path) -> None:
     (tmp_path / "locks" / "prod.lock").write_text(json.dumps(other))
     with pytest.raises(Locked, match="on elsewhere"), deploy_lock("prod", tmp_path):
         pass
+
+
+def test_held_names_a_live_holder_and_ignores_free_or_stale_locks(tmp_path) -> None:
+    assert held("prod", tmp_path) is None
+    with deploy_lock("prod", tmp_path) as me:
+        assert held("prod", tmp_path) == me
+        assert held("staging", tmp_path) is None
+    assert held("prod", tmp_path) is None
+    (tmp_path / "locks" / "prod.lock").write_text(json.dumps({**holder(), "pid": 2 ** 22 + 1}))
+    assert held("prod", tmp_path) is None  # its process is gone: a deploy would take it over
+    other = {**holder(), "machine": "elsewhere", "pid": 1}
+    (tmp_path / "locks" / "prod.lock").write_text(json.dumps(other))
+    assert held("prod", tmp_path) == other
 
 
 def test_audit_appends_private_json_lines(tmp_path) -> None:
