@@ -1,10 +1,15 @@
-"""The GitHub workflows call only tasks that exist, and production waits for staging."""
+"""The GitHub workflows call only tasks that exist, production waits for staging, and the
+workflow linters (schema and security audit) pass them and catch broken ones."""
 
 from __future__ import annotations
 
 import re
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 
+import pytest
 import yaml
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -52,3 +57,64 @@ def test_ci_runs_the_readme_test_command() -> None:
     assert ".venv/bin/python -m pytest -q" in scripts
     assert ".venv/bin/python -m pytest -q" in (ROOT / ".ci" / "run").read_text()
     assert "scripts/setup && .venv/bin/python -m pytest -q" in (ROOT / "README.md").read_text()
+
+
+def linter(name: str) -> str:
+    """A workflow linter of the test extras: next to this Python (the venv), else on PATH."""
+    beside = Path(sys.executable).parent / name
+    found = str(beside) if beside.exists() else shutil.which(name)
+    if not found:
+        pytest.skip(f"{name} is not installed (it comes with the test extras: "
+                    f"pip install -e '.[test]')")
+    return found
+
+
+def lint(tool: str, folder: Path) -> subprocess.CompletedProcess:
+    """Run one linter the way .ci/lint-workflows does, on every workflow of a folder."""
+    files = sorted(str(path) for path in folder.glob("*.yml"))
+    command = {"check-jsonschema": [linter(tool), "--builtin-schema", "vendor.github-workflows"],
+               "zizmor": [linter(tool), "--offline", "--no-progress"]}[tool]
+    return subprocess.run([*command, *files], capture_output=True, text=True, timeout=120,
+                          check=False)
+
+
+def broken_copy(tmp_path: Path, edit) -> Path:
+    """The workflows copied to tmp_path/workflows, ci.yml changed by edit(text)."""
+    folder = tmp_path / "workflows"
+    shutil.copytree(WORKFLOWS, folder)
+    ci = folder / "ci.yml"
+    ci.write_text(edit(ci.read_text()))
+    return folder
+
+
+@pytest.mark.parametrize("tool", ["check-jsonschema", "zizmor"])
+def test_the_workflows_pass_the_linters(tool: str) -> None:
+    result = lint(tool, WORKFLOWS)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_the_schema_check_catches_a_misspelt_key(tmp_path: Path) -> None:
+    folder = broken_copy(tmp_path, lambda text: text.replace("runs-on:", "run-on:", 1))
+    result = lint("check-jsonschema", folder)
+    assert result.returncode != 0
+    assert "$.jobs.lint: 'runs-on' is a required property" in result.stdout + result.stderr
+
+
+def test_the_audit_catches_template_injection_and_unpinned_actions(tmp_path: Path) -> None:
+    folder = broken_copy(tmp_path, lambda text: text.replace(
+        "        run: ruff check .\n",
+        "        run: ruff check . && echo \"${{ github.event.head_commit.message }}\"\n", 1)
+        .replace("actions/checkout@11bd71901bbe5b1630ceea73d27597364c9af683",
+                 "actions/checkout@v4", 1))
+    result = lint("zizmor", folder)
+    assert result.returncode != 0
+    assert "template-injection" in result.stdout and "unpinned-uses" in result.stdout
+
+
+def test_ci_runs_the_workflow_lint_where_it_runs_ruff() -> None:
+    assert ".ci/lint-workflows" in " ".join(run_lines(WORKFLOWS / "ci.yml"))
+    run = (ROOT / ".ci" / "run").read_text()
+    assert run.index(".venv/bin/ruff check .") < run.index("bash .ci/lint-workflows") < \
+        run.rindex(".venv/bin/python -m pytest")
+    script = (ROOT / ".ci" / "lint-workflows").read_text()
+    assert "--offline" in script and "vendor.github-workflows" in script
