@@ -107,10 +107,10 @@ def doctor(ctx: Context, dry: bool = False, only: str = "") -> None:
             print("doctor: posted to monitor.alert_webhook", flush=True)
     if dry and found:
         raise Exit(f"error: {len(found)} component(s) unhealthy (dry run: nothing restarted): "
-                   + ", ".join(f"{f.component} on {f.host}" for f in found), code=1)
+                   + ", ".join(f.label for f in found), code=1)
     if down:
         raise Exit(f"error: {problem}{len(down)} component(s) need a person: "
-                   + ", ".join(f"{f.component} on {f.host}" for f in down), code=1)
+                   + ", ".join(f.label for f in down), code=1)
     if problem:
         raise Exit(f"error: {problem}fix the webhook or its receiver", code=1)
     if not found:

@@ -36,6 +36,7 @@ RESTARTED = "restarted"          # restarted by this run and healthy again
 RECOVERED = "recovered"          # healthy again once other components were restarted
 WOULD_RESTART = "would restart"  # --dry
 NEEDS_PERSON = "needs a person"
+HOST = "(host)"  # the component of a finding about the host itself (unreachable)
 # Exit status when a deploy holds the lock: nothing was checked, try again later (EX_TEMPFAIL).
 LOCKED_EXIT = 75
 
@@ -53,6 +54,12 @@ class Finding:
     answer: str = ""
     restart: str = ""            # the unit or compose service doctor restarted (or would)
     reason: str = ""             # why it needs a person
+
+    @property
+    def label(self) -> str:
+        """'redis on :6379 on cache1', or 'cache1 unreachable'."""
+        return f"{self.host} unreachable" if self.component == HOST else \
+            f"{self.component} on {self.host}"
 
     @property
     def unhealthy(self) -> bool:
@@ -126,7 +133,7 @@ def heal_host(machine: Machine, tier: str, waits: list[WaitFor], log: RestartLog
     """Probe the host's gates; restart each unhealthy component once (gates sharing a restart
     share it), then wait on its gates with their deadlines."""
     name = machine.host.name
-    machine.check("true", sudo=False)  # unreachable: HostError, the host is not acted on
+    machine.check("exit 0", sudo=False)  # unreachable: HostError; sh and PowerShell alike
     run = _HostRun()
     groups: dict[str, tuple[Restart, list[tuple[Finding, WaitFor]]]] = {}
     for step in waits:
@@ -220,7 +227,7 @@ def run(plans: list[TierPlan], log: RestartLog, *, dry: bool = False,
                 unreachable.add(outcome.host.name)
                 say(outcome.host.name, f"{NEEDS_PERSON}: host unreachable, not acted on: "
                                        f"{outcome.error}")
-                findings.append(Finding(outcome.host.name, tier.tier, "(host)", NEEDS_PERSON,
+                findings.append(Finding(outcome.host.name, tier.tier, HOST, NEEDS_PERSON,
                                         outcome.error, reason="host unreachable"))
         restarted = restarted or any(f.state == RESTARTED for r in runs.values()
                                      for f in r.findings)
@@ -245,7 +252,8 @@ def summary_rows(findings: list[Finding]) -> list[tuple[str, int, int, int, str]
         fixed = [f for f in mine if f.state in (RESTARTED, RECOVERED, WOULD_RESTART)]
         down = [f for f in mine if f.state == NEEDS_PERSON]
         rows.append((host, sum(f.state == HEALTHY for f in mine), len(fixed), len(down),
-                     "; ".join(f.component for f in down)))
+                     "; ".join("unreachable" if f.component == HOST else f.component
+                               for f in down)))
     return rows
 
 
@@ -259,10 +267,8 @@ def message(inventory: str, findings: list[Finding], *, fmt: str,
     down = [f for f in findings if f.state == NEEDS_PERSON]
     lines = [f"difyops deploy.doctor, inventory {inventory}:"]
     lines += [f"- restarted {f.restart} on {f.host}: {f.component} healthy again" if
-              f.state == RESTARTED else f"- {f.component} on {f.host} healthy again"
-              for f in acted]
-    lines += [f"- NEEDS A PERSON: {f.component} on {f.host}: {f.reason or f.answer}"
-              for f in down]
+              f.state == RESTARTED else f"- {f.label} healthy again" for f in acted]
+    lines += [f"- NEEDS A PERSON: {f.label}: {f.reason or f.answer}" for f in down]
     text = "\n".join(lines)
     if fmt == "slack":
         return {"text": text}
@@ -274,7 +280,7 @@ def message(inventory: str, findings: list[Finding], *, fmt: str,
                   "tier": finding.tier, "component": finding.component,
                   "severity": "critical" if firing else "info"}
         return {"status": "firing" if firing else "resolved", "labels": labels,
-                "annotations": {"summary": f"{finding.component} on {finding.host}: "
+                "annotations": {"summary": f"{finding.label}: "
                                            + (NEEDS_PERSON if firing else finding.state),
                                 "description": finding.reason or finding.answer},
                 "startsAt": stamp, "endsAt": "0001-01-01T00:00:00Z" if firing else stamp,

@@ -49,7 +49,7 @@ class World:
         return machine
 
     def commands(self, host: str) -> list[str]:
-        return [c for c in self.machines[host].commands if c != "true"]
+        return [c for c in self.machines[host].commands if c != "exit 0"]
 
 
 def gate(name: str, service: str, restart: Restart | None = REDIS) -> WaitFor:
@@ -200,9 +200,14 @@ def test_message_names_what_was_done_and_what_needs_a_person() -> None:
 def test_gates_say_how_to_restart_their_component(load, base) -> None:
     base["cache"] = {"mode": "sentinel"}
     inventory = load(base)
-    restarts = {(plan.host.name, step.gate.name): step.restart.what if step.restart else None
-                for tier in build(TIERS, inventory) for plan in tier.hosts
-                for step in plan.steps if isinstance(step, WaitFor)}
+    waits = [(plan.host.name, step) for tier in build(TIERS, inventory) for plan in tier.hosts
+             for step in plan.steps if isinstance(step, WaitFor)]
+    restarts = {(host, step.gate.name): step.restart.what if step.restart else None
+                for host, step in waits}
+    # Only restarts: a service restarted in place or a container; never a promotion or a move.
+    commands = {step.restart.command for _, step in waits if step.restart}
+    assert all(c.startswith(("systemctl reset-failed ", "docker compose ")) for c in commands)
+    assert not any("promote" in c or "pg_ctl" in c or "failover" in c for c in commands)
     assert restarts[("db1", "postgresql on :5432")] == "postgresql@15-main"
     assert restarts[("db2", "postgresql on :5432")] == "postgresql@15-main"
     assert restarts[("db1", "primary accepts writes")] is None  # never a promotion
