@@ -6,6 +6,7 @@ from invoke import Context, task
 from invoke.exceptions import Exit
 
 from tasks.core import doctor as medic
+from tasks.core import doctor_schedule
 from tasks.core import preflight as checks
 from tasks.core.cli import load, reported, run_tiers
 from tasks.core.fleet import table
@@ -63,11 +64,17 @@ def preflight_hosts(inventory: Inventory, only: str) -> list[Host]:
 
 
 @task(help={"dry": "show what would be restarted; restart nothing, post nothing",
-            "only": "comma-separated tiers to check (default: all)"})
+            "only": "comma-separated tiers to check (default: all)",
+            "schedule": "instead: run doctor every doctor.every minutes on this machine "
+                        "(systemd timer, else cron); with --dry, show it"})
 @reported
-def doctor(ctx: Context, dry: bool = False, only: str = "") -> None:
+def doctor(ctx: Context, dry: bool = False, only: str = "", schedule: bool = False) -> None:
     """Restart what is down once (limited across runs); post what needs a person. Cron-safe."""
     inventory = load(ctx)
+    if schedule:
+        select(TIERS, only)  # unknown tier names refused before anything is installed
+        doctor_schedule.install(inventory, dry=dry, only=only)
+        return
     plans = build(select(TIERS, only), inventory)
     settings = inventory.settings["doctor"]
     log = medic.RestartLog(STATE_DIR / "doctor" / f"{inventory.name}.json",

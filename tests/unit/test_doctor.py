@@ -303,3 +303,60 @@ def test_task_touches_nothing_while_a_deploy_holds_the_lock(task, tmp_path, dry)
         assert task.run(dry=dry) == doctor.LOCKED_EXIT
     assert task.world.machines == {} and task.posts == []
     assert "nothing was checked or restarted" in task.exit_message
+
+
+def systemd_unit(text: str):
+    import configparser
+
+    parser = configparser.ConfigParser(strict=False, interpolation=None)
+    parser.optionxform = str  # systemd keys are case-sensitive
+    parser.read_string(text)
+    return parser
+
+
+def test_schedule_timer_and_service(load, base) -> None:
+    from tasks.core import doctor_schedule
+
+    base["doctor"] = {"every": 10}
+    inventory = load(base)
+    files = {s.path: s.content for s in doctor_schedule.steps(inventory, use_cron=False,
+                                                               only="db,cache")
+             if hasattr(s, "content")}
+    timer = systemd_unit(files["/etc/systemd/system/difyops-doctor-unit.timer"])
+    assert dict(timer["Timer"]) == {"OnActiveSec": "10min", "OnUnitInactiveSec": "10min",
+                                    "Unit": "difyops-doctor-unit.service"}
+    service = systemd_unit(files["/etc/systemd/system/difyops-doctor-unit.service"])["Service"]
+    assert service["Type"] == "oneshot" and service["SuccessExitStatus"] == "75"
+    assert service["ExecStart"].endswith(" -m invoke deploy.doctor --only db,cache")
+    assert f'"DIFY_INVENTORY={inventory.file}"' in files[
+        "/etc/systemd/system/difyops-doctor-unit.service"]
+
+
+def test_schedule_cron_line(load, base) -> None:
+    from tasks.core import doctor_schedule
+
+    inventory = load(base)
+    plan = doctor_schedule.steps(inventory, use_cron=True)
+    (line,) = [line for line in plan[0].content.splitlines() if line.startswith("*/")]
+    assert line.startswith("*/5 * * * * root cd ")
+    assert f"DIFY_INVENTORY={inventory.file}" in line
+    assert line.endswith("-m invoke deploy.doctor >>/var/log/difyops-doctor-unit.log 2>&1")
+    assert plan[0].path == "/etc/cron.d/difyops-doctor-unit"
+
+
+def test_schedule_refuses_a_bad_interval_and_a_machine_without_scheduler(
+        load, base, monkeypatch) -> None:
+    from tasks.core import doctor_schedule
+    from tasks.core.errors import DifyopsError, InputError
+
+    base["doctor"] = {"every": 90}
+    with pytest.raises(InputError, match=r"doctor\.every"):
+        doctor_schedule.install(load(base))
+    base["doctor"] = {"every": 5}
+    inventory = load(base)
+    machine = FakeMachine(doctor_schedule.CONTROL, lambda command: 1)  # no systemd, no cron
+    monkeypatch.setattr(doctor_schedule, "connect", lambda host, timeouts=None: machine)
+    with pytest.raises(DifyopsError, match="neither systemd nor cron") as caught:
+        doctor_schedule.install(inventory)
+    assert "-m invoke deploy.doctor" in str(caught.value)
+    assert machine.files == {}

@@ -1,0 +1,151 @@
+"""deploy.doctor --schedule: doctor every `doctor.every` minutes on the control machine.
+
+A systemd timer where systemd runs the machine, else a file in /etc/cron.d; a plan like a tier's
+(files, commands with probes, nothing changed on a rerun) applied to this machine. Doctor itself
+posts to the alert webhook; the schedule only runs it (exit 75, a deploy holding the lock, counts
+as success: the next tick tries again).
+"""
+
+from __future__ import annotations
+
+import re
+import shlex
+import sys
+
+from tasks.backups.schedule import CONTROL, has_cron, has_systemd
+from tasks.core.apply import execute
+from tasks.core.errors import DifyopsError, InputError, Problem
+from tasks.core.hosts import connect
+from tasks.core.inventory import Inventory
+from tasks.core.plan import HostPlan, RunCommand, Step, TierPlan, WriteFile
+from tasks.core.project import ROOT, display
+from tasks.core.report import Report
+
+UNIT_DIR = "/etc/systemd/system"
+CRON_DIR = "/etc/cron.d"
+
+
+def name(inventory: Inventory) -> str:
+    """difyops-doctor-<inventory name>: one schedule per inventory on a machine."""
+    return "difyops-doctor-" + re.sub(r"[^A-Za-z0-9_-]", "-", inventory.name)
+
+
+def every(inventory: Inventory) -> int:
+    """Minutes between two runs; refused outside 1..59 before anything is touched."""
+    minutes = inventory.settings["doctor"]["every"]
+    if not 1 <= minutes <= 59:
+        raise InputError([Problem(display(inventory.file), "doctor.every", f"{minutes}",
+                                  "minutes between two doctor runs: from 1 to 59")])
+    return minutes
+
+
+def environment(inventory: Inventory) -> dict[str, str]:
+    """What `inv` needs to find the inventory and its secrets from any working directory."""
+    return {"DIFY_INVENTORY": str(inventory.file), "DIFY_SECRETS": str(inventory.secrets_file)}
+
+
+def header(inventory: Inventory) -> str:
+    return (f"# Managed by difyops (`inv deploy.doctor --schedule`) for inventory "
+            f"{inventory.name}; edits are overwritten.\n")
+
+
+def doctor_args(only: str) -> str:
+    """The task and its flags as the schedule runs it."""
+    return "deploy.doctor" + (f" --only {shlex.quote(only)}" if only else "")
+
+
+def service(inventory: Inventory, only: str = "") -> str:
+    """The oneshot unit that runs doctor once."""
+    env = "".join(f'Environment="{key}={value}"\n' for key, value in
+                  environment(inventory).items())
+    return (f"{header(inventory)}[Unit]\nDescription=difyops doctor of Dify (inventory "
+            f"{inventory.name}): restart what is down, report what needs a person\n"
+            f"Wants=network-online.target\nAfter=network-online.target\n\n"
+            f"[Service]\nType=oneshot\nWorkingDirectory={ROOT}\n{env}"
+            f'ExecStart="{sys.executable}" -m invoke {doctor_args(only)}\n'
+            f"# 75: a deploy held the lock; doctor checked nothing and runs at the next tick\n"
+            f"SuccessExitStatus=75\nTimeoutStartSec=1h\n")
+
+
+def timer(inventory: Inventory) -> str:
+    """Every `doctor.every` minutes, counted from the end of the last run (never two at once);
+    the first run that long after the timer starts (at boot, or when installed)."""
+    minutes = every(inventory)
+    return (f"{header(inventory)}[Unit]\nDescription=difyops doctor every {minutes} min "
+            f"(inventory {inventory.name})\n\n[Timer]\nOnActiveSec={minutes}min\n"
+            f"OnUnitInactiveSec={minutes}min\nUnit={name(inventory)}.service\n\n"
+            f"[Install]\nWantedBy=timers.target\n")
+
+
+def log_file(inventory: Inventory) -> str:
+    """Where the cron variant appends doctor's output."""
+    return f"/var/log/{name(inventory)}.log"
+
+
+def cron_command(inventory: Inventory, only: str = "") -> str:
+    """The command of the crontab line."""
+    env = " ".join(f"{key}={shlex.quote(value)}" for key, value in
+                   environment(inventory).items())
+    return (f"cd {shlex.quote(str(ROOT))} && {env} {shlex.quote(sys.executable)} -m invoke "
+            f"{doctor_args(only)} >>{log_file(inventory)} 2>&1")
+
+
+def cron(inventory: Inventory, only: str = "") -> str:
+    """The /etc/cron.d file (with its user field)."""
+    return (f"{header(inventory)}# Every {every(inventory)} minutes; output goes to "
+            f"{log_file(inventory)}.\nSHELL=/bin/sh\n"
+            f"PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin\n"
+            f"*/{every(inventory)} * * * * root {cron_command(inventory, only)}\n")
+
+
+def steps(inventory: Inventory, *, use_cron: bool, only: str = "") -> list[Step]:
+    """The timer and its service (systemd), or the cron file; the other variant removed."""
+    unit = name(inventory)
+    timer_path, service_path = f"{UNIT_DIR}/{unit}.timer", f"{UNIT_DIR}/{unit}.service"
+    crontab = f"{CRON_DIR}/{unit}"
+    quoted = shlex.quote(f"{unit}.timer")
+    if use_cron:
+        return [
+            WriteFile(crontab, cron(inventory, only)),
+            RunCommand(f"disable {unit}.timer", f"systemctl disable --now {quoted}",
+                       unless=f"! systemctl is-enabled --quiet {quoted} 2>/dev/null"),
+        ]
+    return [
+        WriteFile(service_path, service(inventory, only)),
+        WriteFile(timer_path, timer(inventory)),
+        RunCommand("systemctl daemon-reload", "systemctl daemon-reload",
+                   on_change=(service_path, timer_path)),
+        RunCommand(f"enable and start {unit}.timer", f"systemctl enable --now {quoted}",
+                   unless=f"systemctl is-enabled --quiet {quoted} && "
+                          f"systemctl is-active --quiet {quoted}"),
+        RunCommand(f"restart {unit}.timer", f"systemctl restart {quoted}",
+                   on_change=(timer_path,)),
+        RunCommand(f"remove {crontab}", f"rm -f {shlex.quote(crontab)}",
+                   unless=f"test ! -e {shlex.quote(crontab)}"),
+    ]
+
+
+def install(inventory: Inventory, *, dry: bool = False, only: str = "") -> Report:
+    """The schedule on this machine, through the executor."""
+    minutes = every(inventory)
+    machine = connect(CONTROL, inventory.settings["timeouts"])
+    try:
+        use_cron = not has_systemd(machine)
+        nothing_runs_it = use_cron and not has_cron(machine)
+    finally:
+        machine.close()
+    if nothing_runs_it:
+        raise DifyopsError(f"this machine runs neither systemd nor cron: install cron (Debian "
+                           f"package cron) and run `inv deploy.doctor --schedule` again, or "
+                           f"have your scheduler run this every {minutes} minutes:\n"
+                           f"{cron_command(inventory, only)}")
+    kind = "cron file" if use_cron else "systemd timer"
+    print(f"{'dry run of' if dry else 'installing'} the {kind} {name(inventory)} on this "
+          f"machine: deploy.doctor every {minutes} min", flush=True)
+    plan = steps(inventory, use_cron=use_cron, only=only)
+    report = execute([TierPlan("doctor", [HostPlan(CONTROL, plan)])],
+                     dry=dry, timeouts=inventory.settings["timeouts"])
+    if report.failed:
+        raise DifyopsError("the schedule was not installed completely; see the summary above, "
+                           "fix the cause and run the same command again")
+    return report
