@@ -12,7 +12,7 @@ from tasks.core.cli import load, reported, run_tiers
 from tasks.core.fleet import table
 from tasks.core.health import probe_all
 from tasks.core.inventory import Host, Inventory
-from tasks.core.lock import STATE_DIR, Locked, audit, deploy_lock, describe, held
+from tasks.core.lock import Locked
 from tasks.core.tiers import build, select
 from tasks.tiers import TIERS
 
@@ -75,50 +75,25 @@ def doctor(ctx: Context, dry: bool = False, only: str = "", schedule: bool = Fal
         select(TIERS, only)  # unknown tier names refused before anything is installed
         doctor_schedule.install(inventory, dry=dry, only=only)
         return
-    plans = build(select(TIERS, only), inventory)
-    settings = inventory.settings["doctor"]
-    log = medic.RestartLog(STATE_DIR / "doctor" / f"{inventory.name}.json",
-                           max(settings["max_restarts"], 0), max(settings["window"], 1))
     try:
-        if dry:
-            holder = held(inventory.name, STATE_DIR)
-            if holder:
-                raise Locked(f"a deploy of inventory {inventory.name} holds the lock: "
-                             f"{describe(holder)}")
-            findings = medic.run(plans, log, dry=True, timeouts=inventory.settings["timeouts"])
-        else:
-            with deploy_lock(inventory.name, STATE_DIR) as me:
-                findings = medic.run(plans, log, timeouts=inventory.settings["timeouts"])
-                acted = [f for f in findings if f.state != medic.HEALTHY]
-                if acted:
-                    audit(inventory.name, {**me, "inventory": str(inventory.file),
-                                           "doctor": [f"{f.host} {f.component}: {f.state}"
-                                                      + (f" ({f.restart})" if f.restart else "")
-                                                      for f in acted]}, STATE_DIR)
+        findings, problem = medic.examine(inventory, build(select(TIERS, only), inventory),
+                                          dry=dry)
     except Locked as exc:
         raise Exit(f"doctor: {exc}; nothing was checked or restarted: a deploy may be "
                    f"restarting things itself. Run doctor again when it is done.",
                    code=medic.LOCKED_EXIT) from None
-    print(table(["host", "healthy", "restarted" if not dry else "would restart",
+    print(table(["host", "healthy", "would restart" if dry else "restarted",
                  "needs a person", "what"], medic.summary_rows(findings)))
     found = [f for f in findings if f.state != medic.HEALTHY]
     down = [f for f in findings if f.state == medic.NEEDS_PERSON]
-    webhook = inventory.settings["monitor"]["alert_webhook"]
-    problem = ""
-    if found and not dry and webhook:
-        failed = medic.post(webhook, medic.message(
-            inventory.name, findings, fmt=inventory.settings["monitor"]["webhook_format"]))
-        if failed:
-            problem = f"could not POST to monitor.alert_webhook ({failed}); "
-        else:
-            print("doctor: posted to monitor.alert_webhook", flush=True)
     if dry and found:
         raise Exit(f"error: {len(found)} component(s) unhealthy (dry run: nothing restarted): "
                    + ", ".join(f.label for f in found), code=1)
     if down:
-        raise Exit(f"error: {problem}{len(down)} component(s) need a person: "
+        raise Exit(f"error: {problem + '; ' if problem else ''}{len(down)} component(s) "
+                   f"need a person: "
                    + ", ".join(f.label for f in down), code=1)
     if problem:
-        raise Exit(f"error: {problem}fix the webhook or its receiver", code=1)
+        raise Exit(f"error: {problem}; fix the webhook or its receiver", code=1)
     if not found:
         print(f"doctor: all {len(findings)} component(s) healthy", flush=True)

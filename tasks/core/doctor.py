@@ -29,6 +29,8 @@ from tasks.core.errors import DifyopsError, GateTimeout
 from tasks.core.fleet import Outcome, each_host
 from tasks.core.gates import wait
 from tasks.core.hosts import Machine
+from tasks.core.inventory import Inventory
+from tasks.core.lock import STATE_DIR, Locked, audit, deploy_lock, describe, held
 from tasks.core.plan import Restart, TierPlan, WaitFor
 
 HEALTHY = "healthy"
@@ -310,3 +312,39 @@ def post(url: str, payload: dict, timeout: float = 20) -> str:
     except requests.RequestException as exc:
         return f"{type(exc).__name__}"
     return "" if response.ok else f"HTTP {response.status_code}"
+
+
+def restart_log(inventory: Inventory) -> RestartLog:
+    """The inventory's restart history with its limits (doctor.max_restarts, doctor.window)."""
+    settings = inventory.settings["doctor"]
+    return RestartLog(STATE_DIR / "doctor" / f"{inventory.name}.json",
+                      max(settings["max_restarts"], 0), max(settings["window"], 1))
+
+
+def examine(inventory: Inventory, plans: list[TierPlan], *,
+            dry: bool = False) -> tuple[list[Finding], str]:
+    """deploy.doctor: under the deploy lock (only checked with --dry), heal, audit what was
+    done and post it when anything was found. Returns the findings and '' or why the webhook
+    could not be reached. Raises Locked, touching nothing, while a deploy holds the lock."""
+    log, timeouts = restart_log(inventory), inventory.settings["timeouts"]
+    if dry:
+        holder = held(inventory.name, STATE_DIR)
+        if holder:
+            raise Locked(f"a deploy of inventory {inventory.name} holds the lock: "
+                         f"{describe(holder)}")
+        return run(plans, log, dry=True, timeouts=timeouts), ""
+    with deploy_lock(inventory.name, STATE_DIR) as me:
+        findings = run(plans, log, timeouts=timeouts)
+        found = [f for f in findings if f.state != HEALTHY]
+        if found:
+            audit(inventory.name, {**me, "inventory": str(inventory.file), "doctor": [
+                f"{f.host} {f.component}: {f.state}" + (f" ({f.restart})" if f.restart else "")
+                for f in found]}, STATE_DIR)
+    webhook = inventory.settings["monitor"]["alert_webhook"]
+    if not (found and webhook):
+        return findings, ""
+    failed = post(webhook, message(inventory.name, findings,
+                                   fmt=inventory.settings["monitor"]["webhook_format"]))
+    if not failed:
+        print("doctor: posted to monitor.alert_webhook", flush=True)
+    return findings, failed and f"could not POST to monitor.alert_webhook ({failed})"

@@ -249,7 +249,7 @@ class TaskWorld:
                 "hosts": [{"name": "c1", "address": "10.9.0.1",
                            "roles": ["cache", "db_primary", "dev_backend"]}]}
         monkeypatch.setenv("DIFY_INVENTORY", str(write_inventory(data)))
-        monkeypatch.setattr(deploy, "STATE_DIR", tmp_path)
+        monkeypatch.setattr(doctor, "STATE_DIR", tmp_path)
         monkeypatch.setattr(deploy, "build", lambda tiers, inventory: plans("c1"))
         self.posts: list[tuple[str, dict]] = []
         monkeypatch.setattr(doctor, "post", lambda url, payload: self.posts.append(
@@ -360,3 +360,11 @@ def test_schedule_refuses_a_bad_interval_and_a_machine_without_scheduler(
         doctor_schedule.install(inventory)
     assert "-m invoke deploy.doctor" in str(caught.value)
     assert machine.files == {}
+
+
+def test_task_fails_when_the_webhook_does_not_take_the_message(task, monkeypatch) -> None:
+    monkeypatch.setattr(doctor, "post", lambda url, payload: "HTTP 500")
+    task.world.down = {"c1": {"redis-server"}}
+    assert task.run() == 1  # everything healed, but nobody was told
+    assert "could not POST to monitor.alert_webhook (HTTP 500)" in task.exit_message
+    assert "http://127.0.0.1:9/hook" not in task.exit_message  # the URL may be a credential
