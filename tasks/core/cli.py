@@ -88,6 +88,16 @@ def refuse_invalid(plans: list[TierPlan]) -> None:
                            + "\n    fix: correct the inventory setting or template named above")
 
 
+class TierTask(Task):
+    """A task built for one tier. Invoke takes tasks with the same name and function body for
+    one task and runs it once, which would drop `cache.deploy` from `inv db.deploy cache.deploy`."""
+
+    def __eq__(self, other: object) -> bool:
+        return self is other
+
+    __hash__ = Task.__hash__
+
+
 def deploy_task(tier: Tier) -> Task:
     """The `<tier>.deploy` task: the tier alone through the same plan/apply machinery."""
 
@@ -95,4 +105,5 @@ def deploy_task(tier: Tier) -> Task:
         run_tiers(ctx, [tier], dry=dry)
 
     deploy.__doc__ = f"Deploy the {tier.summary} (--dry: show the plan, touch nothing)."
-    return task(reported(deploy), help={"dry": "print the plan with file diffs; change nothing"})
+    return task(reported(deploy), klass=TierTask,
+                help={"dry": "print the plan with file diffs; change nothing"})

@@ -91,3 +91,11 @@ def test_unknown_tier_in_only_is_refused(tmp_path: Path) -> None:
     result = inv("deploy.all", "--dry", "--only", "db,nginx", env=env)
     assert result.returncode == 1
     assert "--only: nginx: unknown tier" in result.stderr
+
+
+def test_chained_tier_deploys_each_run(tmp_path: Path) -> None:
+    env = {"DIFY_SECRETS": str(tmp_path / "l.env")}
+    assert inv("config.secrets", env=env).returncode == 0
+    result = inv("db.deploy", "--dry", "cache.deploy", "--dry", env=env)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "[db]" in result.stdout and "[cache]" in result.stdout, result.stdout
