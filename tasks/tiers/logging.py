@@ -44,6 +44,8 @@ RSYSLOG_STAGED = "/etc/difyops/rsyslog/60-difyops-elasticsearch.conf"
 STATS_FILE = "/var/log/difyops-rsyslog-stats.log"
 ERROR_FILE = "/var/log/difyops-rsyslog-es-errors.log"
 LOGROTATE = "/etc/logrotate.d/difyops-rsyslog"
+LOADED_DIR = "/run/difyops"
+LOADED = f"{LOADED_DIR}/rsyslog.loaded"  # digest of the configuration rsyslog was restarted with
 SPOOL = "/var/spool/rsyslog"
 QUEUE = "difyops-es"
 STATS_INTERVAL = 10
@@ -223,11 +225,26 @@ def rsyslog_check() -> str:
     )
 
 
+def writer_login(target: Host, port: int, user: str) -> str:
+    """Probe on a shipper: the store authenticates the writer with the password of the staged
+    configuration (read from that file: never on a command line)."""
+    script = (f"p=$(sed -n 's/.*pwd=\"\\([^\"]*\\)\".*/\\1/p' {RSYSLOG_STAGED}); "
+              f"printf 'user = \"{user}:%s\"\\n' \"$p\" | curl -sf --max-time 5 -K- -o /dev/null "
+              f"http://{endpoint(target.address, port)}/_security/_authenticate")
+    return f"bash -c {shlex.quote(script)}"
+
+
 def rsyslog_current() -> str:
-    """Probe: rsyslog runs and started after the live configuration was last written."""
-    return ("systemctl is-active --quiet rsyslog && "
-            f"[ \"$(stat -c %Y {RSYSLOG_LIVE})\" -le \"$(date -d \"$(systemctl show -p "
-            "ActiveEnterTimestamp --value rsyslog)\" +%s)\" ]")
+    """Probe: rsyslog runs, restarted by difyops since the live configuration last changed (a
+    digest of the file it was restarted with, kept in /run: a reboot starts it with that file)."""
+    return (f"systemctl is-active --quiet rsyslog && "
+            f"[ \"$(cat {LOADED} 2>/dev/null)\" = \"$(sha256sum < {RSYSLOG_LIVE})\" ]")
+
+
+def rsyslog_restart() -> str:
+    """Restart rsyslog and note which configuration it now runs."""
+    return (f"{reset_failed('rsyslog')}systemctl restart rsyslog && mkdir -p {LOADED_DIR} && "
+            f"sha256sum < {RSYSLOG_LIVE} > {LOADED}")
 
 
 def shipper_steps(inventory: Inventory, renderer: Renderer, host: Host) -> list[Step]:
@@ -245,14 +262,19 @@ def shipper_steps(inventory: Inventory, renderer: Renderer, host: Host) -> list[
               f"{STATS_FILE} {ERROR_FILE} {{\n  daily\n  rotate 3\n  maxsize 20M\n"
               f"  missingok\n  notifempty\n  compress\n  copytruncate\n}}\n")
     return [
-        packages("rsyslog", "rsyslog-elasticsearch"),
+        packages("rsyslog", "rsyslog-elasticsearch", "curl"),
         WriteFile(RSYSLOG_STAGED, config, mode=0o600, secret=True),
+        # Elasticsearch drops (does not retry) documents it refuses a login for: start shipping
+        # only once the store accepts the writer's login (the store host may still be creating it).
+        WaitFor(CommandGate(f"the store {target.name} accepts the shippers' login",
+                            timeout=logging["health_timeout"] + 60, interval=2,
+                            command=writer_login(target, logging["es_port"],
+                                                 logging["writer_user"]))),
         RunCommand("check the rsyslog configuration (rsyslogd -N1) and install it",
                    rsyslog_check(), unless=f"cmp -s {RSYSLOG_STAGED} {RSYSLOG_LIVE}"),
         WriteFile(LOGROTATE, rotate),
         service_running("rsyslog"),
-        RunCommand("restart rsyslog (new configuration)",
-                   f"{reset_failed('rsyslog')}systemctl restart rsyslog",
+        RunCommand("restart rsyslog (new configuration)", rsyslog_restart(),
                    unless=rsyslog_current()),
         WaitFor(CommandGate("rsyslog active", timeout=30, command="systemctl is-active rsyslog")),
     ]
