@@ -24,6 +24,7 @@ import requests
 import yaml
 from dotenv import dotenv_values
 
+from tasks.tiers import logging as tier
 from tests.images import logging_standin, standin
 from tests.integration.lab import Lab, LabHost, ensure_base_image
 from tests.integration.support import release
@@ -203,6 +204,12 @@ def test_status_reports_store_and_shippers(lab_logging: Logging) -> None:
     assert ship_row[-1] == "yes"  # the store is reachable from ship1
 
 
+def queued(env: Logging) -> int:
+    """Messages in ship1's queue for the store, from rsyslog's own counters."""
+    stats = tier.parse_stats(env.shipper.exec(f"tail -n 50 {tier.STATS_FILE}")[1])
+    return int(stats["difyops-es queue"]["size"])
+
+
 def test_lines_logged_while_the_store_is_down_arrive_later(lab_logging: Logging) -> None:
     env = lab_logging
     container = "dify-logging-elasticsearch-1"
@@ -213,14 +220,46 @@ def test_lines_logged_while_the_store_is_down_arrive_later(lab_logging: Logging)
         code, out = env.shipper.exec(f"logger -t difyops-test {marker}")
         assert code == 0, out
         down = env.inv("logging.status")
-        assert down.returncode == 1 and "logs1 (store)" in down.stderr, down.stdout
-        # rsyslog holds the line in its queue meanwhile (its counters say so).
-        until("the line waiting in ship1's queue", lambda: "difyops-es queue" in
-              env.shipper.exec("tail -n 50 /var/log/difyops-rsyslog-stats.log")[1], timeout=30)
+        assert down.returncode == 1, down.stdout
+        # The store, and its shippers (logs1 ships too): the store is unreachable for them.
+        assert "logs1 (store), logs1, ship1" in down.stderr, down.stderr
+        # rsyslog holds the lines meanwhile (its own counters say so).
+        until("lines waiting in ship1's queue", lambda: queued(env) > 0, timeout=40)
     finally:
         code, out = env.store.exec(f"docker start {container}")
         assert code == 0, out
     docs = until(f"{marker} in the store after its restart", lambda: env.found(marker),
+                 timeout=90)
+    assert len(docs) == 1 and docs[0]["host"] == "ship1"
+
+
+def test_queued_lines_survive_a_restart_of_rsyslog(lab_logging: Logging) -> None:
+    """What waits in the queue is saved to disk at shutdown and read back at start. (Not the
+    batch the suspended action holds in its hands: `first` may be in it and is not asserted;
+    `behind` is logged once the action is suspended and lines wait in the queue.)"""
+    env = lab_logging
+    container = "dify-logging-elasticsearch-1"
+    code, out = env.store.exec(f"docker stop {container}")
+    assert code == 0, out
+    try:
+        def more_waiting() -> bool:  # a line more each time: the first ones may be in flight
+            env.shipper.exec(f"logger -t difyops-test difyops-first-{uuid.uuid4().hex}")
+            return queued(env) > 0
+
+        until("lines waiting in ship1's queue", more_waiting, timeout=40)
+        behind = f"difyops-behind-{uuid.uuid4().hex}"
+        before = queued(env)
+        code, out = env.shipper.exec(f"logger -t difyops-test {behind}")
+        assert code == 0, out
+        until("the second line queued", lambda: queued(env) > before, timeout=40)
+        code, out = env.shipper.exec("systemctl restart rsyslog")
+        assert code == 0, out
+        code, out = env.shipper.exec(f"ls {tier.SPOOL}/{tier.QUEUE}.qi")
+        assert code == 0, out  # the queue's state on disk
+    finally:
+        code, out = env.store.exec(f"docker start {container}")
+        assert code == 0, out
+    docs = until(f"{behind} in the store after the restarts", lambda: env.found(behind),
                  timeout=90)
     assert len(docs) == 1 and docs[0]["host"] == "ship1"
 
