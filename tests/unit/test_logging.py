@@ -343,3 +343,16 @@ def test_store_state_reads_health_indices_and_newest_document(load, base) -> Non
     state = tier.store_state(inventory, FakeMachine())
     assert (state.status, state.nodes, state.indices, state.documents) == ("green", 1, 2, 12)
     assert state.last_document == "2026-11-30T17:44:18+00:00" and state.ok
+
+
+def test_status_without_a_logging_host_says_what_to_do(write_inventory, base, monkeypatch) -> None:
+    from invoke import Context
+    from invoke.exceptions import Exit
+
+    from tasks import logs
+
+    monkeypatch.setenv("DIFY_INVENTORY", str(write_inventory(base)))
+    with pytest.raises(Exit) as caught:
+        logs.status(Context())
+    assert "no host has the role 'logging'" in str(caught.value.message)
+    assert "`inv logging.deploy`" in str(caught.value.message)
