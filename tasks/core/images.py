@@ -20,6 +20,7 @@ from tasks.core.fleet import each_host
 from tasks.core.hosts import Machine
 from tasks.core.inventory import APP_ROLES, Host, Inventory
 from tasks.tiers import app as app_tier
+from tasks.tiers import logging as logging_tier
 
 PRESENT, SHIPPED, PULLED, PUSHED, LOCAL = "present", "shipped", "pulled", "pushed", "local"
 
@@ -43,12 +44,15 @@ class Row:
 
 
 def host_images(inventory: Inventory, host: Host) -> list[str]:
-    """The images a host runs, as its compose files name them (app components, Weaviate)."""
+    """The images a host runs, as its compose files name them (app components, Weaviate, the
+    log store)."""
     images = set(app_tier.host_images(inventory, host).values()) if host.has(*APP_ROLES) \
         else set()
     vector = inventory.settings["vector"]
     if host.has("vector") and vector["store"] == "weaviate":
         images.add(weaviate(inventory, inventory.image))
+    if host.has("logging"):
+        images.update(logging_tier.images(inventory).values())
     return sorted(images)
 
 
@@ -70,6 +74,9 @@ def upstream(inventory: Inventory) -> dict[str, str]:
     if inventory.with_role("vector") and inventory.settings["vector"]["store"] == "weaviate":
         names[weaviate(inventory, inventory.image)] = weaviate(inventory,
                                                                inventory.upstream_image)
+    if inventory.with_role("logging"):
+        names.update(zip(logging_tier.images(inventory).values(),
+                         logging_tier.upstream_images(inventory).values(), strict=True))
     return names
 
 

@@ -8,6 +8,7 @@ PostgreSQL running out of connections.
 
 from __future__ import annotations
 
+import ipaddress
 import re
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -264,6 +265,114 @@ def monitor_settings(inventory: Inventory, shown: str) -> Iterator[Problem]:
                           "use a number between 1 and 99")
 
 
+SIZE = re.compile(r"^(\d+)([kmg])$")
+SIZE_UNITS = {"k": 1, "m": 1024, "g": 1024 * 1024}
+INDEX_PREFIX = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,100}$")
+ES_USER = re.compile(r"^[a-z][a-z0-9_]{0,63}$")
+# Users Elasticsearch (and the stack around it) reserves for itself.
+RESERVED_ES_USERS = ("elastic", "kibana", "kibana_system", "logstash_system", "beats_system",
+                     "apm_system", "remote_monitoring_user")
+
+
+def size_kib(text: str) -> int | None:
+    """A size such as 512m or 2g in KiB; None when it is not one."""
+    match = SIZE.match(str(text))
+    return int(match.group(1)) * SIZE_UNITS[match.group(2)] if match else None
+
+
+def logging_settings(inventory: Inventory, shown: str) -> Iterator[Problem]:
+    """The logging store: security on, one node, a heap that fits its memory, sane names."""
+    hosts = inventory.with_role("logging")
+    if not hosts:
+        return
+    logging = inventory.settings["logging"]
+    if logging["security"] is not True:
+        yield Problem(shown, "logging.security",
+                      "Elasticsearch without security answers anyone who reaches its port: "
+                      "every log line of every host, and the right to delete them",
+                      "remove the setting (or set it to true): difyops always enables security "
+                      "and takes the passwords from the secrets file")
+    if len(hosts) > 1:
+        yield Problem(shown, f"hosts[{index_of(inventory, hosts[1].name)}].roles",
+                      f"{len(hosts)} hosts have role 'logging' "
+                      f"({', '.join(h.name for h in hosts)}): difyops deploys a single-node "
+                      f"Elasticsearch and has no cluster configuration (discovery, transport "
+                      f"TLS, shard allocation) for more",
+                      "keep 'logging' on one host")
+    for host in hosts:
+        try:
+            usable = not ipaddress.ip_address(host.address).is_unspecified
+        except ValueError:
+            usable = False
+        if not usable:
+            yield Problem(shown, f"hosts[{index_of(inventory, host.name)}].address",
+                          f"{host.address!r}: the logging host publishes Elasticsearch and "
+                          f"Kibana on its own address only, which Docker needs as an IP address",
+                          "give the logging host its private IP address")
+        if host.labels.get("os", "").lower() == "windows":
+            yield Problem(shown, f"hosts[{index_of(inventory, host.name)}].roles",
+                          f"{host.name} is a Windows host: the logging store runs by compose on "
+                          f"Linux", "give the role 'logging' to a Linux host")
+    sizes = {}
+    for key in ("heap", "es_memory", "kibana_memory", "queue_max_disk"):
+        sizes[key] = size_kib(logging[key])
+        if sizes[key] is None or sizes[key] == 0:
+            yield Problem(shown, f"logging.{key}", f"{logging[key]!r} is not a size",
+                          "write a number and a unit k, m or g, e.g. 512m or 2g")
+    heap, memory = sizes["heap"], sizes["es_memory"]
+    if heap and memory and heap * 2 > memory:
+        yield Problem(shown, "logging.heap",
+                      f"a heap of {logging['heap']} in a container limited to "
+                      f"{logging['es_memory']}: Elasticsearch needs as much memory again "
+                      f"outside the heap (file cache, direct buffers) or the kernel kills it",
+                      "lower logging.heap to at most half of logging.es_memory, or raise "
+                      "logging.es_memory to at least twice the heap")
+    if heap and heap > 31 * SIZE_UNITS["g"]:
+        yield Problem(shown, "logging.heap",
+                      f"{logging['heap']} is above 31g: the JVM loses compressed object "
+                      f"pointers and a larger heap holds less", "use 31g or less")
+    if heap and heap < 256 * SIZE_UNITS["m"]:
+        yield Problem(shown, "logging.heap", f"{logging['heap']} is too small to start "
+                      f"Elasticsearch", "use 256m or more (1g or more in production)")
+    ports = {key: logging[key] for key in ("es_port", "kibana_port")}
+    for key, port in ports.items():
+        if not 1 <= port <= 65535:
+            yield Problem(shown, f"logging.{key}", f"{port} is not a port number",
+                          "use a number between 1 and 65535")
+    if logging["kibana"] and ports["es_port"] == ports["kibana_port"]:
+        yield Problem(shown, "logging.kibana_port",
+                      f"the same port as logging.es_port ({ports['es_port']})",
+                      "give Kibana its own port (5601 is its usual one)")
+    if not INDEX_PREFIX.match(logging["index_prefix"]):
+        yield Problem(shown, "logging.index_prefix",
+                      f"{logging['index_prefix']!r} is not usable in an Elasticsearch index name",
+                      "use lower-case letters, digits, '-', '_' or '.', starting with a letter "
+                      "or digit, e.g. dify-logs")
+    user = logging["writer_user"]
+    if not ES_USER.match(user) or user in RESERVED_ES_USERS:
+        yield Problem(shown, "logging.writer_user",
+                      f"{user!r} is not a name difyops may give the shippers' user"
+                      + (" (Elasticsearch reserves it)" if user in RESERVED_ES_USERS else ""),
+                      "use lower-case letters, digits and underscores, e.g. difyops_logs_writer")
+    if logging["retention_days"] < 1:
+        yield Problem(shown, "logging.retention_days", f"{logging['retention_days']} days",
+                      "keep logs at least 1 day (14 is a common choice)")
+    if logging["health_timeout"] < 10:
+        yield Problem(shown, "logging.health_timeout", f"{logging['health_timeout']} seconds",
+                      "give Elasticsearch time to start: 300 is a good value")
+    for key in ("elasticsearch_image", "kibana_image"):
+        if ":" not in logging[key].rsplit("/", 1)[-1]:
+            yield Problem(shown, f"logging.{key}", f"{logging[key]!r} names no version tag",
+                          "pin a version, e.g. elasticsearch:8.15.3")
+    tags = {key: logging[key].rsplit("/", 1)[-1].partition(":")[2]
+            for key in ("elasticsearch_image", "kibana_image")}
+    if logging["kibana"] and all(tags.values()) and len(set(tags.values())) > 1:
+        yield Problem(shown, "logging.kibana_image",
+                      f"Kibana {tags['kibana_image']} with Elasticsearch "
+                      f"{tags['elasticsearch_image']}: Kibana refuses to start against another "
+                      f"version of Elasticsearch", "use the same version tag for both images")
+
+
 def extra_rules_path(inventory: Inventory) -> Path:
     """The operator's own rule file: absolute, or relative to the inventory file."""
     path = Path(inventory.settings["monitor"]["extra_rules"]).expanduser()
@@ -283,4 +392,4 @@ def index_of(inventory: Inventory, name: str) -> int:
 
 RULES: tuple[Rule, ...] = (role_presence, queue_coverage, broker_not_on_cluster, vector_store,
                            shared_storage, connection_budget, tls_settings, monitor_settings,
-                           netplan.check)
+                           netplan.check, logging_settings)

@@ -36,6 +36,8 @@ PUBLISHED = frozenset({
     "admin",
     "password",
     "changeme",
+    "elastic",
+    "kibana",
 })
 
 
@@ -71,6 +73,14 @@ SPECS: tuple[SecretSpec, ...] = (
                lambda inv: bool(inv.with_role("monitor"))),
     SecretSpec("MONITOR_DB_PASSWORD", "the PostgreSQL role of the metrics exporter (pg_monitor)",
                lambda inv: bool(inv.with_role("monitor") and inv.with_role("db_primary"))),
+    SecretSpec("ELASTIC_PASSWORD", "Elasticsearch's superuser `elastic` (logging tier)",
+               lambda inv: bool(inv.with_role("logging"))),
+    SecretSpec("KIBANA_SYSTEM_PASSWORD", "Kibana's login to Elasticsearch (kibana_system)",
+               lambda inv: bool(inv.with_role("logging")) and inv.settings["logging"]["kibana"]),
+    SecretSpec("KIBANA_ENCRYPTION_KEY", "Kibana's session and saved-object encryption key",
+               lambda inv: bool(inv.with_role("logging")) and inv.settings["logging"]["kibana"]),
+    SecretSpec("LOGS_WRITER_PASSWORD", "the log shippers' Elasticsearch user (add documents only)",
+               lambda inv: bool(inv.with_role("logging"))),
     SecretSpec("S3_ACCESS_KEY", "the S3-compatible storage",
                lambda inv: inv.settings["storage"]["type"] == "s3", generated=False),
     SecretSpec("S3_SECRET_KEY", "the S3-compatible storage",

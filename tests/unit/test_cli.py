@@ -11,7 +11,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 NAMESPACES = ("config", "db", "cache", "vector", "app", "images", "lb", "monitor", "backup", "dev",
-              "deploy", "net")
+              "deploy", "net", "logging")
 
 
 def inv(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
@@ -80,7 +80,7 @@ def test_render_writes_every_host(tmp_path: Path) -> None:
     assert result.returncode == 0, result.stderr
     hosts = sorted(p.name for p in (tmp_path / "out").iterdir())
     assert hosts == sorted(["lb1", "web1", "web2", "api1", "api2", "api3", "worker1", "worker2",
-                            "db1", "db2", "db3", "vector1", "monitor1"])
+                            "db1", "db2", "db3", "vector1", "monitor1", "logs1"])
     env_file = tmp_path / "out" / "api1" / "opt" / "dify" / ".env"
     assert oct(env_file.stat().st_mode & 0o777) == "0o600"
 
