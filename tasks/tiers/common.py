@@ -56,6 +56,8 @@ def compose_up(directory: str, project: str, *files: str,
 SERVICE = '{{index .Config.Labels "com.docker.compose.service"}}'
 STATE = "{{.State.Status}}{{with .State.Health}} {{.Status}}{{end}}"
 CHECKS = "{{with .State.Health}}{{range .Log}}{{json .Output}}{{println}}{{end}}{{end}}"
+# One health answer (a JSON string, one line) as text: quotes off, newlines as spaces.
+UNQUOTE = r"""sed 's/^"//; s/"$//; s/\\n/ /g; s/ *$//; s/\\"/"/g'"""
 
 
 def wait_bounded(compose: str, up: str, timeout: float, *services: str) -> str:
@@ -69,7 +71,7 @@ def wait_bounded(compose: str, up: str, timeout: float, *services: str) -> str:
             f"state=$(docker inspect -f '{STATE}' \"$id\"); "
             f"case \"$state\" in 'running healthy'|running) continue;; esac; "
             f"service=$(docker inspect -f '{SERVICE}' \"$id\"); "
-            f"last=$(docker inspect -f '{CHECKS}' \"$id\" | sed '/^$/d' | tail -n 1 "
+            f"last=$(docker inspect -f '{CHECKS}' \"$id\" | sed '/^$/d' | tail -n 1 | {UNQUOTE} "
             f"| cut -c1-300); "
             f"if [ -n \"$last\" ]; then last=\"last health check: $last\"; else "
             f"last=\"last log line: $(docker logs --tail 1 \"$id\" 2>&1 | cut -c1-300)\"; fi; "

@@ -486,8 +486,8 @@ def test_a_compose_wait_that_times_out_names_each_unhealthy_service(tmp_path) ->
                             env={"PATH": f"{tmp_path}:/usr/bin:/bin"}, check=False)
     assert result.returncode == 1
     assert Result(1, result.stdout, result.stderr).answer == (
-        'not healthy after 30 s: api (running starting) last health check: "curl: (22) '
-        'error: 503\\n{\\"problems\\": [\\"database: no driver\\"]}"; worker (restarting) '
+        'not healthy after 30 s: api (running starting) last health check: curl: (22) '
+        'error: 503 {"problems": ["database: no driver"]}; worker (restarting) '
         'last log line: worker: cannot reach the broker')
 
 
