@@ -12,23 +12,27 @@ that reads the database) goes through nginx at a fixed rate while, in turn:
    pull`, then `docker-compose -f api-cluster.yml up -d`, which recreates every api container
    at once, with no drain and no health gate (then `sleep 30`). Mimicked here with the 1.13.3
    compose file and environment in place on both api hosts (as difyops renders them, with
-   MIGRATION_ENABLED=true as in the seed's environment: the api containers migrate as they
-   start) and `docker compose up -d --no-deps api` started on both api hosts at the same time.
+   MIGRATION_ENABLED=true, Dify's default, which the seed never turns off: the api containers
+   migrate as they start) and `docker compose up -d --no-deps api` started on both api hosts
+   at the same time.
 3. the seed's recovery script's step, literally: `docker compose restart api` on both api hosts
    at the same time (same release).
 
-Each run keeps the load for --tail seconds after the operation (and after every api answers
-healthy again, for 2 and 3). Prints, side by side: requests sent, failed (no answer or not 2xx),
-p50/p99 latency, the seconds loaded, and the ratios. Asserts nothing.
+First the same load runs for --baseline seconds with nothing changing (the reference). Each
+run keeps the load for --tail seconds after the operation (for 2 and 3: after every api answers
+healthy again and then nginx answers 10 requests in a row: nginx keeps a server it saw fail out
+of its upstream for lb.fail_timeout seconds). Prints, side by side: requests sent, failed (no
+answer or not 2xx), p50/p99 latency, the seconds loaded, and the ratios. Asserts nothing.
 
 Needs a Docker engine (like the integration tests). Run: python benchmarks/upgrade.py
-[--rate N] [--threads N] [--tail S]
+[--rate N] [--threads N] [--tail S] [--baseline S]
 """
 
 from __future__ import annotations
 
 import argparse
 import base64
+import os
 import sys
 import tempfile
 import threading
@@ -72,6 +76,34 @@ def wait_healthy(app: App, version: str, timeout: float = 300) -> float:
     return time.monotonic() - started
 
 
+def wait_answering(url: str, timeout: float = 180, streak: int = 10) -> None:
+    """Until `streak` requests in a row through nginx answer 2xx (nginx keeps a server it saw
+    fail out of its upstream for lb.fail_timeout seconds, even when the server is back)."""
+    import requests
+
+    started, good = time.monotonic(), 0
+    while good < streak:
+        if time.monotonic() - started > timeout:
+            raise SystemExit(f"nginx did not answer again after {timeout:g} s")
+        try:
+            good = good + 1 if requests.get(url, timeout=2).ok else 0
+        except requests.RequestException:
+            good = 0
+        time.sleep(0.1)
+
+
+def all_at_once(app: App, command: str, url: str) -> str:
+    """The command on every api host at the same moment; wait until every api answers healthy
+    and nginx answers again; say how long each took."""
+    started = time.monotonic()
+    on_all_apis(app, command)
+    wait_healthy(app, B)
+    healthy_after = time.monotonic() - started
+    wait_answering(url)
+    return (f"every api healthy again {healthy_after:.1f} s after the command started, "
+            f"nginx answering again after {time.monotonic() - started:.1f} s")
+
+
 def on_all_apis(app: App, command: str) -> None:
     """Run a command on every api host at the same moment (one thread each)."""
     errors: list[str] = []
@@ -97,6 +129,7 @@ def seed_files(app: App, version: str) -> None:
     from tasks.core.release import with_release
     from tasks.core.render import Renderer
 
+    os.environ["DIFY_SECRETS"] = app.env["DIFY_SECRETS"]  # the lab's secrets, for rendering
     inventory = with_release(load_inventory(app.inventory_file), version)
     renderer = Renderer(inventory)
     for name in APIS:
@@ -119,6 +152,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=4, help="client threads")
     parser.add_argument("--tail", type=float, default=5,
                         help="seconds of load kept after each operation")
+    parser.add_argument("--baseline", type=float, default=10,
+                        help="seconds of load with no change first, for reference")
     args = parser.parse_args()
     compose = f"docker compose --project-directory {DEPLOY} -p dify"
     results: dict[str, dict[str, float]] = {}
@@ -133,11 +168,17 @@ def main() -> None:
         url = f"{app.balancer}/console/api/setup"
         load = lambda: SteadyLoad(url, rate=args.rate, threads=args.threads)  # noqa: E731
 
+        print(f"0/3 the same load for {args.baseline:g} s, no change (the reference)",
+              flush=True)
+        with load() as idle:
+            time.sleep(args.baseline)
+        results["no change"] = idle.figures()
+
         print(f"1/3 inv app.upgrade --version {B} under load", flush=True)
         with load() as ours:
             started = time.monotonic()
             app.ok("app.upgrade", "--version", B)
-            notes["difyops"] = f"upgrade took {time.monotonic() - started:.1f} s"
+            notes["difyops app.upgrade"] = f"the upgrade took {time.monotonic() - started:.1f} s"
             time.sleep(args.tail)
         results["difyops app.upgrade"] = ours.figures()
 
@@ -150,21 +191,13 @@ def main() -> None:
               flush=True)
         seed_files(app, B)
         with load() as seed:
-            started = time.monotonic()
-            on_all_apis(app, f"{compose} up -d --no-deps api")
-            wait_healthy(app, B)
-            notes["seed"] = f"every api healthy again {time.monotonic() - started:.1f} s " \
-                            f"after the restart"
+            notes["seed's upgrade"] = all_at_once(app, f"{compose} up -d --no-deps api", url)
             time.sleep(args.tail)
         results["seed's upgrade"] = seed.figures()
 
         print("3/3 docker compose restart api on both api hosts at once", flush=True)
         with load() as restart:
-            started = time.monotonic()
-            on_all_apis(app, f"{compose} restart api")
-            wait_healthy(app, B)
-            notes["restart"] = f"every api healthy again {time.monotonic() - started:.1f} s " \
-                               f"after the restart"
+            notes["compose restart"] = all_at_once(app, f"{compose} restart api", url)
             time.sleep(args.tail)
         results["compose restart"] = restart.figures()
 

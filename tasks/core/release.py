@@ -337,8 +337,8 @@ def next_steps(outcome: Outcome, version: str, migrated_since: str, backup: str)
         back += (f" (the database was migrated to {migrated_since}: the rollback will ask for "
                  + (f"backup {backup}" if backup else "a backup taken before the upgrade")
                  + " to be restored first)")
-    return (f"next: find why {outcome.failed} is not healthy (its last answer is above; "
-            f"`docker compose -p dify logs` on {outcome.failed}; inv images.sync --version "
+    return (f"next: fix what stopped {outcome.failed} (the reason above; `docker compose -p "
+            f"dify logs` on {outcome.failed} shows its services' logs; inv images.sync --version "
             f"{version} ships the release's images again where a host holds other ones), "
             f"then rerun inv app.upgrade --version {version}: it resumes at {outcome.failed} "
             f"and leaves the hosts already on {version} alone. To go back instead: {back}")
