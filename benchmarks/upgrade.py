@@ -33,19 +33,19 @@ from __future__ import annotations
 import argparse
 import base64
 import os
+import subprocess
 import sys
 import tempfile
 import threading
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from tests.images import standin  # noqa: E402
-from tests.integration.app_lab import DEPLOY, A, App, B, start_app  # noqa: E402
-from tests.integration.lab import Lab  # noqa: E402
-from tests.integration.support import SteadyLoad  # noqa: E402
+from tests.images import standin
+from tests.integration.app_lab import DEPLOY, ROOT, A, App, B, start_app
+from tests.integration.lab import Lab
+from tests.integration.support import SteadyLoad
 
 APIS = ("app-api1", "app-api2")
 
@@ -74,6 +74,17 @@ def wait_healthy(app: App, version: str, timeout: float = 300) -> float:
                              f"{timeout:g} s")
         time.sleep(0.2)
     return time.monotonic() - started
+
+
+def timed_inv(app: App, since: float, *args: str) -> list[tuple[float, str]]:
+    """`inv ARGS` with each line it prints and when (seconds after `since`); fails on error."""
+    process = subprocess.Popen([sys.executable, "-m", "invoke", *args], cwd=ROOT, text=True,
+                               env={**app.env, "PYTHONUNBUFFERED": "1"}, stdout=subprocess.PIPE,
+                               stderr=subprocess.STDOUT)
+    lines = [(time.monotonic() - since, line.rstrip()) for line in process.stdout]
+    if process.wait():
+        raise SystemExit(f"inv {' '.join(args)} failed:\n" + "\n".join(t for _, t in lines))
+    return lines
 
 
 def wait_answering(url: str, timeout: float = 180, streak: int = 10) -> None:
@@ -158,6 +169,7 @@ def main() -> None:
     compose = f"docker compose --project-directory {DEPLOY} -p dify"
     results: dict[str, dict[str, float]] = {}
     notes: dict[str, str] = {}
+    failures: dict[str, list[tuple[float, str]]] = {}
     with Lab() as lab, tempfile.TemporaryDirectory(prefix="difyops-bench-") as scratch:
         print("starting the lab: PostgreSQL, Redis, nginx, 2 api hosts, 1 worker/web host",
               flush=True)
@@ -173,14 +185,16 @@ def main() -> None:
         with load() as idle:
             time.sleep(args.baseline)
         results["no change"] = idle.figures()
+        failures["no change"] = idle.errors
 
         print(f"1/3 inv app.upgrade --version {B} under load", flush=True)
         with load() as ours:
             started = time.monotonic()
-            app.ok("app.upgrade", "--version", B)
+            steps = timed_inv(app, ours.started, "app.upgrade", "--version", B)
             notes["difyops app.upgrade"] = f"the upgrade took {time.monotonic() - started:.1f} s"
             time.sleep(args.tail)
         results["difyops app.upgrade"] = ours.figures()
+        failures["difyops app.upgrade"] = ours.errors
 
         print(f"    back to {A} (schema as a restore leaves it, inv app.rollback)", flush=True)
         app.sql(f"UPDATE alembic_version SET version_num = '{standin.head(A)}'")
@@ -194,18 +208,32 @@ def main() -> None:
             notes["seed's upgrade"] = all_at_once(app, f"{compose} up -d --no-deps api", url)
             time.sleep(args.tail)
         results["seed's upgrade"] = seed.figures()
+        failures["seed's upgrade"] = seed.errors
 
         print("3/3 docker compose restart api on both api hosts at once", flush=True)
         with load() as restart:
             notes["compose restart"] = all_at_once(app, f"{compose} restart api", url)
             time.sleep(args.tail)
         results["compose restart"] = restart.figures()
+        failures["compose restart"] = restart.errors
 
     print(f"\nGET /console/api/setup through nginx, {args.rate:g} requests/s from "
           f"{args.threads} threads; 2 api hosts; {A} -> {B} (stand-in images)")
     show(results)
     for key, note in notes.items():
         print(f"  {key}: {note}")
+    for key, errors in failures.items():
+        kinds: dict[str, int] = {}
+        for _, why in errors:
+            kind = why.split(" ")[0] + (" " + why.split(" ")[1] if why.startswith("HTTP") else "")
+            kinds[kind] = kinds.get(kind, 0) + 1
+        if errors:
+            print(f"  {key} failures: " + ", ".join(f"{n} x {k}" for k, n in kinds.items())
+                  + f"; first: {errors[0][1]} at {errors[0][0]:.1f} s")
+        if key == "difyops app.upgrade":
+            for at, why in errors[:10]:  # each with the upgrade's last line before it
+                line = next((text for t, text in reversed(steps) if t <= at), "(before)")
+                print(f"    {at:6.1f} s {why}\n             after: {line}")
     ours, theirs = results["difyops app.upgrade"], results["seed's upgrade"]
     print(f"\nfailed requests: difyops {ours['failed']:g}, seed's upgrade {theirs['failed']:g} "
           f"({ratio(theirs['failed'], ours['failed'])}); p99: difyops {ours['p99']:.0f} ms, "

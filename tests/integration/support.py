@@ -48,6 +48,7 @@ class SteadyLoad:
                  timeout: float = 5.0) -> None:
         self.url, self.rate, self.threads, self.timeout = url, rate, threads, timeout
         self.records: list[tuple[float, int, float]] = []
+        self.errors: list[tuple[float, str]] = []  # (seconds since the start, what went wrong)
         self._stop = threading.Event()
         self._workers: list[threading.Thread] = []
         self._lock = threading.Lock()
@@ -78,13 +79,19 @@ class SteadyLoad:
             if delay > 0 and self._stop.wait(delay):
                 break
             sent = time.monotonic()
+            why = ""
             try:
-                status = session.get(self.url, timeout=self.timeout).status_code
-            except requests.RequestException:
-                status = 0
+                response = session.get(self.url, timeout=self.timeout)
+                status = response.status_code
+                if not 200 <= status < 300:
+                    why = f"HTTP {status} {response.text[:80]!r}"
+            except requests.RequestException as exc:
+                status, why = 0, f"{type(exc).__name__}: {str(exc)[:160]}"
                 session = requests.Session()  # a fresh connection after a failure
             with self._lock:
                 self.records.append((sent - self.started, status, time.monotonic() - sent))
+                if why:
+                    self.errors.append((sent - self.started, why))
             due += period
 
     @property
