@@ -318,10 +318,30 @@ def describe(outcome: Outcome, target: Inventory, previous: Inventory | None) ->
     if outcome.restored:
         lines.append(f"{outcome.failed} was put back on {old}"
                      + (" but is still out of the load balancer" if outcome.left_drained
-                        else " and is back in service"))
-    elif outcome.left_drained:
-        lines.append(f"{outcome.failed} is out of the load balancer: fix it, then rerun")
+                        else " and is back in service (healthy again before it re-entered "
+                             "the load balancer)" if outcome.drained
+                        else " and answers healthy again"))
+    elif outcome.restore_error:
+        lines.append(f"putting {old} back on {outcome.failed} failed too: "
+                     f"{outcome.restore_error}")
+    if outcome.left_drained:
+        lines.append(f"{outcome.failed} is out of the load balancer: fix it, then rerun "
+                     f"(or inv lb.undrain --host {outcome.failed} once it is healthy)")
     return "\n  ".join(lines)
+
+
+def next_steps(outcome: Outcome, version: str, migrated_since: str, backup: str) -> str:
+    """What an operator does after an upgrade stopped at a host."""
+    back = "inv app.rollback"
+    if migrated_since:
+        back += (f" (the database was migrated to {migrated_since}: the rollback will ask for "
+                 + (f"backup {backup}" if backup else "a backup taken before the upgrade")
+                 + " to be restored first)")
+    return (f"next: fix what stopped {outcome.failed} (the reason above; `docker compose -p "
+            f"dify logs` on {outcome.failed} shows its services' logs; inv images.sync --version "
+            f"{version} ships the release's images again where a host holds other ones), "
+            f"then rerun inv app.upgrade --version {version}: it resumes at {outcome.failed} "
+            f"and leaves the hosts already on {version} alone. To go back instead: {back}")
 
 
 # --- the verbs -----------------------------------------------------------------------------
@@ -412,12 +432,13 @@ def upgrade(inventory: Inventory, version: str, report: Report,
         if unwritten:
             report.note(f"[app] could not record the release on {', '.join(unwritten)}")
         return outcome
+    migrated = (migration.after or "") if before is None or \
+        (migration.after or "") != before.get("alembic", "") else ""
     raise ReleaseError(f"the upgrade to Dify {version} stopped:\n  "
                        + describe(outcome, target, previous)
                        + (f"\n  the database is at {migration.after} (migrated)"
                           if migration.ran else "")
-                       + f"\n  rerun inv app.upgrade --version {version} to resume, or "
-                         f"inv app.rollback")
+                       + "\n  " + next_steps(outcome, version, migrated, backup_id))
 
 
 def rollback(inventory: Inventory, report: Report, hooks_: Hooks | None = None) -> Outcome:

@@ -33,7 +33,9 @@ class Outcome:
     failed: str = ""
     reason: str = ""
     untouched: list[str] = field(default_factory=list)
+    drained: bool = False  # the failed host was taken out of the load balancer
     restored: bool = False
+    restore_error: str = ""
     left_drained: bool = False
 
     @property
@@ -76,11 +78,8 @@ def roll(tier: str, plans: list[HostPlan], *, report: Report,
                     outcome.untouched = [p.host.name for p in plans[index + 1:]]
                     break
                 continue
-            failure = next((r for r in reversed(report.results)
-                            if r.host == name and r.status == FAILED), None)
-            stop(outcome, plans[index + 1:], name,
-                 f"{failure.step}: {failure.detail}" if failure else "a step failed")
-            outcome.left_drained = lb
+            stop(outcome, plans[index + 1:], name, last_failure(report, name))
+            outcome.drained = outcome.left_drained = lb
             back = restore(plan.host) if restore else None
             if back is not None:
                 report.note(f"[{tier}] {name}: putting back the release it ran")
@@ -88,6 +87,8 @@ def roll(tier: str, plans: list[HostPlan], *, report: Report,
                     outcome.restored = True
                     outcome.left_drained = lb and not back_in(report, tier, name, undrain,
                                                               outcome)
+                else:
+                    outcome.restore_error = last_failure(report, name)
             break
     finally:
         checker.close()
@@ -102,6 +103,13 @@ def pending(checker: Executor, tier: str, plan: HostPlan) -> bool:
     return any(r.status in (WOULD_CHANGE, FAILED) for r in checker.report.results)
 
 
+def last_failure(report: Report, name: str) -> str:
+    """The last step that failed on a host, with why."""
+    failure = next((r for r in reversed(report.results)
+                    if r.host == name and r.status == FAILED), None)
+    return f"{failure.step}: {failure.detail}" if failure else "a step failed"
+
+
 def stop(outcome: Outcome, rest: list[HostPlan], name: str, reason: str) -> None:
     """Record where the rollout stopped and which hosts it never reached."""
     outcome.failed, outcome.reason = name, reason
@@ -113,7 +121,11 @@ def back_in(report: Report, tier: str, name: str, undrain: HostAction, outcome: 
     try:
         undrain(name)
     except DifyopsError as exc:
-        outcome.failed, outcome.reason = name, f"cannot put {name} back in the load balancer: {exc}"
+        why = f"cannot put {name} back in the load balancer: {exc}"
+        if outcome.failed:  # after putting its release back: keep why it failed first
+            outcome.reason += f"; then {why}"
+        else:
+            outcome.failed, outcome.reason = name, why
         outcome.left_drained = True
         return False
     report.note(f"[{tier}] {name}: back in the load balancer")

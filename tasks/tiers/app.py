@@ -25,7 +25,7 @@ from tasks.core.plan import RunCommand, Step, WaitFor, WriteFile
 from tasks.core.project import display
 from tasks.core.render import Renderer
 from tasks.core.tiers import Tier
-from tasks.tiers.common import compose_up, restart_compose
+from tasks.tiers.common import compose_up, restart_compose, wait_bounded
 
 # The uid the Dify api image runs as: storage must belong to it.
 DIFY_UID = 1001
@@ -209,9 +209,9 @@ def steps(inventory: Inventory, renderer: Renderer, host: Host, *,
                               timeout))
         plan.append(reachable("Redis", *redis_endpoint(inventory), timeout))
     if host.has("plugin_daemon"):
-        plan.append(RunCommand("compose up plugin_daemon",
-                               f"{compose(directory)} up -d --wait plugin_daemon",
-                               on_change=triggers))
+        plan.append(RunCommand("compose up plugin_daemon", wait_bounded(
+            compose(directory), f"{compose(directory)} up -d --wait plugin_daemon", timeout,
+            "plugin_daemon"), on_change=triggers))
     daemons = [pd for pd in inventory.with_role("plugin_daemon") if pd.name != host.name]
     if is_migrator:
         if migrate:
@@ -224,7 +224,7 @@ def steps(inventory: Inventory, renderer: Renderer, host: Host, *,
         plan += [WaitFor(HttpGate(f"plugin daemon on {pd.name}", timeout=timeout, interval=2,
                                   url=f"http://{pd.address}:5002/health/check"))
                  for pd in daemons]
-    plan.append(compose_up(directory, PROJECT, *triggers))
+    plan.append(compose_up(directory, PROJECT, *triggers, wait_timeout=timeout))
     plan += gates(inventory, host)
     return plan
 

@@ -41,11 +41,15 @@ def reset_failed(quoted_unit: str) -> str:
     return f"systemctl reset-failed {quoted_unit} 2>/dev/null; "
 
 
-def compose_up(directory: str, project: str, *files: str) -> RunCommand:
-    """Bring a compose project up (waiting for its healthchecks) when its files changed."""
+def compose_up(directory: str, project: str, *files: str,
+               wait_timeout: float | None = None) -> RunCommand:
+    """Bring a compose project up (waiting for its healthchecks) when its files changed; with
+    wait_timeout, give up after that many seconds and name what is not healthy (wait_bounded)."""
     compose = f"docker compose --project-directory {shlex.quote(directory)} -p {project}"
-    return RunCommand(f"compose up {project}", f"{compose} up -d --wait --remove-orphans",
-                      on_change=files)
+    command = f"{compose} up -d --wait --remove-orphans"
+    if wait_timeout is not None:
+        command = wait_bounded(compose, command, wait_timeout)
+    return RunCommand(f"compose up {project}", command, on_change=files)
 
 
 def restart_unit(unit: str) -> Restart:
@@ -60,3 +64,32 @@ def restart_compose(directory: str, project: str, service: str) -> Restart:
     compose = f"docker compose --project-directory {shlex.quote(directory)} -p {project}"
     return Restart(f"{project}/{service}",
                    f"{compose} restart {service} && {compose} up -d --no-recreate {service}")
+
+
+# docker inspect templates: a container's service, its state (+ health), its health answers.
+SERVICE = '{{index .Config.Labels "com.docker.compose.service"}}'
+STATE = "{{.State.Status}}{{with .State.Health}} {{.Status}}{{end}}"
+CHECKS = "{{with .State.Health}}{{range .Log}}{{json .Output}}{{println}}{{end}}{{end}}"
+# One health answer (a JSON string, one line) as text: quotes off, newlines as spaces.
+UNQUOTE = r"""sed 's/^"//; s/"$//; s/\\n/ /g; s/ *$//; s/\\"/"/g'"""
+
+
+def wait_bounded(compose: str, up: str, timeout: float, *services: str) -> str:
+    """`up ... --wait` given up after `timeout` seconds; when it fails, its last line says which
+    service is not healthy, its state and the last answer of its healthcheck (or its last log
+    line when it has none), e.g. `api (running unhealthy) last health check: "...503..."`."""
+    seconds = max(int(timeout), 1)
+    names = "".join(f" {shlex.quote(s)}" for s in services)
+    return (f"{up} --wait-timeout {seconds} || {{ why=''; "
+            f"for id in $({compose} ps -aq{names}); do "
+            f"state=$(docker inspect -f '{STATE}' \"$id\"); "
+            f"case \"$state\" in 'running healthy'|running) continue;; esac; "
+            f"service=$(docker inspect -f '{SERVICE}' \"$id\"); "
+            f"last=$(docker inspect -f '{CHECKS}' \"$id\" | sed '/^$/d' | tail -n 1 | {UNQUOTE} "
+            f"| cut -c1-300); "
+            f"if [ -n \"$last\" ]; then last=\"last health check: $last\"; else "
+            f"last=\"last log line: $(docker logs --tail 1 \"$id\" 2>&1 | cut -c1-300)\"; fi; "
+            f"why=\"$why${{why:+; }}$service ($state) $last\"; done; "
+            f"printf '%s\\n' \"not healthy after {seconds} s: ${{why:-see the output above}}\" "
+            f">&2; "
+            f"exit 1; }}")

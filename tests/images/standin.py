@@ -7,6 +7,9 @@ chain), named as the profile names it behind a registry-mirror prefix, e.g.
 ``dify.registry_mirror: difyops-standin/`` then deploys them with the real tasks. Tags are rebuilt
 only when their inputs change (a label on each holds the hash).
 
+broken_api() builds a faulty variant of a version's api image for failure tests: the same
+release with its PostgreSQL driver left out of the build, so its /health never answers "ok".
+
 RELEASES gives each version's migration chain (its last revision is the api image's head, which
 `flask db heads` prints) and whether its entrypoint knows MODE=migration.
 """
@@ -27,6 +30,7 @@ from tasks.core.profiles import load_profile
 HERE = Path(__file__).resolve().parent
 CONTEXT = HERE / "dify-standin"
 CORE_REPO = "difyops-test/dify-standin"
+BROKEN_REPO = "difyops-test/dify-api-broken"
 PREFIX = "difyops-standin/"
 LABEL = "difyops.standin.inputs"
 # Revisions are alembic-like ids; a later release carries every earlier revision plus its own.
@@ -118,3 +122,24 @@ def ensure_images(client: docker.DockerClient, base_image: str,
             client.images.build(fileobj=io.BytesIO(text.encode()), tag=name, rm=True,
                                 pull=False)
     return names
+
+
+def broken_api(client: docker.DockerClient, base_image: str, version: str) -> str:
+    """A broken build of a version's api image: python3-psycopg2 left out (as when a dependency
+    drops out of an image build). It starts and serves, its one-off commands that need no
+    database work, but /health answers 503 ("database: No module named 'psycopg2'") forever.
+    Tagged difyops-test/dify-api-broken:<version> here; a test puts it on one host under the
+    profile's name. Returns the tag."""
+    good = ensure_images(client, base_image, (version,))[version]["api"]
+    text = (f"FROM {good}\nUSER root\n"
+            "RUN rm -rf /usr/lib/python3/dist-packages/psycopg2*\nUSER 1001\n")
+    wanted = digest(client.images.get(good).id, text)
+    tag = f"{BROKEN_REPO}:{version}"
+    try:
+        if client.images.get(tag).labels.get(LABEL) == wanted:
+            return tag
+    except docker.errors.ImageNotFound:
+        pass
+    client.images.build(fileobj=io.BytesIO((text + f"LABEL {LABEL}={wanted}\n").encode()),
+                        tag=tag, rm=True, pull=False)
+    return tag

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import threading
 import time
 from collections.abc import Callable
 
@@ -33,3 +34,80 @@ def release(lab: Lab, hosts: dict[str, LabHost]) -> None:
     for name, host in hosts.items():
         host._wrapped().remove(force=True, v=True)  # killed: nothing on them is kept
         lab.hosts.pop(name, None)
+
+
+class SteadyLoad:
+    """GET requests to one URL at a fixed rate from a few threads, while a `with` block runs.
+
+    Each thread keeps its own schedule (rate / threads requests per second; a thread that falls
+    behind sends at once until it is on time again). Every request is recorded as (seconds since
+    the start, HTTP status or 0 for no answer, seconds to the answer).
+    """
+
+    def __init__(self, url: str, rate: float = 10.0, threads: int = 2,
+                 timeout: float = 5.0) -> None:
+        self.url, self.rate, self.threads, self.timeout = url, rate, threads, timeout
+        self.records: list[tuple[float, int, float]] = []
+        self.errors: list[tuple[float, str]] = []  # (seconds since the start, what went wrong)
+        self._stop = threading.Event()
+        self._workers: list[threading.Thread] = []
+        self._lock = threading.Lock()
+        self.started = self.seconds = 0.0
+
+    def __enter__(self) -> SteadyLoad:
+        self.started = time.monotonic()
+        self._workers = [threading.Thread(target=self._run, args=(i,), daemon=True)
+                         for i in range(self.threads)]
+        for worker in self._workers:
+            worker.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        for worker in self._workers:
+            worker.join()
+        self.seconds = time.monotonic() - self.started
+
+    def _run(self, index: int) -> None:
+        import requests
+
+        session = requests.Session()
+        period = self.threads / self.rate
+        due = self.started + index * period / self.threads
+        while not self._stop.is_set():
+            delay = due - time.monotonic()
+            if delay > 0 and self._stop.wait(delay):
+                break
+            sent = time.monotonic()
+            why = ""
+            try:
+                response = session.get(self.url, timeout=self.timeout)
+                status = response.status_code
+                if not 200 <= status < 300:
+                    why = f"HTTP {status} {response.text[:80]!r}"
+            except requests.RequestException as exc:
+                status, why = 0, f"{type(exc).__name__}: {str(exc)[:160]}"
+                session = requests.Session()  # a fresh connection after a failure
+            with self._lock:
+                self.records.append((sent - self.started, status, time.monotonic() - sent))
+                if why:
+                    self.errors.append((sent - self.started, why))
+            due += period
+
+    @property
+    def failed(self) -> list[tuple[float, int, float]]:
+        """The requests that got no answer or a status other than 2xx."""
+        return [r for r in self.records if not 200 <= r[1] < 300]
+
+    def figures(self) -> dict[str, float]:
+        """sent, failed, p50 and p99 latency in ms (over every request: one without an answer
+        counts the time until it gave up), seconds loaded."""
+        latencies = sorted(r[2] for r in self.records)
+
+        def percentile(share: float) -> float:
+            if not latencies:
+                return float("nan")
+            return 1000 * latencies[min(len(latencies) - 1, int(share * len(latencies)))]
+
+        return {"sent": len(self.records), "failed": len(self.failed),
+                "p50": percentile(0.50), "p99": percentile(0.99), "seconds": self.seconds}

@@ -1,99 +1,27 @@
 """The app tier on real hosts: stand-in Dify images on Docker-capable lab hosts, with the real
-PostgreSQL and Redis tiers, deployed, upgraded and rolled back by the real tasks.
+PostgreSQL, Redis and nginx tiers, deployed, upgraded and rolled back by the real tasks (the hosts
+and the inventory: tests/integration/app_lab.py).
 
-Hosts: app-db (PostgreSQL + Redis, deployed by db.deploy / cache.deploy), app-api1 (api +
-plugin daemon: the migration host), app-api2 (api), app-work (worker groups, beat, web). The
-Dify images are the stand-ins of tests/images (same ports, health paths, MODE values and
-environment names; /health only "ok" when the database and Redis really answer), named as the
-1.5.1 and 1.13.3 profiles name them behind the registry mirror prefix "difyops-standin/".
+The tests share the hosts and run in file order: images, deploy, a refused deploy, an upgrade
+stopped by its migration, the rolling upgrade, the rollback (back on 1.5.1), then an upgrade
+stopped by an api that never gets healthy.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import re
-import subprocess
-import sys
 import threading
 import time
-from pathlib import Path
+from collections.abc import Iterator
 
 import pytest
 import requests
-import yaml
 
 from tests.images import standin
-from tests.integration.lab import Lab, LabHost, ensure_base_image
-
-ROOT = Path(__file__).resolve().parents[2]
-A, B = "1.5.1", "1.13.3"
-DEPLOY = "/opt/dify"
-PSQL = "runuser -u postgres -- psql -d dify -AtX -c"
-
-
-class App:
-    """The module's hosts, inventory and a way to run `inv` against them."""
-
-    def __init__(self, hosts: dict[str, LabHost], tmp: Path) -> None:
-        self.hosts = hosts
-        self.tmp = tmp
-        self.inventory_file = tmp / "app-lab.yml"
-        self.env = {**os.environ, "DIFY_INVENTORY": str(self.inventory_file),
-                    "DIFY_SECRETS": str(tmp / "app-lab.env")}
-
-    def write_inventory(self, version: str = A) -> None:
-        h = self.hosts
-        inventory = {
-            "name": "app-lab",
-            "domain": "dify.lab",
-            "dify": {"version": version, "registry_mirror": standin.PREFIX},
-            "storage": {"type": "shared-fs", "path": "/srv/dify/storage"},
-            "cache": {"mode": "standalone"},
-            "vector": {"store": "pgvector"},
-            "timeouts": {"connect": 10, "command": 600},
-            "backup": {"dir": str(self.tmp / "backups")},
-            "app": {"health_timeout": 90,
-                    "api": {"cpus": "1", "memory": "256m"},
-                    "worker_groups": [
-                        {"name": "docs", "queues": ["dataset"], "concurrency": 1},
-                        {"name": "rest", "queues": "all", "concurrency": 1}]},
-            "hosts": [h["app-db"].inventory_entry(["db_primary", "cache", "lb"]),
-                      h["app-api1"].inventory_entry(["api", "plugin_daemon"]),
-                      h["app-api2"].inventory_entry(["api"], user="deploy"),
-                      h["app-work"].inventory_entry(["worker", "beat", "web"])],
-        }
-        self.inventory_file.write_text(yaml.safe_dump(inventory, sort_keys=False))
-
-    def inv(self, *args: str, timeout: float = 600) -> subprocess.CompletedProcess:
-        return subprocess.run([sys.executable, "-m", "invoke", *args], cwd=ROOT, text=True,
-                              capture_output=True, env=self.env, timeout=timeout, check=False)
-
-    def ok(self, *args: str) -> subprocess.CompletedProcess:
-        result = self.inv(*args)
-        assert result.returncode == 0, f"inv {' '.join(args)}:\n{result.stdout}\n{result.stderr}"
-        return result
-
-    def sql(self, query: str) -> str:
-        code, out = self.hosts["app-db"].exec(f"{PSQL} \"{query}\"")
-        assert code == 0, out
-        return out.strip()
-
-    def redis(self, *args: str, db: int = 1) -> str:
-        """A redis-cli command on the cache host (db 1: the broker, db 0: the cache)."""
-        command = ("REDISCLI_AUTH=$(sed -n 's/^requirepass //p' /etc/redis/redis.conf) "
-                   f"redis-cli -n {db} --no-auth-warning " + " ".join(args))
-        code, out = self.hosts["app-db"].exec(command)
-        assert code == 0, out
-        return out.strip()
-
-    def images(self, name: str) -> dict[str, str]:
-        """service -> image of the running containers of the dify project on a host."""
-        code, out = self.hosts[name].exec(
-            "docker ps --filter label=com.docker.compose.project=dify "
-            "--format '{{.Label \"com.docker.compose.service\"}} {{.Image}}'")
-        assert code == 0, out
-        return dict(line.split() for line in out.splitlines() if line.strip())
+from tests.integration.app_lab import DEPLOY, A, App, B, start_app
+from tests.integration.lab import Lab, ensure_base_image
+from tests.integration.support import SteadyLoad, release, until
 
 
 def summary_counts(output: str) -> dict[str, dict[str, int]]:
@@ -109,22 +37,11 @@ def summary_counts(output: str) -> dict[str, dict[str, int]]:
 
 
 @pytest.fixture(scope="module")
-def app(lab: Lab, tmp_path_factory: pytest.TempPathFactory) -> App:
-    """Stand-in images built here, four hosts started, PostgreSQL and Redis deployed."""
-    started = time.monotonic()
-    standin.ensure_images(lab.client, ensure_base_image(lab.client))
-    lab.timings["app: stand-in images"] = time.monotonic() - started
-    (db,) = lab.start(["app-db"])
-    docker_hosts = lab.start(["app-api1", "app-api2", "app-work"], docker=True)
-    the_app = App({h.name: h for h in [db, *docker_hosts]}, tmp_path_factory.mktemp("app"))
-    the_app.write_inventory()
-    the_app.ok("config.secrets")
-    started = time.monotonic()
-    the_app.ok("db.deploy")
-    the_app.ok("cache.deploy")
-    the_app.ok("lb.deploy")  # the rolling upgrade drains api hosts through it
-    lab.timings["app: db + cache + lb tiers"] = time.monotonic() - started
-    return the_app
+def app(lab: Lab, tmp_path_factory: pytest.TempPathFactory) -> Iterator[App]:
+    """Stand-in images built here, four hosts started, PostgreSQL, Redis and nginx deployed."""
+    the_app = start_app(lab, tmp_path_factory.mktemp("app"))
+    yield the_app
+    release(lab, the_app.hosts)
 
 
 def test_images_sync_ships_over_ssh_then_does_nothing(app: App, lab: Lab) -> None:
@@ -290,3 +207,50 @@ def test_rollback_across_the_migration_needs_a_restore(app: App) -> None:
     # The inventory says 1.5.1 again, so a deploy agrees with the hosts and changes nothing.
     counts = summary_counts(app.ok("app.deploy").stdout)
     assert all(c.get("changed", 0) == 0 for c in counts.values()), counts
+
+
+def test_an_upgrade_whose_api_never_gets_healthy_puts_the_old_one_back(app: App,
+                                                                        lab: Lab) -> None:
+    # After the rollback every host runs 1.5.1. On app-api2, the 1.13.3 api image is a broken
+    # build (its PostgreSQL driver left out): the api starts, but /health answers 503 forever.
+    broken = standin.broken_api(lab.client, ensure_base_image(lab.client), B)
+    app.put_image("app-api2", broken, standin.image_name(B, "api"))
+    work = app.hosts["app-work"].exec(f"cat {DEPLOY}/compose.yml")[1]
+    work_images = app.images("app-work")
+    app.write_inventory(health_timeout=30)  # seconds, not the default minutes
+    try:
+        with SteadyLoad(f"{app.balancer}/console/api/setup", rate=10, threads=2) as load:
+            result = app.inv("app.upgrade", "--version", B)
+    finally:
+        app.write_inventory()
+    assert result.returncode == 1, result.stdout
+    message = result.stderr
+    # Where it stopped, the component, its last health answer, what was done, what to do.
+    assert "the upgrade to Dify 1.13.3 stopped" in message
+    assert re.search(r"stopped at app-api2: compose up dify: .*not healthy after 30 s: "
+                     r"api \(running \w+\) last health check: .*503.*"
+                     r"No module named 'psycopg2'", message), message
+    assert "on Dify 1.13.3: app-api1" in message
+    assert "not touched, still serving Dify 1.5.1: app-work" in message
+    assert ("app-api2 was put back on Dify 1.5.1 and is back in service (healthy again before "
+            "it re-entered the load balancer)") in message
+    assert "rerun inv app.upgrade --version 1.13.3: it resumes at app-api2" in message
+    # The old release serves on app-api2 again; app-work was never touched.
+    assert app.images("app-api2")["api"] == standin.image_name(A, "api")
+    health = requests.get(f"http://{app.hosts['app-api2'].address}:5001/health",
+                          timeout=5).json()
+    assert (health["status"], health["version"]) == ("ok", A)
+    assert app.hosts["app-work"].exec(f"cat {DEPLOY}/compose.yml")[1] == work
+    assert app.images("app-work") == work_images
+    # Requests through nginx kept succeeding, and app-api2 is back in its upstream: nginx
+    # answers from both releases.
+    assert load.failed == [], f"{len(load.failed)} of {len(load.records)} requests failed"
+    assert len(load.records) > 100
+    seen: set[str] = set()
+
+    def both_releases_answer() -> bool:
+        seen.add(requests.get(f"{app.balancer}/console/api/setup", timeout=5).json()["version"])
+        return seen == {A, B}
+
+    until(both_releases_answer, 30, "nginx answering from app-api1 (1.13.3) and app-api2 "
+                                    "(1.5.1)")

@@ -434,3 +434,102 @@ def test_rolling_plans_neither_check_the_release_nor_migrate(load, base) -> None
     plan = labels(plan_of(load(base), "api1", release_guard=False, migrate=False))
     assert "release check" not in plan and "migrate the database (one run)" not in plan
     assert plan.index("compose up plugin_daemon") < plan.index("compose up dify")
+
+
+# --- a host that never gets healthy --------------------------------------------------------
+
+
+def test_the_compose_wait_is_bounded_by_the_health_timeout(load, base) -> None:
+    base["app"] = {"health_timeout": 42}
+    steps = {s.label: s for s in plan_of(load(base), "api1") if isinstance(s, RunCommand)}
+    for label in ("compose up dify", "compose up plugin_daemon"):
+        assert " up -d --wait" in steps[label].command
+        assert "--wait-timeout 42 ||" in steps[label].command
+        assert "not healthy after 42 s" in steps[label].command
+    api = compose_of(load(base), "api1")["services"]["api"]["healthcheck"]["test"]
+    assert "--fail-with-body" in api and "-o" not in api  # the health log keeps the answer
+
+
+FAKE_DOCKER = """#!/bin/sh
+case "$*" in
+  *" up -d --wait"*) echo "application not healthy after 30s" >&2; exit 1 ;;
+  *" ps -aq"*) printf 'c-api\\nc-web\\nc-worker\\n' ;;
+  logs*) echo "worker: cannot reach the broker" ;;
+  inspect*)
+    case "$3" in
+      *State.Status*)
+        case "$4" in
+          c-api) echo "running starting" ;;
+          c-web) echo "running healthy" ;;
+          *) echo "restarting" ;;
+        esac ;;
+      *compose.service*) echo "${4#c-}" ;;
+      *Health*)
+        [ "$4" = c-api ] && printf '%s\\n' \\
+          '"curl: (22) error: 503\\n{\\"status\\": \\"error\\"}"' \\
+          '"curl: (22) error: 503\\n{\\"problems\\": [\\"database: no driver\\"]}"' && echo ;;
+    esac ;;
+esac
+"""
+
+
+def test_a_compose_wait_that_times_out_names_each_unhealthy_service(tmp_path) -> None:
+    import subprocess
+
+    fake = tmp_path / "docker"
+    fake.write_text(FAKE_DOCKER)
+    fake.chmod(0o755)
+    from tasks.tiers.common import compose_up
+
+    step = compose_up("/opt/dify", "dify", wait_timeout=30)
+    result = subprocess.run(["sh", "-c", step.command], capture_output=True, text=True,
+                            env={"PATH": f"{tmp_path}:/usr/bin:/bin"}, check=False)
+    assert result.returncode == 1
+    assert Result(1, result.stdout, result.stderr).answer == (
+        'not healthy after 30 s: api (running starting) last health check: curl: (22) '
+        'error: 503 {"problems": ["database: no driver"]}; worker (restarting) '
+        'last log line: worker: cannot reach the broker')
+
+
+def test_a_restore_that_fails_too_is_reported(monkeypatch) -> None:
+    plans = rolling_plans("api1", "api2")
+    machines = {p.host.name: FakeMachine(p.host, answers=lambda c: 1 if "--wait" in c else 0)
+                for p in plans}
+    back = rolling_plans("api1", content="v1\n")[0]
+    outcome, events = rolled(monkeypatch, machines, plans, restore=lambda host: back)
+    assert events == ["drain api1", "up api1", "up api1"]  # never undrained, api2 untouched
+    assert outcome.failed == "api1" and not outcome.restored and outcome.left_drained
+    assert "compose up dify" in outcome.restore_error and outcome.untouched == ["api2"]
+    text = release.describe(outcome, *[type("I", (), {"profile": type("P", (), {
+        "version": v})})() for v in ("1.13.3", "1.5.1")])
+    assert "putting Dify 1.5.1 back on api1 failed too: compose up dify" in text
+    assert "api1 is out of the load balancer" in text
+
+
+def test_a_stopped_upgrade_says_where_things_stand_and_what_to_do(load, base,
+                                                                    monkeypatch) -> None:
+    base["dify"] = {"version": "1.5.1"}
+    inventory = load(base)
+    monkeypatch.setattr(release, "read_history", lambda inv: [{
+        "version": "1.5.1", "images": release.components(inventory), "alembic": "aaa",
+        "action": "deployed", "backup": "", "at": "t0"}])
+    monkeypatch.setattr(release, "ensure_images", lambda *a: None)
+    monkeypatch.setattr(release, "write_history", lambda *a: [])
+    monkeypatch.setattr(release, "migrate", lambda target, report: release.Migration(
+        "aaa", "bbb", "bbb", ran=True))
+    reason = ("compose up dify: `compose up dify` failed on root@10.0.0.12: not healthy after "
+              "30 s: api (running starting) last health check: \"HTTP 503\"")
+    monkeypatch.setattr(release, "replace", lambda *a: rollout.Outcome(
+        replaced=["api1"], failed="api2", reason=reason, untouched=["api3", "worker1"],
+        restored=True, drained=True))
+    hooks = release.Hooks(backup=lambda why: "db1-20250101T0000", load_balanced=True)
+    with pytest.raises(release.ReleaseError) as caught:
+        release.upgrade(inventory, "1.13.3", Report(out=io.StringIO()), hooks)
+    message = str(caught.value)
+    assert f"stopped at api2: {reason}" in message
+    assert "on Dify 1.13.3: api1" in message
+    assert "not touched, still serving Dify 1.5.1: api3, worker1" in message
+    assert ("api2 was put back on Dify 1.5.1 and is back in service (healthy again before it "
+            "re-entered the load balancer)") in message
+    assert "rerun inv app.upgrade --version 1.13.3: it resumes at api2" in message
+    assert "restored first" in message and "backup db1-20250101T0000" in message
