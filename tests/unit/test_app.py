@@ -73,7 +73,8 @@ def test_healthchecks_where_an_endpoint_exists_restart_everywhere(load, base) ->
     assert "http://127.0.0.1:8194/health" in probes["sandbox"]
     assert "http://127.0.0.1:3000/" in probes["web"]
     assert {s["restart"] for s in services.values()} == {"always"}
-    assert all(s["logging"]["options"] == {"max-size": "50m", "max-file": "5"}
+    assert all(s["logging"]["options"] == {"max-size": "50m", "max-file": "5",
+                                           "labels": "com.docker.compose.service"}
                for s in services.values())
     assert services["api"]["depends_on"]["plugin_daemon"] == {"condition": "service_healthy"}
 
