@@ -32,7 +32,7 @@ from tasks.core.plan import RunCommand, Step, WaitFor, WriteFile
 from tasks.core.render import Renderer, env_quote
 from tasks.core.tiers import Tier
 from tasks.core.windows import is_windows
-from tasks.tiers.common import packages, reset_failed, service_running
+from tasks.tiers.common import packages, reset_failed, service_running, wait_bounded
 
 DIRECTORY = "/opt/dify-logging"
 PROJECT = "dify-logging"
@@ -185,7 +185,8 @@ def store_steps(inventory: Inventory, renderer: Renderer, host: Host) -> list[St
         env, compose_file,
         WriteFile(ES_TOOL, script, mode=0o700),
         RunCommand("compose up elasticsearch",
-                   f"{compose} up -d --wait --remove-orphans elasticsearch",
+                   wait_bounded(compose, f"{compose} up -d --wait --remove-orphans elasticsearch",
+                                logging["health_timeout"], "elasticsearch"),
                    on_change=(env.path, compose_file.path)),
         WaitFor(CommandGate(f"elasticsearch _cluster/health on {url} (authenticated)",
                             timeout=logging["health_timeout"], interval=2,
@@ -196,7 +197,9 @@ def store_steps(inventory: Inventory, renderer: Renderer, host: Host) -> list[St
     if logging["kibana"]:
         kibana = f"http://{endpoint(host.address, logging['kibana_port'])}/"
         plan += [
-            RunCommand("compose up kibana", f"{compose} up -d --wait --remove-orphans",
+            RunCommand("compose up kibana",
+                       wait_bounded(compose, f"{compose} up -d --wait --remove-orphans",
+                                    logging["health_timeout"]),
                        on_change=(env.path, compose_file.path)),
             WaitFor(CommandGate(f"kibana on {kibana} (logged in to elasticsearch)",
                                 timeout=logging["health_timeout"], interval=2,

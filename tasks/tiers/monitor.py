@@ -43,6 +43,7 @@ from tasks.tiers.common import (
 
 PORTS = {"node": 9100, "postgres": 9187, "redis": 9121, "nginx": 9113, "nginx-log": 3903,
          "blackbox": 9115, "prometheus": 9090, "alertmanager": 9093, "weaviate": 2112}
+GRAFANA_TIMEOUT = 180  # seconds Grafana may take to answer /api/health
 NGINX_STATUS_PORT = 8089  # nginx stub_status, on 127.0.0.1 only, read by the nginx exporter
 STAGED = "/etc/prometheus/difyops.next"  # written and checked here ...
 LIVE = "/etc/prometheus/difyops"  # ... then copied here, where the services read it
@@ -299,8 +300,9 @@ def grafana(inventory: Inventory, renderer: Renderer, host: Host,
     port = inventory.settings["monitor"]["grafana_port"]
     return [
         *files,
-        compose_up(GRAFANA_DIR, "dify-monitor", *(step.path for step in files)),
-        WaitFor(HttpGate("grafana /api/health", timeout=180, interval=2,
+        compose_up(GRAFANA_DIR, "dify-monitor", *(step.path for step in files),
+                   wait_timeout=GRAFANA_TIMEOUT),
+        WaitFor(HttpGate("grafana /api/health", timeout=GRAFANA_TIMEOUT, interval=2,
                          url=f"http://{endpoint(host.address, port)}/api/health"),
                 restart=restart_compose(GRAFANA_DIR, "dify-monitor", "grafana")),
         # The environment only seeds the password of a new Grafana database: keep it in step.

@@ -28,6 +28,7 @@ from tasks.tiers.common import compose_up, restart_compose
 DIRECTORY = "/opt/dify-vector"
 PGVECTOR_SQL = "/etc/difyops/pgvector.sql"
 PGVECTOR_ENV = "/etc/difyops/pgvector.env"
+READY_TIMEOUT = 180  # seconds a Weaviate node may take to become ready
 REST_PORT, GRPC_PORT, METRICS_PORT = 8080, 50051, 2112
 
 
@@ -45,8 +46,9 @@ def steps(inventory: Inventory, renderer: Renderer, host: Host) -> list[Step]:
     ]
     return [
         *files,
-        compose_up(DIRECTORY, "dify-vector", *(step.path for step in files)),
-        WaitFor(HttpGate("weaviate ready", timeout=180, interval=2,
+        compose_up(DIRECTORY, "dify-vector", *(step.path for step in files),
+                   wait_timeout=READY_TIMEOUT),
+        WaitFor(HttpGate("weaviate ready", timeout=READY_TIMEOUT, interval=2,
                          url=f"http://{host.address}:{REST_PORT}/v1/.well-known/ready"),
                 restart=restart_compose(DIRECTORY, "dify-vector", "weaviate")),
     ]
