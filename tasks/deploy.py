@@ -36,19 +36,20 @@ def all(ctx: Context, dry: bool = False, only: str = "", preflight: bool = True,
     if preflight and not dry:
         checks.check(inventory, preflight_hosts(inventory, only))
     if not dry:
-        sync_images_first(inventory, only)
+        sync_images_first(inventory, only, parallel)
     run_tiers(ctx, list(TIERS), dry=dry, only=only, parallel=parallel)
 
 
-def sync_images_first(inventory: Inventory, only: str) -> None:
-    """With dify.sync_images, get the images onto the hosts before the tiers that run them."""
+def sync_images_first(inventory: Inventory, only: str, parallel: int = 4) -> None:
+    """With dify.sync_images, get the images onto the hosts before the tiers that run them
+    (to at most 4 hosts at once, or --parallel if fewer)."""
     if not inventory.settings["dify"]["sync_images"]:
         return
     if not any(tier.name in IMAGE_TIERS for tier in select(TIERS, only)):
         return
     print(f"images of Dify {inventory.profile.version} first (dify.sync_images)", flush=True)
     try:
-        rows = sync(inventory)
+        rows = sync(inventory, parallel=min(parallel, 4))
     except ImageError as exc:
         show(exc.rows)
         raise ImageError(f"{exc}\n  no tier was deployed") from None

@@ -25,6 +25,7 @@ import yaml
 
 from tests.images import standin
 from tests.integration.lab import Lab, LabHost, ensure_base_image
+from tests.integration.support import summary_counts
 
 ROOT = Path(__file__).resolve().parents[2]
 A, B = "1.5.1", "1.13.3"
@@ -94,18 +95,6 @@ class App:
             "--format '{{.Label \"com.docker.compose.service\"}} {{.Image}}'")
         assert code == 0, out
         return dict(line.split() for line in out.splitlines() if line.strip())
-
-
-def summary_counts(output: str) -> dict[str, dict[str, int]]:
-    """host -> {status: count} from the summary table an apply prints last."""
-    lines = output.split("summary:")[-1].strip().splitlines()
-    header = re.split(r"\s{2,}", lines[0].strip())[1:]
-    counts = {}
-    for line in lines[1:]:
-        parts = line.split()
-        counts[parts[0]] = dict(zip(header, (int(p) for p in parts[1:1 + len(header)]),
-                                    strict=True))
-    return counts
 
 
 @pytest.fixture(scope="module")

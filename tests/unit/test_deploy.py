@@ -25,8 +25,9 @@ def calls(monkeypatch, load, base) -> dict:
     monkeypatch.setattr(deploy.checks, "check", lambda inventory, hosts: seen.setdefault(
         "preflight", [h.name for h in hosts]))
 
-    def fake_sync(inventory):
+    def fake_sync(inventory, parallel):
         seen["synced"] += 1
+        seen["sync_parallel"] = parallel
         return [Row("api1", "langgenius/dify-api:1.13.3", "shipped")]
 
     monkeypatch.setattr(deploy, "sync", fake_sync)
@@ -59,7 +60,9 @@ def test_images_are_synced_first_only_when_the_inventory_asks(calls, capsys) -> 
     deploy.all.body(Context(), dry=True)  # a dry run touches nothing
     assert calls["synced"] == 1
     deploy.all.body(Context(), only="app")
-    assert calls["synced"] == 2
+    assert calls["synced"] == 2 and calls["sync_parallel"] == 4
+    deploy.all.body(Context(), parallel=1)  # one host at a time: images too
+    assert calls["synced"] == 3 and calls["sync_parallel"] == 1
 
 
 def test_parallel_flag_is_refused_by_the_real_cli(tmp_path: Path) -> None:
