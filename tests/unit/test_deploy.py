@@ -71,3 +71,15 @@ def test_parallel_flag_is_refused_by_the_real_cli(tmp_path: Path) -> None:
                             env={"PATH": "/usr/bin:/bin", "DIFY_SECRETS": str(tmp_path / "x.env")})
     assert result.returncode == 1
     assert "--parallel: 0: must be at least 1" in result.stderr
+
+
+def test_app_hosts_that_others_wait_on_are_planned_first(load, base) -> None:
+    from tasks.tiers import app
+
+    # web1 is listed before api1, the migration and plugin daemon host every other app host
+    # waits on: one host at a time (--parallel 1) must start with api1 or wait forever.
+    base["hosts"].append({"name": "pd1", "address": "10.0.2.41", "roles": ["plugin_daemon"]})
+    base["hosts"][2]["roles"] = ["api"]  # api1: the migration host, no daemon
+    inventory = load(base)
+    order = [plan.host.name for plan in app.TIER.plan(inventory).hosts]
+    assert order == ["api1", "pd1", "web1", "api2", "worker1"]
