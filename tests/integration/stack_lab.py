@@ -105,10 +105,14 @@ def start(lab: Lab, folder: Path, prefix: str = "st-") -> Stack:
     standin.ensure_images(lab.client, ensure_base_image(lab.client), (VERSION,))
     lab.timings[f"{prefix}stack: stand-in images"] = time.monotonic() - started
     names = {short: f"{prefix}{short}" for short in LAYOUT}
-    hosts = dict(zip(["lb"], lab.start([names["lb"]]), strict=True))
+    # SYS_PTRACE: root on a real server sees which process holds a port (`ss -p` reads other
+    # users' /proc/<pid>/fd); without it the preflight of a second deploy finds PostgreSQL,
+    # Redis and Prometheus on their ports and cannot tell they are ours. (Docker hosts have it.)
+    seeing = ("SYS_PTRACE",)
+    hosts = dict(zip(["lb"], lab.start([names["lb"]], cap_add=seeing), strict=True))
     hosts.update(zip(DOCKER, lab.start([names[s] for s in DOCKER], docker=True), strict=True))
-    hosts.update(zip(TRIXIE, lab.start([names[s] for s in TRIXIE], suite="trixie"),
-                     strict=True))
+    hosts.update(zip(TRIXIE, lab.start([names[s] for s in TRIXIE], cap_add=seeing,
+                                       suite="trixie"), strict=True))
     stack = Stack(hosts, folder, prefix)
     stack.write_inventory()
     stack.ok("config.secrets")
