@@ -8,25 +8,59 @@ from invoke.exceptions import Exit
 from tasks.core import doctor as medic
 from tasks.core import doctor_schedule
 from tasks.core import preflight as checks
+from tasks.core.apply import MAX_PARALLEL
 from tasks.core.cli import load, reported, run_tiers
+from tasks.core.errors import InputError, Problem
 from tasks.core.fleet import table
 from tasks.core.health import probe_all
+from tasks.core.images import ImageError, sync
 from tasks.core.inventory import Host, Inventory
 from tasks.core.lock import Locked
 from tasks.core.tiers import build, select
+from tasks.images import show
 from tasks.tiers import TIERS
+
+IMAGE_TIERS = ("app", "vector")  # the tiers whose hosts run images (tasks/core/images.py)
 
 
 @task(help={"dry": "print the plan with a diff of every file; touch nothing (no preflight)",
             "only": "comma-separated tiers to run, e.g. db,cache (default: all, in order)",
-            "preflight": "check the hosts first and stop on a refusal (--no-preflight: skip)"})
+            "preflight": "check the hosts first and stop on a refusal (--no-preflight: skip)",
+            "parallel": f"hosts of one tier deployed at once (default {MAX_PARALLEL}; 1: one "
+                        f"host after the other, in inventory order)"})
 @reported
-def all(ctx: Context, dry: bool = False, only: str = "", preflight: bool = True) -> None:
+def all(ctx: Context, dry: bool = False, only: str = "", preflight: bool = True,
+        parallel: int = MAX_PARALLEL) -> None:
     """Deploy every tier of the inventory in dependency order (or only some, or --dry)."""
+    if parallel < 1:
+        raise InputError([Problem("--parallel", str(parallel), "must be at least 1",
+                                  "give how many hosts of a tier to deploy at once, e.g. 1")])
+    inventory = load(ctx)
     if preflight and not dry:
-        inventory = load(ctx)
         checks.check(inventory, preflight_hosts(inventory, only))
-    run_tiers(ctx, list(TIERS), dry=dry, only=only)
+    if not dry:
+        sync_images_first(inventory, only, parallel)
+    run_tiers(ctx, list(TIERS), dry=dry, only=only, parallel=parallel)
+
+
+def sync_images_first(inventory: Inventory, only: str, parallel: int = 4) -> None:
+    """With dify.sync_images, get the images onto the hosts before the tiers that run them
+    (to at most 4 hosts at once, or --parallel if fewer)."""
+    if not inventory.settings["dify"]["sync_images"]:
+        return
+    if not any(tier.name in IMAGE_TIERS for tier in select(TIERS, only)):
+        return
+    print(f"images of Dify {inventory.profile.version} first (dify.sync_images)", flush=True)
+    try:
+        rows = sync(inventory, parallel=min(parallel, 4))
+    except ImageError as exc:
+        show(exc.rows)
+        raise ImageError(f"{exc}\n  no tier was deployed") from None
+    moved = [row for row in rows if row.status in ("shipped", "pushed", "pulled")]
+    if moved:
+        show(moved)
+    print(f"images: {len(moved)} transfer(s)"
+          + ("" if moved else ", every host has every image"), flush=True)
 
 
 @task(help={"only": "comma-separated tiers to check (default: all)"})

@@ -38,10 +38,13 @@ class Executor:
     """Runs plans against hosts, reusing one connection per host for the whole run."""
 
     def __init__(self, report: Report, *, dry: bool = False,
-                 timeouts: dict[str, int] | None = None) -> None:
+                 timeouts: dict[str, int] | None = None, parallel: int = MAX_PARALLEL) -> None:
+        if parallel < 1:
+            raise ValueError(f"parallel must be at least 1, not {parallel}")
         self.report = report
         self.dry = dry
         self.timeouts = timeouts
+        self.parallel = parallel  # hosts of one tier at a time (1: one host after the other)
         self.machines: dict[str, Machine] = {}
 
     def machine(self, host: Host) -> Machine:
@@ -74,7 +77,7 @@ class Executor:
 
     def run_tier(self, tier: TierPlan) -> bool:
         """Every host of the tier; True when none failed."""
-        workers = 1 if tier.serial else min(MAX_PARALLEL, max(len(tier.hosts), 1))
+        workers = 1 if tier.serial else min(self.parallel, max(len(tier.hosts), 1))
         with ThreadPoolExecutor(max_workers=workers) as pool:
             outcomes = list(pool.map(lambda plan: self.run_host(tier.tier, plan), tier.hosts))
         return all(outcomes)
@@ -189,9 +192,9 @@ def indent(text: str) -> str:
 
 
 def execute(tiers: list[TierPlan], *, dry: bool = False, report: Report | None = None,
-            timeouts: dict[str, int] | None = None) -> Report:
+            timeouts: dict[str, int] | None = None, parallel: int = MAX_PARALLEL) -> Report:
     """Run the tiers and close every connection; the report holds the outcome."""
-    executor = Executor(report or Report(), dry=dry, timeouts=timeouts)
+    executor = Executor(report or Report(), dry=dry, timeouts=timeouts, parallel=parallel)
     try:
         executor.run(tiers)
     finally:

@@ -13,7 +13,7 @@ from typing import Any
 from invoke import Context, Task, task
 from invoke.exceptions import Exit
 
-from tasks.core.apply import execute
+from tasks.core.apply import MAX_PARALLEL, execute
 from tasks.core.errors import DifyopsError
 from tasks.core.inventory import Inventory, load_inventory
 from tasks.core.lock import audit, deploy_lock
@@ -45,8 +45,12 @@ def reported(task_body: Callable[..., Any]) -> Callable[..., Any]:
     return wrapper
 
 
-def run_tiers(ctx: Context, tiers: list[Tier], *, dry: bool, only: str | None = None) -> Report:
-    """Validate, plan and apply (or dry-run) tiers; exit non-zero when any step failed."""
+def run_tiers(ctx: Context, tiers: list[Tier], *, dry: bool, only: str | None = None,
+              parallel: int = MAX_PARALLEL) -> Report:
+    """Validate, plan and apply (or dry-run) tiers; exit non-zero when any step failed.
+
+    parallel: how many hosts of one tier are deployed at once (1: one host after the other).
+    """
     inventory = load(ctx)
     chosen = select(tiers, only)
     action = "dry run of" if dry else "applying"
@@ -55,10 +59,11 @@ def run_tiers(ctx: Context, tiers: list[Tier], *, dry: bool, only: str | None = 
     plans = build(chosen, inventory)
     refuse_invalid([plan for tier, plan in zip(chosen, plans, strict=True) if tier.validate])
     if dry:
-        report = execute(plans, dry=True, timeouts=inventory.settings["timeouts"])
+        report = execute(plans, dry=True, timeouts=inventory.settings["timeouts"],
+                         parallel=parallel)
     else:
         with deploy_lock(inventory.name) as me:
-            report = execute(plans, timeouts=inventory.settings["timeouts"])
+            report = execute(plans, timeouts=inventory.settings["timeouts"], parallel=parallel)
             audit(inventory.name, {**me, "inventory": str(inventory.file),
                                    "dify_version": inventory.profile.version,
                                    "tiers": [t.name for t in chosen],

@@ -112,7 +112,8 @@ def services(inventory: Inventory) -> list[Service]:
 def runs_compose(inventory: Inventory, host: Host) -> bool:
     """Whether a tier runs Docker compose projects on this host."""
     roles = [role for role in COMPOSE_ROLES
-             if role != "vector" or inventory.settings["vector"]["store"] == "weaviate"]
+             if (role != "vector" or inventory.settings["vector"]["store"] == "weaviate")
+             and (role != "monitor" or inventory.settings["monitor"]["grafana"])]
     return host.has(*roles)
 
 

@@ -30,12 +30,19 @@ class Tier:
     # Run the offline validators (tasks/core/validators.py) on the tier's rendered files before
     # any host is touched; a failure stops the deploy there.
     validate: bool = False
+    # The hosts the tier's other hosts wait on through a gate: planned (and started) first, so
+    # that a deploy with fewer workers than hosts (deploy.all --parallel N) never waits on a
+    # host that is not running yet. None: inventory order.
+    leaders: Callable[[Inventory], list[Host]] | None = None
 
     def plan(self, inventory: Inventory, renderer: Renderer | None = None) -> TierPlan:
         """The tier's plan for this inventory (no host is contacted)."""
         renderer = renderer or Renderer(inventory)
-        hosts = [HostPlan(host, self.steps(inventory, renderer, host))
-                 for host in inventory.with_role(*self.roles)]
+        members = inventory.with_role(*self.roles)
+        if self.leaders is not None:
+            first = [h.name for h in self.leaders(inventory)]
+            members.sort(key=lambda h: first.index(h.name) if h.name in first else len(first))
+        hosts = [HostPlan(host, self.steps(inventory, renderer, host)) for host in members]
         return TierPlan(self.name, [plan for plan in hosts if plan.steps], self.depends_on,
                         self.serial)
 

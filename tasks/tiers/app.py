@@ -241,5 +241,10 @@ def gates(inventory: Inventory, host: Host) -> list[WaitFor]:
             for role, port, path, contains in probes if host.has(role)]
 
 
+def leaders(inventory: Inventory) -> list[Host]:
+    """The hosts the others wait on: the migration host, then the plugin daemon hosts."""
+    return [*inventory.with_role("api")[:1], *inventory.with_role("plugin_daemon")]
+
+
 TIER = Tier("app", "Dify services on the app hosts", APP_ROLES, steps,
-            depends_on=("db", "cache", "vector"))
+            depends_on=("db", "cache", "vector"), leaders=leaders)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import threading
 import time
 from collections.abc import Callable
@@ -25,6 +26,18 @@ def until(check: Callable[[], bool], timeout: float, what: str) -> float:
 def summary_columns(output: str) -> list[str]:
     """The status columns of a deploy's summary table (e.g. ['host', 'unchanged'])."""
     return output.split("summary:")[1].strip().splitlines()[0].split()
+
+
+def summary_counts(output: str) -> dict[str, dict[str, int]]:
+    """host -> {status: count} from the summary table an apply prints last."""
+    lines = output.split("summary:")[-1].strip().splitlines()
+    header = re.split(r"\s{2,}", lines[0].strip())[1:]
+    counts = {}
+    for line in lines[1:]:
+        parts = line.split()
+        counts[parts[0]] = dict(zip(header, (int(p) for p in parts[1:1 + len(header)]),
+                                    strict=True))
+    return counts
 
 
 def release(lab: Lab, hosts: dict[str, LabHost]) -> None:

@@ -21,19 +21,7 @@ import requests
 from tests.images import standin
 from tests.integration.app_lab import DEPLOY, A, App, B, start_app
 from tests.integration.lab import Lab, ensure_base_image
-from tests.integration.support import SteadyLoad, release, until
-
-
-def summary_counts(output: str) -> dict[str, dict[str, int]]:
-    """host -> {status: count} from the summary table an apply prints last."""
-    lines = output.split("summary:")[-1].strip().splitlines()
-    header = re.split(r"\s{2,}", lines[0].strip())[1:]
-    counts = {}
-    for line in lines[1:]:
-        parts = line.split()
-        counts[parts[0]] = dict(zip(header, (int(p) for p in parts[1:1 + len(header)]),
-                                    strict=True))
-    return counts
+from tests.integration.support import SteadyLoad, release, summary_counts, until
 
 
 @pytest.fixture(scope="module")

@@ -149,3 +149,34 @@ def test_summary_has_a_line_per_host(monkeypatch) -> None:
     assert lines[1].split()[:5] == ["a", "2", "2", "0", "0"]
     assert lines[2].split()[:5] == ["bb", "0", "0", "1", "3"]
     assert "cannot connect to bb" in lines[2]
+
+
+def test_parallel_limits_how_many_hosts_of_a_tier_run_at_once(monkeypatch) -> None:
+    import threading
+
+    names = ("a", "b", "c")
+    order: list[str] = []  # which host ran each command, in the order they ran
+    lock = threading.Lock()
+    everyone_at_once = threading.Barrier(len(names), timeout=5)
+
+    def machine(name: str, barrier: threading.Barrier | None) -> FakeMachine:
+        def answers(command: str) -> int:
+            if barrier is not None and command == "app --ping":
+                barrier.wait()  # fails (BrokenBarrierError) unless all hosts run together
+            with lock:
+                order.append(name)
+            return 0
+        return FakeMachine(host(name), answers=answers)
+
+    lab = Lab(monkeypatch, **{n: machine(n, everyone_at_once) for n in names})
+    report = Executor(Report(out=io.StringIO())).run([plan_for(*names)])
+    assert report.failed == [] and set(order) == set(names)
+
+    order.clear()
+    lab.machines = {n: machine(n, None) for n in names}
+    report = Executor(Report(out=io.StringIO()), parallel=1).run([plan_for(*names)])
+    assert report.failed == []
+    # One host after the other, in plan order: each host's commands are one contiguous run.
+    assert [n for i, n in enumerate(order) if i == 0 or order[i - 1] != n] == list(names)
+    with pytest.raises(ValueError, match="at least 1"):
+        Executor(Report(out=io.StringIO()), parallel=0)

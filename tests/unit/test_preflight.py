@@ -305,3 +305,15 @@ def test_a_windows_workstation_gets_a_warning_not_a_refusal(load, monkeypatch) -
     (win,) = [r for r in rows if r.host == "win"]
     assert win.check == "os" and win.status == WARN
     assert "no POSIX shell answered the checks (Windows?)" in win.detail
+
+
+def test_a_monitor_host_without_grafana_needs_no_docker(load, base) -> None:
+    from tasks.core import netplan
+
+    base["hosts"].append({"name": "mon2", "address": "10.0.4.11", "roles": ["monitor", "lb"]})
+    inventory = load(base)
+    assert netplan.runs_compose(inventory, inventory.host("mon2"))  # Grafana runs by compose
+    base["monitor"] = {"grafana": False}  # Prometheus & co. come from the OS packages
+    inventory = load(base)
+    assert not netplan.runs_compose(inventory, inventory.host("mon2"))
+    assert netplan.runs_compose(inventory, inventory.host("api1"))

@@ -1,0 +1,85 @@
+"""deploy.all: one host at a time on request, and images synced first when the inventory says so."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from invoke import Context
+from invoke.exceptions import Exit
+
+import tasks.deploy as deploy
+from tasks.core.images import Row
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture
+def calls(monkeypatch, load, base) -> dict:
+    """deploy.all with the hosts faked away: what it checked, synced and ran."""
+    seen: dict = {"synced": 0}
+    state = {"data": base}
+    monkeypatch.setattr(deploy, "load", lambda ctx: load(state["data"]))
+    monkeypatch.setattr(deploy.checks, "check", lambda inventory, hosts: seen.setdefault(
+        "preflight", [h.name for h in hosts]))
+
+    def fake_sync(inventory, parallel):
+        seen["synced"] += 1
+        seen["sync_parallel"] = parallel
+        return [Row("api1", "langgenius/dify-api:1.13.3", "shipped")]
+
+    monkeypatch.setattr(deploy, "sync", fake_sync)
+    monkeypatch.setattr(deploy, "run_tiers", lambda ctx, tiers, **kw: seen.update(run=kw))
+    seen["inventory"] = state
+    return seen
+
+
+def test_parallel_reaches_the_executor_and_defaults_to_the_engines_limit(calls) -> None:
+    deploy.all.body(Context(), parallel=1)
+    assert calls["run"] == {"dry": False, "only": "", "parallel": 1}
+    deploy.all.body(Context())
+    assert calls["run"]["parallel"] == deploy.MAX_PARALLEL
+
+
+def test_parallel_below_one_is_refused_before_any_host(calls) -> None:
+    with pytest.raises(Exit, match="--parallel: 0: must be at least 1"):
+        deploy.all.body(Context(), parallel=0)
+    assert "run" not in calls and "preflight" not in calls
+
+
+def test_images_are_synced_first_only_when_the_inventory_asks(calls, capsys) -> None:
+    deploy.all.body(Context())
+    assert calls["synced"] == 0  # dify.sync_images defaults to false: hosts pull themselves
+    calls["inventory"]["data"]["dify"] = {"sync_images": True}
+    deploy.all.body(Context())
+    assert calls["synced"] == 1
+    assert "1 transfer(s)" in capsys.readouterr().out
+    deploy.all.body(Context(), only="db,cache")  # no tier that runs images
+    deploy.all.body(Context(), dry=True)  # a dry run touches nothing
+    assert calls["synced"] == 1
+    deploy.all.body(Context(), only="app")
+    assert calls["synced"] == 2 and calls["sync_parallel"] == 4
+    deploy.all.body(Context(), parallel=1)  # one host at a time: images too
+    assert calls["synced"] == 3 and calls["sync_parallel"] == 1
+
+
+def test_parallel_flag_is_refused_by_the_real_cli(tmp_path: Path) -> None:
+    result = subprocess.run([sys.executable, "-m", "invoke", "deploy.all", "--parallel", "0"],
+                            cwd=ROOT, text=True, capture_output=True, check=False,
+                            env={"PATH": "/usr/bin:/bin", "DIFY_SECRETS": str(tmp_path / "x.env")})
+    assert result.returncode == 1
+    assert "--parallel: 0: must be at least 1" in result.stderr
+
+
+def test_app_hosts_that_others_wait_on_are_planned_first(load, base) -> None:
+    from tasks.tiers import app
+
+    # web1 is listed before api1, the migration and plugin daemon host every other app host
+    # waits on: one host at a time (--parallel 1) must start with api1 or wait forever.
+    base["hosts"].append({"name": "pd1", "address": "10.0.2.41", "roles": ["plugin_daemon"]})
+    base["hosts"][2]["roles"] = ["api"]  # api1: the migration host, no daemon
+    inventory = load(base)
+    order = [plan.host.name for plan in app.TIER.plan(inventory).hosts]
+    assert order == ["api1", "pd1", "web1", "api2", "worker1"]
