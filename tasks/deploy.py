@@ -5,6 +5,8 @@ from __future__ import annotations
 from invoke import Context, task
 from invoke.exceptions import Exit
 
+from tasks.backups import schedule as backup_schedule
+from tasks.backups import settings as backup_settings
 from tasks.core import doctor as medic
 from tasks.core import doctor_schedule
 from tasks.core import preflight as checks
@@ -31,16 +33,25 @@ IMAGE_TIERS = ("app", "vector")  # the tiers whose hosts run images (tasks/core/
 @reported
 def all(ctx: Context, dry: bool = False, only: str = "", preflight: bool = True,
         parallel: int = MAX_PARALLEL) -> None:
-    """Deploy every tier of the inventory in dependency order (or only some, or --dry)."""
+    """Deploy every tier in dependency order, then the backup schedule (or only some tiers)."""
     if parallel < 1:
         raise InputError([Problem("--parallel", str(parallel), "must be at least 1",
                                   "give how many hosts of a tier to deploy at once, e.g. 1")])
     inventory = load(ctx)
+    schedule_on = "" if only else inventory.settings["backup"]["schedule_on"]
+    if schedule_on and schedule_on != "none":
+        backup_settings.check(inventory)  # before any host is touched
     if preflight and not dry:
         checks.check(inventory, preflight_hosts(inventory, only))
     if not dry:
         sync_images_first(inventory, only, parallel)
     run_tiers(ctx, list(TIERS), dry=dry, only=only, parallel=parallel)
+    if schedule_on == "none":
+        print("backups: not scheduled by deploy.all (backup.schedule_on: none): run "
+              "`inv backup.schedule` on the machine that keeps them", flush=True)
+    elif schedule_on:
+        backup_schedule.install(inventory, dry=dry,
+                                host_name="" if schedule_on == "control" else schedule_on)
 
 
 def sync_images_first(inventory: Inventory, only: str, parallel: int = 4) -> None:

@@ -45,8 +45,8 @@ def problems(inventory: Inventory) -> list[Problem]:
     if not TIME.match(backup["time"]):
         found.append(Problem(shown, "backup.time", f"{backup['time']!r} is not HH:MM",
                              "write the daily time as two-digit hours and minutes, e.g. 03:00"))
+    names = [host.name for host in inventory.hosts]
     if backup["verify_host"]:
-        names = [host.name for host in inventory.hosts]
         if backup["verify_host"] not in names:
             found.append(Problem(shown, "backup.verify_host",
                                  f"no host named {backup['verify_host']!r}",
@@ -58,6 +58,10 @@ def problems(inventory: Inventory) -> list[Problem]:
                                  f"create scratch databases",
                                  "use the db primary (leave it empty) or another host with "
                                  "PostgreSQL"))
+    if backup["schedule_on"] not in ("none", "control", *names):
+        found.append(Problem(shown, "backup.schedule_on",
+                             f"{backup['schedule_on']!r} is neither none, control nor a host",
+                             f"use none, control or one of: {', '.join(names)}"))
     found.extend(copy_problems(inventory, shown))
     return found
 

@@ -83,3 +83,36 @@ def test_app_hosts_that_others_wait_on_are_planned_first(load, base) -> None:
     inventory = load(base)
     order = [plan.host.name for plan in app.TIER.plan(inventory).hosts]
     assert order == ["api1", "pd1", "web1", "api2", "worker1"]
+
+
+@pytest.fixture
+def installed(calls, monkeypatch) -> list[dict]:
+    """The backup schedules deploy.all installed (faked: no machine is touched)."""
+    seen: list[dict] = []
+    monkeypatch.setattr(deploy.backup_schedule, "install",
+                        lambda inventory, **kw: seen.append(kw))
+    return seen
+
+
+def test_backup_schedule_is_left_to_the_operator_by_default(calls, installed, capsys) -> None:
+    deploy.all.body(Context())
+    assert installed == []
+    assert "not scheduled by deploy.all (backup.schedule_on: none)" in capsys.readouterr().out
+
+
+def test_backup_schedule_comes_last_where_the_inventory_says(calls, installed) -> None:
+    calls["inventory"]["data"]["backup"] = {"schedule_on": "control"}
+    deploy.all.body(Context(), dry=True)
+    assert installed == [{"dry": True, "host_name": ""}] and "run" in calls
+    calls["inventory"]["data"]["backup"] = {"schedule_on": "api1"}
+    deploy.all.body(Context())
+    assert installed[-1] == {"dry": False, "host_name": "api1"}
+    deploy.all.body(Context(), only="db")  # a partial deploy leaves the schedule alone
+    assert len(installed) == 2
+
+
+def test_unknown_schedule_host_is_refused_before_any_host(calls, installed) -> None:
+    calls["inventory"]["data"]["backup"] = {"schedule_on": "api9"}
+    with pytest.raises(Exit, match="backup.schedule_on: 'api9' is neither none, control nor a"):
+        deploy.all.body(Context())
+    assert "run" not in calls and "preflight" not in calls and installed == []
