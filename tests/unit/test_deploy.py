@@ -113,6 +113,6 @@ def test_backup_schedule_comes_last_where_the_inventory_says(calls, installed) -
 
 def test_unknown_schedule_host_is_refused_before_any_host(calls, installed) -> None:
     calls["inventory"]["data"]["backup"] = {"schedule_on": "api9"}
-    with pytest.raises(Exit, match="backup.schedule_on: 'api9' is neither none, control nor a"):
+    with pytest.raises(Exit, match=r"backup\.schedule_on: 'api9' is neither none, control nor a"):
         deploy.all.body(Context())
     assert "run" not in calls and "preflight" not in calls and installed == []
