@@ -45,11 +45,11 @@ def all(ctx: Context, dry: bool = False, only: str = "", preflight: bool = True,
         checks.check(inventory, preflight_hosts(inventory, only))
     if not dry:
         sync_images_first(inventory, only, parallel)
-    run_tiers(ctx, list(TIERS), dry=dry, only=only, parallel=parallel)
-    if schedule_on == "none":
+    if schedule_on == "none":  # said first: the per-host summary stays the last thing printed
         print("backups: not scheduled by deploy.all (backup.schedule_on: none): run "
               "`inv backup.schedule` on the machine that keeps them", flush=True)
-    elif schedule_on:
+    run_tiers(ctx, list(TIERS), dry=dry, only=only, parallel=parallel)
+    if schedule_on and schedule_on != "none":
         backup_schedule.install(inventory, dry=dry,
                                 host_name="" if schedule_on == "control" else schedule_on)
 
