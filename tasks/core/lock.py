@@ -51,18 +51,24 @@ def describe(info: dict) -> str:
             f"{info.get('since')} running `{info.get('command')}`")
 
 
-def held(name: str, state_dir: Path = STATE_DIR) -> dict | None:
-    """Who holds the inventory's deploy lock now, without taking it; None when it is free or
-    its holder no longer runs on this machine (stale)."""
-    path = state_dir / "locks" / f"{name}.lock"
+def read_lock(path: Path) -> tuple[dict, bool] | None:
+    """A lock file's holder and whether it is stale (its process no longer runs on this
+    machine); None when there is no lock."""
     try:
         info = json.loads(path.read_text() or "{}")
     except FileNotFoundError:
         return None
     except (OSError, ValueError):
         info = {}
-    stale = info.get("machine") == socket.gethostname() and not alive(int(info.get("pid", 0)))
-    return None if stale else info
+    return info, info.get("machine") == socket.gethostname() and not alive(
+        int(info.get("pid", 0)))
+
+
+def held(name: str, state_dir: Path = STATE_DIR) -> dict | None:
+    """Who holds the inventory's deploy lock now, without taking it; None when it is free or
+    stale."""
+    found = read_lock(state_dir / "locks" / f"{name}.lock")
+    return None if found is None or found[1] else found[0]
 
 
 @contextlib.contextmanager
@@ -75,11 +81,10 @@ def deploy_lock(name: str, state_dir: Path = STATE_DIR) -> Iterator[dict]:
         try:
             fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         except FileExistsError:
-            try:
-                info = json.loads(path.read_text() or "{}")
-            except (OSError, ValueError):
-                info = {}
-            stale = info.get("machine") == me["machine"] and not alive(int(info.get("pid", 0)))
+            found = read_lock(path)
+            if found is None:  # released meanwhile
+                continue
+            info, stale = found
             if not stale:
                 raise Locked(f"another deploy of inventory {name} holds the lock: "
                              f"{describe(info)}. Wait for it, or if it is gone, remove "
@@ -91,6 +96,9 @@ def deploy_lock(name: str, state_dir: Path = STATE_DIR) -> Iterator[dict]:
         with os.fdopen(fd, "w") as handle:
             json.dump(me, handle)
         break
+    else:
+        raise Locked(f"the deploy lock of inventory {name} changed hands while it was taken "
+                     f"({path}): run the command again")
     try:
         yield me
     finally:

@@ -15,7 +15,8 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -210,12 +211,22 @@ def queued(env: Logging) -> int:
     return int(stats["difyops-es queue"]["size"])
 
 
-def test_lines_logged_while_the_store_is_down_arrive_later(lab_logging: Logging) -> None:
-    env = lab_logging
+@contextmanager
+def store_stopped(env: Logging) -> Iterator[None]:
+    """Elasticsearch stopped on logs1 for the block, started again after it whatever happens."""
     container = "dify-logging-elasticsearch-1"
     code, out = env.store.exec(f"docker stop {container}")
     assert code == 0, out
     try:
+        yield
+    finally:
+        code, out = env.store.exec(f"docker start {container}")
+        assert code == 0, out
+
+
+def test_lines_logged_while_the_store_is_down_arrive_later(lab_logging: Logging) -> None:
+    env = lab_logging
+    with store_stopped(env):
         marker = f"difyops-while-down-{uuid.uuid4().hex}"
         code, out = env.shipper.exec(f"logger -t difyops-test {marker}")
         assert code == 0, out
@@ -225,9 +236,6 @@ def test_lines_logged_while_the_store_is_down_arrive_later(lab_logging: Logging)
         assert "logs1 (store), logs1, ship1" in down.stderr, down.stderr
         # rsyslog holds the lines meanwhile (its own counters say so).
         until("lines waiting in ship1's queue", lambda: queued(env) > 0, timeout=40)
-    finally:
-        code, out = env.store.exec(f"docker start {container}")
-        assert code == 0, out
     docs = until(f"{marker} in the store after its restart", lambda: env.found(marker),
                  timeout=90)
     assert len(docs) == 1 and docs[0]["host"] == "ship1"
@@ -238,10 +246,7 @@ def test_queued_lines_survive_a_restart_of_rsyslog(lab_logging: Logging) -> None
     batch the suspended action holds in its hands: `first` may be in it and is not asserted;
     `behind` is logged once the action is suspended and lines wait in the queue.)"""
     env = lab_logging
-    container = "dify-logging-elasticsearch-1"
-    code, out = env.store.exec(f"docker stop {container}")
-    assert code == 0, out
-    try:
+    with store_stopped(env):
         def more_waiting() -> bool:  # a line more each time: the first ones may be in flight
             env.shipper.exec(f"logger -t difyops-test difyops-first-{uuid.uuid4().hex}")
             return queued(env) > 0
@@ -256,9 +261,6 @@ def test_queued_lines_survive_a_restart_of_rsyslog(lab_logging: Logging) -> None
         assert code == 0, out
         code, out = env.shipper.exec(f"ls {tier.SPOOL}/{tier.QUEUE}.qi")
         assert code == 0, out  # the queue's state on disk
-    finally:
-        code, out = env.store.exec(f"docker start {container}")
-        assert code == 0, out
     docs = until(f"{behind} in the store after the restarts", lambda: env.found(behind),
                  timeout=90)
     assert len(docs) == 1 and docs[0]["host"] == "ship1"
