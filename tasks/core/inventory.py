@@ -28,6 +28,8 @@ ROLES: dict[str, str] = {
     "worker": "Dify Celery workers, with their sandbox and SSRF proxy",
     "beat": "the one Celery beat scheduler of the installation",
     "plugin_daemon": "the one Dify plugin daemon",
+    "agent": "Dify's agent backend, local sandbox and its SSRF proxy (1.16.1+; default: the "
+             "first api host)",
     "db_primary": "PostgreSQL primary",
     "db_replica": "PostgreSQL streaming replica",
     "cache": "Redis (and Sentinel in sentinel mode)",
@@ -39,7 +41,7 @@ ROLES: dict[str, str] = {
     "dev_backend": "development machine running the Dify api and worker from source",
     "dev_frontend": "development machine running the Dify web front end from source",
 }
-APP_ROLES = ("api", "worker", "beat", "web", "plugin_daemon")
+APP_ROLES = ("api", "worker", "beat", "web", "plugin_daemon", "agent")
 HOST_KEYS = ("name", "address", "connection", "ssh", "roles", "labels", "size", "worker_groups")
 SSH_KEYS = {"user": "root", "port": 22, "key": ""}
 SIZE_KEYS = ("cpu", "memory_gb", "disk_gb")
@@ -152,7 +154,7 @@ def read_yaml(path: Path) -> tuple[Any, list[Problem]]:
 
 def load_inventory(path: Path, *, check_secrets: bool = True) -> Inventory:
     """Read, merge, check and return the inventory, or raise InputError listing every problem."""
-    from tasks.core import rules, secrets  # rules and secrets need the model defined here
+    from tasks.core import placement, rules, secrets  # they need the model defined here
 
     data, problems = read_yaml(path)
     if problems:
@@ -174,7 +176,9 @@ def load_inventory(path: Path, *, check_secrets: bool = True) -> Inventory:
         (ROOT / settings["secrets_file"]).resolve() if settings["secrets_file"]
         else default_secrets_path(settings["name"])
     )
-    inventory = Inventory(path, settings, hosts, load_profile(version), secrets_file)
+    profile = load_profile(version)
+    inventory = Inventory(path, settings, placement.place_defaults(hosts, profile), profile,
+                          secrets_file)
     if not problems:
         problems.extend(rules.check(inventory))
     if check_secrets:

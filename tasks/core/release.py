@@ -24,7 +24,7 @@ import shlex
 from collections.abc import Callable
 from datetime import UTC, datetime
 
-from tasks.core import rules
+from tasks.core import placement, rules
 from tasks.core.apply import Executor
 from tasks.core.errors import DifyopsError, InputError, Problem
 from tasks.core.fleet import each_host
@@ -60,7 +60,9 @@ def with_release(inventory: Inventory, version: str, images: dict[str, str] | No
     settings["dify"]["version"] = version
     if images is not None:  # names exactly as recorded: no prefix added again
         settings["dify"].update(images=dict(images), registry_mirror="", private_registry="")
-    target = dataclasses.replace(inventory, settings=settings, profile=load_profile(version))
+    profile = load_profile(version)
+    target = dataclasses.replace(inventory, settings=settings, profile=profile,
+                                 hosts=placement.place_defaults(inventory.hosts, profile))
     problems = rules.check(target) if check else []
     if problems:
         raise InputError(problems)

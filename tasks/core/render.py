@@ -7,12 +7,14 @@ rendered for, the Dify version profile and the secrets.
 from __future__ import annotations
 
 import ipaddress
+import re
 from functools import cached_property
 from pathlib import Path
 from typing import Any
 
 from jinja2 import Environment, FileSystemLoader, StrictUndefined, TemplateError
 
+from tasks.core import placement
 from tasks.core.errors import DifyopsError
 from tasks.core.inventory import Host, Inventory
 from tasks.core.plan import TierPlan
@@ -33,6 +35,7 @@ class Renderer:
                                   lstrip_blocks=True, autoescape=False)
         environment.filters["env_quote"] = env_quote
         environment.filters["cidr"] = cidr
+        environment.filters["squid_word"] = squid_word
         return environment
 
     def context(self, host: Host | None, extra: dict[str, Any]) -> dict[str, Any]:
@@ -47,6 +50,9 @@ class Renderer:
             "secrets": inventory.secrets,
             "with_role": inventory.with_role,
             "image": inventory.image,
+            # Where the services of newer releases run (tasks/core/placement.py).
+            "runs_websocket": placement.websocket_enabled(inventory),
+            "agent_host": placement.agent_host(inventory),
             **extra,
         }
 
@@ -65,6 +71,18 @@ def cidr(address: str) -> str:
         return str(ipaddress.ip_network(address))
     except ValueError:
         return address
+
+
+SQUID_WORD = re.compile(r"^[A-Za-z0-9._:-]+$")
+
+
+def squid_word(value: Any) -> str:
+    """A value safe as one word of a squid.conf line (a host name or an address)."""
+    text = str(value)
+    if not SQUID_WORD.match(text):
+        raise DifyopsError(f"{text!r} cannot be written into squid.conf: use a host name or an "
+                           f"IP address (letters, digits, '.', ':', '-')")
+    return text
 
 
 def env_quote(value: Any) -> str:

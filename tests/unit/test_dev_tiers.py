@@ -160,7 +160,7 @@ def test_backend_order_reaches_the_server_first_and_gates_last(load) -> None:
         "enable and start dify-api-dev.service")
     assert labels[-3:] == ["health api /health",
                            "health api /console/api/setup (reads the database)",
-                           "health worker consumes the 16 queues of Dify 1.13.3"]
+                           "health worker consumes the 21 queues of Dify 1.16.1"]
 
 
 def test_units_run_flask_debug_and_a_worker_on_every_queue(load) -> None:
@@ -175,9 +175,9 @@ def test_units_run_flask_debug_and_a_worker_on_every_queue(load) -> None:
     assert command[:6] == ["/usr/local/bin/uv", "run", "--no-sync", "celery", "-A",
                            "app.celery"]
     queues = command[command.index("-Q") + 1].split(",")
-    assert queues == list(inventory.profile.queues) and len(queues) == 16
+    assert queues == list(inventory.profile.queues) and len(queues) == 21
     assert command[command.index("-n") + 1] == "dify-dev@%H"  # systemd puts the host name
-    gate = steps["health worker consumes the 16 queues of Dify 1.13.3"]
+    gate = steps["health worker consumes the 21 queues of Dify 1.16.1"]
     assert gate.gate.command.endswith(" ".join(inventory.profile.queues))
 
 
