@@ -83,6 +83,31 @@ def host_images(inventory: Inventory, host: Host) -> dict[str, str]:
     return {component: inventory.image(component) for component in components}
 
 
+def services_of(inventory: Inventory, host: Host) -> list[str]:
+    """The compose services this host runs (what `inv app.status` expects to find)."""
+    groups = inventory.settings["app"]["worker_groups"]
+    names = [g["name"] for g in groups if g["name"] in (host.worker_groups or
+                                                         [g["name"] for g in groups])]
+    found = []
+    if host.has("api"):
+        found.append("api")
+        if placement.websocket_enabled(inventory):
+            found.append("api_websocket")
+    if host.has("worker"):
+        found += [f"worker_{name}" for name in names]
+    if host.has("beat"):
+        found.append("worker_beat")
+    if host.has("web"):
+        found.append("web")
+    if host.has("plugin_daemon"):
+        found.append("plugin_daemon")
+    if host.has("api", "worker"):
+        found += ["sandbox", "ssrf_proxy"]
+    if placement.runs_agent(inventory, host):
+        found += list(placement.AGENT_SERVICES)
+    return found
+
+
 def release(inventory: Inventory, host: Host) -> dict:
     """What a host runs after a deploy: the Dify version and its images."""
     return {"version": inventory.profile.version, "images": host_images(inventory, host)}
