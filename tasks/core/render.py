@@ -10,6 +10,7 @@ import ipaddress
 from functools import cached_property
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 from jinja2 import Environment, FileSystemLoader, StrictUndefined, TemplateError
 
@@ -33,6 +34,8 @@ class Renderer:
                                   lstrip_blocks=True, autoescape=False)
         environment.filters["env_quote"] = env_quote
         environment.filters["cidr"] = cidr
+        environment.filters["redis_url"] = redis_url
+        environment.globals["resp_hex"] = resp_hex
         return environment
 
     def context(self, host: Host | None, extra: dict[str, Any]) -> dict[str, Any]:
@@ -65,6 +68,22 @@ def cidr(address: str) -> str:
         return str(ipaddress.ip_network(address))
     except ValueError:
         return address
+
+
+def redis_url(address: str, scheme: str, password: str, port: int, db: int) -> str:
+    """A redis:// or sentinel:// URL (Celery's broker) with the password percent-encoded, so
+    that `@`, `:`, `/` or `%` in it cannot change where the URL points."""
+    return f"{scheme}://:{quote(str(password), safe='')}@{address}:{port}/{db}"
+
+
+def resp_hex(*words: str) -> str:
+    """A Redis command in the protocol's own framing (RESP), hex-encoded: what HAProxy's
+    `tcp-check send-binary` sends, so a password needs no escaping in its configuration."""
+    frame = f"*{len(words)}\r\n".encode()
+    for word in words:
+        data = str(word).encode()
+        frame += b"$%d\r\n%s\r\n" % (len(data), data)
+    return frame.hex()
 
 
 def env_quote(value: Any) -> str:

@@ -64,11 +64,25 @@ def migration_host(inventory: Inventory) -> Host:
     return inventory.with_role("api")[0]
 
 
+def runs_redis_proxy(inventory: Inventory, host: Host) -> bool:
+    """Whether a host runs redis_proxy: in Sentinel mode, wherever a container reads Redis from
+    REDIS_HOST:REDIS_PORT (Dify's pub/sub, the plugin daemon), which cannot follow Sentinel."""
+    return (inventory.settings["cache"]["mode"] == "sentinel"
+            and host.has("api", "worker", "beat", "plugin_daemon"))
+
+
 def host_images(inventory: Inventory, host: Host) -> dict[str, str]:
-    """component -> image for every Dify component this host runs (as the host names it)."""
-    components = sorted({c for role, comps in ROLE_COMPONENTS.items() if host.has(role)
-                         for c in comps})
-    return {component: inventory.image(component) for component in components}
+    """component -> image for every component this host runs (as the host names it)."""
+    components = {c for role, comps in ROLE_COMPONENTS.items() if host.has(role) for c in comps}
+    if runs_redis_proxy(inventory, host):
+        components.add("redis_proxy")
+    return {component: inventory.image(component) for component in sorted(components)}
+
+
+def compose_file(inventory: Inventory, renderer: Renderer, host: Host) -> str:
+    """The host's compose project (its components decide which services it holds)."""
+    return renderer.render("compose/app.yml.j2", host,
+                           components=host_images(inventory, host))
 
 
 def release(inventory: Inventory, host: Host) -> dict:
@@ -168,8 +182,12 @@ def steps(inventory: Inventory, renderer: Renderer, host: Host, *,
     env = renderer.render("config/env/dify.env.j2", host)
     files = [
         WriteFile(f"{directory}/.env", env, mode=0o600, secret=True),
-        WriteFile(f"{directory}/compose.yml", renderer.render("compose/app.yml.j2", host)),
+        WriteFile(f"{directory}/compose.yml", compose_file(inventory, renderer, host)),
     ]
+    if runs_redis_proxy(inventory, host):
+        files.append(WriteFile(f"{directory}/redis-proxy.cfg",
+                               renderer.render("config/haproxy/redis-master.cfg.j2", host),
+                               mode=0o600, secret=True))
     if host.has("api", "worker"):
         files.append(WriteFile(f"{directory}/squid.conf",
                                renderer.render("config/squid/squid.conf.j2", host)))

@@ -86,7 +86,7 @@ def test_only_the_one_off_container_migrates(load, base) -> None:
     service = migration["services"]["migration"]
     assert service["environment"] == {"MODE": "migration", "MIGRATION_ENABLED": "true"}
     assert service["restart"] == "no"
-    assert service["image"] == "langgenius/dify-api:1.13.3"
+    assert service["image"] == "langgenius/dify-api:1.16.1"
     paths = {s.path for s in plan_of(inventory, "api2") if isinstance(s, WriteFile)}
     assert not any("/migration/" in path for path in paths)
 
@@ -104,10 +104,10 @@ def test_private_registry_names_every_image(load, base) -> None:
     base["dify"] = {"registry_mirror": "mirror.example/", "private_registry": "reg.lan:5000/"}
     inventory = load(base)
     assert compose_of(inventory, "api1")["services"]["api"]["image"] == \
-        "reg.lan:5000/langgenius/dify-api:1.13.3"
-    assert inventory.upstream_image("api") == "mirror.example/langgenius/dify-api:1.13.3"
-    assert images_engine.upstream(inventory)["reg.lan:5000/langgenius/dify-web:1.13.3"] == \
-        "mirror.example/langgenius/dify-web:1.13.3"
+        "reg.lan:5000/langgenius/dify-api:1.16.1"
+    assert inventory.upstream_image("api") == "mirror.example/langgenius/dify-api:1.16.1"
+    assert images_engine.upstream(inventory)["reg.lan:5000/langgenius/dify-web:1.16.1"] == \
+        "mirror.example/langgenius/dify-web:1.16.1"
 
 
 # --- the start order -----------------------------------------------------------------------
@@ -153,15 +153,15 @@ def test_the_release_check_names_the_way_to_change_releases(load, base) -> None:
     check = plan_of(load(base), "api2")[0]
     assert isinstance(check, RunCommand) and not check.changes
     assert check.command.startswith("test ! -f /opt/dify/release.json || { grep -qF "
-                                    "'\"version\": \"1.13.3\"' /opt/dify/release.json && "
-                                    "grep -qF '\"api\": \"langgenius/dify-api:1.13.3\"' ")
-    assert "inv app.upgrade --version 1.13.3" in check.command
+                                    "'\"version\": \"1.16.1\"' /opt/dify/release.json && "
+                                    "grep -qF '\"api\": \"langgenius/dify-api:1.16.1\"' ")
+    assert "inv app.upgrade --version 1.16.1" in check.command
     assert "release check" not in labels(plan_of(load(base), "api2", release_guard=False))
 
 
 def test_release_json_holds_the_version_and_images(load, base) -> None:
     record = yaml.safe_load(file_of(load(base), "web1", "/opt/dify/release.json"))
-    assert record == {"version": "1.13.3", "images": {"web": "langgenius/dify-web:1.13.3"}}
+    assert record == {"version": "1.16.1", "images": {"web": "langgenius/dify-web:1.16.1"}}
 
 
 # --- release rules -------------------------------------------------------------------------
@@ -370,10 +370,10 @@ def test_ship_sends_only_missing_or_different_images(load, base) -> None:
 def test_images_per_host_follow_roles(load, base) -> None:
     inventory = load(base)
     assert images_engine.host_images(inventory, inventory.host("web1")) == [
-        "langgenius/dify-web:1.13.3"]
+        "langgenius/dify-web:1.16.1"]
     assert images_engine.host_images(inventory, inventory.host("api1")) == [
-        "langgenius/dify-api:1.13.3", "langgenius/dify-plugin-daemon:0.5.3-local",
-        "langgenius/dify-sandbox:0.2.12", "ubuntu/squid:latest"]
+        "haproxy:2.8", "langgenius/dify-api:1.16.1", "langgenius/dify-plugin-daemon:0.6.3-local",
+        "langgenius/dify-sandbox:0.2.15", "ubuntu/squid:latest"]
     assert images_engine.host_images(inventory, inventory.host("vector1")) == [
         "semitechnologies/weaviate:1.27.0"]
     assert images_engine.host_images(inventory, inventory.host("db1")) == []
@@ -416,14 +416,15 @@ def test_a_private_registry_gets_every_image_once(load, base) -> None:
     base["vector"] = {"store": "pgvector"}
     base["hosts"] = [h for h in base["hosts"] if h["name"] != "vector1"]
     inventory = load(base)
-    upstream = "mirror.example/langgenius/dify-api:1.13.3"
+    upstream = "mirror.example/langgenius/dify-api:1.16.1"
     docker = RegistryDocker({upstream: "id-api"})  # already pulled once
     rows = images_engine.prepare(inventory, docker, refresh=False)
     assert f"pull -q {upstream}" not in docker.commands
-    assert "pull -q mirror.example/langgenius/dify-web:1.13.3" in docker.commands
-    assert f"tag {upstream} reg.lan:5000/langgenius/dify-api:1.13.3" in docker.commands
+    assert "pull -q mirror.example/langgenius/dify-web:1.16.1" in docker.commands
+    assert f"tag {upstream} reg.lan:5000/langgenius/dify-api:1.16.1" in docker.commands
     pushes = [c for c in docker.commands if c.startswith("push")]
-    assert len(pushes) == 5 and all(" reg.lan:5000/" in c for c in pushes)
+    # api, web, plugin daemon, sandbox, squid and the Redis proxy (Sentinel mode)
+    assert len(pushes) == 6 and all(" reg.lan:5000/" in c for c in pushes)
     assert {r.status for r in rows if r.where == "reg.lan:5000"} == {"pushed"}
     docker.commands.clear()
     again = images_engine.prepare(inventory, docker, refresh=False)

@@ -76,7 +76,7 @@ def test_every_route_goes_to_its_upstream_with_websocket(load, base) -> None:
              for prefix, body in locations(main_server(rendered(inventory))).items()
              if "proxy_pass" in body}
     assert found == {**dict.fromkeys(("/console/api", "/api", "/v1", "/files", "/mcp",
-                                      "/triggers", "/socket.io/"), "dify_api"),
+                                      "/triggers", "/openapi", "/socket.io/"), "dify_api"),
                      "/e/": "dify_plugin_daemon",
                      **dict.fromkeys(("/_next/static/", "/explore", "/"), "dify_web")}
     socket_io = locations(main_server(rendered(inventory)))["/socket.io/"]
@@ -579,7 +579,7 @@ def test_check_names_who_answered_each_route(load, base) -> None:
     assert paths[:2] == ["/console/api/difyops-check", "/api/difyops-check"]
     assert "/" in paths and "/e/difyops-check" in paths
     log = "".join(log_line(p, 404, "10.0.2.22:5001") for p in paths if p.startswith(
-        ("/console", "/api", "/v1", "/files", "/mcp", "/triggers")))
+        ("/console", "/api", "/v1", "/files", "/mcp", "/triggers", "/openapi")))
     log += log_line("/e/difyops-check", 200, "10.0.2.21:5002")
     log += log_line("/_next/static/difyops-check", 404, "10.0.2.11:3000")
     log += log_line("/explore/difyops-check", 200, "10.0.2.11:3000")

@@ -26,7 +26,7 @@ def refusal(load: Loader, data: dict[str, Any], secret_values: dict[str, str] | 
 def test_the_base_inventory_is_valid(load: Loader, base: dict) -> None:
     inventory = load(base)
     assert [h.name for h in inventory.with_role("cache")] == ["db1", "db2", "db3"]
-    assert inventory.profile.version == "1.13.3"
+    assert inventory.profile.version == "1.16.1"
 
 
 def test_unknown_role(load: Loader, base: dict) -> None:
@@ -124,22 +124,24 @@ def test_secrets_file_readable_by_others(load: Loader, base: dict) -> None:
 def test_queue_not_consumed(load: Loader, base: dict) -> None:
     base["app"] = {"worker_groups": [{"name": "docs", "queues": ["dataset", "mail"]}]}
     message = refusal(load, base)
-    assert "app.worker_groups: no worker consumes the queue(s) priority_dataset," in message
-    assert "retention of Dify 1.13.3" in message
+    assert "app.worker_groups: no worker consumes the queue(s) api_token, dataset_summary, " \
+        "priority_dataset," in message
+    assert "workflow_based_app_execution of Dify 1.16.1" in message
 
 
 def test_queue_of_a_group_no_worker_runs_is_not_consumed(load: Loader, base: dict) -> None:
     base["app"] = {"worker_groups": [{"name": "a", "queues": "all"},
                                      {"name": "b", "queues": ["mail"]}]}
     base["hosts"][4]["worker_groups"] = ["b"]
-    assert "app.worker_groups: no worker consumes the queue(s) dataset" in refusal(load, base)
+    assert "app.worker_groups: no worker consumes the queue(s) api_token, dataset," \
+        in refusal(load, base)
 
 
 def test_unknown_queue(load: Loader, base: dict) -> None:
     base["app"] = {"worker_groups": [{"name": "all", "queues": "all"},
                                      {"name": "old", "queues": ["mail", "generation"]}]}
     message = refusal(load, base)
-    assert "app.worker_groups[1].queues[1]: 'generation' is not a queue of Dify 1.13.3" in message
+    assert "app.worker_groups[1].queues[1]: 'generation' is not a queue of Dify 1.16.1" in message
 
 
 def test_no_beat(load: Loader, base: dict) -> None:
@@ -182,7 +184,7 @@ def test_two_weaviate_nodes(load: Loader, base: dict) -> None:
 def test_old_weaviate(load: Loader, base: dict) -> None:
     base["vector"] = {"weaviate_version": "1.19.0"}
     message = refusal(load, base)
-    assert "vector.weaviate_version: Weaviate 1.19.0 is too old for Dify 1.13.3" in message
+    assert "vector.weaviate_version: Weaviate 1.19.0 is too old for Dify 1.16.1" in message
 
 
 def test_seed_version_accepts_its_weaviate(load: Loader, base: dict) -> None:
