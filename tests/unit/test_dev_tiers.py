@@ -75,7 +75,7 @@ def test_api_env_has_the_production_values_and_development_urls(load) -> None:
     env = parse_env(api_env(inventory, renderer, vm))
     production = parse_env(renderer.render("config/env/dify.env.j2", vm))
     for key in ("SECRET_KEY", "DB_HOST", "DB_PORT", "DB_USERNAME", "DB_PASSWORD", "DB_DATABASE",
-                "DB_PLUGIN_DATABASE", "REDIS_HOST", "REDIS_PORT", "REDIS_PASSWORD",
+                "REDIS_HOST", "REDIS_PORT", "REDIS_PASSWORD",
                 "CELERY_BROKER_URL", "CELERY_BACKEND", "VECTOR_STORE", "WEAVIATE_ENDPOINT",
                 "WEAVIATE_API_KEY", "WEAVIATE_GRPC_ENDPOINT", "STORAGE_TYPE", "OPENDAL_FS_ROOT",
                 "PLUGIN_DAEMON_KEY", "INNER_API_KEY_FOR_PLUGIN", "CODE_EXECUTION_API_KEY"):
