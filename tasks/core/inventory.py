@@ -127,8 +127,23 @@ class Inventory:
         return self.settings["dify"]["registry_mirror"] + self.base_image(component)
 
     def base_image(self, component: str) -> str:
-        """The image name without any registry prefix: inventory override, else the profile."""
-        return self.settings["dify"]["images"].get(component) or self.profile.images[component]
+        """The image name without any registry prefix: inventory override, else the profile
+        (difyops' own components: their setting)."""
+        own = {"redis_proxy": self.settings["cache"]["proxy_image"]}
+        return (self.settings["dify"]["images"].get(component) or own.get(component)
+                or self.profile.images[component])
+
+    def worker_queues(self, group: dict) -> tuple[str, ...]:
+        """The queues a worker group consumes in this Dify release: `all` is every queue of the
+        release, `rest` every queue of the release that no other group lists by name."""
+        queues = group["queues"]
+        if queues == "all":
+            return self.profile.queues
+        if queues == "rest":
+            listed = {queue for other in self.settings["app"]["worker_groups"]
+                      if isinstance(other["queues"], list) for queue in other["queues"]}
+            return tuple(queue for queue in self.profile.queues if queue not in listed)
+        return tuple(queues)
 
     @property
     def is_dev_layout(self) -> bool:
@@ -242,15 +257,16 @@ def check_worker_groups(value: Any, shown: str, problems: list[Problem]) -> list
             problems.append(Problem(shown, item_path, "must be a mapping",
                                     "write `- {name: NAME, queues: [QUEUE, ...]}`"))
             continue
-        # queues is `all` or a list, which the default's type cannot express: checked below.
+        # queues is `all`, `rest` or a list, which the default's type cannot express.
         group = merge({k: v for k, v in item.items() if k != "queues"}, WORKER_GROUP_KEYS,
                       item_path, shown, problems)
         queues = item.get("queues", "all")
-        if queues != "all" and not (isinstance(queues, list) and queues
-                                    and all(isinstance(q, str) for q in queues)):
+        if queues not in ("all", "rest") and not (isinstance(queues, list) and queues
+                                                  and all(isinstance(q, str) for q in queues)):
             problems.append(Problem(shown, f"{item_path}.queues",
-                                    "must be `all` or a non-empty list of queue names",
-                                    "write `queues: all` or `queues: [dataset, mail]`"))
+                                    "must be `all`, `rest` or a non-empty list of queue names",
+                                    "write `queues: all`, `queues: rest` (every queue no other "
+                                    "group lists) or `queues: [dataset, mail]`"))
         group["queues"] = queues
         if not group["name"]:
             problems.append(Problem(shown, f"{item_path}.name", "a worker group needs a name",

@@ -11,6 +11,7 @@ import re
 from functools import cached_property
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 from jinja2 import Environment, FileSystemLoader, StrictUndefined, TemplateError
 
@@ -36,6 +37,8 @@ class Renderer:
         environment.filters["env_quote"] = env_quote
         environment.filters["cidr"] = cidr
         environment.filters["squid_word"] = squid_word
+        environment.filters["redis_url"] = redis_url
+        environment.globals["resp_hex"] = resp_hex
         return environment
 
     def context(self, host: Host | None, extra: dict[str, Any]) -> dict[str, Any]:
@@ -83,6 +86,22 @@ def squid_word(value: Any) -> str:
         raise DifyopsError(f"{text!r} cannot be written into squid.conf: use a host name or an "
                            f"IP address (letters, digits, '.', ':', '-')")
     return text
+
+
+def redis_url(address: str, scheme: str, password: str, port: int, db: int) -> str:
+    """A redis:// or sentinel:// URL (Celery's broker) with the password percent-encoded, so
+    that `@`, `:`, `/` or `%` in it cannot change where the URL points."""
+    return f"{scheme}://:{quote(str(password), safe='')}@{address}:{port}/{db}"
+
+
+def resp_hex(*words: str) -> str:
+    """A Redis command in the protocol's own framing (RESP), hex-encoded: what HAProxy's
+    `tcp-check send-binary` sends, so a password needs no escaping in its configuration."""
+    frame = f"*{len(words)}\r\n".encode()
+    for word in words:
+        data = str(word).encode()
+        frame += b"$%d\r\n%s\r\n" % (len(data), data)
+    return frame.hex()
 
 
 def env_quote(value: Any) -> str:

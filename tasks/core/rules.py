@@ -103,7 +103,7 @@ def queue_coverage(inventory: Inventory, shown: str) -> Iterator[Problem]:
                                                      [g["name"] for g in groups])}
     consumed: set[str] = set()
     for index, group in enumerate(groups):
-        queues = profile.queues if group["queues"] == "all" else group["queues"]
+        queues = inventory.worker_queues(group)
         for queue_index, queue in enumerate(queues):
             if queue not in profile.queues:
                 yield Problem(shown, f"app.worker_groups[{index}].queues[{queue_index}]",
@@ -112,13 +112,18 @@ def queue_coverage(inventory: Inventory, shown: str) -> Iterator[Problem]:
         if group["name"] in running:
             consumed.update(queues)
     missing = [queue for queue in profile.queues if queue not in consumed]
+    rest = [g["name"] for g in groups if g["queues"] == "rest"]
+    if len(rest) > 1:
+        yield Problem(shown, "app.worker_groups",
+                      f"more than one group says `queues: rest` ({', '.join(rest)})",
+                      "give `rest` to one group and list the others' queues by name")
     if missing:
         yield Problem(shown, "app.worker_groups",
                       f"no worker consumes the queue(s) {', '.join(missing)} of Dify "
                       f"{profile.version}: their tasks (documents, mail, workflows) would wait "
                       f"in 'Queuing' forever",
                       "add them to a worker group that runs on a worker host, or set "
-                      "`queues: all` on one group")
+                      "`queues: all` or `queues: rest` on one group")
 
 
 def broker_not_on_cluster(inventory: Inventory, shown: str) -> Iterator[Problem]:

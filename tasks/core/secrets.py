@@ -29,6 +29,9 @@ PUBLISHED = frozenset({
     "sk-9f73s3ljTXVcMT3Blb3ljTqtsKiGHXVcMT3BlbkFJLK7U",
     "difyai123456",
     "dify-sandbox",
+    "inner-api-key",
+    "MDEyMzQ1Njc4OWFiY2RlZjAxMjM0NTY3ODlhYmNkZWY",
+    "dify-agent-run-token-for-dev-only",
     "lYkiYYT6owG+71oLerGzA7GXCgOT++6ovaezWAjpCjf+Sjc3ZtU+qUEi",
     "QaHbTe77CtuXmsfyhR7+vRjI/+XbV1AaFy691iy+kGDv2Jvy0/eAh8Y1",
     "WVF5YThaHlkYwhGUSmCRgsX3tD5ngdN8pkih",
@@ -42,9 +45,6 @@ PUBLISHED = frozenset({
     "changeme",
     "elastic",
     "kibana",
-    # Dify 1.16.1's agent backend (docker-compose.yaml, envs/core-services/dify-agent.env.example).
-    "MDEyMzQ1Njc4OWFiY2RlZjAxMjM0NTY3ODlhYmNkZWY",
-    "dify-agent-run-token-for-dev-only",
 })
 
 

@@ -68,6 +68,15 @@ def migration_host(inventory: Inventory) -> Host:
     return inventory.with_role("api")[0]
 
 
+def runs_redis_proxy(inventory: Inventory, host: Host) -> bool:
+    """Whether a host runs redis_proxy: in Sentinel mode, wherever a container reads Redis from
+    REDIS_HOST:REDIS_PORT (Dify's pub/sub, the plugin daemon) or a redis:// URL (the agent
+    backend), which cannot follow Sentinel."""
+    return (inventory.settings["cache"]["mode"] == "sentinel"
+            and (host.has("api", "worker", "beat", "plugin_daemon")
+                 or placement.runs_agent(inventory, host)))
+
+
 def host_roles(inventory: Inventory, host: Host) -> tuple[str, ...]:
     """The host's app roles that run something with this release (`agent` only where the
     release has the agent services)."""
@@ -76,11 +85,18 @@ def host_roles(inventory: Inventory, host: Host) -> tuple[str, ...]:
 
 
 def host_images(inventory: Inventory, host: Host) -> dict[str, str]:
-    """component -> image for every Dify component this host runs (as the host names it);
+    """component -> image for every component this host runs (as the host names it);
     api_websocket runs the api image."""
-    components = sorted({c for role in host_roles(inventory, host)
-                         for c in ROLE_COMPONENTS[role]})
-    return {component: inventory.image(component) for component in components}
+    components = {c for role in host_roles(inventory, host) for c in ROLE_COMPONENTS[role]}
+    if runs_redis_proxy(inventory, host):
+        components.add("redis_proxy")
+    return {component: inventory.image(component) for component in sorted(components)}
+
+
+def compose_file(inventory: Inventory, renderer: Renderer, host: Host) -> str:
+    """The host's compose project (its components decide which services it holds)."""
+    return renderer.render("compose/app.yml.j2", host,
+                           components=host_images(inventory, host))
 
 
 def services_of(inventory: Inventory, host: Host) -> list[str]:
@@ -103,6 +119,8 @@ def services_of(inventory: Inventory, host: Host) -> list[str]:
         found.append("plugin_daemon")
     if host.has("api", "worker"):
         found += ["sandbox", "ssrf_proxy"]
+    if runs_redis_proxy(inventory, host):
+        found.append("redis_proxy")
     if placement.runs_agent(inventory, host):
         found += list(placement.AGENT_SERVICES)
     return found
@@ -208,8 +226,12 @@ def steps(inventory: Inventory, renderer: Renderer, host: Host, *,
     env = renderer.render("config/env/dify.env.j2", host)
     files = [
         WriteFile(f"{directory}/.env", env, mode=0o600, secret=True),
-        WriteFile(f"{directory}/compose.yml", renderer.render("compose/app.yml.j2", host)),
+        WriteFile(f"{directory}/compose.yml", compose_file(inventory, renderer, host)),
     ]
+    if runs_redis_proxy(inventory, host):
+        files.append(WriteFile(f"{directory}/redis-proxy.cfg",
+                               renderer.render("config/haproxy/redis-master.cfg.j2", host),
+                               mode=0o600, secret=True))
     if host.has("api", "worker"):
         files.append(WriteFile(f"{directory}/squid.conf",
                                renderer.render("config/squid/squid.conf.j2", host, proxy="ssrf")))

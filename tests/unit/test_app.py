@@ -3,6 +3,7 @@ replacement, image shipping decisions and the hooks other tiers plug into."""
 
 from __future__ import annotations
 
+import copy
 import io
 from typing import Any
 
@@ -176,13 +177,56 @@ def test_release_json_holds_the_version_and_images(load, base) -> None:
 # --- release rules -------------------------------------------------------------------------
 
 
-def test_upgrades_go_forward_one_release_at_a_time(monkeypatch) -> None:
-    monkeypatch.setattr(release, "available_versions", lambda: ["1.5.1", "1.9.0", "1.13.3"])
-    with pytest.raises(InputError, match=r"skips Dify 1\.9\.0: upgrades go one release at a time"):
-        release.check_step("1.5.1", "1.13.3")
+def test_upgrades_go_forward_and_may_cross_releases() -> None:
     with pytest.raises(InputError, match=r"go back with inv app\.rollback"):
-        release.check_step("1.13.3", "1.9.0")
-    release.check_step("1.9.0", "1.13.3")
+        release.check_step("1.14.2", "1.13.3")
+    release.check_step("1.13.3", "1.16.1")  # the target's migration chain holds every revision
+
+
+def upgraded(load, base, monkeypatch, history: list[dict], answers=lambda c: 0):
+    """release.upgrade to 1.16.1 with hosts replaced by fakes; returns (migration host's
+    commands, history as last written, report text)."""
+    base["dify"] = {"version": "1.13.3"}
+    inventory = load(base)
+    machine = FakeMachine(inventory.host("api1"), answers=answers)
+    written: list[list[dict]] = []
+    monkeypatch.setattr(release, "read_history", lambda inv: copy.deepcopy(history))
+    monkeypatch.setattr(release, "write_history",
+                        lambda inv, h: written.append(copy.deepcopy(h)) or [])
+    monkeypatch.setattr(release, "ensure_images", lambda *a: None)
+    monkeypatch.setattr(release, "connect", lambda host, timeouts=None: machine)
+    monkeypatch.setattr(release, "migrate", lambda target, report: release.Migration(
+        "aaa", "bbb", "bbb", ran=True))
+    monkeypatch.setattr(release, "replace", lambda *a: rollout.Outcome(replaced=["api1"]))
+    out = io.StringIO()
+    release.upgrade(inventory, "1.16.1", Report(out=out), release.Hooks(backup=None))
+    return machine.commands, written[-1], out.getvalue()
+
+
+def test_an_upgrade_across_releases_runs_each_release_step_once(load, base, monkeypatch) -> None:
+    start = [{"version": "1.13.3", "images": {}, "alembic": "aaa", "action": "deployed",
+              "backup": "", "at": "t0"}]
+    commands, history, text = upgraded(load, base, monkeypatch, start)
+    step = ("docker compose --project-directory /opt/dify/migration -p dify-migration run --rm "
+            "-T --entrypoint flask migration backfill-plugin-auto-upgrade")
+    assert commands == [step]
+    assert history[-1]["steps"] == ["1.15.0:backfill-plugin-auto-upgrade"]
+    assert history[-1]["complete"] and history[-1]["version"] == "1.16.1"
+    assert "release step of Dify 1.15.0: flask backfill-plugin-auto-upgrade" in text
+    # A resumed upgrade (stopped after the step) does not run it again.
+    resumed = [*start, {**history[-1], "complete": False}]
+    commands, history, _ = upgraded(load, base, monkeypatch, resumed)
+    assert commands == [] and history[-1]["steps"] == ["1.15.0:backfill-plugin-auto-upgrade"]
+
+
+def test_a_failed_release_step_stops_before_any_host_is_replaced(load, base,
+                                                                   monkeypatch) -> None:
+    start = [{"version": "1.14.2", "images": {}, "alembic": "aaa", "action": "deployed",
+              "backup": "", "at": "t0"}]
+    with pytest.raises(release.ReleaseError, match=r"release step backfill-plugin-auto-upgrade "
+                                                   r"of Dify 1\.15\.0 failed.*no host was "
+                                                   r"replaced yet"):
+        upgraded(load, base, monkeypatch, start, answers=lambda c: 1)
 
 
 def test_a_target_version_must_satisfy_the_rules(load, base) -> None:
@@ -382,11 +426,13 @@ def test_images_per_host_follow_roles(load, base) -> None:
         "langgenius/dify-web:1.16.1"]
     # api1, the first api host, runs the agent services too (no host has the role `agent`).
     assert images_engine.host_images(inventory, inventory.host("api1")) == [
-        "langgenius/dify-agent-backend:1.16.1", "langgenius/dify-agent-local-sandbox:1.16.1",
-        "langgenius/dify-api:1.16.1", "langgenius/dify-plugin-daemon:0.6.3-local",
-        "langgenius/dify-sandbox:0.2.15", "ubuntu/squid:latest"]
+        "haproxy:2.8", "langgenius/dify-agent-backend:1.16.1",
+        "langgenius/dify-agent-local-sandbox:1.16.1", "langgenius/dify-api:1.16.1",
+        "langgenius/dify-plugin-daemon:0.6.3-local", "langgenius/dify-sandbox:0.2.15",
+        "ubuntu/squid:latest"]
     assert images_engine.host_images(inventory, inventory.host("api2")) == [
-        "langgenius/dify-api:1.16.1", "langgenius/dify-sandbox:0.2.15", "ubuntu/squid:latest"]
+        "haproxy:2.8", "langgenius/dify-api:1.16.1", "langgenius/dify-sandbox:0.2.15",
+        "ubuntu/squid:latest"]
     assert images_engine.host_images(inventory, inventory.host("vector1")) == [
         "semitechnologies/weaviate:1.27.0"]
     assert images_engine.host_images(inventory, inventory.host("db1")) == []
@@ -437,8 +483,9 @@ def test_a_private_registry_gets_every_image_once(load, base) -> None:
     assert "pull -q mirror.example/langgenius/dify-agent-backend:1.16.1" in docker.commands
     assert f"tag {upstream} reg.lan:5000/langgenius/dify-api:1.16.1" in docker.commands
     pushes = [c for c in docker.commands if c.startswith("push")]
-    # api, web, plugin daemon, sandbox, squid (both proxies), agent backend, local sandbox
-    assert len(pushes) == 7 and all(" reg.lan:5000/" in c for c in pushes)
+    # api, web, plugin daemon, sandbox, squid (both proxies), the Redis proxy (Sentinel mode),
+    # agent backend, local sandbox
+    assert len(pushes) == 8 and all(" reg.lan:5000/" in c for c in pushes)
     assert {r.status for r in rows if r.where == "reg.lan:5000"} == {"pushed"}
     docker.commands.clear()
     again = images_engine.prepare(inventory, docker, refresh=False)

@@ -75,17 +75,17 @@ def test_api_env_has_the_production_values_and_development_urls(load) -> None:
     env = parse_env(api_env(inventory, renderer, vm))
     production = parse_env(renderer.render("config/env/dify.env.j2", vm))
     for key in ("SECRET_KEY", "DB_HOST", "DB_PORT", "DB_USERNAME", "DB_PASSWORD", "DB_DATABASE",
-                "DB_PLUGIN_DATABASE", "REDIS_HOST", "REDIS_PORT", "REDIS_PASSWORD",
+                "REDIS_HOST", "REDIS_PORT", "REDIS_PASSWORD",
                 "CELERY_BROKER_URL", "CELERY_BACKEND", "VECTOR_STORE", "WEAVIATE_ENDPOINT",
                 "WEAVIATE_API_KEY", "WEAVIATE_GRPC_ENDPOINT", "STORAGE_TYPE", "OPENDAL_FS_ROOT",
-                "PLUGIN_DAEMON_KEY", "PLUGIN_DIFY_INNER_API_KEY", "CODE_EXECUTION_API_KEY"):
+                "PLUGIN_DAEMON_KEY", "INNER_API_KEY_FOR_PLUGIN", "CODE_EXECUTION_API_KEY"):
         assert env[key] == production[key], key
     assert env["DB_HOST"] == env["REDIS_HOST"] == "192.168.1.100"
     assert env["CELERY_BROKER_URL"] == (f"redis://:{SECRETS['REDIS_PASSWORD']}"
                                         f"@192.168.1.100:6379/1")
     assert env["WEAVIATE_ENDPOINT"] == "http://192.168.1.100:8080"
-    assert {env[k] for k in ("CONSOLE_API_URL", "SERVICE_API_URL", "APP_API_URL", "FILES_URL",
-                             "PLUGIN_DIFY_INNER_API_URL")} == {"http://192.168.1.101:5001"}
+    assert {env[k] for k in ("CONSOLE_API_URL", "SERVICE_API_URL", "APP_API_URL",
+                             "FILES_URL")} == {"http://192.168.1.101:5001"}
     assert env["CONSOLE_WEB_URL"] == env["APP_WEB_URL"] == "http://192.168.1.102:3000"
     assert env["CONSOLE_CORS_ALLOW_ORIGINS"] == "http://192.168.1.102:3000"
     assert env["DEPLOY_ENV"] == "DEVELOPMENT" and env["DEBUG"] == "true"
@@ -172,8 +172,10 @@ def test_units_run_flask_debug_and_a_worker_on_every_queue(load) -> None:
                                 "--port 5001 --debug")
     worker = unit(steps["file /etc/systemd/system/dify-worker-dev.service"].content)["Service"]
     command = worker["ExecStart"].split()
+    # The release's own Celery entry module (`celery -A celery_entrypoint.celery worker` in its
+    # entrypoint), not app.celery.
     assert command[:6] == ["/usr/local/bin/uv", "run", "--no-sync", "celery", "-A",
-                           "app.celery"]
+                           "celery_entrypoint.celery"]
     queues = command[command.index("-Q") + 1].split(",")
     assert queues == list(inventory.profile.queues) and len(queues) == 21
     assert command[command.index("-n") + 1] == "dify-dev@%H"  # systemd puts the host name

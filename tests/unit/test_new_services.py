@@ -118,9 +118,10 @@ def test_the_agent_services_default_to_the_first_api_host(load, base) -> None:
     assert backend["environment"]["DIFY_AGENT_API_TOKEN"] == "${AGENT_BACKEND_API_TOKEN:?}"
     assert backend["environment"]["DIFY_AGENT_SERVER_SECRET_KEY"] == \
         "${DIFY_AGENT_SERVER_SECRET_KEY:?}"
-    assert backend["environment"]["DIFY_AGENT_INNER_API_KEY"] == "${PLUGIN_DIFY_INNER_API_KEY:?}"
+    assert backend["environment"]["DIFY_AGENT_INNER_API_KEY"] == "${INNER_API_KEY_FOR_PLUGIN:?}"
+    assert backend["environment"]["DIFY_AGENT_INNER_API_URL"] == "http://10.0.2.21:5001"
     assert backend["environment"]["DIFY_AGENT_REDIS_URL"] == "${DIFY_AGENT_REDIS_URL:?}"
-    assert backend["depends_on"] == {"local_sandbox": {"condition": "service_healthy"}}
+    assert backend["depends_on"]["local_sandbox"] == {"condition": "service_healthy"}
     assert "http://127.0.0.1:5050/openapi.json" in " ".join(backend["healthcheck"]["test"])
     # local_sandbox: reachable only through its two internal networks, out only by the proxy.
     assert sandbox["networks"] == ["agent_sandbox_network", "local_sandbox_proxy_network"]
@@ -147,7 +148,7 @@ def test_a_host_with_the_role_agent_runs_them_alone(load, base) -> None:
     assert [h.name for h in inventory.with_role("agent")] == ["agent1"]
     assert not set(placement.AGENT_SERVICES) & set(services(inventory, "api1"))
     compose = compose_file(inventory, "agent1")
-    assert set(compose["services"]) == set(placement.AGENT_SERVICES)
+    assert set(compose["services"]) == {"redis_proxy", *placement.AGENT_SERVICES}
     assert set(compose["networks"]) == {"agent_sandbox_network", "local_sandbox_proxy_network"}
     assert "agent1" in [plan.host.name for plan in tier.TIER.plan(inventory).hosts]
     # api and worker everywhere reach it on its address; the token is the agent's API token.
@@ -161,8 +162,8 @@ def test_a_host_with_the_role_agent_runs_them_alone(load, base) -> None:
     assert "health Redis reachable at 10.0.3.11:26379" in labels
     assert labels[-2:] == ["health agent_backend /openapi.json",
                            "health local_sandbox healthy (:5004/healthz)"]
-    assert tier.services_of(inventory, inventory.host("agent1")) == list(
-        placement.AGENT_SERVICES)
+    assert tier.services_of(inventory, inventory.host("agent1")) == [
+        "redis_proxy", *placement.AGENT_SERVICES]  # Sentinel: the master-following proxy
 
 
 def test_two_agent_hosts_are_refused_with_file_key_and_fix(load, base) -> None:
@@ -185,7 +186,7 @@ def test_the_role_agent_with_an_older_release_runs_nothing(load, base) -> None:
 
 @pytest.mark.parametrize(("mode", "extra", "address", "port"), [
     ("standalone", [], "10.0.3.11", 6379),
-    ("sentinel", [], "10.0.3.11", 6379),
+    ("sentinel", [], "redis_proxy", 6379),
     ("cluster", [{"name": "broker1", "address": "10.0.3.31", "roles": ["broker"]}],
      "10.0.3.31", 6379)])
 def test_the_agent_backend_follows_the_apps_redis_on_db_2(load, base, mode, extra, address,
@@ -199,8 +200,10 @@ def test_the_agent_backend_follows_the_apps_redis_on_db_2(load, base, mode, extr
     password = inventory.secrets["REDIS_PASSWORD"]
     assert env(inventory, "api1")["DIFY_AGENT_REDIS_URL"] == \
         f"redis://:{password}@{address}:{port}/2"
-    text = files_of(inventory, "api1")["/opt/dify/.env"]
-    assert ("cannot follow Sentinel" in text) == (mode == "sentinel")
+    # Sentinel: the master-following redis_proxy of the agent host, started before it.
+    backend = services(inventory, "api1")["agent_backend"]
+    assert ("redis_proxy" in backend["depends_on"]) == (mode == "sentinel")
+    assert ("redis_proxy" in services(inventory, "api1")) == (mode == "sentinel")
 
 
 def test_the_agent_proxy_lets_the_sandbox_reach_only_the_stub_and_files(load, base) -> None:
@@ -330,7 +333,7 @@ def test_status_names_a_missing_container(load, base, monkeypatch, capsys) -> No
     def each_host(hosts, action, timeouts):
         running = [{"Service": s, "Image": "i", "State": "running", "Health": "healthy"}
                    for s in ("api", "api_websocket", "sandbox", "ssrf_proxy", "plugin_daemon",
-                             "agent_backend", "agent_ssrf_proxy")]
+                             "redis_proxy", "agent_backend", "agent_ssrf_proxy")]
         return [Outcome(inventory.host("api1"), running)]
 
     monkeypatch.setattr(app_tasks, "each_host", each_host)

@@ -124,8 +124,8 @@ def test_secrets_file_readable_by_others(load: Loader, base: dict) -> None:
 def test_queue_not_consumed(load: Loader, base: dict) -> None:
     base["app"] = {"worker_groups": [{"name": "docs", "queues": ["dataset", "mail"]}]}
     message = refusal(load, base)
-    assert ("app.worker_groups: no worker consumes the queue(s) api_token, dataset_summary, "
-            "priority_dataset,") in message
+    assert "app.worker_groups: no worker consumes the queue(s) api_token, dataset_summary, " \
+        "priority_dataset," in message
     assert "workflow_based_app_execution of Dify 1.16.1" in message
 
 
@@ -133,8 +133,8 @@ def test_queue_of_a_group_no_worker_runs_is_not_consumed(load: Loader, base: dic
     base["app"] = {"worker_groups": [{"name": "a", "queues": "all"},
                                      {"name": "b", "queues": ["mail"]}]}
     base["hosts"][4]["worker_groups"] = ["b"]
-    assert "app.worker_groups: no worker consumes the queue(s) api_token, dataset," in refusal(
-        load, base)
+    assert "app.worker_groups: no worker consumes the queue(s) api_token, dataset," \
+        in refusal(load, base)
 
 
 def test_unknown_queue(load: Loader, base: dict) -> None:
