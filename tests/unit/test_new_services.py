@@ -20,6 +20,7 @@ from tasks.core.plan import WriteFile
 from tasks.core.render import Renderer
 from tasks.tiers import app as tier
 from tasks.tiers import firewall
+from tests.unit.test_dify_source import release  # noqa: F401  (its session fixture)
 
 
 def files_of(inventory: Inventory, name: str) -> dict[str, str]:
@@ -341,3 +342,50 @@ def test_status_names_a_missing_container(load, base, monkeypatch, capsys) -> No
         app_tasks.status.body(None)
     lines = capsys.readouterr().out.splitlines()
     assert any(re.search(r"api1 +local_sandbox +- +missing", line) for line in lines)
+
+
+# --- facts read from each release's own compose file (skipped where its source is absent) ------
+
+DEFAULT = re.compile(r"^\$\{[A-Z0-9_]+:-(.*)\}$")
+
+
+def compose_value(value: Any) -> str:
+    """A value of Dify's compose file with `${NAME:-default}` resolved to its default."""
+    match = DEFAULT.match(str(value))
+    return match.group(1) if match else str(value)
+
+
+def environment(body: dict) -> dict[str, str]:
+    """A compose service's environment as a mapping (Dify writes both forms)."""
+    env = body.get("environment") or {}
+    if isinstance(env, list):
+        env = dict(item.split("=", 1) for item in env)
+    return {key: compose_value(value) for key, value in env.items()}
+
+
+@pytest.mark.parametrize("version", ["1.14.2", "1.15.0", "1.16.1"])
+def test_api_websocket_runs_as_the_releases_compose_says(release, load, base,  # noqa: F811
+                                                        version) -> None:
+    source = release(version)
+    theirs = environment(source.compose["services"]["api_websocket"])
+    base["dify"] = {"version": version}
+    ours = services(load(base), "api1")["api_websocket"]["environment"]
+    for key in ("MODE", "SERVER_WORKER_AMOUNT", "SERVER_WORKER_CLASS",
+                "SERVER_WORKER_CONNECTIONS", "GUNICORN_TIMEOUT"):
+        assert ours[key] == theirs[key], key
+    assert source.services["api_websocket"].profiles == ("collaboration",)
+    assert "ENABLE_COLLABORATION_MODE" in source.env_keys_read
+
+
+def test_agent_services_use_the_releases_environment_names(release, load, base) -> None:  # noqa: F811
+    source = release("1.16.1")
+    theirs = source.compose["services"]
+    found = services(load(base), "api1")
+    for name in placement.AGENT_SERVICES:
+        assert set(environment(found[name])) <= set(environment(theirs[name])) | {
+            "SHELLCTL_ENABLE_PATH_ISOLATION"}, name  # local-sandbox.env.example's switch
+    assert set(theirs["local_sandbox"]["networks"]) == set(found["local_sandbox"]["networks"])
+    assert theirs["local_sandbox"]["healthcheck"]["test"][-1].endswith(":5004/healthz")
+    assert "--port\", \"5050" in source.read("dify-agent/Dockerfile").replace("'", '"')
+    agent_settings = source.read("dify-agent/src/dify_agent/server/app.py")
+    assert "Redis.from_url(" in agent_settings and "Sentinel" not in agent_settings
