@@ -123,6 +123,7 @@ def test_the_agent_services_default_to_the_first_api_host(load, base) -> None:
     assert backend["environment"]["DIFY_AGENT_INNER_API_URL"] == "http://10.0.2.21:5001"
     assert backend["environment"]["DIFY_AGENT_REDIS_URL"] == "${DIFY_AGENT_REDIS_URL:?}"
     assert backend["depends_on"]["local_sandbox"] == {"condition": "service_healthy"}
+    assert backend["healthcheck"]["test"][:2] == ["CMD", "python3"]  # the image has no curl
     assert "http://127.0.0.1:5050/openapi.json" in " ".join(backend["healthcheck"]["test"])
     # local_sandbox: reachable only through its two internal networks, out only by the proxy.
     assert sandbox["networks"] == ["agent_sandbox_network", "local_sandbox_proxy_network"]
