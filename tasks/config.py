@@ -14,7 +14,7 @@ from tasks.core.project import ROOT, display
 from tasks.core.render import write_tree
 from tasks.core.tiers import build
 from tasks.core.validators import validate
-from tasks.tiers import TIERS
+from tasks.tiers import TIERS, app_summary
 
 
 @task
@@ -28,6 +28,8 @@ def check(ctx: Context) -> None:
         verdicts = validate(Path(scratch))
     print(f"inventory {display(inventory.file)}: valid ({len(inventory.hosts)} host(s), "
           f"Dify {inventory.profile.version}); rendered {count} files")
+    for line in app_summary.lines(plans, inventory):
+        print(line)
     for verdict in verdicts:
         print(f"  {verdict}")
     failed = [v for v in verdicts if v.status == "failed"]
