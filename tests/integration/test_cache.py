@@ -69,9 +69,9 @@ def make_lab(lab: Lab, folder: Path, mode: str, roles: dict[str, list[str]]) -> 
 
 @pytest.fixture(scope="module")
 def sentinel(lab: Lab, tmp_path_factory: pytest.TempPathFactory) -> Iterator[CacheLab]:
-    # db_primary and dev_backend only satisfy the inventory rules: no db or app tier runs here.
+    # db_primary and dev_frontend only satisfy the inventory rules: no db or app tier runs here.
     cache = make_lab(lab, tmp_path_factory.mktemp("sentinel"), "sentinel",
-                     {"r1": ["cache", "db_primary", "dev_backend"], "r2": ["cache"],
+                     {"r1": ["cache", "db_primary", "dev_frontend"], "r2": ["cache"],
                       "r3": ["cache"]})
     yield cache
     release(lab, cache.hosts)
