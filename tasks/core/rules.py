@@ -150,10 +150,28 @@ def broker_not_on_cluster(inventory: Inventory, shown: str) -> Iterator[Problem]
         yield Problem(shown, "cache.mode", f"a Redis Cluster needs 3 or more masters, the "
                       f"inventory has {len(hosts)} cache host(s)",
                       "add cache hosts or set cache.mode to standalone")
+    if cache["mode"] == "sentinel" and inventory.with_role("dev_backend"):
+        yield Problem(shown, "cache.mode",
+                      "Dify run from source on a dev_backend host builds its pub/sub client "
+                      "(streaming answers) from REDIS_HOST:REDIS_PORT, which cannot follow a "
+                      "Sentinel failover: streaming would break at the first one",
+                      "use cache.mode standalone in a home-lab inventory")
     if cache["mode"] == "sentinel" and 0 < len(hosts) < 3:
         yield Problem(shown, "cache.mode", f"Sentinel needs 3 or more cache hosts to reach a "
                       f"quorum, the inventory has {len(hosts)}",
                       "add cache hosts, or set cache.mode to standalone on a single host")
+
+
+def dev_release(inventory: Inventory, shown: str) -> Iterator[Problem]:
+    """A home lab's checkout must be the release whose profile drives it (queues, Celery app)."""
+    ref = inventory.settings["dev"]["dify_ref"]
+    version = inventory.profile.version
+    if inventory.with_role("dev_backend") and re.fullmatch(r"\d+\.\d+\.\d+", ref) \
+            and ref != version:
+        yield Problem(shown, "dev.dify_ref",
+                      f"checks out Dify {ref}, but dify.version is {version}: the worker would "
+                      f"consume {version}'s queues with {ref}'s code",
+                      f"set dify.version: \"{ref}\" or dev.dify_ref: \"{version}\"")
 
 
 def vector_store(inventory: Inventory, shown: str) -> Iterator[Problem]:
@@ -431,5 +449,5 @@ def index_of(inventory: Inventory, name: str) -> int:
 
 
 RULES: tuple[Rule, ...] = (role_presence, websocket_port, queue_coverage, broker_not_on_cluster,
-                           vector_store, shared_storage, connection_budget, tls_settings,
-                           monitor_settings, netplan.check, logging_settings)
+                           dev_release, vector_store, shared_storage, connection_budget,
+                           tls_settings, monitor_settings, netplan.check, logging_settings)

@@ -185,11 +185,11 @@ def test_units_run_flask_debug_and_a_worker_on_every_queue(load) -> None:
 
 def test_a_git_source_is_cloned_once_at_the_ref(load) -> None:
     inventory = load(lab(dify_source="https://github.com/langgenius/dify.git",
-                         dify_ref="1.13.3"))
+                         dify_ref="1.16.1"))
     steps = steps_of(dev_backend.TIER, inventory, "ubuntu-vm")
     clone = steps["clone https://github.com/langgenius/dify.git into /srv/dify-dev/dify"]
     assert clone.command == ("install -d -o dev -g dev /srv/dify-dev && runuser -u dev -- git "
-                             "clone --quiet --branch 1.13.3 https://github.com/langgenius/dify.git"
+                             "clone --quiet --branch 1.16.1 https://github.com/langgenius/dify.git"
                              " /srv/dify-dev/dify")
     assert clone.unless == "test -d /srv/dify-dev/dify/.git"
     assert "install python3-venv git" in steps
@@ -220,7 +220,7 @@ def test_linux_frontend(load) -> None:
 
 def test_windows_frontend_commands(load) -> None:
     inventory = load(windows_lab(dify_source="https://github.com/langgenius/dify.git",
-                                 dify_ref="1.13.3", npm_registry="https://npm.mirror.test/"))
+                                 dify_ref="1.16.1", npm_registry="https://npm.mirror.test/"))
     steps = steps_of(dev_frontend.TIER, inventory, "workstation")
     assert list(steps) == [
         "install Node.js LTS (winget)", "install pnpm",
@@ -237,7 +237,7 @@ def test_windows_frontend_commands(load) -> None:
     assert steps["install pnpm"].command == ("$env:npm_config_registry = 'https://npm.mirror."
                                              "test/'; npm install --global --silent pnpm")
     clone = steps["clone https://github.com/langgenius/dify.git into C:\\src\\dify"]
-    assert clone.command == ("git clone --quiet --branch '1.13.3' 'https://github.com/langgenius/"
+    assert clone.command == ("git clone --quiet --branch '1.16.1' 'https://github.com/langgenius/"
                              "dify.git' 'C:\\src\\dify'")
     assert clone.unless == "if (-not (Test-Path -LiteralPath 'C:\\src\\dify\\.git')) { exit 1 }"
     hashes = ("(Get-FileHash -LiteralPath package.json, pnpm-lock.yaml -ErrorAction "

@@ -9,10 +9,13 @@ from __future__ import annotations
 
 import copy
 import os
+import subprocess
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+import yaml
 
 from tasks.core import secrets
 from tasks.core.dify_source import SERVICE_NAMES, DifySource, draft_profile, open_source
@@ -148,3 +151,18 @@ def test_a_draft_from_the_source_matches_the_profile(release, version: str) -> N
     assert set(draft["services"]) == set(profile.services)
     assert {k: set(v) for k, v in draft["routes"].items()} == \
         {k: set(v) for k, v in profile.routes.items()}
+
+
+def test_profile_draft_task_prints_the_release_facts(tmp_path: Path) -> None:
+    path = source_path("1.16.1")
+    if path is None:
+        pytest.skip("no source of Dify 1.16.1")
+    result = subprocess.run([sys.executable, "-m", "invoke", "config.profile-draft", str(path)],
+                            cwd=ROOT, text=True, capture_output=True, timeout=120, check=False)
+    assert result.returncode == 0, result.stderr
+    draft = yaml.safe_load(result.stdout)
+    if draft["version"] != "1.16.1":
+        pytest.skip(f"DIFYOPS_DIFY_SOURCE holds Dify {draft['version']}, not 1.16.1")
+    profile = load_profile("1.16.1")
+    assert draft["queues"] == list(profile.queues)
+    assert draft["images"]["agent_backend"] == profile.images["agent_backend"]

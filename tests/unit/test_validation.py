@@ -239,3 +239,21 @@ def test_yaml_syntax_error_names_the_line(write_inventory, tmp_path) -> None:
 def test_secret_weakness_never_contains_the_value() -> None:
     spec = secrets.SPECS[0]
     assert secrets.weakness(spec, "short") == "shorter than 16 characters"
+
+
+def test_sentinel_is_refused_where_dify_runs_from_source(load: Loader, base: dict) -> None:
+    base["hosts"].append({"name": "vm", "address": "10.0.5.1", "roles": ["dev_backend"]})
+    message = refusal(load, base)
+    assert "cache.mode: Dify run from source on a dev_backend host builds its pub/sub" in message
+    assert "use cache.mode standalone in a home-lab inventory" in message
+
+
+def test_a_home_lab_checkout_of_another_release_is_refused(load: Loader, base: dict) -> None:
+    base["cache"] = {"mode": "standalone"}
+    base["hosts"] = [h for h in base["hosts"] if h["name"] not in ("db2", "db3")]
+    base["hosts"].append({"name": "vm", "address": "10.0.5.1", "roles": ["dev_backend"]})
+    base["dev"] = {"dify_source": "/srv/dify", "dify_ref": "1.13.3"}
+    message = refusal(load, base)
+    assert "dev.dify_ref: checks out Dify 1.13.3, but dify.version is 1.16.1" in message
+    base["dify"] = {"version": "1.13.3"}
+    load(base)
