@@ -5,7 +5,7 @@ from __future__ import annotations
 import functools
 import os
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -57,7 +57,8 @@ def run_tiers(ctx: Context, tiers: list[Tier], *, dry: bool, only: str | None = 
     print(f"{action} {', '.join(t.name for t in chosen)} on inventory {inventory.name} "
           f"({len(inventory.hosts)} host(s), Dify {inventory.profile.version})", flush=True)
     plans = build(chosen, inventory)
-    refuse_invalid([plan for tier, plan in zip(chosen, plans, strict=True) if tier.validate])
+    refuse_invalid([plan for tier, plan in zip(chosen, plans, strict=True) if tier.validate],
+                   inventory.secrets.values())
     if dry:
         report = execute(plans, dry=True, timeouts=inventory.settings["timeouts"],
                          parallel=parallel)
@@ -76,13 +77,14 @@ def run_tiers(ctx: Context, tiers: list[Tier], *, dry: bool, only: str | None = 
     return report
 
 
-def refuse_invalid(plans: list[TierPlan]) -> None:
-    """Check the plans' rendered files with the real validators; raise before any host."""
+def refuse_invalid(plans: list[TierPlan], secrets: Iterable[str] = ()) -> None:
+    """Check the plans' rendered files with the real validators (in a dry run too); raise
+    before any host is touched. Secrets are masked in what the tools print."""
     if not plans:
         return
     with tempfile.TemporaryDirectory(prefix="difyops-validate.") as scratch:
         write_tree(plans, Path(scratch))
-        verdicts = validate(Path(scratch))
+        verdicts = validate(Path(scratch), secrets)
     for verdict in verdicts:
         if verdict.status != "failed":
             print(f"  {verdict}", flush=True)

@@ -281,7 +281,8 @@ def check_worker_groups(value: Any, shown: str, problems: list[Problem]) -> list
 
 
 def check_hosts(value: Any, settings: dict, shown: str, problems: list[Problem]) -> list[Host]:
-    """Every host well-formed, with unique names and unique (address, port) pairs."""
+    """Every host well-formed, with unique names and unique addresses (two SSH ports on one
+    address would be one machine deployed twice: one deploy_dir, one upstream entry twice)."""
     if not isinstance(value, list) or not value:
         problems.append(Problem(shown, "hosts", "the inventory lists no hosts",
                                 "add at least one host: `hosts: [{name: local, connection: "
@@ -289,7 +290,7 @@ def check_hosts(value: Any, settings: dict, shown: str, problems: list[Problem])
         return []
     hosts: list[Host] = []
     names: dict[str, int] = {}
-    endpoints: dict[tuple[str, int], int] = {}
+    endpoints: dict[str, int] = {}
     groups = {group["name"] for group in settings["app"]["worker_groups"]}
     for index, item in enumerate(value):
         host = check_host(item, f"hosts[{index}]", groups, shown, problems)
@@ -301,10 +302,10 @@ def check_hosts(value: Any, settings: dict, shown: str, problems: list[Problem])
                                     f"(also hosts[{names[host.name]}])",
                                     "give every host its own name"))
         names.setdefault(host.name, index)
-        endpoint = (host.address, host.ssh.port)
+        endpoint = host.address
         if endpoint in endpoints:
             problems.append(Problem(shown, f"hosts[{index}].address",
-                                    f"duplicate address {host.address}:{host.ssh.port} "
+                                    f"duplicate address {host.address} "
                                     f"(also hosts[{endpoints[endpoint]}])",
                                     "one entry per machine: merge their roles into one host"))
         endpoints.setdefault(endpoint, index)

@@ -155,7 +155,7 @@ def check_limits(inventory: Inventory) -> None:
 
 def release_check(inventory: Inventory, host: Host) -> RunCommand:
     """Fail when the host runs another version or api image than the inventory asks for."""
-    path = f"{deploy_dir(inventory)}/release.json"
+    path = shlex.quote(f"{deploy_dir(inventory)}/release.json")
     record = release(inventory, host)
     wanted = [f'"version": "{record["version"]}"']
     if "api" in record["images"]:
@@ -259,8 +259,10 @@ def steps(inventory: Inventory, renderer: Renderer, host: Host, *,
     if host.has("api", "worker") and storage["type"] != "s3":
         plan.append(RunCommand(
             f"storage {storage['path']} owned by uid {DIFY_UID}",
-            f"mkdir -p {storage['path']} && chown {DIFY_UID}:{DIFY_UID} {storage['path']}",
-            unless=f"test \"$(stat -c %u {storage['path']} 2>/dev/null)\" = {DIFY_UID}"))
+            f"mkdir -p {shlex.quote(storage['path'])} && chown {DIFY_UID}:{DIFY_UID} "
+            f"{shlex.quote(storage['path'])}",
+            unless=f"test \"$(stat -c %u {shlex.quote(storage['path'])} 2>/dev/null)\" = "
+                   f"{DIFY_UID}"))
     images = sorted(set(host_images(inventory, host).values()))
     plan.append(RunCommand(
         "images present",
@@ -327,4 +329,4 @@ def leaders(inventory: Inventory) -> list[Host]:
 
 
 TIER = Tier("app", "Dify services on the app hosts", APP_ROLES, steps,
-            depends_on=("db", "cache", "vector"), leaders=leaders)
+            depends_on=("db", "cache", "vector"), leaders=leaders, validate=True)
