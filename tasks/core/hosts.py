@@ -23,6 +23,10 @@ from invoke.exceptions import CommandTimedOut
 from tasks.core.errors import HostError
 from tasks.core.inventory import Host
 
+# Exit statuses that say a command could not run at all (timed out, not executable, not
+# found, the SSH session failed), as opposed to an answer.
+CANNOT_RUN = frozenset({124, 126, 127, 255})
+
 
 @dataclass(frozen=True)
 class Result:
@@ -60,6 +64,7 @@ class Machine:
     def __init__(self, host: Host, command_timeout: float = 1800) -> None:
         self.host = host
         self.command_timeout = command_timeout
+        self.sudo_checked = False
 
     @property
     def is_root(self) -> bool:
@@ -96,6 +101,22 @@ class Machine:
         (e.g. `docker save ... | <host> docker load`); as root like run()."""
         return self._feed(self.as_root(command, sudo), source, timeout or self.command_timeout)
 
+    def probe(self, command: str) -> bool:
+        """A read-only question to the host: True (exit 0) or False (another answer). A probe
+        that cannot run (sudo refused, command not found or not executable, timed out, the
+        connection failed) raises HostError: it is never read as "missing" or "needed"."""
+        if not self.is_root and not self.sudo_checked:
+            refused = self._execute("sudo -n true", self.command_timeout)
+            if not refused.ok:
+                raise HostError(f"{self.host.target}: `sudo -n` is refused ({refused.answer}): "
+                                f"give {self.host.ssh.user} passwordless sudo, or log in as root")
+            self.sudo_checked = True
+        result = self.run(command)
+        if result.exited in CANNOT_RUN:
+            raise HostError(f"{self.host.target}: the probe `{command}` could not run "
+                            f"(exit {result.exited}): {result.answer}")
+        return result.ok
+
     def check(self, command: str, *, sudo: bool = True, timeout: float | None = None) -> Result:
         """Run a command that must succeed; a failure raises HostError naming the host."""
         result = self.run(command, sudo=sudo, timeout=timeout)
@@ -115,10 +136,13 @@ class Machine:
     def file_state(self, path: str) -> FileState | None:
         """Digest, mode and ownership of a file, or None when it does not exist."""
         quoted = shlex.quote(path)
-        result = self.run(f"[ -f {quoted} ] && stat -c '%a %U %G' {quoted} "
-                          f"&& sha256sum {quoted} || echo MISSING")
+        result = self.run(f"if [ -f {quoted} ]; then stat -c '%a %U %G' {quoted} && "
+                          f"sha256sum {quoted}; else echo MISSING; fi")
+        if not result.ok:
+            raise HostError(f"{self.host.target}: cannot read the state of {path}: "
+                            f"{result.answer}")
         lines = result.stdout.split()
-        if not result.ok or lines[:1] == ["MISSING"]:
+        if lines[:1] == ["MISSING"]:
             return None
         mode, owner, group, digest = lines[0], lines[1], lines[2], lines[3]
         return FileState(digest, int(mode, 8), owner, group)
