@@ -45,6 +45,9 @@ SYNC_STAMP = ".venv/.difyops-synced"
 # Debian packages the api needs on the host: venv for the pip that installs uv, libmagic for the
 # api's python-magic (what the release's own image installs for it).
 PACKAGES = ("python3-venv", "libmagic1")
+# Seconds one run of the worker gate may take: it loads the release's whole app first (15-30 s
+# for Dify 1.14 on two busy cores), then asks the workers for 5 s.
+QUEUE_CHECK_TIMEOUT = 120
 # Inside the worker gate: which of the queues named on the command line no worker consumes.
 # argv[1] is the release's Celery app (module.attribute, the profile's celery_app), the rest the
 # queues.
@@ -185,7 +188,8 @@ def steps(inventory: Inventory, renderer: Renderer, host: Host) -> list[Step]:
                          url=f"http://{host.address}:{API_PORT}/console/api/setup",
                          contains='"step"')),
         WaitFor(CommandGate(f"worker consumes the {len(inventory.profile.queues)} queues of "
-                            f"Dify {inventory.profile.version}", timeout=120, interval=2,
+                            f"Dify {inventory.profile.version}", timeout=300, interval=2,
+                            probe_timeout=QUEUE_CHECK_TIMEOUT,
                             command=in_api(api_dir, user, f"{uv_run} python -c "
                                            f"{shlex.quote(QUEUE_CHECK)} "
                                            + " ".join(map(shlex.quote, (

@@ -201,6 +201,8 @@ def test_units_run_flask_debug_and_a_worker_on_every_queue(load) -> None:
     assert gate.gate.command.endswith(" celery_entrypoint.celery "
                                       + " ".join(inventory.profile.queues))
     assert "from app import" not in gate.gate.command
+    # one run loads the release's whole app before it asks the workers: more than 10 s
+    assert (gate.gate.probe_timeout, gate.gate.timeout) == (120, 300)
 
 
 def test_queue_check_uses_the_named_celery_app(tmp_path, monkeypatch) -> None:
