@@ -3,8 +3,8 @@
 Writes api/.env pointing at the home server (the production environment's database, Redis,
 broker, vector store, storage and keys, with development URLs), installs uv and the api's
 dependencies (`uv sync --frozen --no-dev`, as the release's own Dockerfile does: the lock file is
-used as it is, and the dev group names a package outside the api folder that a release's api does
-not ship), migrates the database, and runs `flask run --debug` (reloading) and a Celery worker
+used as it is, and the dev group, which from 1.14 needs `dify-agent/` beside `api/`, is left to the
+developer), migrates the database, and runs `flask run --debug` (reloading) and a Celery worker
 on every queue of the Dify version as systemd units, so they outlive the SSH session.
 `dev.python` names the interpreter uv builds the environment with (empty: uv's own choice).
 """

@@ -232,7 +232,7 @@ class Lab3:
                "DIFY_SECRETS": str(self.secrets_file)}
         started = time.monotonic()
         result = subprocess.run([sys.executable, "-m", "invoke", *args], cwd=ROOT, text=True,
-                                capture_output=True, env=env, timeout=900, check=False)
+                                capture_output=True, env=env, timeout=1500, check=False)
         self.timings.append((" ".join(args), time.monotonic() - started))
         return result
 
