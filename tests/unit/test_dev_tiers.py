@@ -86,8 +86,9 @@ def test_api_env_has_the_production_values_and_development_urls(load) -> None:
     assert env["CELERY_BROKER_URL"] == (f"redis://:{SECRETS['REDIS_PASSWORD']}"
                                         f"@192.168.1.100:6379/1")
     assert env["WEAVIATE_ENDPOINT"] == "http://192.168.1.100:8080"
-    assert {env[k] for k in ("CONSOLE_API_URL", "SERVICE_API_URL", "APP_API_URL",
+    assert {env[k] for k in ("CONSOLE_API_URL", "SERVICE_API_URL",
                              "FILES_URL")} == {"http://192.168.1.101:5001"}
+    assert "APP_API_URL" not in env  # the web's setting: no release's api reads it
     assert env["CONSOLE_WEB_URL"] == env["APP_WEB_URL"] == "http://192.168.1.102:3000"
     assert env["CONSOLE_CORS_ALLOW_ORIGINS"] == "http://192.168.1.102:3000"
     assert env["DEPLOY_ENV"] == "DEVELOPMENT" and env["DEBUG"] == "true"
