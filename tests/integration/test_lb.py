@@ -323,7 +323,7 @@ def test_drain_lets_requests_in_flight_finish_then_undrain(env: Lb) -> None:
 
     back = env.inv("lb.undrain", victim)
     assert back.returncode == 0, back.stdout + back.stderr
-    assert f"lbx: {victim} back in dify_api, dify_web: changed" in back.stdout
+    assert f"lbx: {victim} back in dify_api, dify_web, dify_websocket: changed" in back.stdout
     env.both_answer()
     assert env.inv("lb.deploy").stdout.split("summary:")[1].split()[:2] == ["host", "unchanged"]
 
