@@ -224,3 +224,17 @@ def verified_client(host: Host, path: Path,
         client.get_host_keys().add(name, key.get_name(), key)
     client.set_missing_host_key_policy(policy or refuse_unknown(host, path))
     return client
+
+
+def append(path: Path, name: str, key: paramiko.PKey) -> None:
+    """Add one line for a host's key to the known_hosts file (made with a header when missing),
+    written whole then renamed into place, mode 0644: it holds public keys only."""
+    text = path.read_text() if path.exists() else HEADER
+    if text and not text.endswith("\n"):
+        text += "\n"
+    text += f"{name} {key.get_name()} {key.get_base64()}\n"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    staged = path.with_name(f".{path.name}.difyops-new")
+    staged.write_text(text)
+    staged.chmod(0o644)
+    os.replace(staged, path)
