@@ -54,7 +54,9 @@ def trust(ctx: Context, host: str = "", dry: bool = False) -> None:
                   hostkeys.fingerprint(r.key) if r.key else "-", r.status) for r in rows]))
     recorded = [r for r in rows if r.status == trust_engine.RECORDED]
     ssh_rows = [r for r in rows if r.status != trust_engine.SKIPPED]
-    if ssh_rows and all(r.status == trust_engine.KNOWN for r in ssh_rows):
+    if not ssh_rows:
+        print("no host of this inventory is reached over SSH: no key to record")
+    elif all(r.status == trust_engine.KNOWN for r in ssh_rows):
         print("every key is already recorded: nothing to do")
     elif recorded:
         print(f"{len(recorded)} key(s) recorded in {display(path)}: commit that file")

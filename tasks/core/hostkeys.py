@@ -44,11 +44,14 @@ class HostKeyChanged(HostError):
 
 
 def known_hosts_path(inventory_file: Path, setting: str = "") -> Path:
-    """The inventory's known_hosts file: DIFY_KNOWN_HOSTS, else the setting (relative to the
-    project), else the inventory's file name with .known_hosts beside it."""
-    chosen = os.environ.get(KNOWN_HOSTS_ENV, "").strip() or setting
+    """The inventory's known_hosts file: DIFY_KNOWN_HOSTS (relative to the working folder, as
+    DIFY_INVENTORY), else the setting (relative to the project, as secrets_file), else the
+    inventory's file name with .known_hosts beside it."""
+    chosen = os.environ.get(KNOWN_HOSTS_ENV, "").strip()
     if chosen:
-        path = Path(chosen).expanduser()
+        return Path(chosen).expanduser().resolve()
+    if setting:
+        path = Path(setting).expanduser()
         return (path if path.is_absolute() else ROOT / path).resolve()
     return inventory_file.resolve().with_suffix(SUFFIX)
 
@@ -176,8 +179,15 @@ def unknown_message(host: Host, path: Path, name: str, key: paramiko.PKey) -> st
     return (f"unknown SSH host key: {host.target} offers {describe(key)}, and "
             f"{display(path)} records no key for {name}. Nothing was run or sent.\n"
             f"    fix: check that fingerprint on the host itself (`ssh-keygen -lf "
-            f"/etc/ssh/ssh_host_{key_file_kind(key)}_key.pub` on its console), then run "
+            f"{public_key_file(host, key)}` on its console), then run "
             f"`inv hosts.trust --host {host.name}` after checking the fingerprint")
+
+
+def public_key_file(host: Host, key: paramiko.PKey) -> str:
+    """Where the host keeps the public host key of that type (OpenSSH on Linux or Windows)."""
+    folder = ("C:\\ProgramData\\ssh\\" if host.labels.get("os", "").lower() == "windows"
+              else "/etc/ssh/")
+    return f"{folder}ssh_host_{key_file_kind(key)}_key.pub"
 
 
 def changed_message(host: Host, path: Path, name: str, offered: paramiko.PKey,

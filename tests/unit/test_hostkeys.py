@@ -325,3 +325,10 @@ def test_the_backup_copy_host_is_checked_and_trusted_like_the_others(
         targets(inventory, "nope")
     base["backup"] = {}
     assert copy.ssh_hosts(load(base)) == []
+
+
+def test_the_fix_names_where_the_host_keeps_its_key() -> None:
+    windows = Host(name="ws", address="192.168.1.102", labels={"os": "windows"})
+    assert hostkeys.public_key_file(windows, key(ED1)) == \
+        "C:\\ProgramData\\ssh\\ssh_host_ed25519_key.pub"
+    assert hostkeys.public_key_file(host(), key(EC1)) == "/etc/ssh/ssh_host_ecdsa_key.pub"
