@@ -13,6 +13,7 @@ from __future__ import annotations
 import binascii
 import os
 import re
+import shlex
 from base64 import b64decode
 from dataclasses import dataclass
 from pathlib import Path
@@ -84,7 +85,7 @@ def describe(key: paramiko.PKey) -> str:
 
 def removal(name: str, path: Path) -> str:
     """The command that removes a host's lines from the known_hosts file."""
-    return f"ssh-keygen -R '{name}' -f {display(path)}"
+    return f"ssh-keygen -R '{name}' -f {shlex.quote(display(path))}"
 
 
 @dataclass(frozen=True)

@@ -598,7 +598,14 @@ class LabHost:
         if state == "degraded":
             _, failed = self.exec("systemctl --failed --no-legend --plain | cut -d' ' -f1")
             LOG.warning("%s: systemd degraded, failed units: %s", self.name, failed.split())
-        self.record_host_key()
+        while True:  # sshd's keys, before anything connects to it
+            try:
+                self.record_host_key()
+                break
+            except LabError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.2)
         while self.docker and self.exec("docker info >/dev/null 2>&1")[0] != 0:
             if time.monotonic() > deadline:
                 raise LabError(f"{self.name}: the inner Docker engine does not answer")
