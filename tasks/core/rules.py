@@ -182,6 +182,30 @@ SHAPES: tuple[tuple[str, re.Pattern, str, str], ...] = (
 )
 
 
+IMAGE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._/:@-]*$")
+REGISTRY_PREFIX = re.compile(r"^([A-Za-z0-9][A-Za-z0-9._:-]*(/[A-Za-z0-9._-]+)*/?)?$")
+IMAGE_SETTINGS = ("cache.proxy_image", "monitor.grafana_image", "logging.elasticsearch_image",
+                  "logging.kibana_image")
+
+
+def image_names(inventory: Inventory, shown: str) -> Iterator[Problem]:
+    """Image names and registry prefixes are references, nothing else: they reach compose files
+    and docker commands."""
+    settings = inventory.settings
+    for key in ("dify.registry_mirror", "dify.private_registry"):
+        section, name = key.split(".")
+        if not REGISTRY_PREFIX.match(settings[section][name]):
+            yield Problem(shown, key, f"{settings[section][name]!r} is not a registry",
+                          "a host[:port] with an optional path, e.g. mirror.example.com/")
+    images = [(key, settings[key.split(".")[0]][key.split(".")[1]]) for key in IMAGE_SETTINGS]
+    images += [(f"dify.images.{component}", value)
+               for component, value in settings["dify"]["images"].items()]
+    for key, value in images:
+        if not isinstance(value, str) or not IMAGE.match(value):
+            yield Problem(shown, key, f"{value!r} is not an image reference",
+                          "a name with an optional tag, e.g. langgenius/dify-api:1.16.1")
+
+
 def free_strings(inventory: Inventory, shown: str) -> Iterator[Problem]:
     """Strings that reach file paths, shells, SQL and nginx have the shape their target needs,
     so no value can add a command, a directive or a path outside its folder."""
@@ -492,7 +516,7 @@ def index_of(inventory: Inventory, name: str) -> int:
     return next(i for i, host in enumerate(inventory.hosts) if host.name == name)
 
 
-RULES: tuple[Rule, ...] = (free_strings, role_presence, websocket_port, queue_coverage,
+RULES: tuple[Rule, ...] = (free_strings, image_names, role_presence, websocket_port, queue_coverage,
                            broker_not_on_cluster, dev_release, vector_store, shared_storage,
                            connection_budget, tls_settings, monitor_settings, netplan.check,
                            logging_settings)

@@ -155,19 +155,22 @@ def check_limits(inventory: Inventory) -> None:
 
 def release_check(inventory: Inventory, host: Host) -> RunCommand:
     """Fail when the host runs another version or api image than the inventory asks for."""
-    path = shlex.quote(f"{deploy_dir(inventory)}/release.json")
+    raw = f"{deploy_dir(inventory)}/release.json"
+    path = shlex.quote(raw)
     record = release(inventory, host)
     wanted = [f'"version": "{record["version"]}"']
     if "api" in record["images"]:
         wanted.append(f'"api": "{record["images"]["api"]}"')
     greps = " && ".join(f"grep -qF {shlex.quote(w)} {path}" for w in wanted)
     running = f"$(sed -n 's/^  \"version\": \"\\(.*\\)\"$/\\1/p' {path})"
-    message = (f"{host.name} runs Dify {running} ({path}), not the inventory's "
-               f"{record['version']} with {record['images'].get('api', 'its images')}: change "
-               f"releases with inv app.upgrade --version {record['version']} (backup, "
-               f"migration, one host at a time) or inv app.rollback")
+    rest = (f" ({raw}), not the inventory's {record['version']} with "
+            f"{record['images'].get('api', 'its images')}: change releases with inv app.upgrade "
+            f"--version {record['version']} (backup, migration, one host at a time) or "
+            f"inv app.rollback")
+    # Only the running version is expanded by the shell; every other word is quoted.
+    message = f"{shlex.quote(host.name + ' runs Dify ')}\"{running}\"{shlex.quote(rest)}"
     return RunCommand("release check",
-                      f"test ! -f {path} || {{ {greps}; }} || {{ echo \"{message}\" >&2; "
+                      f"test ! -f {path} || {{ {greps}; }} || {{ echo {message} >&2; "
                       f"exit 1; }}", changes=False)
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import re
 import shlex
+import subprocess
 
 import pytest
 
@@ -94,3 +95,29 @@ def test_validator_output_never_shows_a_secret(monkeypatch, tmp_path) -> None:
     monkeypatch.setattr(validators, "VALIDATORS", (leaky,))
     verdict = validators.validate(tmp_path, hide=["s3cr3t-value-xyz", "ab"])[0]
     assert verdict.detail == 'unknown directive "***" in line 3'
+
+
+def test_the_release_check_message_is_never_expanded_by_the_shell(load, base, monkeypatch,
+                                                                   tmp_path) -> None:
+    base["app"] = {"deploy_dir": str(tmp_path)}
+    inventory = load(base)
+    pwned = tmp_path / "pwned"
+    monkeypatch.setattr(app, "release", lambda inv, host: {
+        "version": "1.16.1", "images": {"api": f"img$(touch {pwned})`touch {pwned}`"}})
+    (tmp_path / "release.json").write_text('{\n  "version": "1.13.3"\n}\n')
+    check = app.release_check(inventory, inventory.host("api1"))
+    result = subprocess.run(["sh", "-c", check.command], capture_output=True, text=True,
+                            check=False)
+    assert result.returncode == 1 and not pwned.exists()
+    assert result.stderr.startswith("api1 runs Dify 1.13.3 (")
+    assert f"img$(touch {pwned})" in result.stderr
+
+
+@pytest.mark.parametrize(("key", "value"), [
+    ("dify", {"registry_mirror": "m.example/$(id)/"}),
+    ("dify", {"images": {"api": "dify-api:1 --privileged"}}),
+    ("cache", {"mode": "sentinel", "proxy_image": "haproxy:2.8\n    privileged: true"}),
+])
+def test_image_names_are_references_only(load, base, key: str, value: dict) -> None:
+    base[key] = value
+    assert "is not a" in refusal(load, base) and key in refusal(load, base)
