@@ -13,12 +13,13 @@ from typing import Any
 from invoke import Context, Task, task
 from invoke.exceptions import Exit
 
+from tasks.core import hostkeys
 from tasks.core.apply import MAX_PARALLEL, execute
-from tasks.core.errors import DifyopsError
+from tasks.core.errors import DifyopsError, InputError, Problem
 from tasks.core.inventory import Inventory, load_inventory
 from tasks.core.lock import audit, deploy_lock
 from tasks.core.plan import TierPlan
-from tasks.core.project import inventory_path
+from tasks.core.project import display, inventory_path
 from tasks.core.render import write_tree
 from tasks.core.report import CHANGED, Report
 from tasks.core.tiers import Tier, build, select
@@ -59,6 +60,7 @@ def run_tiers(ctx: Context, tiers: list[Tier], *, dry: bool, only: str | None = 
     plans = build(chosen, inventory)
     refuse_invalid([plan for tier, plan in zip(chosen, plans, strict=True) if tier.validate],
                    inventory.secrets.values())
+    refuse_unrecorded(plans)
     if dry:
         report = execute(plans, dry=True, timeouts=inventory.settings["timeouts"],
                          parallel=parallel)
@@ -75,6 +77,18 @@ def run_tiers(ctx: Context, tiers: list[Tier], *, dry: bool, only: str | None = 
         raise Exit(f"error: {len(report.failed)} step(s) failed; see the summary above. "
                    f"Fix the cause and run the same command again: it resumes.", code=1)
     return report
+
+
+def refuse_unrecorded(plans: list[TierPlan]) -> None:
+    """Every SSH host the plans touch must have a recorded host key: refused before any host
+    is touched otherwise (not one host after another, halfway through a tier)."""
+    hosts = {plan.host.name: plan.host for tier in plans for plan in tier.hosts if plan.steps}
+    missing = hostkeys.unrecorded(hosts.values())
+    if missing:
+        raise InputError([Problem(display(path), host.name,
+                                  f"no SSH host key recorded for {host.address}:{host.ssh.port}",
+                                  f"check the host's fingerprint, then run `inv hosts.trust "
+                                  f"--host {host.name}`") for host, path in missing])
 
 
 def refuse_invalid(plans: list[TierPlan], secrets: Iterable[str] = ()) -> None:

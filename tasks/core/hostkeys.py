@@ -15,6 +15,7 @@ import os
 import re
 import shlex
 from base64 import b64decode
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -249,3 +250,16 @@ def append(path: Path, name: str, key: paramiko.PKey) -> None:
     staged.write_text(text)
     staged.chmod(0o644)
     os.replace(staged, path)
+
+
+def unrecorded(hosts: Iterable[Host]) -> list[tuple[Host, Path]]:
+    """The SSH hosts (Linux or Windows) whose known_hosts file records no key for them, with
+    that file: a deploy refuses them before it touches any host."""
+    missing = []
+    for host in hosts:
+        if host.connection == "local":
+            continue
+        path = file_for(host)
+        if not load(path).recorded(lookup_name(host.address, host.ssh.port)):
+            missing.append((host, path))
+    return missing

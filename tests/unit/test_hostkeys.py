@@ -332,3 +332,22 @@ def test_the_fix_names_where_the_host_keeps_its_key() -> None:
     assert hostkeys.public_key_file(windows, key(ED1)) == \
         "C:\\ProgramData\\ssh\\ssh_host_ed25519_key.pub"
     assert hostkeys.public_key_file(host(), key(EC1)) == "/etc/ssh/ssh_host_ecdsa_key.pub"
+
+
+def test_a_deploy_refuses_hosts_without_a_recorded_key_before_touching_any(
+        write_inventory, base: dict[str, Any], monkeypatch) -> None:
+    from invoke import Context
+
+    from tasks.core import cli
+    from tasks.tiers import cache
+
+    path = write_inventory(base)
+    known_hosts = path.with_suffix(".known_hosts")
+    known_hosts.write_text("".join(line + "\n" for line in known_hosts.read_text().splitlines()
+                                   if not line.startswith("10.0.3.12 ")))
+    monkeypatch.setenv("DIFY_INVENTORY", str(path))
+    monkeypatch.setattr(cli, "execute", lambda *a, **k: pytest.fail("a host was touched"))
+    with pytest.raises(InputError) as refused:
+        cli.run_tiers(Context(), [cache.TIER], dry=True)
+    assert "db2: no SSH host key recorded for 10.0.3.12:22" in str(refused.value)
+    assert "inv hosts.trust --host db2" in str(refused.value)
