@@ -24,9 +24,9 @@ from tasks.core import hostkeys
 from tasks.core.errors import HostError
 from tasks.core.inventory import Host
 
-# Exit statuses that say a command could not run at all (timed out, not executable, not
-# found, the SSH session failed), as opposed to an answer.
-CANNOT_RUN = frozenset({124, 126, 127, 255})
+# Exit statuses that say a command could not run at all (timed out, not executable, the SSH
+# session failed), as opposed to an answer. Not 127: `command -v` answers "absent" with it.
+CANNOT_RUN = frozenset({124, 126, 255})
 
 if TYPE_CHECKING:
     import fabric
@@ -108,8 +108,8 @@ class Machine:
 
     def probe(self, command: str) -> bool:
         """A read-only question to the host: True (exit 0) or False (another answer). A probe
-        that cannot run (sudo refused, command not found or not executable, timed out, the
-        connection failed) raises HostError: it is never read as "missing" or "needed"."""
+        that cannot run (sudo refused, not executable, timed out, the connection failed)
+        raises HostError: it is never read as "missing" or "needed"."""
         if not self.is_root and not self.sudo_checked:
             refused = self._execute("sudo -n true", self.command_timeout)
             if not refused.ok:
