@@ -16,6 +16,8 @@ The release's source: see tests/images/dify_source.py.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import json
 import os
@@ -23,6 +25,7 @@ import shutil
 import subprocess
 import tempfile
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -139,6 +142,18 @@ def _inputs(base_id: str, source: Path, python: Python312) -> str:
                           _python_digest(python))
 
 
+@contextlib.contextmanager
+def _build_lock() -> Iterator[None]:
+    """Serialise builds of the real api image between test sessions on this machine."""
+    path = Path(tempfile.gettempdir()) / "difyops-dify-api-real.lock"
+    with path.open("a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
 def _cached(client: docker.DockerClient, tag: str, wanted: str) -> bool:
     """True when ``tag`` exists and was built from the same inputs."""
     try:
@@ -180,14 +195,16 @@ def ensure_api_image(client: docker.DockerClient, base_image: str, version: str)
     tag = f"{REPO}:{inputs}"
     name = standin.image_name(version, "api")
     started = time.monotonic()
-    built = not _cached(client, tag, inputs)
-    if built:
-        with tempfile.TemporaryDirectory(prefix="difyops-real-src-") as unpacked:
-            root = dify_source.unpack(source, Path(unpacked))
-            if dify_source.version_of(root) != version:
-                raise dify_source.Unavailable(
-                    f"{source} is Dify {dify_source.version_of(root)}, not {version}")
-            _build(root, python, base_id, tag, inputs)
+    built = False
+    with _build_lock():  # another session may be building the same image
+        if not _cached(client, tag, inputs):
+            built = True
+            with tempfile.TemporaryDirectory(prefix="difyops-real-src-") as unpacked:
+                root = dify_source.unpack(source, Path(unpacked))
+                if dify_source.version_of(root) != version:
+                    raise dify_source.Unavailable(
+                        f"{source} is Dify {dify_source.version_of(root)}, not {version}")
+                _build(root, python, base_id, tag, inputs)
     seconds = time.monotonic() - started if built else 0.0
     image = client.images.get(tag)
     if name not in image.tags:

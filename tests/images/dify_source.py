@@ -156,3 +156,25 @@ def alembic_heads(root: Path) -> set[str]:
         if down:
             parents.update(re.findall(r"['\"](\w+)['\"]", down.group(1)))
     return revisions - parents
+
+
+def dsl_version(root: Path) -> str:
+    """The app DSL version the release writes and imports without asking (``CURRENT_DSL_VERSION``
+    or, in later releases, ``CURRENT_APP_DSL_VERSION``)."""
+    api = root / "api"
+    for path in (api / "constants" / "dsl_version.py", api / "services" / "app_dsl_service.py"):
+        if path.is_file():
+            match = re.search(r'^CURRENT_(?:APP_)?DSL_VERSION\s*=\s*"([\d.]+)"',
+                              path.read_text(encoding="utf-8"), flags=re.MULTILINE)
+            if match:
+                return match.group(1)
+    raise Unavailable("the release names no CURRENT_DSL_VERSION")
+
+
+def celery_app(root: Path) -> str:
+    """The Celery application the release's worker starts (``celery -A <app> worker``)."""
+    text = (root / "api" / "docker" / "entrypoint.sh").read_text(encoding="utf-8")
+    match = re.search(r"celery\s+-A\s+(\S+)\s+worker", text)
+    if not match:
+        raise Unavailable("api/docker/entrypoint.sh starts no Celery worker")
+    return match.group(1)

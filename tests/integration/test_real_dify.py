@@ -1,0 +1,309 @@
+"""The REAL Dify api, worker and beat on lab hosts, deployed by the project's own tasks.
+
+The api image is built from the release's source (tests/images/dify_real.py; 1.14.2 when its
+profile and source exist, else 1.13.3); web, plugin daemon, sandbox and SSRF proxy are the
+stand-ins. Two hosts: app-db (PostgreSQL, Redis with Sentinel, nginx: `inv db.deploy
+cache.deploy lb.deploy`) and app-api1 (its own Docker engine: api, worker, beat, web, plugin
+daemon by `inv app.deploy`), the image shipped there by `inv images.sync` over SSH.
+
+What the release itself says is read from its source, by code: the alembic head of its
+migration scripts, the worker's queue list in its entrypoint, its Celery app, its DSL version.
+The tests share the hosts and run in file order. Without the source or a Python 3.12 the module
+is skipped with the reason. Marked ``real_dify`` (deselect with ``-m "not real_dify"``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import secrets
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import requests
+import yaml
+
+from tasks.core.profiles import available_versions
+from tests.images import dify_real, dify_source, standin
+from tests.integration import dify_client
+from tests.integration.app_lab import DEPLOY, App
+from tests.integration.lab import Lab, ensure_base_image
+from tests.integration.support import release, summary_counts, until
+
+pytestmark = [pytest.mark.real_dify, pytest.mark.docker]
+
+PREFERRED = ("1.14.2", "1.13.3")  # releases that run here, newest first
+OTHERS = ("web", "plugin_daemon", "sandbox", "ssrf_proxy")
+ADMIN = {"email": "admin@dify.lab", "name": "Lab Admin", "password": "difyops-Lab-2026"}
+
+
+class RealApp(App):
+    """The two hosts of this module and their inventory (App's helpers: inv, sql, redis)."""
+
+    version = ""
+
+    def write_inventory(self, version: str = "", health_timeout: int = 300) -> None:
+        """app-db: database, cache, balancer; app-api1: every app component."""
+        h = self.hosts
+        inventory = {
+            "name": "real-dify-lab",
+            "domain": "dify.lab",
+            "dify": {"version": version or self.version, "registry_mirror": standin.PREFIX},
+            "storage": {"type": "shared-fs", "path": "/srv/dify/storage"},
+            "cache": {"mode": "sentinel"},
+            "vector": {"store": "pgvector"},
+            "timeouts": {"connect": 10, "command": 1800},
+            "app": {"health_timeout": health_timeout,
+                    "worker_groups": [{"name": "all", "queues": "all", "concurrency": 1}]},
+            "hosts": [h["app-db"].inventory_entry(["db_primary", "cache", "lb"]),
+                      h["app-api1"].inventory_entry(["api", "worker", "beat", "web",
+                                                     "plugin_daemon"])],
+        }
+        self.inventory_file.write_text(yaml.safe_dump(inventory, sort_keys=False))
+
+    def env(self) -> dict[str, str]:
+        """The rendered Dify environment on the app host (/opt/dify/.env)."""
+        code, out = self.hosts["app-api1"].exec(f"cat {DEPLOY}/.env")
+        assert code == 0, out
+        pairs = (line.split("=", 1) for line in out.splitlines() if "=" in line
+                 and not line.startswith("#"))
+        return {k: v.strip().strip("'\"") for k, v in pairs}
+
+    def container(self, service: str) -> str:
+        """The id of the running container of a compose service on the app host."""
+        code, out = self.hosts["app-api1"].exec(
+            f"docker ps -q --filter label=com.docker.compose.project=dify "
+            f"--filter label=com.docker.compose.service={service}")
+        assert code == 0 and out.strip(), f"{service}: {out}"
+        return out.split()[0]
+
+
+@dataclass
+class Release:
+    """The release under test: its version, unpacked source and built api image."""
+
+    version: str
+    root: Path
+    image: dify_real.Built
+
+
+def _pick_release(unpack_into: Path) -> tuple[str, Path]:
+    """The release to run (see the module doc) and its unpacked source; skip when none."""
+    profiles = set(available_versions())
+    reasons = []
+    for version in PREFERRED:
+        if version not in profiles:
+            reasons.append(f"no profile {version}")
+            continue
+        try:
+            source = dify_source.source_for(version)
+            root = dify_source.unpack(source, unpack_into / version)
+        except dify_source.Unavailable as exc:
+            reasons.append(str(exc))
+            continue
+        if dify_source.version_of(root) in profiles:
+            return dify_source.version_of(root), root
+        reasons.append(f"{source} is Dify {dify_source.version_of(root)}: no profile")
+    pytest.skip("no runnable Dify release: " + "; ".join(reasons))
+
+
+@pytest.fixture(scope="module")
+def dify(lab: Lab, tmp_path_factory: pytest.TempPathFactory) -> Release:
+    """The release's real api image built (once per set of inputs), with the stand-ins of
+    the other components."""
+    version, root = _pick_release(tmp_path_factory.mktemp("dify-source"))
+    base = ensure_base_image(lab.client)
+    standin.ensure_images(lab.client, base, (version,), roles=OTHERS)
+    try:
+        built = dify_real.ensure_api_image(lab.client, base, version)
+    except dify_source.Unavailable as exc:
+        pytest.skip(str(exc))
+    if built.seconds:
+        lab.timings[f"real dify: api image {version} built"] = built.seconds
+    return Release(version, root, built)
+
+
+@pytest.fixture(scope="module")
+def real(lab: Lab, dify: Release, tmp_path_factory: pytest.TempPathFactory) -> Iterator[RealApp]:
+    """Two hosts; PostgreSQL, Redis with Sentinel and nginx deployed by the real tasks."""
+    started = time.monotonic()
+    (db,) = lab.start(["app-db"])
+    (api,) = lab.start(["app-api1"], docker=True)
+    app = RealApp({"app-db": db, "app-api1": api}, tmp_path_factory.mktemp("real-dify"))
+    app.version = dify.version
+    app.write_inventory()
+    try:
+        app.ok("config.secrets")
+        app.ok("db.deploy")
+        app.ok("cache.deploy")
+        app.ok("lb.deploy")
+        lab.timings["real dify: hosts + db, cache, lb tiers"] = time.monotonic() - started
+        yield app
+    finally:
+        release(lab, app.hosts)
+
+
+def test_the_image_is_the_release_api(dify: Release, lab: Lab) -> None:
+    image = lab.client.images.get(dify.image.name)
+    config = image.attrs["Config"]
+    assert image.id == lab.client.images.get(dify.image.tag).id
+    assert len(image.attrs["RootFS"]["Layers"]) == 1  # one vfs copy per container on the hosts
+    assert (config["User"], config["WorkingDir"]) == ("dify", "/app/api")
+    assert config["Entrypoint"] == ["/bin/bash", "/entrypoint.sh"]
+    env = dict(item.split("=", 1) for item in config["Env"])
+    assert {k: env.get(k) for k in dify_source.production_env(dify.root)} \
+        == dify_source.production_env(dify.root)
+    out = lab.client.containers.run(
+        dify.image.name, entrypoint=["/bin/bash", "-c"], remove=True,
+        command=["id -u; python --version; cat /entrypoint.sh | sha256sum; "
+                 "sha256sum < /app/api/gunicorn.conf.py"]).decode().split("\n")
+    source = dify.root / "api"
+    assert out[0] == "1001"
+    assert out[1].startswith("Python 3.12.")
+    assert out[2].split()[0] == _sha256(source / "docker" / "entrypoint.sh")
+    assert out[3].split()[0] == _sha256(source / "gunicorn.conf.py")
+    print(f"real api image {dify.version}: {dify.image.size / 1e9:.2f} GB, "
+          f"built in {dify.image.seconds:.0f} s (0: cached)")
+
+
+def _sha256(path: Path) -> str:
+    """The hex sha256 of a file."""
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_images_sync_ships_the_real_api_over_ssh(real: RealApp, dify: Release,
+                                                 lab: Lab) -> None:
+    started = time.monotonic()
+    first = real.ok("images.sync")
+    lab.timings["real dify: images.sync (first)"] = time.monotonic() - started
+    code, out = real.hosts["app-api1"].exec(
+        f"docker image inspect -f '{{{{.Id}}}}' {dify.image.name}")
+    assert (code, out.strip()) == (0, lab.client.images.get(dify.image.name).id), out
+    assert re.search(rf"app-api1\s+{re.escape(dify.image.name)}\s+shipped", first.stdout), \
+        first.stdout
+    second = real.ok("images.sync")
+    assert "nothing to do" in second.stdout, second.stdout
+
+
+def test_deploy_migrates_to_the_release_head_and_serves_through_nginx(
+        real: RealApp, dify: Release, lab: Lab) -> None:
+    started = time.monotonic()
+    first = real.ok("app.deploy")
+    lab.timings["real dify: app.deploy (first)"] = time.monotonic() - started
+    assert "app-api1: migrate the database (one run) ... changed" in first.stdout, first.stdout
+    heads = dify_source.alembic_heads(dify.root)
+    assert len(heads) == 1, heads
+    assert real.sql("SELECT version_num FROM alembic_version") == heads.pop()
+    assert int(real.sql("SELECT count(*) FROM information_schema.tables "
+                        "WHERE table_schema = 'public'")) > 50
+    health = requests.get(f"http://{real.hosts['app-api1'].address}:5001/health",
+                          timeout=10).json()
+    assert (health["status"], health["version"]) == ("ok", dify.version), health
+    setup = requests.get(f"{real.balancer}/console/api/setup", timeout=10)
+    assert setup.status_code == 200, setup.text
+    assert setup.json()["step"] == "not_started"
+
+
+def _active_queues(real: RealApp, celery_app: str) -> dict[str, list[str]]:
+    """worker name -> the queues it consumes, as Celery itself answers (inspect, by the
+    broker), asked from inside the worker container."""
+    container = real.container("worker_all")
+    code, out = real.hosts["app-api1"].exec(
+        f"docker exec {container} celery -A {celery_app} inspect active_queues --json "
+        "--timeout 10 2>/dev/null")
+    if code != 0:
+        return {}
+    line = next((line for line in out.splitlines() if line.startswith("{")), "{}")
+    return {worker: sorted(q["name"] for q in queues)
+            for worker, queues in json.loads(line).items()}
+
+
+def test_worker_consumes_exactly_the_release_queues(real: RealApp, dify: Release) -> None:
+    expected = sorted(dify_source.worker_queues(dify.root))
+    answers: dict[str, list[str]] = {}
+
+    def answered() -> bool:
+        answers.update(_active_queues(real, dify_source.celery_app(dify.root)))
+        return bool(answers)
+
+    until(answered, 240, "a Celery worker answering inspect active_queues")
+    assert len(answers) == 1, answers
+    (queues,) = answers.values()
+    missing, extra = set(expected) - set(queues), set(queues) - set(expected)
+    assert (missing, extra) == (set(), set()), (
+        f"the worker consumes {len(queues)} queues, the release's entrypoint lists "
+        f"{len(expected)}: missing {sorted(missing)}, extra {sorted(extra)} (the version "
+        "profile's queue list)")
+
+
+@pytest.fixture(scope="module")
+def workflow(real: RealApp, dify: Release) -> dict[str, str]:
+    """Through nginx: the admin account set up, logged in, an echo workflow app imported and
+    published, an API key made. Returns app_id, key, tenant_id."""
+    console = dify_client.Console(real.balancer)
+    made = console.setup(**ADMIN)
+    assert made.status_code == 201, made.text
+    logged = console.login(ADMIN["email"], ADMIN["password"])
+    assert logged.status_code == 200 and logged.json()["result"] == "success", logged.text
+    dsl = dify_client.echo_workflow(dify_source.dsl_version(dify.root), "difyops echo")
+    imported = console.import_app(dsl)
+    assert imported.status_code == 200, imported.text
+    assert imported.json()["status"] == "completed", imported.text
+    app_id = imported.json()["app_id"]
+    published = console.publish(app_id)
+    assert published.status_code == 200 and published.json()["result"] == "success", \
+        published.text
+    key = console.api_key(app_id)
+    assert key.status_code == 201, key.text
+    tenant = real.sql(f"SELECT tenant_id FROM apps WHERE id = '{app_id}'")
+    return {"app_id": app_id, "key": key.json()["token"], "tenant_id": tenant}
+
+
+def test_a_published_workflow_streams_to_its_end_through_nginx(real: RealApp,
+                                                               workflow: dict[str, str]) -> None:
+    words = f"hello from the lab {secrets.token_hex(4)}"
+    seen: list[str] = []
+    finished: dict = {}
+    for event in dify_client.run_streaming(real.balancer, workflow["key"], {"words": words}):
+        seen.append(event.get("event", ""))
+        if event.get("event") == "workflow_finished":
+            finished = event["data"]
+            break
+    assert finished, f"no workflow_finished event; events seen: {seen}"
+    assert seen[0] == "workflow_started", seen
+    assert finished["status"] == "succeeded", finished
+    assert finished["outputs"] == {"echoed": words}, finished
+    run = real.sql(f"SELECT status FROM workflow_runs WHERE id = '{finished['id']}'")
+    assert run == "succeeded"
+
+
+def test_inner_api_takes_the_rendered_plugin_key_and_refuses_the_default(
+        real: RealApp, workflow: dict[str, str]) -> None:
+    env = real.env()
+    assert "INNER_API_KEY_FOR_PLUGIN" in env, (
+        "the rendered environment has no INNER_API_KEY_FOR_PLUGIN (the name the api reads): "
+        f"the api falls back to the public default; keys rendered: "
+        f"{sorted(k for k in env if 'INNER' in k)}")
+    key = env["INNER_API_KEY_FOR_PLUGIN"]
+    assert key and key != "inner-api-key"
+    url = f"http://{real.hosts['app-api1'].address}:5001/inner/api/fetch/app/info"
+    body = {"tenant_id": workflow["tenant_id"], "app_id": workflow["app_id"]}
+
+    def post(with_key: str) -> requests.Response:
+        return requests.post(url, json=body, headers={"X-Inner-Api-Key": with_key}, timeout=10)
+
+    accepted = post(key)
+    assert accepted.status_code == 200, accepted.text
+    form = accepted.json()["data"]["data"]["user_input_form"]  # the imported app's own input
+    assert form[0]["text-input"]["variable"] == "words", accepted.text
+    assert post("inner-api-key").status_code == 404
+
+
+def test_a_second_deploy_changes_nothing(real: RealApp) -> None:
+    again = real.ok("app.deploy")
+    counts = summary_counts(again.stdout)
+    assert counts and all(c.get("changed", 0) == 0 for c in counts.values()), again.stdout
