@@ -2,9 +2,10 @@
 
 The api image is built from the release's source (tests/images/dify_real.py; 1.14.2 when its
 profile and source exist, else 1.13.3); web, plugin daemon, sandbox and SSRF proxy are the
-stand-ins. Two hosts: app-db (PostgreSQL, Redis with Sentinel, nginx: `inv db.deploy
-cache.deploy lb.deploy`) and app-api1 (its own Docker engine: api, worker, beat, web, plugin
-daemon by `inv app.deploy`), the image shipped there by `inv images.sync` over SSH.
+stand-ins. Hosts: app-db (PostgreSQL, Redis with Sentinel, nginx: `inv db.deploy cache.deploy
+lb.deploy`), app-r2 and app-r3 (Redis replicas and Sentinels: a quorum of three) and
+app-api1 (its own Docker engine: api, worker, beat, web, plugin daemon by `inv app.deploy`),
+the image shipped there by `inv images.sync` over SSH.
 
 What the release itself says is read from its source, by code: the alembic head of its
 migration scripts, the worker's queue list in its entrypoint, its Celery app, its DSL version.
@@ -42,12 +43,13 @@ ADMIN = {"email": "admin@dify.lab", "name": "Lab Admin", "password": "difyops-La
 
 
 class RealApp(App):
-    """The two hosts of this module and their inventory (App's helpers: inv, sql, redis)."""
+    """The hosts of this module and their inventory (App's helpers: inv, sql, redis)."""
 
     version = ""
 
     def write_inventory(self, version: str = "", health_timeout: int = 300) -> None:
-        """app-db: database, cache, balancer; app-api1: every app component."""
+        """app-db: database, cache, balancer; app-r2, app-r3: the other two Redis + Sentinel
+        nodes (a quorum); app-api1: every app component."""
         h = self.hosts
         inventory = {
             "name": "real-dify-lab",
@@ -60,6 +62,8 @@ class RealApp(App):
             "app": {"health_timeout": health_timeout,
                     "worker_groups": [{"name": "all", "queues": "all", "concurrency": 1}]},
             "hosts": [h["app-db"].inventory_entry(["db_primary", "cache", "lb"]),
+                      h["app-r2"].inventory_entry(["cache"]),
+                      h["app-r3"].inventory_entry(["cache"]),
                       h["app-api1"].inventory_entry(["api", "worker", "beat", "web",
                                                      "plugin_daemon"])],
         }
@@ -129,11 +133,11 @@ def dify(lab: Lab, tmp_path_factory: pytest.TempPathFactory) -> Release:
 
 @pytest.fixture(scope="module")
 def real(lab: Lab, dify: Release, tmp_path_factory: pytest.TempPathFactory) -> Iterator[RealApp]:
-    """Two hosts; PostgreSQL, Redis with Sentinel and nginx deployed by the real tasks."""
+    """Four hosts; PostgreSQL, Redis with Sentinel and nginx deployed by the real tasks."""
     started = time.monotonic()
-    (db,) = lab.start(["app-db"])
-    (api,) = lab.start(["app-api1"], docker=True)
-    app = RealApp({"app-db": db, "app-api1": api}, tmp_path_factory.mktemp("real-dify"))
+    plain = lab.start(["app-db", "app-r2", "app-r3"])
+    (api,) = lab.start(["app-api1"], docker=True, overlay2=True)
+    app = RealApp({h.name: h for h in [*plain, api]}, tmp_path_factory.mktemp("real-dify"))
     app.version = dify.version
     app.write_inventory()
     try:
