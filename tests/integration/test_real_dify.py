@@ -69,7 +69,7 @@ class RealApp(App):
         }
         self.inventory_file.write_text(yaml.safe_dump(inventory, sort_keys=False))
 
-    def env(self) -> dict[str, str]:
+    def dify_env(self) -> dict[str, str]:
         """The rendered Dify environment on the app host (/opt/dify/.env)."""
         code, out = self.hosts["app-api1"].exec(f"cat {DEPLOY}/.env")
         assert code == 0, out
@@ -287,7 +287,7 @@ def test_a_published_workflow_streams_to_its_end_through_nginx(real: RealApp,
 
 def test_inner_api_takes_the_rendered_plugin_key_and_refuses_the_default(
         real: RealApp, workflow: dict[str, str]) -> None:
-    env = real.env()
+    env = real.dify_env()
     assert "INNER_API_KEY_FOR_PLUGIN" in env, (
         "the rendered environment has no INNER_API_KEY_FOR_PLUGIN (the name the api reads): "
         f"the api falls back to the public default; keys rendered: "
