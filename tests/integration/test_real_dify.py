@@ -288,7 +288,8 @@ def test_a_published_workflow_streams_to_its_end_through_nginx(real: RealApp,
 def test_inner_api_takes_the_rendered_plugin_key_and_refuses_the_default(
         real: RealApp, workflow: dict[str, str]) -> None:
     env = real.dify_env()
-    assert "INNER_API_KEY_FOR_PLUGIN" in env, (
+    rendered = "INNER_API_KEY_FOR_PLUGIN" in env  # (no secret values in the failure message)
+    assert rendered, (
         "the rendered environment has no INNER_API_KEY_FOR_PLUGIN (the name the api reads): "
         f"the api falls back to the public default; keys rendered: "
         f"{sorted(k for k in env if 'INNER' in k)}")
