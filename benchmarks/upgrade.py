@@ -139,6 +139,7 @@ def seed_files(app: App, version: str) -> None:
     from tasks.core.inventory import load_inventory
     from tasks.core.release import with_release
     from tasks.core.render import Renderer
+    from tasks.tiers import app as app_tier
 
     os.environ["DIFY_SECRETS"] = app.env["DIFY_SECRETS"]  # the lab's secrets, for rendering
     inventory = with_release(load_inventory(app.inventory_file), version)
@@ -147,7 +148,7 @@ def seed_files(app: App, version: str) -> None:
         host = inventory.host(name)
         env = renderer.render("config/env/dify.env.j2", host).replace(
             "MIGRATION_ENABLED=false", "MIGRATION_ENABLED=true")
-        files = {f"{DEPLOY}/compose.yml": renderer.render("compose/app.yml.j2", host),
+        files = {f"{DEPLOY}/compose.yml": app_tier.compose_file(inventory, renderer, host),
                  f"{DEPLOY}/.env": env}
         for path, text in files.items():
             data = base64.b64encode(text.encode()).decode()

@@ -13,6 +13,7 @@ from tasks.core.fleet import each_host, table
 from tasks.core.hosts import Machine
 from tasks.core.inventory import APP_ROLES
 from tasks.core.report import Report
+from tasks.tiers import app as app_tier
 from tasks.tiers.app import PROJECT, TIER, compose, deploy_dir, migration_host
 
 deploy = deploy_task(TIER)
@@ -100,6 +101,10 @@ def status(ctx: Context) -> None:
             rows.append((outcome.host.name, item.get("Service", "-"), item.get("Image", "-"),
                          item.get("State", "-"), item.get("Health", "") or "-",
                          item.get("Queues", "")))
+        present = {item.get("Service") for item in outcome.value or []}
+        rows += [(outcome.host.name, service, "-", "missing", "-", "")
+                 for service in app_tier.services_of(inventory, outcome.host)
+                 if outcome.value and service not in present]
         if not outcome.value:
             rows.append((outcome.host.name, "-", "-", "no containers", "-", ""))
     print(table(["host", "service", "image", "state", "health", "queues"], rows))

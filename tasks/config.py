@@ -5,16 +5,18 @@ from __future__ import annotations
 import tempfile
 from pathlib import Path
 
+import yaml
 from invoke import Context, task
 from invoke.exceptions import Exit
 
 from tasks.core import secrets
 from tasks.core.cli import load, reported
+from tasks.core.dify_source import draft_profile, open_source
 from tasks.core.project import ROOT, display
 from tasks.core.render import write_tree
 from tasks.core.tiers import build
 from tasks.core.validators import validate
-from tasks.tiers import TIERS
+from tasks.tiers import TIERS, app_summary
 
 
 @task
@@ -28,6 +30,8 @@ def check(ctx: Context) -> None:
         verdicts = validate(Path(scratch))
     print(f"inventory {display(inventory.file)}: valid ({len(inventory.hosts)} host(s), "
           f"Dify {inventory.profile.version}); rendered {count} files")
+    for line in app_summary.lines(plans, inventory):
+        print(line)
     for verdict in verdicts:
         print(f"  {verdict}")
     failed = [v for v in verdicts if v.status == "failed"]
@@ -46,6 +50,19 @@ def render(ctx: Context, out: str = "") -> None:
     target = Path(out) if out else ROOT / "rendered" / inventory.name
     count = write_tree(build(TIERS, inventory), target)
     print(f"rendered {count} files for {len(inventory.hosts)} hosts under {display(target)}")
+
+
+@task(name="profile-draft", help={"source": "a Dify checkout folder or a release tarball"})
+@reported
+def profile_draft(ctx: Context, source: str) -> None:
+    """Print a draft version profile read from a Dify release's source, for review."""
+    with tempfile.TemporaryDirectory(prefix="difyops-dify.") as scratch:
+        release = open_source(Path(source), Path(scratch))
+        draft = draft_profile(release)
+    print(f"# Drafted from the source of Dify {draft['version']}: review it, add env_required, "
+          f"weaviate_min_version and upgrade_steps,\n# then save it as "
+          f"config/profiles/{draft['version']}.yml and run tests/unit/test_dify_source.py.")
+    print(yaml.safe_dump(draft, sort_keys=False), end="")
 
 
 @task(name="secrets")

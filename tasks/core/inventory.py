@@ -28,6 +28,8 @@ ROLES: dict[str, str] = {
     "worker": "Dify Celery workers, with their sandbox and SSRF proxy",
     "beat": "the one Celery beat scheduler of the installation",
     "plugin_daemon": "the one Dify plugin daemon",
+    "agent": "Dify's agent backend, local sandbox and its SSRF proxy (1.16.1+; default: the "
+             "first api host)",
     "db_primary": "PostgreSQL primary",
     "db_replica": "PostgreSQL streaming replica",
     "cache": "Redis (and Sentinel in sentinel mode)",
@@ -39,7 +41,7 @@ ROLES: dict[str, str] = {
     "dev_backend": "development machine running the Dify api and worker from source",
     "dev_frontend": "development machine running the Dify web front end from source",
 }
-APP_ROLES = ("api", "worker", "beat", "web", "plugin_daemon")
+APP_ROLES = ("api", "worker", "beat", "web", "plugin_daemon", "agent")
 HOST_KEYS = ("name", "address", "connection", "ssh", "roles", "labels", "size", "worker_groups")
 SSH_KEYS = {"user": "root", "port": 22, "key": ""}
 SIZE_KEYS = ("cpu", "memory_gb", "disk_gb")
@@ -125,8 +127,23 @@ class Inventory:
         return self.settings["dify"]["registry_mirror"] + self.base_image(component)
 
     def base_image(self, component: str) -> str:
-        """The image name without any registry prefix: inventory override, else the profile."""
-        return self.settings["dify"]["images"].get(component) or self.profile.images[component]
+        """The image name without any registry prefix: inventory override, else the profile
+        (difyops' own components: their setting)."""
+        own = {"redis_proxy": self.settings["cache"]["proxy_image"]}
+        return (self.settings["dify"]["images"].get(component) or own.get(component)
+                or self.profile.images[component])
+
+    def worker_queues(self, group: dict) -> tuple[str, ...]:
+        """The queues a worker group consumes in this Dify release: `all` is every queue of the
+        release, `rest` every queue of the release that no other group lists by name."""
+        queues = group["queues"]
+        if queues == "all":
+            return self.profile.queues
+        if queues == "rest":
+            listed = {queue for other in self.settings["app"]["worker_groups"]
+                      if isinstance(other["queues"], list) for queue in other["queues"]}
+            return tuple(queue for queue in self.profile.queues if queue not in listed)
+        return tuple(queues)
 
     @property
     def is_dev_layout(self) -> bool:
@@ -152,7 +169,7 @@ def read_yaml(path: Path) -> tuple[Any, list[Problem]]:
 
 def load_inventory(path: Path, *, check_secrets: bool = True) -> Inventory:
     """Read, merge, check and return the inventory, or raise InputError listing every problem."""
-    from tasks.core import rules, secrets  # rules and secrets need the model defined here
+    from tasks.core import placement, rules, secrets  # they need the model defined here
 
     data, problems = read_yaml(path)
     if problems:
@@ -174,7 +191,9 @@ def load_inventory(path: Path, *, check_secrets: bool = True) -> Inventory:
         (ROOT / settings["secrets_file"]).resolve() if settings["secrets_file"]
         else default_secrets_path(settings["name"])
     )
-    inventory = Inventory(path, settings, hosts, load_profile(version), secrets_file)
+    profile = load_profile(version)
+    inventory = Inventory(path, settings, placement.place_defaults(hosts, profile), profile,
+                          secrets_file)
     if not problems:
         problems.extend(rules.check(inventory))
     if check_secrets:
@@ -238,15 +257,16 @@ def check_worker_groups(value: Any, shown: str, problems: list[Problem]) -> list
             problems.append(Problem(shown, item_path, "must be a mapping",
                                     "write `- {name: NAME, queues: [QUEUE, ...]}`"))
             continue
-        # queues is `all` or a list, which the default's type cannot express: checked below.
+        # queues is `all`, `rest` or a list, which the default's type cannot express.
         group = merge({k: v for k, v in item.items() if k != "queues"}, WORKER_GROUP_KEYS,
                       item_path, shown, problems)
         queues = item.get("queues", "all")
-        if queues != "all" and not (isinstance(queues, list) and queues
-                                    and all(isinstance(q, str) for q in queues)):
+        if queues not in ("all", "rest") and not (isinstance(queues, list) and queues
+                                                  and all(isinstance(q, str) for q in queues)):
             problems.append(Problem(shown, f"{item_path}.queues",
-                                    "must be `all` or a non-empty list of queue names",
-                                    "write `queues: all` or `queues: [dataset, mail]`"))
+                                    "must be `all`, `rest` or a non-empty list of queue names",
+                                    "write `queues: all`, `queues: rest` (every queue no other "
+                                    "group lists) or `queues: [dataset, mail]`"))
         group["queues"] = queues
         if not group["name"]:
             problems.append(Problem(shown, f"{item_path}.name", "a worker group needs a name",

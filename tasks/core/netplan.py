@@ -14,6 +14,7 @@ import socket
 from collections.abc import Iterator
 from dataclasses import dataclass
 
+from tasks.core import placement
 from tasks.core.errors import DifyopsError, Problem
 from tasks.core.inventory import ROLES, Host, Inventory
 
@@ -25,7 +26,8 @@ DEV_NETWORK = "@dev"        # dev.network, the home-lab network
 # Roles whose processes talk to PostgreSQL and Redis.
 DATA_CLIENTS = ("api", "worker", "beat", "plugin_daemon", "dev_backend")
 # Roles whose services run under Docker compose (Docker and compose v2 must be there).
-COMPOSE_ROLES = ("api", "worker", "beat", "web", "plugin_daemon", "vector", "monitor", "logging")
+COMPOSE_ROLES = ("api", "worker", "beat", "web", "plugin_daemon", "agent", "vector", "monitor",
+                 "logging")
 # Processes that publish a compose service's port on the host.
 DOCKER = ("docker-proxy", "dockerd")
 
@@ -56,14 +58,23 @@ def services(inventory: Inventory) -> list[Service]:
         Service("http", 80, ("lb",), (PUBLIC,), ("nginx",)),
         Service("https", 443, ("lb",), (PUBLIC,), ("nginx",)),
         Service("web", 3000, ("web",), ("lb",), DOCKER, published=True),
-        Service("api", 5001, ("api",), ("lb", "plugin_daemon"), DOCKER, published=True),
-        Service("plugin daemon", 5002, ("plugin_daemon",), ("lb", "api", "worker"), DOCKER,
+        # The api's inner API: from the plugin daemon and the agent backend.
+        Service("api", 5001, ("api",), ("lb", "plugin_daemon", placement.AGENT_ROLE), DOCKER,
                 published=True),
+        Service("plugin daemon", 5002, ("plugin_daemon",),
+                ("lb", "api", "worker", placement.AGENT_ROLE), DOCKER, published=True),
         Service("postgresql", db["port"], ("db_primary", "db_replica"),
                 (*DATA_CLIENTS, "monitor", "db_primary", "db_replica"), ("postgres",)),
-        Service("redis", cache["port"], ("cache", "broker"), (*DATA_CLIENTS, "cache"),
+        Service("redis", cache["port"], ("cache", "broker"),
+                (*DATA_CLIENTS, placement.AGENT_ROLE, "cache"),
                 ("redis-server", "redis-check-rdb")),
     ]
+    if placement.websocket_enabled(inventory):
+        plan.append(Service("api websocket", settings["app"]["websocket_port"], ("api",), ("lb",),
+                            DOCKER, published=True))
+    if placement.agent_enabled(inventory):
+        plan.append(Service("agent backend", placement.AGENT_PORT, (placement.AGENT_ROLE,),
+                            ("api", "worker"), DOCKER, published=True))
     if cache["mode"] == "sentinel":
         plan.append(Service("redis sentinel", cache["sentinel_port"], ("cache",),
                             (*DATA_CLIENTS, "cache"),

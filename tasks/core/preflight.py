@@ -10,25 +10,28 @@ information, not as a failure). Every check yields one row: ok, info, warn or RE
 from __future__ import annotations
 
 import ipaddress
+import re
 import shlex
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
-from tasks.core import netplan
+from tasks.core import netplan, placement
 from tasks.core.errors import DifyopsError
 from tasks.core.fleet import each_host, table
 from tasks.core.hosts import Machine
-from tasks.core.inventory import Host, Inventory
+from tasks.core.inventory import APP_ROLES, Host, Inventory
+from tasks.core.profiles import version_key
 
 OK, INFO, WARN, REFUSE = "ok", "info", "warn", "REFUSE"
 SEVERITY = {OK: 0, INFO: 1, WARN: 2, REFUSE: 3}
-CHECKS = ("connect", "os", "cpu", "memory", "disk", "ports", "docker", "clock", "firewall",
-          "resolve", "reach")
+CHECKS = ("connect", "os", "kernel", "cpu", "memory", "disk", "ports", "docker", "clock",
+          "firewall", "resolve", "reach")
 SUPPORTED_OS = {("debian", "12"), ("debian", "13"), ("ubuntu", "22.04"), ("ubuntu", "24.04")}
 SUPPORTED_TEXT = "Debian 12/13, Ubuntu 22.04/24.04"
 MEMORY_SLACK = 0.9   # an "8 GB" machine shows about 7.7 GiB to the kernel
 DISK_SLACK = 0.95    # a "100 GB" disk formats to a little less
+VERSION = re.compile(r"^(\d+(?:\.\d+)*)")
 
 
 class PreflightRefused(DifyopsError):
@@ -61,6 +64,7 @@ class Facts:
     os_id: str = ""
     os_version: str = ""
     os_name: str = ""
+    kernel: str = ""          # uname -r
     cpu: int = 0
     memory_kb: int = 0
     disks: list[tuple[str, str, int, int]] = field(default_factory=list)  # path, mount, size, free
@@ -111,7 +115,7 @@ def data_paths(inventory: Inventory, host: Host) -> dict[str, list[str]]:
     for role in ("api", "worker"):
         by_role[role] = [app_dir, "/var/lib/docker"] + (
             [storage["path"]] if storage["type"] != "s3" else [])
-    for role in ("web", "beat", "plugin_daemon"):
+    for role in ("web", "beat", "plugin_daemon", "agent"):
         by_role[role] = [app_dir, "/var/lib/docker"]
     paths: dict[str, list[str]] = {}
     for role in host.roles:
@@ -143,6 +147,7 @@ def facts_script(paths: Iterable[str], names: Iterable[str]) -> str:
     lines = [
         'echo "os=$(. /etc/os-release 2>/dev/null; echo "${ID:-unknown}|${VERSION_ID:-}|'
         '${PRETTY_NAME:-}")"',
+        'echo "kernel=$(uname -r 2>/dev/null)"',
         'echo "cpu=$(nproc 2>/dev/null || echo 0)"',
         "echo \"mem_kb=$(awk '/^MemTotal:/ {print $2}' /proc/meminfo 2>/dev/null)\"",
     ]
@@ -183,6 +188,8 @@ def parse_facts(text: str) -> Facts:
             continue
         if key == "os":
             facts.os_id, facts.os_version, facts.os_name = ([*value.split("|"), "", ""])[:3]
+        elif key == "kernel":
+            facts.kernel = value.strip()
         elif key == "cpu":
             facts.cpu = to_int(value)
         elif key == "mem_kb":
@@ -273,6 +280,9 @@ def evaluate(inventory: Inventory, host: Host, facts: Facts) -> list[Row]:
     percent = settings["refuse_percent"]
     wanted = required_size(inventory, host)
     rows = [check_os(host, facts)]
+    kernel = check_kernel(inventory, host, facts)
+    if kernel:
+        rows.append(kernel)
 
     rows.append(size_row(host, "cpu", facts.cpu, wanted.get("cpu", (0, "")), percent))
     rows.append(size_row(host, "memory", facts.memory_kb / 1024 / 1024,
@@ -280,7 +290,7 @@ def evaluate(inventory: Inventory, host: Host, facts: Facts) -> list[Row]:
     rows.append(check_disk(inventory, host, facts, wanted, percent))
     rows.append(check_ports(inventory, host, facts))
     if netplan.runs_compose(inventory, host):
-        rows.append(check_docker(host, facts))
+        rows.append(check_docker(host, facts, min_compose(inventory, host)))
     rows.append(check_clock(host, facts, settings["max_clock_skew"]))
     rows.append(check_firewalls(host, facts))
     return rows
@@ -369,8 +379,38 @@ def check_ports(inventory: Inventory, host: Host, facts: Facts) -> Row:
     return Row(host.name, "ports", status, "; ".join(notes))
 
 
-def check_docker(host: Host, facts: Facts) -> Row:
-    """Docker Engine answering, with the compose v2 plugin, where compose tiers run."""
+def min_compose(inventory: Inventory, host: Host) -> str:
+    """The compose version the Dify release needs on an app host ("" elsewhere, or none)."""
+    return inventory.profile.min_compose if host.has(*APP_ROLES) else ""
+
+
+def leading_version(text: str) -> str:
+    """The dotted number a version string starts with: "6.1.0-18-amd64" -> "6.1.0"."""
+    match = VERSION.match(text.strip().lstrip("v"))
+    return match.group(1) if match else ""
+
+
+def check_kernel(inventory: Inventory, host: Host, facts: Facts) -> Row | None:
+    """Where local_sandbox runs: a kernel at least the release's min_kernel (Landlock)."""
+    if not placement.runs_agent(inventory, host):
+        return None
+    needed = inventory.profile.min_kernel.get("local_sandbox", "")
+    if not needed:
+        return None
+    found = leading_version(facts.kernel)
+    release = inventory.profile.version
+    if not found or version_key(found) < version_key(needed):
+        return Row(host.name, "kernel", REFUSE,
+                   f"Linux {facts.kernel or '(unknown)'} found; local_sandbox of Dify {release} "
+                   f"(role agent) needs Linux {needed} or newer for Landlock: boot a newer kernel "
+                   f"(e.g. Debian 12 backports, Debian 13, Ubuntu 22.04+) or give the role "
+                   f"'agent' to a host that has one")
+    return Row(host.name, "kernel", OK, f"Linux {facts.kernel} (local_sandbox needs {needed}+)")
+
+
+def check_docker(host: Host, facts: Facts, needed: str = "") -> Row:
+    """Docker Engine answering, with the compose v2 plugin, where compose tiers run; on app
+    hosts, a compose at least the release's min_compose."""
     if facts.docker == "missing":
         return Row(host.name, "docker", REFUSE, "Docker is not installed: its roles run by "
                    "compose; install Docker Engine and the compose v2 plugin")
@@ -384,6 +424,12 @@ def check_docker(host: Host, facts: Facts) -> Row:
     if major < 2:
         return Row(host.name, "docker", REFUSE, f"compose {facts.compose} is v1: difyops "
                    f"needs compose v2 (`docker compose`)")
+    found = leading_version(facts.compose)
+    if needed and version_key(found) < version_key(needed):
+        return Row(host.name, "docker", REFUSE,
+                   f"Docker {facts.docker} with compose {facts.compose}; this Dify release needs "
+                   f"compose {needed} or newer: upgrade the docker-compose-plugin package "
+                   f"(Docker's apt repository)")
     return Row(host.name, "docker", OK, f"Docker {facts.docker}, compose {facts.compose}")
 
 

@@ -6,8 +6,13 @@
   primary) must equal the image's head (`flask db heads` in that image): `flask upgrade-db`
   exits 0 even when it skipped because another process held its lock, or when it failed.
 - An upgrade: preflight (profiles, rules, plans, images pulled or shipped on every host) ->
-  database backup (backup.run, verified) -> the migration -> api and
+  database backup (backup.run, verified) -> the migration -> the release steps -> api and
   web hosts one at a time behind the load balancer -> worker and beat hosts.
+- An upgrade may cross several releases (1.13.3 -> 1.16.1): the target's migration chain holds
+  every revision in between. The steps each crossed release declares in its profile (e.g. 1.15's
+  `flask backfill-plugin-auto-upgrade`) then run once each, oldest release first, in a one-off
+  container of the target's api image; the history records which ran, so a resumed upgrade does
+  not run them again.
 - The history of releases (version, images, alembic revision after, backup taken before) is kept
   on every api host in HISTORY_FILE. A rollback goes back to the release before the last upgrade
   when the database is still at that release's revision; when a migration ran in between it
@@ -24,14 +29,14 @@ import shlex
 from collections.abc import Callable
 from datetime import UTC, datetime
 
-from tasks.core import rules
+from tasks.core import placement, rules
 from tasks.core.apply import Executor
 from tasks.core.errors import DifyopsError, InputError, Problem
 from tasks.core.fleet import each_host
 from tasks.core.hosts import Machine, connect
 from tasks.core.inventory import APP_ROLES, Host, Inventory
 from tasks.core.plan import HostPlan, WriteFile
-from tasks.core.profiles import available_versions, load_profile, version_key
+from tasks.core.profiles import available_versions, load_profile, steps_between, version_key
 from tasks.core.project import display
 from tasks.core.render import Renderer
 from tasks.core.report import Report
@@ -60,7 +65,9 @@ def with_release(inventory: Inventory, version: str, images: dict[str, str] | No
     settings["dify"]["version"] = version
     if images is not None:  # names exactly as recorded: no prefix added again
         settings["dify"].update(images=dict(images), registry_mirror="", private_registry="")
-    target = dataclasses.replace(inventory, settings=settings, profile=load_profile(version))
+    profile = load_profile(version)
+    target = dataclasses.replace(inventory, settings=settings, profile=profile,
+                                 hosts=placement.place_defaults(inventory.hosts, profile))
     problems = rules.check(target) if check else []
     if problems:
         raise InputError(problems)
@@ -367,17 +374,40 @@ def observed_entry(inventory: Inventory) -> dict:
 
 
 def check_step(current: str, version: str) -> None:
-    """Forward, and one profiled release at a time."""
+    """Forward only: a downgrade is a rollback."""
     if version_key(version) < version_key(current):
         raise InputError([Problem("--version", version,
                                   f"older than the running Dify {current}",
                                   "go back with inv app.rollback (a downgrade is a rollback)")])
-    between = [v for v in available_versions()
-               if version_key(current) < version_key(v) < version_key(version)]
-    if between:
-        raise InputError([Problem("--version", version,
-                                  f"skips Dify {', '.join(between)}: upgrades go one release "
-                                  f"at a time", f"upgrade to {between[0]} first")])
+
+
+def run_release_steps(inventory: Inventory, since: str, done: list[str], report: Report,
+                      record: Callable[[str], None]) -> None:
+    """The steps of every release after `since` up to the inventory's, oldest first, each once:
+    those named in `done` ("<version>:<name>") are skipped; `record` is told of each that ran,
+    right after it ran."""
+    todo = [(version, step) for version, step in steps_between(since, inventory.profile.version)
+            if f"{version}:{step.name}" not in done]
+    if not todo:
+        return
+    host = tier.migration_host(inventory)
+    machine = connect(host, inventory.settings["timeouts"])
+    try:
+        for version, step in todo:
+            report.note(f"[app] {host.name}: release step of Dify {version}: flask "
+                        f"{' '.join(step.command)} ({step.why})")
+            result = machine.run(f"{tier.migration_compose(inventory)} run --rm -T --entrypoint "
+                                 f"flask migration {shlex.join(step.command)}")
+            if not result.ok:
+                tail = "\n".join(f"      {line}" for line in
+                                 (result.stdout + result.stderr).strip().splitlines()[-8:])
+                raise ReleaseError(f"the release step {step.name} of Dify {version} failed on "
+                                   f"{host.target} (exit {result.exited}); the database is "
+                                   f"migrated, no host was replaced yet. Fix the cause and rerun "
+                                   f"the upgrade: steps that ran are not run again.\n{tail}")
+            record(f"{version}:{step.name}")
+    finally:
+        machine.close()
 
 
 def upgrade(inventory: Inventory, version: str, report: Report,
@@ -419,12 +449,22 @@ def upgrade(inventory: Inventory, version: str, report: Report,
         report.note("[app] no load balancer hooks registered: hosts are replaced one at a time "
                     "without being drained (nginx retries idempotent requests on the others)")
     migration = migrate(target, report)
-    record = {**entry(target, "upgrade", migration.after, backup_id), "complete": False}
+    record = {**entry(target, "upgrade", migration.after, backup_id), "complete": False,
+              "steps": list(last.get("steps", [])) if resuming else []}
     if resuming:
         history[-1] = {**record, "at": last["at"]}
     else:
         history.append(record)
     write_history(inventory, history)
+
+    def step_ran(name: str) -> None:
+        history[-1]["steps"].append(name)
+        write_history(inventory, history)
+
+    run_release_steps(target, before["version"] if before else version,
+                      list(history[-1]["steps"]), report, step_ran)
+    if history[-1]["steps"]:
+        report.note(f"[app] release steps run: {', '.join(history[-1]['steps'])}")
     outcome = replace(target, previous, hooks_, report)
     if outcome.ok:
         history[-1]["complete"] = True

@@ -7,12 +7,15 @@ rendered for, the Dify version profile and the secrets.
 from __future__ import annotations
 
 import ipaddress
+import re
 from functools import cached_property
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 from jinja2 import Environment, FileSystemLoader, StrictUndefined, TemplateError
 
+from tasks.core import placement
 from tasks.core.errors import DifyopsError
 from tasks.core.inventory import Host, Inventory
 from tasks.core.plan import TierPlan
@@ -33,6 +36,9 @@ class Renderer:
                                   lstrip_blocks=True, autoescape=False)
         environment.filters["env_quote"] = env_quote
         environment.filters["cidr"] = cidr
+        environment.filters["squid_word"] = squid_word
+        environment.filters["redis_url"] = redis_url
+        environment.globals["resp_hex"] = resp_hex
         return environment
 
     def context(self, host: Host | None, extra: dict[str, Any]) -> dict[str, Any]:
@@ -47,6 +53,9 @@ class Renderer:
             "secrets": inventory.secrets,
             "with_role": inventory.with_role,
             "image": inventory.image,
+            # Where the services of newer releases run (tasks/core/placement.py).
+            "runs_websocket": placement.websocket_enabled(inventory),
+            "agent_host": placement.agent_host(inventory),
             **extra,
         }
 
@@ -65,6 +74,34 @@ def cidr(address: str) -> str:
         return str(ipaddress.ip_network(address))
     except ValueError:
         return address
+
+
+SQUID_WORD = re.compile(r"^[A-Za-z0-9._:-]+$")
+
+
+def squid_word(value: Any) -> str:
+    """A value safe as one word of a squid.conf line (a host name or an address)."""
+    text = str(value)
+    if not SQUID_WORD.match(text):
+        raise DifyopsError(f"{text!r} cannot be written into squid.conf: use a host name or an "
+                           f"IP address (letters, digits, '.', ':', '-')")
+    return text
+
+
+def redis_url(address: str, scheme: str, password: str, port: int, db: int) -> str:
+    """A redis:// or sentinel:// URL (Celery's broker) with the password percent-encoded, so
+    that `@`, `:`, `/` or `%` in it cannot change where the URL points."""
+    return f"{scheme}://:{quote(str(password), safe='')}@{address}:{port}/{db}"
+
+
+def resp_hex(*words: str) -> str:
+    """A Redis command in the protocol's own framing (RESP), hex-encoded: what HAProxy's
+    `tcp-check send-binary` sends, so a password needs no escaping in its configuration."""
+    frame = f"*{len(words)}\r\n".encode()
+    for word in words:
+        data = str(word).encode()
+        frame += b"$%d\r\n%s\r\n" % (len(data), data)
+    return frame.hex()
 
 
 def env_quote(value: Any) -> str:

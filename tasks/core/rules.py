@@ -13,7 +13,7 @@ import re
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-from tasks.core import netplan
+from tasks.core import netplan, placement
 from tasks.core.errors import Problem
 from tasks.core.inventory import APP_ROLES, Inventory
 from tasks.core.profiles import version_key
@@ -35,7 +35,7 @@ def required_roles(inventory: Inventory) -> list[str]:
     if inventory.settings["vector"]["store"] == "weaviate":
         roles.append("vector")
     if not inventory.is_dev_layout:
-        roles.extend([*APP_ROLES, "lb"])
+        roles.extend([*(role for role in APP_ROLES if role != placement.AGENT_ROLE), "lb"])
     return roles
 
 
@@ -55,9 +55,41 @@ def role_presence(inventory: Inventory, shown: str) -> Iterator[Problem]:
                           f"{len(hosts)} hosts have role {role!r} "
                           f"({', '.join(h.name for h in hosts)}): the installation needs exactly "
                           f"{why}", f"keep {role!r} on one host only")
+    yield from agent_placement(inventory, shown)
     if inventory.with_role("db_replica") and not inventory.with_role("db_primary"):
         yield Problem(shown, "hosts[*].roles", "replicas without a primary",
                       "give one host the role 'db_primary'")
+
+
+def agent_placement(inventory: Inventory, shown: str) -> Iterator[Problem]:
+    """The agent services (Dify 1.16.1+) run on exactly one Linux host (tasks/core/placement.py).
+    With an older release the role is allowed and runs nothing (an upgrade or rollback changes
+    only the version)."""
+    hosts = inventory.with_role(placement.AGENT_ROLE)
+    if not hosts:
+        return
+    if len(hosts) > 1:
+        yield Problem(shown, f"hosts[{index_of(inventory, hosts[1].name)}].roles",
+                      f"{len(hosts)} hosts have role 'agent' ({', '.join(h.name for h in hosts)}): "
+                      f"api and worker know one agent backend (AGENT_BACKEND_BASE_URL), and its "
+                      f"runs live in that one process", "keep 'agent' on one host only")
+    for host in hosts:
+        if host.labels.get("os", "").lower() == "windows":
+            yield Problem(shown, f"hosts[{index_of(inventory, host.name)}].roles",
+                          f"{host.name} is a Windows host: the agent services run by compose on "
+                          f"Linux (local_sandbox needs Landlock, Linux 5.13+)",
+                          "give the role 'agent' to a Linux host")
+
+
+def websocket_port(inventory: Inventory, shown: str) -> Iterator[Problem]:
+    """api_websocket's host port: a port number of its own on the api hosts."""
+    port = inventory.settings["app"]["websocket_port"]
+    taken = {5001: "the api", 5002: "the plugin daemon", 3000: "web",
+             placement.AGENT_PORT: "the agent backend", 22: "SSH", 80: "HTTP", 443: "HTTPS"}
+    if not 1024 <= port <= 65535 or port in taken:
+        why = f" (used by {taken[port]})" if port in taken else ""
+        yield Problem(shown, "app.websocket_port", f"{port} is not a free port{why}",
+                      "use a port of its own between 1024 and 65535, e.g. 5006")
 
 
 def queue_coverage(inventory: Inventory, shown: str) -> Iterator[Problem]:
@@ -71,7 +103,7 @@ def queue_coverage(inventory: Inventory, shown: str) -> Iterator[Problem]:
                                                      [g["name"] for g in groups])}
     consumed: set[str] = set()
     for index, group in enumerate(groups):
-        queues = profile.queues if group["queues"] == "all" else group["queues"]
+        queues = inventory.worker_queues(group)
         for queue_index, queue in enumerate(queues):
             if queue not in profile.queues:
                 yield Problem(shown, f"app.worker_groups[{index}].queues[{queue_index}]",
@@ -80,13 +112,18 @@ def queue_coverage(inventory: Inventory, shown: str) -> Iterator[Problem]:
         if group["name"] in running:
             consumed.update(queues)
     missing = [queue for queue in profile.queues if queue not in consumed]
+    rest = [g["name"] for g in groups if g["queues"] == "rest"]
+    if len(rest) > 1:
+        yield Problem(shown, "app.worker_groups",
+                      f"more than one group says `queues: rest` ({', '.join(rest)})",
+                      "give `rest` to one group and list the others' queues by name")
     if missing:
         yield Problem(shown, "app.worker_groups",
                       f"no worker consumes the queue(s) {', '.join(missing)} of Dify "
                       f"{profile.version}: their tasks (documents, mail, workflows) would wait "
                       f"in 'Queuing' forever",
                       "add them to a worker group that runs on a worker host, or set "
-                      "`queues: all` on one group")
+                      "`queues: all` or `queues: rest` on one group")
 
 
 def broker_not_on_cluster(inventory: Inventory, shown: str) -> Iterator[Problem]:
@@ -113,10 +150,28 @@ def broker_not_on_cluster(inventory: Inventory, shown: str) -> Iterator[Problem]
         yield Problem(shown, "cache.mode", f"a Redis Cluster needs 3 or more masters, the "
                       f"inventory has {len(hosts)} cache host(s)",
                       "add cache hosts or set cache.mode to standalone")
+    if cache["mode"] == "sentinel" and inventory.with_role("dev_backend"):
+        yield Problem(shown, "cache.mode",
+                      "Dify run from source on a dev_backend host builds its pub/sub client "
+                      "(streaming answers) from REDIS_HOST:REDIS_PORT, which cannot follow a "
+                      "Sentinel failover: streaming would break at the first one",
+                      "use cache.mode standalone in a home-lab inventory")
     if cache["mode"] == "sentinel" and 0 < len(hosts) < 3:
         yield Problem(shown, "cache.mode", f"Sentinel needs 3 or more cache hosts to reach a "
                       f"quorum, the inventory has {len(hosts)}",
                       "add cache hosts, or set cache.mode to standalone on a single host")
+
+
+def dev_release(inventory: Inventory, shown: str) -> Iterator[Problem]:
+    """A home lab's checkout must be the release whose profile drives it (queues, Celery app)."""
+    ref = inventory.settings["dev"]["dify_ref"]
+    version = inventory.profile.version
+    if inventory.with_role("dev_backend") and re.fullmatch(r"\d+\.\d+\.\d+", ref) \
+            and ref != version:
+        yield Problem(shown, "dev.dify_ref",
+                      f"checks out Dify {ref}, but dify.version is {version}: the worker would "
+                      f"consume {version}'s queues with {ref}'s code",
+                      f"set dify.version: \"{ref}\" or dev.dify_ref: \"{version}\"")
 
 
 def vector_store(inventory: Inventory, shown: str) -> Iterator[Problem]:
@@ -205,9 +260,12 @@ def connection_parts(inventory: Inventory) -> list[tuple[str, int]]:
     api_hosts = inventory.with_role("api")
     worker_processes = sum(len(host.worker_groups or groups)
                            for host in inventory.with_role("worker"))
+    # api_websocket: one gunicorn worker per api host, with the api's pool.
+    sockets = len(api_hosts) if placement.websocket_enabled(inventory) else 0
     parts = [
         (f"api {len(api_hosts)}x{app['api']['server_workers']}x{pool('api')}",
          len(api_hosts) * app["api"]["server_workers"] * pool("api")),
+        (f"api_websocket {sockets}x1x{pool('api')}", sockets * pool("api")),
         (f"workers {worker_processes}x{pool('worker')}", worker_processes * pool("worker")),
         ("beat", len(inventory.with_role("beat")) * pool("beat")),
         ("plugin daemon", len(inventory.with_role("plugin_daemon"))
@@ -390,6 +448,6 @@ def index_of(inventory: Inventory, name: str) -> int:
     return next(i for i, host in enumerate(inventory.hosts) if host.name == name)
 
 
-RULES: tuple[Rule, ...] = (role_presence, queue_coverage, broker_not_on_cluster, vector_store,
-                           shared_storage, connection_budget, tls_settings, monitor_settings,
-                           netplan.check, logging_settings)
+RULES: tuple[Rule, ...] = (role_presence, websocket_port, queue_coverage, broker_not_on_cluster,
+                           dev_release, vector_store, shared_storage, connection_budget,
+                           tls_settings, monitor_settings, netplan.check, logging_settings)

@@ -6,7 +6,9 @@ with the `secrets` module, never overwritten, never printed.
 
 from __future__ import annotations
 
+import base64
 import os
+import re
 import secrets as random
 import stat
 from collections.abc import Callable
@@ -14,17 +16,22 @@ from dataclasses import dataclass
 
 from dotenv import dotenv_values
 
+from tasks.core import placement
 from tasks.core.errors import Problem
 from tasks.core.inventory import Inventory
 from tasks.core.project import display
 
 MIN_LENGTH = 16
+BASE64URL = re.compile(r"^[A-Za-z0-9_-]+$")
 
 # Values published in Dify's example files and in the original plan, plus obvious placeholders.
 PUBLISHED = frozenset({
     "sk-9f73s3ljTXVcMT3Blb3ljTqtsKiGHXVcMT3BlbkFJLK7U",
     "difyai123456",
     "dify-sandbox",
+    "inner-api-key",
+    "MDEyMzQ1Njc4OWFiY2RlZjAxMjM0NTY3ODlhYmNkZWY",
+    "dify-agent-run-token-for-dev-only",
     "lYkiYYT6owG+71oLerGzA7GXCgOT++6ovaezWAjpCjf+Sjc3ZtU+qUEi",
     "QaHbTe77CtuXmsfyhR7+vRjI/+XbV1AaFy691iy+kGDv2Jvy0/eAh8Y1",
     "WVF5YThaHlkYwhGUSmCRgsX3tD5ngdN8pkih",
@@ -49,11 +56,29 @@ class SecretSpec:
     purpose: str
     needed: Callable[[Inventory], bool]
     generated: bool = True
+    # Why a value of the right length is still unusable (None: it is fine).
+    shape: Callable[[str], str | None] | None = None
 
 
 def always(_: Inventory) -> bool:
     """Needed by every inventory."""
     return True
+
+
+def runs_agent(inventory: Inventory) -> bool:
+    """Needed where the release runs the agent services (Dify 1.16.1+)."""
+    return placement.agent_host(inventory) is not None
+
+
+def base64url_32(value: str) -> str | None:
+    """The agent backend's server secret: unpadded base64url of exactly 32 bytes (it refuses to
+    start otherwise)."""
+    text = value.strip()
+    if not BASE64URL.match(text):
+        return "is not unpadded base64url text (the agent backend refuses it)"
+    if len(base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))) != 32:
+        return "does not decode to exactly 32 bytes (the agent backend refuses it)"
+    return None
 
 
 SPECS: tuple[SecretSpec, ...] = (
@@ -65,6 +90,12 @@ SPECS: tuple[SecretSpec, ...] = (
     SecretSpec("SANDBOX_API_KEY", "api/worker -> sandbox (CODE_EXECUTION_API_KEY)", always),
     SecretSpec("PLUGIN_DAEMON_KEY", "api -> plugin daemon (the daemon's SERVER_KEY)", always),
     SecretSpec("PLUGIN_DIFY_INNER_API_KEY", "plugin daemon -> api inner API", always),
+    SecretSpec("DIFY_AGENT_SERVER_SECRET_KEY", "the agent backend's root secret (Agent Stub "
+               "tokens)", runs_agent, shape=base64url_32),
+    SecretSpec("DIFY_AGENT_API_TOKEN", "api/worker -> agent backend (AGENT_BACKEND_API_TOKEN)",
+               runs_agent),
+    SecretSpec("DIFY_AGENT_SHELLCTL_AUTH_TOKEN", "agent backend -> local sandbox (shellctl)",
+               runs_agent),
     SecretSpec("WEAVIATE_API_KEY", "Weaviate API-key authentication",
                lambda inv: inv.settings["vector"]["store"] == "weaviate"),
     SecretSpec("PGVECTOR_PASSWORD", "the pgvector role Dify's PGVECTOR_USER names",
@@ -135,7 +166,7 @@ def weakness(spec: SecretSpec, value: str | None) -> str | None:
         return "is a published default or placeholder: anyone can read it"
     if spec.generated and len(value) < MIN_LENGTH:
         return f"shorter than {MIN_LENGTH} characters"
-    return None
+    return spec.shape(value) if spec.shape else None
 
 
 def generate(inventory: Inventory) -> list[str]:
@@ -156,7 +187,8 @@ def generate(inventory: Inventory) -> list[str]:
 
 
 def new_secret(name: str) -> str:
-    """A random value: URL-safe, so it can sit in a Redis or PostgreSQL URL unquoted."""
+    """A random value: URL-safe, so it can sit in a Redis or PostgreSQL URL unquoted; 32 random
+    bytes as unpadded base64url, which is also what DIFY_AGENT_SERVER_SECRET_KEY must be."""
     return ("sk-" if name == "SECRET_KEY" else "") + random.token_urlsafe(42 if name ==
                                                                          "SECRET_KEY" else 32)
 

@@ -18,6 +18,7 @@ import json
 import re
 import shlex
 
+from tasks.core import placement
 from tasks.core.errors import InputError, Problem
 from tasks.core.gates import CommandGate, HttpGate
 from tasks.core.inventory import APP_ROLES, Host, Inventory
@@ -38,8 +39,11 @@ ROLE_COMPONENTS = {
     "beat": ("api",),
     "web": ("web",),
     "plugin_daemon": ("plugin_daemon",),
+    # Only where placement.runs_agent says (a release with agent_backend, one host).
+    placement.AGENT_ROLE: placement.AGENT_SERVICES,
 }
-LIMITED = ("api", "worker", "beat", "plugin_daemon", "web", "sandbox", "ssrf_proxy")
+LIMITED = ("api", "worker", "beat", "plugin_daemon", "web", "sandbox", "ssrf_proxy",
+           "api_websocket", *placement.AGENT_SERVICES)
 CPUS = re.compile(r"^\d+(\.\d+)?$")
 MEMORY = re.compile(r"^\d+(\.\d+)?[kmgKMG]?[bB]?$")
 
@@ -64,11 +68,62 @@ def migration_host(inventory: Inventory) -> Host:
     return inventory.with_role("api")[0]
 
 
+def runs_redis_proxy(inventory: Inventory, host: Host) -> bool:
+    """Whether a host runs redis_proxy: in Sentinel mode, wherever a container reads Redis from
+    REDIS_HOST:REDIS_PORT (Dify's pub/sub, the plugin daemon) or a redis:// URL (the agent
+    backend), which cannot follow Sentinel."""
+    return (inventory.settings["cache"]["mode"] == "sentinel"
+            and (host.has("api", "worker", "beat", "plugin_daemon")
+                 or placement.runs_agent(inventory, host)))
+
+
+def host_roles(inventory: Inventory, host: Host) -> tuple[str, ...]:
+    """The host's app roles that run something with this release (`agent` only where the
+    release has the agent services)."""
+    return tuple(role for role in ROLE_COMPONENTS if host.has(role) and (
+        role != placement.AGENT_ROLE or placement.runs_agent(inventory, host)))
+
+
 def host_images(inventory: Inventory, host: Host) -> dict[str, str]:
-    """component -> image for every Dify component this host runs (as the host names it)."""
-    components = sorted({c for role, comps in ROLE_COMPONENTS.items() if host.has(role)
-                         for c in comps})
-    return {component: inventory.image(component) for component in components}
+    """component -> image for every component this host runs (as the host names it);
+    api_websocket runs the api image."""
+    components = {c for role in host_roles(inventory, host) for c in ROLE_COMPONENTS[role]}
+    if runs_redis_proxy(inventory, host):
+        components.add("redis_proxy")
+    return {component: inventory.image(component) for component in sorted(components)}
+
+
+def compose_file(inventory: Inventory, renderer: Renderer, host: Host) -> str:
+    """The host's compose project (its components decide which services it holds)."""
+    return renderer.render("compose/app.yml.j2", host,
+                           components=host_images(inventory, host))
+
+
+def services_of(inventory: Inventory, host: Host) -> list[str]:
+    """The compose services this host runs (what `inv app.status` expects to find)."""
+    groups = inventory.settings["app"]["worker_groups"]
+    names = [g["name"] for g in groups if g["name"] in (host.worker_groups or
+                                                         [g["name"] for g in groups])]
+    found = []
+    if host.has("api"):
+        found.append("api")
+        if placement.websocket_enabled(inventory):
+            found.append("api_websocket")
+    if host.has("worker"):
+        found += [f"worker_{name}" for name in names]
+    if host.has("beat"):
+        found.append("worker_beat")
+    if host.has("web"):
+        found.append("web")
+    if host.has("plugin_daemon"):
+        found.append("plugin_daemon")
+    if host.has("api", "worker"):
+        found += ["sandbox", "ssrf_proxy"]
+    if runs_redis_proxy(inventory, host):
+        found.append("redis_proxy")
+    if placement.runs_agent(inventory, host):
+        found += list(placement.AGENT_SERVICES)
+    return found
 
 
 def release(inventory: Inventory, host: Host) -> dict:
@@ -163,16 +218,26 @@ def steps(inventory: Inventory, renderer: Renderer, host: Host, *,
     which checks the release and migrates once for all hosts before it replaces any.
     """
     check_limits(inventory)
+    if not host_roles(inventory, host):
+        return []  # e.g. role `agent` alone with a release that has no agent services
+    agent = placement.runs_agent(inventory, host)
     directory = deploy_dir(inventory)
     timeout = inventory.settings["app"]["health_timeout"]
     env = renderer.render("config/env/dify.env.j2", host)
     files = [
         WriteFile(f"{directory}/.env", env, mode=0o600, secret=True),
-        WriteFile(f"{directory}/compose.yml", renderer.render("compose/app.yml.j2", host)),
+        WriteFile(f"{directory}/compose.yml", compose_file(inventory, renderer, host)),
     ]
+    if runs_redis_proxy(inventory, host):
+        files.append(WriteFile(f"{directory}/redis-proxy.cfg",
+                               renderer.render("config/haproxy/redis-master.cfg.j2", host),
+                               mode=0o600, secret=True))
     if host.has("api", "worker"):
         files.append(WriteFile(f"{directory}/squid.conf",
-                               renderer.render("config/squid/squid.conf.j2", host)))
+                               renderer.render("config/squid/squid.conf.j2", host, proxy="ssrf")))
+    if agent:
+        files.append(WriteFile(f"{directory}/squid-agent.conf",
+                               renderer.render("config/squid/squid.conf.j2", host, proxy="agent")))
     triggers = tuple(step.path for step in files)
     migrator = migration_host(inventory)
     is_migrator = host.name == migrator.name
@@ -203,7 +268,7 @@ def steps(inventory: Inventory, renderer: Renderer, host: Host, *,
         f"reach no registry, ship them with inv images.sync' >&2; exit 1; }}",
         unless="docker image inspect " + " ".join(shlex.quote(i) for i in images)
                + " >/dev/null 2>&1"))
-    if host.has("api", "worker", "beat", "plugin_daemon"):
+    if host.has("api", "worker", "beat", "plugin_daemon") or agent:
         primary = inventory.with_role("db_primary")[0]
         plan.append(reachable("PostgreSQL", primary.address, inventory.settings["db"]["port"],
                               timeout))
@@ -220,7 +285,7 @@ def steps(inventory: Inventory, renderer: Renderer, host: Host, *,
         plan.append(WaitFor(HttpGate(
             f"{migrator.name} api /console/api/setup (database migrated)", timeout=timeout,
             interval=2, url=f"http://{migrator.address}:5001/console/api/setup")))
-    if host.has("api"):
+    if host.has("api") or agent:  # agent_backend calls the plugin daemon too
         plan += [WaitFor(HttpGate(f"plugin daemon on {pd.name}", timeout=timeout, interval=2,
                                   url=f"http://{pd.address}:5002/health/check"))
                  for pd in daemons]
@@ -230,15 +295,30 @@ def steps(inventory: Inventory, renderer: Renderer, host: Host, *,
 
 
 def gates(inventory: Inventory, host: Host) -> list[WaitFor]:
-    """The health answers of the services this host serves (probed from the control machine)."""
+    """The health answers of the services this host serves (probed from the control machine);
+    local_sandbox, which only agent_backend reaches, by its healthcheck on the host."""
     timeout = inventory.settings["app"]["health_timeout"]
-    probes = [("api", 5001, "/health", "ok"), ("api", 5001, "/console/api/setup", ""),
-              ("plugin_daemon", 5002, "/health/check", ""), ("web", 3000, "/", "")]
+    api, agent = host.has("api"), placement.runs_agent(inventory, host)
+    websocket = api and placement.websocket_enabled(inventory)
+    port = inventory.settings["app"]["websocket_port"]
+    # (service, port, path, answer contains, whether this host runs it)
+    probes = [("api", 5001, "/health", "ok", api), ("api", 5001, "/console/api/setup", "", api),
+              ("api_websocket", port, "/health", "ok", websocket),
+              ("plugin_daemon", 5002, "/health/check", "", host.has("plugin_daemon")),
+              ("web", 3000, "/", "", host.has("web")),
+              ("agent_backend", placement.AGENT_PORT, placement.AGENT_HEALTH_PATH, "", agent)]
     directory = deploy_dir(inventory)
-    return [WaitFor(HttpGate(f"{role} {path}", timeout=timeout, interval=1, contains=contains,
-                             url=f"http://{host.address}:{port}{path}"),
-                    restart=restart_compose(directory, PROJECT, role))
-            for role, port, path, contains in probes if host.has(role)]
+    found = [WaitFor(HttpGate(f"{service} {path}", timeout=timeout, interval=1,
+                              contains=contains, url=f"http://{host.address}:{port}{path}"),
+                     restart=restart_compose(directory, PROJECT, service))
+             for service, port, path, contains, runs in probes if runs]
+    if agent:
+        found.append(WaitFor(CommandGate(
+            f"local_sandbox healthy (:{placement.SHELLCTL_PORT}/healthz)", timeout=timeout,
+            interval=1, command=f"{compose(directory)} ps --format '{{{{.Health}}}}' "
+                                f"local_sandbox | grep -qx healthy"),
+            restart=restart_compose(directory, PROJECT, "local_sandbox")))
+    return found
 
 
 def leaders(inventory: Inventory) -> list[Host]:

@@ -37,7 +37,7 @@ STATE = "/var/lib/difyops/net"
 FIREWALLED_ROLES = tuple(role for role in ROLES if role != "dev_frontend")
 DOCKER_INTERFACES = ("docker0", "br-*")
 # Roles whose compose services run on Docker bridge networks (Weaviate uses the host network).
-BRIDGED_ROLES = ("api", "worker", "beat", "web", "plugin_daemon", "monitor", "logging")
+BRIDGED_ROLES = ("api", "worker", "beat", "web", "plugin_daemon", "agent", "monitor", "logging")
 CONFIRM_FIREWALL = "new SSH connection confirming the firewall"
 CONFIRM_SSHD = "new key-based SSH login confirming the sshd hardening"
 REFUSED = "the host refused the confirmation"

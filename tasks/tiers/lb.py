@@ -21,6 +21,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from tasks.core import placement
 from tasks.core.errors import DifyopsError, HostError, InputError, Problem
 from tasks.core.fleet import Outcome, each_host
 from tasks.core.gates import HttpGate
@@ -45,6 +46,7 @@ ACCESS_LOG = "/var/log/nginx/dify.access.log"
 # (upstream, role, port): who serves what behind the balancer.
 UPSTREAMS = (("dify_api", "api", 5001), ("dify_web", "web", 3000),
              ("dify_plugin_daemon", "plugin_daemon", 5002))
+WEBSOCKET = "dify_websocket"
 HOST_TAG = re.compile(r"; # host=([a-z0-9-]+)$")
 
 
@@ -67,6 +69,9 @@ class Upstream:
     role: str
     port: int
     members: tuple[Member, ...]
+    # A client keeps its server (by address) across requests: socket.io's polling and its
+    # upgraded connection must reach the same api_websocket.
+    sticky: bool = False
 
     @property
     def drainable(self) -> bool:
@@ -84,17 +89,27 @@ def endpoint(address: str, port: int) -> str:
     return f"{address}:{port}"
 
 
+def upstream_table(inventory: Inventory) -> list[tuple[str, str, int]]:
+    """(upstream, role, port) of this inventory: UPSTREAMS, plus api_websocket on the api hosts
+    when collaboration runs (tasks/core/placement.py)."""
+    table = list(UPSTREAMS)
+    if placement.websocket_enabled(inventory):
+        table.append((WEBSOCKET, "api", inventory.settings["app"]["websocket_port"]))
+    return table
+
+
 def upstreams(inventory: Inventory) -> list[Upstream]:
     """The balancer's upstreams; a role without hosts is refused (nginx would refuse it too)."""
     result, problems = [], []
-    for name, role, port in UPSTREAMS:
+    for name, role, port in upstream_table(inventory):
         hosts = inventory.with_role(role)
         if not hosts:
             problems.append(Problem(display(inventory.file), "hosts[*].roles",
                                     f"the load balancer needs a host with role {role!r} "
                                     f"(upstream {name})", f"add {role!r} to the roles of a host"))
         result.append(Upstream(name, role, port, tuple(
-            Member(h.name, endpoint(h.address, port)) for h in hosts)))
+            Member(h.name, endpoint(h.address, port)) for h in hosts),
+            sticky=name == WEBSOCKET and len(hosts) > 1))
     if problems:
         raise InputError(problems)
     return result
@@ -559,7 +574,8 @@ def routes(inventory: Inventory) -> list[tuple[str, str, str]]:
     profile = inventory.profile.routes
     table = [(p, "dify_api") for p in profile["api"]]
     table += [(p, "dify_plugin_daemon") for p in profile["plugin_daemon"]]
-    table += [(p, "dify_api") for p in profile.get("websocket", [])]
+    if placement.websocket_enabled(inventory):
+        table += [(p, WEBSOCKET) for p in profile.get("websocket", [])]
     table += [("/_next/static/", "dify_web")]
     table += [(p, "dify_web") for p in profile["web"]]
     return [(route, route if route == "/" else route.rstrip("/") + "/difyops-check", upstream)

@@ -37,8 +37,12 @@ LABEL = "difyops.standin.inputs"
 RELEASES: dict[str, dict] = {
     "1.5.1": {"revisions": ["5e2a1c0b0151"], "migration_mode": False},
     "1.13.3": {"revisions": ["5e2a1c0b0151", "7f3b2d1c1133"], "migration_mode": True},
+    "1.16.1": {"revisions": ["5e2a1c0b0151", "7f3b2d1c1133", "9c1d4e2f1161"],
+               "migration_mode": True},
 }
-ROLES = ("api", "web", "plugin_daemon", "sandbox", "ssrf_proxy")
+# Components with an image of their own; a release's profile decides which it has
+# (agent_ssrf_proxy runs the squid image of ssrf_proxy).
+ROLES = ("api", "web", "plugin_daemon", "sandbox", "ssrf_proxy", "agent_backend", "local_sandbox")
 
 
 def digest(*parts: str | bytes) -> str:
@@ -108,6 +112,8 @@ def ensure_images(client: docker.DockerClient, base_image: str,
         release = RELEASES[version] if "api" in roles else None
         names[version] = {}
         for role in roles:
+            if role not in load_profile(version).images:
+                continue
             name = image_name(version, role)
             if role == "api":
                 text = role_dockerfile(core, role, version, release)

@@ -1,11 +1,14 @@
 """cache tier on real hosts: Redis with Sentinel failover, then a Redis Cluster with a broker.
 
-r1 r2 r3 run redis-server and redis-sentinel (sentinel mode); c1 c2 c3 run two cluster nodes
-each and cb the standalone broker Redis (cluster mode). The tests run in order and share hosts.
+r1 r2 r3 run redis-server and redis-sentinel (sentinel mode); rp runs a real HAProxy with the app
+tier's redis_proxy configuration (what Dify's pub/sub reaches in Sentinel mode); c1 c2 c3 run two
+cluster nodes each and cb the standalone broker Redis (cluster mode). The tests run in order and
+share hosts.
 """
 
 from __future__ import annotations
 
+import base64
 import os
 import subprocess
 import sys
@@ -16,6 +19,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from tasks.core.inventory import load_inventory
+from tasks.core.render import Renderer
 from tests.integration.lab import Lab, LabHost
 from tests.integration.support import release, summary_columns, until
 
@@ -64,12 +69,44 @@ def make_lab(lab: Lab, folder: Path, mode: str, roles: dict[str, list[str]]) -> 
 
 @pytest.fixture(scope="module")
 def sentinel(lab: Lab, tmp_path_factory: pytest.TempPathFactory) -> Iterator[CacheLab]:
-    # db_primary and dev_backend only satisfy the inventory rules: no db or app tier runs here.
+    # db_primary and dev_frontend only satisfy the inventory rules: no db or app tier runs here.
     cache = make_lab(lab, tmp_path_factory.mktemp("sentinel"), "sentinel",
-                     {"r1": ["cache", "db_primary", "dev_backend"], "r2": ["cache"],
+                     {"r1": ["cache", "db_primary", "dev_frontend"], "r2": ["cache"],
                       "r3": ["cache"]})
     yield cache
     release(lab, cache.hosts)
+
+
+@pytest.fixture(scope="module")
+def redis_proxy(lab: Lab, sentinel: CacheLab) -> Iterator[LabHost]:
+    """A host running HAProxy from the OS packages with the app tier's rendered redis_proxy
+    configuration and the command line of the compose service (the packaged unit's sandboxing
+    needs mount namespaces, which a lab host does not have)."""
+    host = lab.start(["rp"])[0]
+    os.environ["DIFY_SECRETS"] = str(sentinel.secrets)
+    inventory = load_inventory(sentinel.inventory)
+    config = Renderer(inventory).render("config/haproxy/redis-master.cfg.j2",
+                                        inventory.host("r1"))
+    data = base64.b64encode(config.encode()).decode()
+    code, out = host.exec("DEBIAN_FRONTEND=noninteractive apt-get install -y -q haproxy "
+                          f">/dev/null && echo {data} | base64 -d > /etc/haproxy/haproxy.cfg && "
+                          "haproxy -c -f /etc/haproxy/haproxy.cfg && systemctl disable --now "
+                          "haproxy && systemd-run --unit difyops-redis-proxy haproxy -W -db -f "
+                          "/etc/haproxy/haproxy.cfg")
+    assert code == 0, out
+    yield host
+    release(lab, {"rp": host})
+
+
+def through_proxy(cache: CacheLab, proxy: LabHost, command: str) -> str:
+    """A redis-cli command sent to the proxy (from r3, which has redis-cli and the password)."""
+    return cache.redis("r3", command, 6379, proxy.address)
+
+
+def run_id(answer: str) -> str:
+    """run_id from an INFO server answer."""
+    return next(line.split(":", 1)[1].strip() for line in answer.splitlines()
+                if line.startswith("run_id:"))
 
 
 def sentinel_views(cache: CacheLab, client: str) -> set[str]:
@@ -108,6 +145,14 @@ def test_sentinel_deploy_one_master_two_replicas(sentinel: CacheLab) -> None:
     assert status.returncode == 0, status.stdout + status.stderr
 
 
+def test_the_redis_proxy_reaches_the_master(sentinel: CacheLab, redis_proxy: LabHost) -> None:
+    until(lambda: "role:master" in through_proxy(sentinel, redis_proxy, "info replication"),
+          15, "the proxy forwards to a master")
+    assert run_id(through_proxy(sentinel, redis_proxy, "info server")) == \
+        run_id(sentinel.redis("r1", "info server"))
+    assert through_proxy(sentinel, redis_proxy, "set via-proxy yes") == "OK"
+
+
 def test_sentinel_second_deploy_changes_nothing(sentinel: CacheLab) -> None:
     second = sentinel.inv("cache.deploy")
     assert second.returncode == 0, second.stdout + second.stderr
@@ -131,6 +176,18 @@ def test_killed_master_is_replaced_and_clients_follow(sentinel: CacheLab) -> Non
     status = sentinel.inv("cache.status")
     assert status.returncode == 1
     assert "r1:6379" in status.stderr
+
+
+def test_the_redis_proxy_follows_the_failover(sentinel: CacheLab, redis_proxy: LabHost) -> None:
+    """What Dify's pub/sub reaches through REDIS_HOST=redis_proxy is the new master."""
+    new = celery_style_master(sentinel, "r3")
+    name = next(n for n in ("r2", "r3") if sentinel.address(n) == new)
+    took = until(lambda: run_id(through_proxy(sentinel, redis_proxy, "info server"))
+                 == run_id(sentinel.redis(name, "info server")), 15,
+                 "the proxy forwards to the new master")
+    print(f"\nthe Redis proxy reached the new master {took:.1f} s after Sentinel named it")
+    assert through_proxy(sentinel, redis_proxy, "get via-proxy") == "yes"
+    assert through_proxy(sentinel, redis_proxy, "set via-proxy-after ok") == "OK"
 
 
 def test_deploy_after_failover_keeps_the_new_master(sentinel: CacheLab) -> None:

@@ -39,7 +39,8 @@ CHECKOUT = "/home/deploy/dify"
 API = f"{CHECKOUT}/api"
 UNITS = ("dify-api-dev.service", "dify-worker-dev.service")
 WEB_UNIT = "dify-web-dev.service"
-QUEUES = load_profile("1.13.3").queues
+VERSION = "1.14.2"
+PROFILE = load_profile(VERSION)
 
 
 def wait_until(what: str, probe: Callable[[], Any], timeout: float = 60) -> Any:
@@ -78,6 +79,7 @@ class Lab3:
         subnet = lab.client.networks.get(lab.network_name).attrs["IPAM"]["Config"][0]["Subnet"]
         self.inventory = {
             "name": "devlab",
+            "dify": {"version": VERSION},
             "cache": {"mode": "standalone"},
             "vector": {"store": "pgvector"},
             "dev": {"network": subnet, "dify_source": CHECKOUT},
@@ -215,15 +217,16 @@ def test_api_answers_through_the_real_database_and_redis(devlab: Lab3) -> None:
 
 def test_worker_consumes_every_queue_of_the_version(devlab: Lab3) -> None:
     code, out = devlab.vm.exec(f"cd {API} && runuser -u deploy -- /usr/local/bin/uv run "
-                               "--no-sync celery -A app.celery inspect active_queues --json "
-                               "-t 10")
+                               f"--no-sync celery -A {PROFILE.celery_app} inspect "
+                               "active_queues --json -t 10")
     assert code == 0, out
     replies = json.loads(out.strip().splitlines()[-1])
     consumed = {queue["name"] for queues in replies.values() for queue in queues}
-    assert consumed == set(QUEUES), sorted(set(QUEUES) ^ consumed)
+    assert consumed == set(PROFILE.queues), sorted(set(PROFILE.queues) ^ consumed)
     assert list(replies) == ["dify-dev@ubuntu-vm"]
-    assert "worker consumes the 16 queues of Dify 1.13.3 ... unchanged: 16 queues consumed" \
-        in devlab.runs["dev.backend"].stdout
+    count = len(PROFILE.queues)
+    assert (f"worker consumes the {count} queues of Dify {VERSION} ... unchanged: {count} "
+            f"queues consumed") in devlab.runs["dev.backend"].stdout
 
 
 def test_frontend_serves_pages_pointing_at_the_vm_api(devlab: Lab3) -> None:

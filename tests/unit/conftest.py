@@ -39,9 +39,12 @@ InventoryFactory = Callable[..., Path]
 
 
 def good_secrets() -> dict[str, str]:
-    """A strong, unique value for every secret difyops knows."""
-    return {spec.name: f"unit-test-{spec.name.lower()}-0123456789abcdef"
-            for spec in secrets.SPECS}
+    """A strong, unique value for every secret difyops knows (of the shape it must have)."""
+    values = {spec.name: f"unit-test-{spec.name.lower()}-0123456789abcdef"
+              for spec in secrets.SPECS}
+    # 32 bytes as unpadded base64url, as the agent backend requires.
+    values["DIFY_AGENT_SERVER_SECRET_KEY"] = "dW5pdC10ZXN0LWFnZW50LXNlcnZlci1zZWNyZXQtMzI"
+    return values
 
 
 @pytest.fixture

@@ -3,6 +3,7 @@ replacement, image shipping decisions and the hooks other tiers plug into."""
 
 from __future__ import annotations
 
+import copy
 import io
 from typing import Any
 
@@ -67,8 +68,13 @@ def test_healthchecks_where_an_endpoint_exists_restart_everywhere(load, base) ->
                 **compose_of(inventory, "web1")["services"]}
     probes = {name: " ".join(s["healthcheck"]["test"]) for name, s in services.items()
               if "healthcheck" in s}
-    assert set(probes) == {"api", "plugin_daemon", "sandbox", "web"}
+    # Dify 1.16.1: api_websocket on the api hosts, the agent services on the first api host.
+    assert set(probes) == {"api", "api_websocket", "plugin_daemon", "sandbox", "web",
+                           "agent_backend", "local_sandbox"}
     assert "http://127.0.0.1:5001/health" in probes["api"]
+    assert "http://127.0.0.1:5001/health" in probes["api_websocket"]
+    assert "http://127.0.0.1:5050/openapi.json" in probes["agent_backend"]
+    assert "http://127.0.0.1:5004/healthz" in probes["local_sandbox"]
     assert "http://127.0.0.1:5002/health/check" in probes["plugin_daemon"]
     assert "http://127.0.0.1:8194/health" in probes["sandbox"]
     assert "http://127.0.0.1:3000/" in probes["web"]
@@ -86,7 +92,7 @@ def test_only_the_one_off_container_migrates(load, base) -> None:
     service = migration["services"]["migration"]
     assert service["environment"] == {"MODE": "migration", "MIGRATION_ENABLED": "true"}
     assert service["restart"] == "no"
-    assert service["image"] == "langgenius/dify-api:1.13.3"
+    assert service["image"] == "langgenius/dify-api:1.16.1"
     paths = {s.path for s in plan_of(inventory, "api2") if isinstance(s, WriteFile)}
     assert not any("/migration/" in path for path in paths)
 
@@ -104,10 +110,12 @@ def test_private_registry_names_every_image(load, base) -> None:
     base["dify"] = {"registry_mirror": "mirror.example/", "private_registry": "reg.lan:5000/"}
     inventory = load(base)
     assert compose_of(inventory, "api1")["services"]["api"]["image"] == \
-        "reg.lan:5000/langgenius/dify-api:1.13.3"
-    assert inventory.upstream_image("api") == "mirror.example/langgenius/dify-api:1.13.3"
-    assert images_engine.upstream(inventory)["reg.lan:5000/langgenius/dify-web:1.13.3"] == \
-        "mirror.example/langgenius/dify-web:1.13.3"
+        "reg.lan:5000/langgenius/dify-api:1.16.1"
+    assert inventory.upstream_image("api") == "mirror.example/langgenius/dify-api:1.16.1"
+    assert images_engine.upstream(inventory)["reg.lan:5000/langgenius/dify-web:1.16.1"] == \
+        "mirror.example/langgenius/dify-web:1.16.1"
+    assert compose_of(inventory, "api1")["services"]["agent_backend"]["image"] == \
+        "reg.lan:5000/langgenius/dify-agent-backend:1.16.1"
 
 
 # --- the start order -----------------------------------------------------------------------
@@ -128,8 +136,10 @@ def test_the_migration_host_migrates_before_it_starts_anything(load, base) -> No
                                       "/opt/dify/migration -p dify-migration run --rm -T "
                                       "migration 2>&1) || {")
     assert migrate.command.count(migrate.unless) == 1  # verified after the run
-    assert names[-3:] == ["health api /health", "health api /console/api/setup",
-                          "health plugin_daemon /health/check"]
+    assert names[-6:] == ["health api /health", "health api /console/api/setup",
+                          "health api_websocket /health", "health plugin_daemon /health/check",
+                          "health agent_backend /openapi.json",
+                          "health local_sandbox healthy (:5004/healthz)"]
 
 
 def test_other_hosts_wait_for_the_migrated_api_and_the_plugin_daemon(load, base) -> None:
@@ -153,27 +163,70 @@ def test_the_release_check_names_the_way_to_change_releases(load, base) -> None:
     check = plan_of(load(base), "api2")[0]
     assert isinstance(check, RunCommand) and not check.changes
     assert check.command.startswith("test ! -f /opt/dify/release.json || { grep -qF "
-                                    "'\"version\": \"1.13.3\"' /opt/dify/release.json && "
-                                    "grep -qF '\"api\": \"langgenius/dify-api:1.13.3\"' ")
-    assert "inv app.upgrade --version 1.13.3" in check.command
+                                    "'\"version\": \"1.16.1\"' /opt/dify/release.json && "
+                                    "grep -qF '\"api\": \"langgenius/dify-api:1.16.1\"' ")
+    assert "inv app.upgrade --version 1.16.1" in check.command
     assert "release check" not in labels(plan_of(load(base), "api2", release_guard=False))
 
 
 def test_release_json_holds_the_version_and_images(load, base) -> None:
     record = yaml.safe_load(file_of(load(base), "web1", "/opt/dify/release.json"))
-    assert record == {"version": "1.13.3", "images": {"web": "langgenius/dify-web:1.13.3"}}
+    assert record == {"version": "1.16.1", "images": {"web": "langgenius/dify-web:1.16.1"}}
 
 
 # --- release rules -------------------------------------------------------------------------
 
 
-def test_upgrades_go_forward_one_release_at_a_time(monkeypatch) -> None:
-    monkeypatch.setattr(release, "available_versions", lambda: ["1.5.1", "1.9.0", "1.13.3"])
-    with pytest.raises(InputError, match=r"skips Dify 1\.9\.0: upgrades go one release at a time"):
-        release.check_step("1.5.1", "1.13.3")
+def test_upgrades_go_forward_and_may_cross_releases() -> None:
     with pytest.raises(InputError, match=r"go back with inv app\.rollback"):
-        release.check_step("1.13.3", "1.9.0")
-    release.check_step("1.9.0", "1.13.3")
+        release.check_step("1.14.2", "1.13.3")
+    release.check_step("1.13.3", "1.16.1")  # the target's migration chain holds every revision
+
+
+def upgraded(load, base, monkeypatch, history: list[dict], answers=lambda c: 0):
+    """release.upgrade to 1.16.1 with hosts replaced by fakes; returns (migration host's
+    commands, history as last written, report text)."""
+    base["dify"] = {"version": "1.13.3"}
+    inventory = load(base)
+    machine = FakeMachine(inventory.host("api1"), answers=answers)
+    written: list[list[dict]] = []
+    monkeypatch.setattr(release, "read_history", lambda inv: copy.deepcopy(history))
+    monkeypatch.setattr(release, "write_history",
+                        lambda inv, h: written.append(copy.deepcopy(h)) or [])
+    monkeypatch.setattr(release, "ensure_images", lambda *a: None)
+    monkeypatch.setattr(release, "connect", lambda host, timeouts=None: machine)
+    monkeypatch.setattr(release, "migrate", lambda target, report: release.Migration(
+        "aaa", "bbb", "bbb", ran=True))
+    monkeypatch.setattr(release, "replace", lambda *a: rollout.Outcome(replaced=["api1"]))
+    out = io.StringIO()
+    release.upgrade(inventory, "1.16.1", Report(out=out), release.Hooks(backup=None))
+    return machine.commands, written[-1], out.getvalue()
+
+
+def test_an_upgrade_across_releases_runs_each_release_step_once(load, base, monkeypatch) -> None:
+    start = [{"version": "1.13.3", "images": {}, "alembic": "aaa", "action": "deployed",
+              "backup": "", "at": "t0"}]
+    commands, history, text = upgraded(load, base, monkeypatch, start)
+    step = ("docker compose --project-directory /opt/dify/migration -p dify-migration run --rm "
+            "-T --entrypoint flask migration backfill-plugin-auto-upgrade")
+    assert commands == [step]
+    assert history[-1]["steps"] == ["1.15.0:backfill-plugin-auto-upgrade"]
+    assert history[-1]["complete"] and history[-1]["version"] == "1.16.1"
+    assert "release step of Dify 1.15.0: flask backfill-plugin-auto-upgrade" in text
+    # A resumed upgrade (stopped after the step) does not run it again.
+    resumed = [*start, {**history[-1], "complete": False}]
+    commands, history, _ = upgraded(load, base, monkeypatch, resumed)
+    assert commands == [] and history[-1]["steps"] == ["1.15.0:backfill-plugin-auto-upgrade"]
+
+
+def test_a_failed_release_step_stops_before_any_host_is_replaced(load, base,
+                                                                   monkeypatch) -> None:
+    start = [{"version": "1.14.2", "images": {}, "alembic": "aaa", "action": "deployed",
+              "backup": "", "at": "t0"}]
+    with pytest.raises(release.ReleaseError, match=r"release step backfill-plugin-auto-upgrade "
+                                                   r"of Dify 1\.15\.0 failed.*no host was "
+                                                   r"replaced yet"):
+        upgraded(load, base, monkeypatch, start, answers=lambda c: 1)
 
 
 def test_a_target_version_must_satisfy_the_rules(load, base) -> None:
@@ -370,10 +423,16 @@ def test_ship_sends_only_missing_or_different_images(load, base) -> None:
 def test_images_per_host_follow_roles(load, base) -> None:
     inventory = load(base)
     assert images_engine.host_images(inventory, inventory.host("web1")) == [
-        "langgenius/dify-web:1.13.3"]
+        "langgenius/dify-web:1.16.1"]
+    # api1, the first api host, runs the agent services too (no host has the role `agent`).
     assert images_engine.host_images(inventory, inventory.host("api1")) == [
-        "langgenius/dify-api:1.13.3", "langgenius/dify-plugin-daemon:0.5.3-local",
-        "langgenius/dify-sandbox:0.2.12", "ubuntu/squid:latest"]
+        "haproxy:2.8", "langgenius/dify-agent-backend:1.16.1",
+        "langgenius/dify-agent-local-sandbox:1.16.1", "langgenius/dify-api:1.16.1",
+        "langgenius/dify-plugin-daemon:0.6.3-local", "langgenius/dify-sandbox:0.2.15",
+        "ubuntu/squid:latest"]
+    assert images_engine.host_images(inventory, inventory.host("api2")) == [
+        "haproxy:2.8", "langgenius/dify-api:1.16.1", "langgenius/dify-sandbox:0.2.15",
+        "ubuntu/squid:latest"]
     assert images_engine.host_images(inventory, inventory.host("vector1")) == [
         "semitechnologies/weaviate:1.27.0"]
     assert images_engine.host_images(inventory, inventory.host("db1")) == []
@@ -416,14 +475,17 @@ def test_a_private_registry_gets_every_image_once(load, base) -> None:
     base["vector"] = {"store": "pgvector"}
     base["hosts"] = [h for h in base["hosts"] if h["name"] != "vector1"]
     inventory = load(base)
-    upstream = "mirror.example/langgenius/dify-api:1.13.3"
+    upstream = "mirror.example/langgenius/dify-api:1.16.1"
     docker = RegistryDocker({upstream: "id-api"})  # already pulled once
     rows = images_engine.prepare(inventory, docker, refresh=False)
     assert f"pull -q {upstream}" not in docker.commands
-    assert "pull -q mirror.example/langgenius/dify-web:1.13.3" in docker.commands
-    assert f"tag {upstream} reg.lan:5000/langgenius/dify-api:1.13.3" in docker.commands
+    assert "pull -q mirror.example/langgenius/dify-web:1.16.1" in docker.commands
+    assert "pull -q mirror.example/langgenius/dify-agent-backend:1.16.1" in docker.commands
+    assert f"tag {upstream} reg.lan:5000/langgenius/dify-api:1.16.1" in docker.commands
     pushes = [c for c in docker.commands if c.startswith("push")]
-    assert len(pushes) == 5 and all(" reg.lan:5000/" in c for c in pushes)
+    # api, web, plugin daemon, sandbox, squid (both proxies), the Redis proxy (Sentinel mode),
+    # agent backend, local sandbox
+    assert len(pushes) == 8 and all(" reg.lan:5000/" in c for c in pushes)
     assert {r.status for r in rows if r.where == "reg.lan:5000"} == {"pushed"}
     docker.commands.clear()
     again = images_engine.prepare(inventory, docker, refresh=False)

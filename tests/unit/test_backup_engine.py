@@ -167,7 +167,7 @@ def make_backup(store: Store, backup_id: str = "20250101T030000Z",
         (folder / name).write_bytes(data)
         entries.append({"path": name, "size": len(data),
                         "sha256": hashlib.sha256(data).hexdigest(), "encrypted": False})
-    write_json(folder / MANIFEST, {"id": backup_id, "dify_version": "1.13.3", "files": entries,
+    write_json(folder / MANIFEST, {"id": backup_id, "dify_version": "1.16.1", "files": entries,
                                    "databases": {"dify": {"file": "db/dify.dump",
                                                           "tables": {"public.t": 3}}},
                                    **manifest})
@@ -236,7 +236,7 @@ def test_restore_refuses_another_dify_version_before_touching_a_host(
     inventory = restore_inventory(load, base, tmp_path)
     make_backup(engine.store_of(inventory), dify_version="1.5.1")
     with pytest.raises(engine.BackupError, match=r"taken with Dify 1\.5\.1, this deployment "
-                                                 r"runs Dify 1\.13\.3.*--force"):
+                                                 r"runs Dify 1\.16\.1.*--force"):
         engine.restore_one(inventory, "20250101T030000Z", force=False, with_config=False,
                            out=lambda text: None)
     assert hosts_log == {"__answers__": {}}

@@ -8,6 +8,9 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
+
+from tasks.core.profiles import available_versions, load_profile
 
 ROOT = Path(__file__).resolve().parents[2]
 NAMESPACES = ("config", "db", "cache", "vector", "app", "images", "lb", "monitor", "backup", "dev",
@@ -60,6 +63,29 @@ def test_shipped_inventories_pass_config_check(name: str, tmp_path: Path) -> Non
     checked = inv("config.check", env=env)
     assert checked.returncode == 0, checked.stdout + checked.stderr
     assert f"config/inventories/{name}.yml: valid" in checked.stdout
+    assert "failed" not in checked.stdout
+
+
+# 1.5.1 has four queues: production.yml's dataset group names queues it does not have, which
+# config.check refuses (tests/unit/test_validation.py).
+@pytest.mark.parametrize("version", [v for v in available_versions() if v != "1.5.1"])
+def test_production_checks_on_every_release_and_says_what_it_deploys(version: str,
+                                                                     tmp_path: Path) -> None:
+    data = yaml.safe_load((ROOT / "config" / "inventories" / "production.yml").read_text())
+    data["dify"] = {"version": version}
+    inventory = tmp_path / "production.yml"
+    inventory.write_text(yaml.safe_dump(data))
+    env = {"DIFY_INVENTORY": str(inventory), "DIFY_SECRETS": str(tmp_path / "p.env")}
+    assert inv("config.secrets", env=env).returncode == 0
+    checked = inv("config.check", env=env)
+    assert checked.returncode == 0, checked.stdout + checked.stderr
+    profile = load_profile(version)
+    assert f"Dify {version} deploys:" in checked.stdout
+    assert f"  queues ({len(profile.queues)}): {', '.join(profile.queues)}" in checked.stdout
+    assert "  service worker_beat: worker1" in checked.stdout
+    assert "/e/ -> plugin_daemon" in checked.stdout
+    for route in profile.routes["api"]:
+        assert f"{route} -> api" in checked.stdout
     assert "failed" not in checked.stdout
 
 

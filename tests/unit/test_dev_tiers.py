@@ -75,17 +75,17 @@ def test_api_env_has_the_production_values_and_development_urls(load) -> None:
     env = parse_env(api_env(inventory, renderer, vm))
     production = parse_env(renderer.render("config/env/dify.env.j2", vm))
     for key in ("SECRET_KEY", "DB_HOST", "DB_PORT", "DB_USERNAME", "DB_PASSWORD", "DB_DATABASE",
-                "DB_PLUGIN_DATABASE", "REDIS_HOST", "REDIS_PORT", "REDIS_PASSWORD",
+                "REDIS_HOST", "REDIS_PORT", "REDIS_PASSWORD",
                 "CELERY_BROKER_URL", "CELERY_BACKEND", "VECTOR_STORE", "WEAVIATE_ENDPOINT",
                 "WEAVIATE_API_KEY", "WEAVIATE_GRPC_ENDPOINT", "STORAGE_TYPE", "OPENDAL_FS_ROOT",
-                "PLUGIN_DAEMON_KEY", "PLUGIN_DIFY_INNER_API_KEY", "CODE_EXECUTION_API_KEY"):
+                "PLUGIN_DAEMON_KEY", "INNER_API_KEY_FOR_PLUGIN", "CODE_EXECUTION_API_KEY"):
         assert env[key] == production[key], key
     assert env["DB_HOST"] == env["REDIS_HOST"] == "192.168.1.100"
     assert env["CELERY_BROKER_URL"] == (f"redis://:{SECRETS['REDIS_PASSWORD']}"
                                         f"@192.168.1.100:6379/1")
     assert env["WEAVIATE_ENDPOINT"] == "http://192.168.1.100:8080"
-    assert {env[k] for k in ("CONSOLE_API_URL", "SERVICE_API_URL", "APP_API_URL", "FILES_URL",
-                             "PLUGIN_DIFY_INNER_API_URL")} == {"http://192.168.1.101:5001"}
+    assert {env[k] for k in ("CONSOLE_API_URL", "SERVICE_API_URL", "APP_API_URL",
+                             "FILES_URL")} == {"http://192.168.1.101:5001"}
     assert env["CONSOLE_WEB_URL"] == env["APP_WEB_URL"] == "http://192.168.1.102:3000"
     assert env["CONSOLE_CORS_ALLOW_ORIGINS"] == "http://192.168.1.102:3000"
     assert env["DEPLOY_ENV"] == "DEVELOPMENT" and env["DEBUG"] == "true"
@@ -160,7 +160,7 @@ def test_backend_order_reaches_the_server_first_and_gates_last(load) -> None:
         "enable and start dify-api-dev.service")
     assert labels[-3:] == ["health api /health",
                            "health api /console/api/setup (reads the database)",
-                           "health worker consumes the 16 queues of Dify 1.13.3"]
+                           "health worker consumes the 21 queues of Dify 1.16.1"]
 
 
 def test_units_run_flask_debug_and_a_worker_on_every_queue(load) -> None:
@@ -172,22 +172,24 @@ def test_units_run_flask_debug_and_a_worker_on_every_queue(load) -> None:
                                 "--port 5001 --debug")
     worker = unit(steps["file /etc/systemd/system/dify-worker-dev.service"].content)["Service"]
     command = worker["ExecStart"].split()
+    # The release's own Celery entry module (`celery -A celery_entrypoint.celery worker` in its
+    # entrypoint), not app.celery.
     assert command[:6] == ["/usr/local/bin/uv", "run", "--no-sync", "celery", "-A",
-                           "app.celery"]
+                           "celery_entrypoint.celery"]
     queues = command[command.index("-Q") + 1].split(",")
-    assert queues == list(inventory.profile.queues) and len(queues) == 16
+    assert queues == list(inventory.profile.queues) and len(queues) == 21
     assert command[command.index("-n") + 1] == "dify-dev@%H"  # systemd puts the host name
-    gate = steps["health worker consumes the 16 queues of Dify 1.13.3"]
+    gate = steps["health worker consumes the 21 queues of Dify 1.16.1"]
     assert gate.gate.command.endswith(" ".join(inventory.profile.queues))
 
 
 def test_a_git_source_is_cloned_once_at_the_ref(load) -> None:
     inventory = load(lab(dify_source="https://github.com/langgenius/dify.git",
-                         dify_ref="1.13.3"))
+                         dify_ref="1.16.1"))
     steps = steps_of(dev_backend.TIER, inventory, "ubuntu-vm")
     clone = steps["clone https://github.com/langgenius/dify.git into /srv/dify-dev/dify"]
     assert clone.command == ("install -d -o dev -g dev /srv/dify-dev && runuser -u dev -- git "
-                             "clone --quiet --branch 1.13.3 https://github.com/langgenius/dify.git"
+                             "clone --quiet --branch 1.16.1 https://github.com/langgenius/dify.git"
                              " /srv/dify-dev/dify")
     assert clone.unless == "test -d /srv/dify-dev/dify/.git"
     assert "install python3-venv git" in steps
@@ -218,7 +220,7 @@ def test_linux_frontend(load) -> None:
 
 def test_windows_frontend_commands(load) -> None:
     inventory = load(windows_lab(dify_source="https://github.com/langgenius/dify.git",
-                                 dify_ref="1.13.3", npm_registry="https://npm.mirror.test/"))
+                                 dify_ref="1.16.1", npm_registry="https://npm.mirror.test/"))
     steps = steps_of(dev_frontend.TIER, inventory, "workstation")
     assert list(steps) == [
         "install Node.js LTS (winget)", "install pnpm",
@@ -235,7 +237,7 @@ def test_windows_frontend_commands(load) -> None:
     assert steps["install pnpm"].command == ("$env:npm_config_registry = 'https://npm.mirror."
                                              "test/'; npm install --global --silent pnpm")
     clone = steps["clone https://github.com/langgenius/dify.git into C:\\src\\dify"]
-    assert clone.command == ("git clone --quiet --branch '1.13.3' 'https://github.com/langgenius/"
+    assert clone.command == ("git clone --quiet --branch '1.16.1' 'https://github.com/langgenius/"
                              "dify.git' 'C:\\src\\dify'")
     assert clone.unless == "if (-not (Test-Path -LiteralPath 'C:\\src\\dify\\.git')) { exit 1 }"
     hashes = ("(Get-FileHash -LiteralPath package.json, pnpm-lock.yaml -ErrorAction "

@@ -3,7 +3,6 @@ temporary folder, drain/undrain/status/check against in-memory machines."""
 
 from __future__ import annotations
 
-import dataclasses
 import datetime
 import io
 import re
@@ -68,21 +67,53 @@ def header_names(body: str, directive: str) -> list[str]:
 # --- rendered facts -----------------------------------------------------------------------------
 
 
+def upstream_blocks(site: str) -> dict[str, str]:
+    return {header.split()[1]: body for header, body in blocks(site, "upstream ")}
+
+
 def test_every_route_goes_to_its_upstream_with_websocket(load, base) -> None:
-    inventory = load(base)
-    routes = dict(inventory.profile.routes, websocket=("/socket.io/",))
-    inventory.profile = dataclasses.replace(inventory.profile, routes=routes)
+    inventory = load(base)  # Dify 1.16.1, app.collaboration true by default
+    site = rendered(inventory)
     found = {prefix: re.search(r"proxy_pass http://(\w+);", body).group(1)
-             for prefix, body in locations(main_server(rendered(inventory))).items()
+             for prefix, body in locations(main_server(site)).items()
              if "proxy_pass" in body}
     assert found == {**dict.fromkeys(("/console/api", "/api", "/v1", "/files", "/mcp",
-                                      "/triggers", "/socket.io/"), "dify_api"),
+                                      "/triggers", "/openapi"), "dify_api"),
+                     "/socket.io/": "dify_websocket",
                      "/e/": "dify_plugin_daemon",
                      **dict.fromkeys(("/_next/static/", "/explore", "/"), "dify_web")}
-    socket_io = locations(main_server(rendered(inventory)))["/socket.io/"]
+    socket_io = locations(main_server(site))["/socket.io/"]
     assert "proxy_set_header Upgrade $http_upgrade;" in socket_io
-    assert re.findall(r"proxy_set_header Connection (\S+);", socket_io) == [
-        "$dify_connection_upgrade"]
+    assert re.findall(r"proxy_set_header Connection (.+);", socket_io) == ['"upgrade"']
+    assert "proxy_http_version 1.1;" in socket_io
+    assert "proxy_read_timeout 3600s;" in socket_io and "proxy_send_timeout 3600s;" in socket_io
+    # Both api hosts' api_websocket, sticky by client address (declared before keepalive).
+    websocket = upstream_blocks(site)["dify_websocket"]
+    assert re.findall(r"^\s*server (\S+) ", websocket, re.M) == ["10.0.2.21:5006",
+                                                                 "10.0.2.22:5006"]
+    assert websocket.index("hash $remote_addr consistent;") < websocket.index("server ")
+    assert websocket.index("server ") < websocket.index("keepalive 32;")
+    assert "hash " not in upstream_blocks(site)["dify_api"]
+
+
+def test_one_websocket_host_is_not_hashed_and_the_port_is_a_setting(load, base) -> None:
+    base["hosts"] = [h for h in base["hosts"] if h["name"] != "api2"]
+    base["app"] = {"websocket_port": 5016}
+    websocket = upstream_blocks(rendered(load(base)))["dify_websocket"]
+    assert re.findall(r"^\s*server (\S+) ", websocket, re.M) == ["10.0.2.21:5016"]
+    assert "hash" not in websocket and "ip_hash" not in websocket
+
+
+@pytest.mark.parametrize("change", [
+    lambda b: b.update(app={"collaboration": False}),
+    lambda b: b.update(dify={"version": "1.13.3"})], ids=["collaboration-off", "release-1.13.3"])
+def test_no_socket_io_route_without_api_websocket(load, base, change) -> None:
+    change(base)
+    inventory = load(base)
+    site = rendered(inventory)
+    assert "/socket.io/" not in locations(main_server(site))
+    assert "dify_websocket" not in upstream_blocks(site) and "dify_websocket" not in site
+    assert "/socket.io/" not in [route for route, _, _ in lb.routes(inventory)]
 
 
 @pytest.mark.parametrize("mode", ["off", "self-signed"])
@@ -476,14 +507,15 @@ def test_drain_takes_the_host_out_everywhere_then_changes_nothing(lbs) -> None:
     inventory, machines, _ = lbs
     results = lb.drain(inventory, "api1", wait=0)
     assert [(r.lb, r.changed, r.upstreams, r.kept_in) for r in results] == [
-        ("lb1", True, ("dify_api",), ("dify_plugin_daemon",)),
-        ("lb2", True, ("dify_api",), ("dify_plugin_daemon",))]
+        ("lb1", True, ("dify_api", "dify_websocket"), ("dify_plugin_daemon",)),
+        ("lb2", True, ("dify_api", "dify_websocket"), ("dify_plugin_daemon",))]
     assert all(drained(m) == "api1\n" for m in machines.values())
     assert all(lb.publish_command(lb.LIVE) in m.commands for m in machines.values())
     for machine in machines.values():
         machine.commands.clear()
     again = lb.drain(inventory, "api1", wait=0)
-    assert [(r.changed, r.upstreams) for r in again] == [(False, ("dify_api",))] * 2
+    assert [(r.changed, r.upstreams) for r in again] == [
+        (False, ("dify_api", "dify_websocket"))] * 2
     assert all(drained(m) == "api1\n" for m in machines.values())
 
 
@@ -532,7 +564,7 @@ def test_undrain_puts_the_host_back(lbs) -> None:
     for machine in machines.values():
         machine.files[lb.DRAINED] = (b"web1\napi2\n", 0o644, "root", "root")
     results = lb.undrain(inventory, "api2")
-    assert [r.upstreams for r in results] == [("dify_api",)] * 2
+    assert [r.upstreams for r in results] == [("dify_api", "dify_websocket")] * 2
     assert all(drained(m) == "web1\n" for m in machines.values())
 
 
@@ -547,7 +579,9 @@ def test_live_servers_name_hosts_and_drains(load, base) -> None:
         ("dify_api", "api1", "10.0.2.21:5001", False),
         ("dify_api", "api2", "10.0.2.22:5001", True),
         ("dify_web", "web1", "10.0.2.11:3000", False),
-        ("dify_plugin_daemon", "api1", "10.0.2.21:5002", False)]
+        ("dify_plugin_daemon", "api1", "10.0.2.21:5002", False),
+        ("dify_websocket", "api1", "10.0.2.21:5006", False),
+        ("dify_websocket", "api2", "10.0.2.22:5006", True)]
 
 
 class CheckMachine(FakeMachine):
@@ -579,8 +613,9 @@ def test_check_names_who_answered_each_route(load, base) -> None:
     assert paths[:2] == ["/console/api/difyops-check", "/api/difyops-check"]
     assert "/" in paths and "/e/difyops-check" in paths
     log = "".join(log_line(p, 404, "10.0.2.22:5001") for p in paths if p.startswith(
-        ("/console", "/api", "/v1", "/files", "/mcp", "/triggers")))
+        ("/console", "/api", "/v1", "/files", "/mcp", "/triggers", "/openapi")))
     log += log_line("/e/difyops-check", 200, "10.0.2.21:5002")
+    log += log_line("/socket.io/difyops-check", 404, "10.0.2.21:5006")
     log += log_line("/_next/static/difyops-check", 404, "10.0.2.11:3000")
     log += log_line("/explore/difyops-check", 200, "10.0.2.11:3000")
     log += log_line("/", 502, "10.0.2.11:3000")  # web broken
@@ -590,6 +625,9 @@ def test_check_names_who_answered_each_route(load, base) -> None:
     assert probes["/health"].ok and probes["/v1/difyops-check"].answered_by == ("api2",)
     assert probes["/v1/difyops-check"].ok  # a 404 from the api: the route reached the api
     assert probes["/e/difyops-check"].answered_by == ("api1",)
+    socket_io = probes["/socket.io/difyops-check"]
+    assert socket_io.ok and socket_io.expected == "dify_websocket"
+    assert socket_io.answered_by == ("api1",)
     assert not probes["/"].ok and [p for p, probe in probes.items() if not probe.ok] == ["/"]
 
 

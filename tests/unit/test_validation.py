@@ -26,7 +26,7 @@ def refusal(load: Loader, data: dict[str, Any], secret_values: dict[str, str] | 
 def test_the_base_inventory_is_valid(load: Loader, base: dict) -> None:
     inventory = load(base)
     assert [h.name for h in inventory.with_role("cache")] == ["db1", "db2", "db3"]
-    assert inventory.profile.version == "1.13.3"
+    assert inventory.profile.version == "1.16.1"
 
 
 def test_unknown_role(load: Loader, base: dict) -> None:
@@ -124,22 +124,24 @@ def test_secrets_file_readable_by_others(load: Loader, base: dict) -> None:
 def test_queue_not_consumed(load: Loader, base: dict) -> None:
     base["app"] = {"worker_groups": [{"name": "docs", "queues": ["dataset", "mail"]}]}
     message = refusal(load, base)
-    assert "app.worker_groups: no worker consumes the queue(s) priority_dataset," in message
-    assert "retention of Dify 1.13.3" in message
+    assert "app.worker_groups: no worker consumes the queue(s) api_token, dataset_summary, " \
+        "priority_dataset," in message
+    assert "workflow_based_app_execution of Dify 1.16.1" in message
 
 
 def test_queue_of_a_group_no_worker_runs_is_not_consumed(load: Loader, base: dict) -> None:
     base["app"] = {"worker_groups": [{"name": "a", "queues": "all"},
                                      {"name": "b", "queues": ["mail"]}]}
     base["hosts"][4]["worker_groups"] = ["b"]
-    assert "app.worker_groups: no worker consumes the queue(s) dataset" in refusal(load, base)
+    assert "app.worker_groups: no worker consumes the queue(s) api_token, dataset," \
+        in refusal(load, base)
 
 
 def test_unknown_queue(load: Loader, base: dict) -> None:
     base["app"] = {"worker_groups": [{"name": "all", "queues": "all"},
                                      {"name": "old", "queues": ["mail", "generation"]}]}
     message = refusal(load, base)
-    assert "app.worker_groups[1].queues[1]: 'generation' is not a queue of Dify 1.13.3" in message
+    assert "app.worker_groups[1].queues[1]: 'generation' is not a queue of Dify 1.16.1" in message
 
 
 def test_no_beat(load: Loader, base: dict) -> None:
@@ -182,7 +184,7 @@ def test_two_weaviate_nodes(load: Loader, base: dict) -> None:
 def test_old_weaviate(load: Loader, base: dict) -> None:
     base["vector"] = {"weaviate_version": "1.19.0"}
     message = refusal(load, base)
-    assert "vector.weaviate_version: Weaviate 1.19.0 is too old for Dify 1.13.3" in message
+    assert "vector.weaviate_version: Weaviate 1.19.0 is too old for Dify 1.16.1" in message
 
 
 def test_seed_version_accepts_its_weaviate(load: Loader, base: dict) -> None:
@@ -200,8 +202,10 @@ def test_several_app_hosts_with_local_storage(load: Loader, base: dict) -> None:
 def test_max_connections_below_the_pools(load: Loader, base: dict) -> None:
     base["db"]["max_connections"] = 100
     message = refusal(load, base)
+    # api_websocket (Dify 1.16.1, collaboration on): one more gunicorn worker per api host.
     assert ("db.max_connections: 100 is below what the app tier can open: api 2x1x40 80 + "
-            "workers 1x40 40 + beat 10 + plugin daemon 20 + reserved 10 = 160") in message
+            "api_websocket 2x1x40 80 + workers 1x40 40 + beat 10 + plugin daemon 20 + "
+            "reserved 10 = 240") in message
 
 
 def test_unknown_dify_version(load: Loader, base: dict) -> None:
@@ -235,3 +239,21 @@ def test_yaml_syntax_error_names_the_line(write_inventory, tmp_path) -> None:
 def test_secret_weakness_never_contains_the_value() -> None:
     spec = secrets.SPECS[0]
     assert secrets.weakness(spec, "short") == "shorter than 16 characters"
+
+
+def test_sentinel_is_refused_where_dify_runs_from_source(load: Loader, base: dict) -> None:
+    base["hosts"].append({"name": "vm", "address": "10.0.5.1", "roles": ["dev_backend"]})
+    message = refusal(load, base)
+    assert "cache.mode: Dify run from source on a dev_backend host builds its pub/sub" in message
+    assert "use cache.mode standalone in a home-lab inventory" in message
+
+
+def test_a_home_lab_checkout_of_another_release_is_refused(load: Loader, base: dict) -> None:
+    base["cache"] = {"mode": "standalone"}
+    base["hosts"] = [h for h in base["hosts"] if h["name"] not in ("db2", "db3")]
+    base["hosts"].append({"name": "vm", "address": "10.0.5.1", "roles": ["dev_backend"]})
+    base["dev"] = {"dify_source": "/srv/dify", "dify_ref": "1.13.3"}
+    message = refusal(load, base)
+    assert "dev.dify_ref: checks out Dify 1.13.3, but dify.version is 1.16.1" in message
+    base["dify"] = {"version": "1.13.3"}
+    load(base)

@@ -97,7 +97,7 @@ def test_weaviate_version_setting_picks_the_image(load, base) -> None:
     (lambda b: b["hosts"][9]["roles"].append("vector"),
      "2 hosts have role 'vector': a 2-node Weaviate cluster has no RAFT quorum"),
     (lambda b: b.update(vector={"weaviate_version": "1.19.0"}),
-     "Weaviate 1.19.0 is too old for Dify 1.13.3"),
+     "Weaviate 1.19.0 is too old for Dify 1.16.1"),
     (lambda b: b.update(vector={"replication_factor": 3}),
      "replication factor 3 with 1 Weaviate node(s)"),
 ])

@@ -17,10 +17,17 @@ image's alembic head, which `flask db heads` prints).
   when another process holds it ("Database migration skipped") or when the migration fails.
 - web :3000 (GET /), plugin_daemon :5002 (GET /health/check: its own database and Redis),
   sandbox :8194 (GET /health), ssrf_proxy :3128 (needs /etc/squid/squid.conf; refuses requests).
+- agent_backend :5050 (Dify 1.16.1's DIFY_AGENT_* environment; the server secret must be 32
+  bytes of unpadded base64url, as the real one insists). GET /openapi.json, the path difyops
+  probes (the real server has no health route; FastAPI serves its schema), answers 200 only when
+  the Redis of DIFY_AGENT_REDIS_URL and local_sandbox's /healthz answer: more than the real one
+  checks, so that a test proves the wiring.
+- local_sandbox :5004 (GET /healthz), with SHELLCTL_AUTH_TOKEN and its proxy in HTTP_PROXY.
 """
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import signal
@@ -28,6 +35,7 @@ import socket
 import sys
 import threading
 import time
+import urllib.request
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import unquote, urlparse
 
@@ -40,7 +48,7 @@ DEFAULT_QUEUES = "dataset,mail,ops_trace,app_deletion"
 REQUIRED = {
     "api": ["SECRET_KEY", "DB_USERNAME", "DB_PASSWORD", "DB_HOST", "DB_PORT", "DB_DATABASE",
             "REDIS_HOST", "REDIS_PORT", "CELERY_BROKER_URL", "PLUGIN_DAEMON_URL",
-            "PLUGIN_DAEMON_KEY", "PLUGIN_DIFY_INNER_API_KEY", "CODE_EXECUTION_ENDPOINT",
+            "PLUGIN_DAEMON_KEY", "INNER_API_KEY_FOR_PLUGIN", "CODE_EXECUTION_ENDPOINT",
             "CODE_EXECUTION_API_KEY", "STORAGE_TYPE"],
     "plugin_daemon": ["SERVER_KEY", "DIFY_INNER_API_URL", "DIFY_INNER_API_KEY", "DB_USERNAME",
                       "DB_PASSWORD", "DB_HOST", "DB_PORT", "DB_DATABASE", "REDIS_HOST",
@@ -48,6 +56,12 @@ REQUIRED = {
     "sandbox": ["API_KEY"],
     "web": ["CONSOLE_API_URL", "APP_API_URL"],
     "ssrf_proxy": [],
+    "agent_backend": ["DIFY_AGENT_REDIS_URL", "DIFY_AGENT_PLUGIN_DAEMON_URL",
+                      "DIFY_AGENT_PLUGIN_DAEMON_API_KEY", "DIFY_AGENT_INNER_API_URL",
+                      "DIFY_AGENT_INNER_API_KEY", "DIFY_AGENT_SHELLCTL_ENTRYPOINT",
+                      "DIFY_AGENT_SHELLCTL_AUTH_TOKEN", "DIFY_AGENT_SERVER_SECRET_KEY",
+                      "DIFY_AGENT_API_TOKEN"],
+    "local_sandbox": ["SHELLCTL_AUTH_TOKEN", "HTTP_PROXY", "HTTPS_PROXY"],
 }
 
 
@@ -321,6 +335,52 @@ def web_routes(path: str) -> tuple[int, dict]:
     return 200, {"page": path, "console_api": os.environ["CONSOLE_API_URL"], "version": VERSION}
 
 
+def agent_redis() -> Redis:
+    """The Redis of DIFY_AGENT_REDIS_URL (redis://:password@host:port/db)."""
+    url = urlparse(os.environ["DIFY_AGENT_REDIS_URL"])
+    db = int(url.path.lstrip("/") or 0)
+    return Redis(url.hostname or "", url.port or 6379, unquote(url.password or ""), db)
+
+
+def agent_backend_routes(path: str) -> tuple[int, dict]:
+    if path == "/openapi.json":
+        problems = []
+        try:
+            client = agent_redis()
+            try:
+                client.call("PING")
+            finally:
+                client.close()
+        except (OSError, RedisError, ValueError) as exc:
+            problems.append(f"redis: {exc}")
+        shellctl = os.environ["DIFY_AGENT_SHELLCTL_ENTRYPOINT"].rstrip("/") + "/healthz"
+        try:
+            with urllib.request.urlopen(shellctl, timeout=3) as answer:
+                answer.read()
+        except OSError as exc:
+            problems.append(f"shellctl {shellctl}: {exc}")
+        if problems:
+            return 503, {"detail": "; ".join(problems)}
+        return 200, {"openapi": "3.1.0", "info": {"title": "Dify Agent Run Server",
+                                                  "version": VERSION}}
+    return 404, {"detail": "Not Found"}
+
+
+def local_sandbox_routes(path: str) -> tuple[int, dict]:
+    return (200, {"status": "ok"}) if path == "/healthz" else (404, {"detail": "not found"})
+
+
+def server_secret_ok() -> bool:
+    """DIFY_AGENT_SERVER_SECRET_KEY: unpadded base64url decoding to exactly 32 bytes."""
+    text = os.environ.get("DIFY_AGENT_SERVER_SECRET_KEY", "").strip()
+    if not text or "=" in text:
+        return False
+    try:
+        return len(base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))) == 32
+    except ValueError:
+        return False
+
+
 def serve(port: int, routes) -> None:
     class Handler(BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.1"
@@ -436,6 +496,13 @@ def main(argv: list[str]) -> int:
         serve(int(os.environ.get("SANDBOX_PORT", "8194")), sandbox_routes)
     elif ROLE == "ssrf_proxy":
         ssrf_proxy()
+    elif ROLE == "agent_backend":
+        if not server_secret_ok():
+            log("DIFY_AGENT_SERVER_SECRET_KEY must decode to exactly 32 bytes")
+            return 1
+        serve(5050, agent_backend_routes)
+    elif ROLE == "local_sandbox":
+        serve(5004, local_sandbox_routes)
     else:
         log(f"unknown role {ROLE!r}")
         return 1

@@ -1,0 +1,140 @@
+"""Dify 1.16.1's new services on real hosts, deployed by the real tasks with the stand-in images:
+api_websocket on both api hosts behind nginx's /socket.io/, and agent_backend, local_sandbox and
+agent_ssrf_proxy on the host with the role `agent`.
+
+Hosts: svc-db (PostgreSQL, Redis, the nginx load balancer), svc-api1 (api, plugin daemon, worker,
+beat, web: the migration host), svc-api2 (api and the role agent). The tests share the hosts and
+run in file order.
+"""
+
+from __future__ import annotations
+
+import secrets as random
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import requests
+import yaml
+
+from tests.images import standin
+from tests.integration.app_lab import App
+from tests.integration.lab import Lab, ensure_base_image
+from tests.integration.support import release, summary_counts, until
+
+VERSION = "1.16.1"
+NAMES = ("svc-db", "svc-api1", "svc-api2")
+WEBSOCKET_PORT = 5006
+
+
+class Services(App):
+    """The three hosts and an inventory on Dify 1.16.1."""
+
+    def write_inventory(self, version: str = VERSION, health_timeout: int = 120) -> None:
+        h = self.hosts
+        inventory = {
+            "name": "svc-lab",
+            "domain": "dify.lab",
+            "dify": {"version": version, "registry_mirror": standin.PREFIX},
+            "storage": {"type": "shared-fs", "path": "/srv/dify/storage"},
+            "cache": {"mode": "standalone"},
+            "vector": {"store": "pgvector"},
+            "timeouts": {"connect": 10, "command": 600},
+            "app": {"health_timeout": health_timeout, "websocket_port": WEBSOCKET_PORT,
+                    "api": {"db_pool_size": 10, "db_max_overflow": 5},
+                    "worker_groups": [{"name": "all", "queues": "all", "concurrency": 1}]},
+            "hosts": [h["svc-db"].inventory_entry(["db_primary", "cache", "lb"]),
+                      h["svc-api1"].inventory_entry(["api", "plugin_daemon", "worker", "beat",
+                                                     "web"]),
+                      h["svc-api2"].inventory_entry(["api", "agent"])],
+        }
+        self.inventory_file.write_text(yaml.safe_dump(inventory, sort_keys=False))
+
+    def services(self, name: str) -> dict[str, str]:
+        """service -> state (with health) of the dify project's containers on a host."""
+        code, out = self.hosts[name].exec(
+            "docker ps -a --filter label=com.docker.compose.project=dify --format "
+            "'{{.Label \"com.docker.compose.service\"}} {{.State}}{{if .Status}} "
+            "{{.Status}}{{end}}'")
+        assert code == 0, out
+        return {line.split(" ", 1)[0]: line.split(" ", 1)[1] for line in out.splitlines()
+                if line.strip()}
+
+
+@pytest.fixture(scope="module")
+def svc(lab: Lab, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Services]:
+    """Stand-in images of 1.16.1, three hosts, PostgreSQL, Redis and nginx deployed."""
+    tmp: Path = tmp_path_factory.mktemp("svc")
+    standin.ensure_images(lab.client, ensure_base_image(lab.client), (VERSION,))
+    (db,) = lab.start([NAMES[0]])
+    docker_hosts = lab.start(list(NAMES[1:]), docker=True)
+    the_lab = Services({h.name: h for h in [db, *docker_hosts]}, tmp)
+    the_lab.env["DIFY_SECRETS"] = str(tmp / "svc-lab.env")
+    the_lab.write_inventory()
+    the_lab.ok("config.secrets")
+    the_lab.ok("db.deploy")
+    the_lab.ok("cache.deploy")
+    the_lab.ok("images.sync")
+    yield the_lab
+    release(lab, the_lab.hosts)
+
+
+def test_every_new_container_is_healthy_on_its_host(svc: Services) -> None:
+    svc.ok("app.deploy")
+    svc.ok("lb.deploy")
+    api1, api2 = svc.services("svc-api1"), svc.services("svc-api2")
+    for name, found in (("svc-api1", api1), ("svc-api2", api2)):
+        assert "healthy" in found["api_websocket"], (name, found)
+        health = requests.get(f"http://{svc.hosts[name].address}:{WEBSOCKET_PORT}/health",
+                              timeout=5).json()
+        assert health["status"] == "ok" and health["version"] == VERSION
+    # The agent services run where the role `agent` is, and only there.
+    for service in ("agent_backend", "local_sandbox"):
+        assert "healthy" in api2[service], api2
+    assert api2["agent_ssrf_proxy"].startswith("running"), api2
+    assert not {"agent_backend", "local_sandbox", "agent_ssrf_proxy"} & set(api1)
+    # agent_backend answers on the agent host's address, which needs its Redis and the sandbox.
+    answer = requests.get(f"http://{svc.hosts['svc-api2'].address}:5050/openapi.json", timeout=5)
+    assert answer.status_code == 200, answer.text
+    # local_sandbox is reachable only on its internal networks: agent_backend reaches it, the
+    # host does not, and it has no way out but the proxy.
+    code, out = svc.hosts["svc-api2"].exec(
+        "docker inspect -f '{{range $n, $_ := .NetworkSettings.Networks}}{{$n}} {{end}}' "
+        "dify-local_sandbox-1")
+    assert code == 0 and sorted(out.split()) == ["dify_agent_sandbox_network",
+                                                 "dify_local_sandbox_proxy_network"], out
+    code, out = svc.hosts["svc-api2"].exec(
+        "docker network inspect -f '{{.Internal}}' dify_agent_sandbox_network "
+        "dify_local_sandbox_proxy_network")
+    assert out.split() == ["true", "true"], out
+    # api and worker know where the agent backend is.
+    code, out = svc.hosts["svc-api1"].exec("grep -h '^AGENT_BACKEND_BASE_URL=' /opt/dify/.env")
+    assert out.strip() == f"AGENT_BACKEND_BASE_URL=http://{svc.hosts['svc-api2'].address}:5050"
+    status = svc.ok("app.status")
+    assert "missing" not in status.stdout
+
+
+def test_socket_io_goes_through_nginx_to_api_websocket(svc: Services) -> None:
+    agent = f"difyops-test/{random.token_hex(4)}"
+    lb = svc.hosts["svc-db"]
+    answer = requests.get(f"http://{lb.address}/socket.io/?EIO=4&transport=polling",
+                          headers={"Host": "dify.lab", "User-Agent": agent}, timeout=10)
+    assert answer.status_code == 404 and answer.json()["version"] == VERSION  # the api answered
+    sockets = {f"{svc.hosts[n].address}:{WEBSOCKET_PORT}" for n in ("svc-api1", "svc-api2")}
+
+    def logged() -> bool:
+        code, out = lb.exec(f"grep -F '{agent}' /var/log/nginx/dify.access.log")
+        return code == 0 and any(f'upstream="{s}"' in out for s in sockets)
+
+    until(logged, 10, "nginx logging the /socket.io/ request answered by an api_websocket")
+    _, out = lb.exec("nginx -T 2>/dev/null | sed -n '/upstream dify_websocket/,/}/p'")
+    assert "hash $remote_addr consistent;" in out, out
+    check = svc.ok("lb.check")
+    assert "/socket.io/" in check.stdout
+
+
+def test_a_second_deploy_changes_nothing(svc: Services) -> None:
+    again = svc.ok("app.deploy")
+    counts = summary_counts(again.stdout)
+    assert set(counts) == set(NAMES[1:]), again.stdout
+    assert all(row.get("changed", 0) == 0 for row in counts.values()), again.stdout

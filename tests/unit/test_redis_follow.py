@@ -1,0 +1,84 @@
+"""Dify's Redis clients follow a Sentinel failover: the pub/sub and plugin daemon address is the
+compose service redis_proxy, whose HAProxy forwards to whichever cache host answers role:master;
+broker URLs carry the password percent-encoded."""
+
+from __future__ import annotations
+
+import re
+from urllib.parse import unquote, urlsplit
+
+import yaml
+
+from tasks.core.plan import WriteFile
+from tasks.core.render import Renderer, redis_url, resp_hex
+from tasks.tiers import app as tier
+
+
+def files_of(inventory, name: str) -> dict[str, str]:
+    return {s.path: s.content for s in tier.steps(inventory, Renderer(inventory),
+                                                  inventory.host(name))
+            if isinstance(s, WriteFile)}
+
+
+def env_of(text: str) -> dict[str, str]:
+    return dict(line.split("=", 1) for line in text.splitlines()
+                if line and not line.startswith("#"))
+
+
+def test_pubsub_and_plugin_daemon_reach_redis_through_the_proxy_in_sentinel_mode(load,
+                                                                               base) -> None:
+    inventory = load(base)  # Sentinel on db1, db2, db3
+    files = files_of(inventory, "api1")
+    env = env_of(files["/opt/dify/.env"])
+    # What Dify builds its pub/sub client from when PUBSUB_REDIS_URL is not set: never a
+    # fixed cache host, which a failover would leave behind.
+    assert "PUBSUB_REDIS_URL" not in env
+    assert (env["REDIS_HOST"], env["REDIS_PORT"]) == ("redis_proxy", "6379")
+    compose = yaml.safe_load(files["/opt/dify/compose.yml"])["services"]
+    assert compose["redis_proxy"]["image"] == "haproxy:2.8"
+    for service in ("api", "plugin_daemon", "worker_default"):
+        if service in compose:
+            assert "redis_proxy" in compose[service]["depends_on"], service
+    config = files["/opt/dify/redis-proxy.cfg"]
+    servers = re.findall(r"^\s+server (\S+) (\S+) check .*on-marked-down shutdown-sessions$",
+                         config, re.M)
+    assert servers == [("db1", "10.0.3.11:6379"), ("db2", "10.0.3.12:6379"),
+                       ("db3", "10.0.3.13:6379")]
+    sent = [bytes.fromhex(h) for h in re.findall(r"tcp-check send-binary (\w+)", config)]
+    password = inventory.secrets["REDIS_PASSWORD"].encode()
+    assert sent[0] == b"*2\r\n$4\r\nAUTH\r\n$%d\r\n%s\r\n" % (len(password), password)
+    assert sent[1] == b"*2\r\n$4\r\nINFO\r\n$11\r\nreplication\r\n"
+    assert "tcp-check expect string role:master" in config
+
+
+def test_no_proxy_without_sentinel(load, base) -> None:
+    base["cache"] = {"mode": "standalone"}
+    base["hosts"] = [h for h in base["hosts"] if h["name"] not in ("db2", "db3")] + [
+        {"name": "db2", "address": "10.0.3.12", "roles": ["db_replica"]}]
+    inventory = load(base)
+    files = files_of(inventory, "api1")
+    assert "/opt/dify/redis-proxy.cfg" not in files
+    assert "redis_proxy" not in yaml.safe_load(files["/opt/dify/compose.yml"])["services"]
+    assert env_of(files["/opt/dify/.env"])["REDIS_HOST"] == "10.0.3.11"
+
+
+def test_broker_urls_quote_the_password() -> None:
+    password = "p@ss:w/rd%40#x"
+    url = redis_url("10.0.3.11", "sentinel", password, 26379, 1)
+    parts = urlsplit(url)
+    assert (parts.scheme, parts.hostname, parts.port, parts.path) == ("sentinel", "10.0.3.11",
+                                                                      26379, "/1")
+    assert unquote(parts.password) == password
+
+
+def test_a_password_with_url_characters_keeps_the_brokers_address(load, base) -> None:
+    inventory = load(base)
+    inventory.secrets["REDIS_PASSWORD"] = "a@b:c/d%e"
+    env = env_of(files_of(inventory, "worker1")["/opt/dify/.env"])
+    urls = env["CELERY_BROKER_URL"].strip("'").split(";")
+    assert [urlsplit(u).hostname for u in urls] == ["10.0.3.11", "10.0.3.12", "10.0.3.13"]
+    assert {unquote(urlsplit(u).password) for u in urls} == {"a@b:c/d%e"}
+
+
+def test_resp_hex_frames_any_bytes() -> None:
+    assert bytes.fromhex(resp_hex("AUTH", "x y\r\n")) == b"*2\r\n$4\r\nAUTH\r\n$5\r\nx y\r\n\r\n"
