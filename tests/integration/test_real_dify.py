@@ -2,10 +2,11 @@
 
 The api image is built from the release's source (tests/images/dify_real.py; 1.14.2 when its
 profile and source exist, else 1.13.3); web, plugin daemon, sandbox and SSRF proxy are the
-stand-ins. Hosts: app-db (PostgreSQL, Redis with Sentinel, nginx: `inv db.deploy cache.deploy
-lb.deploy`), app-r2 and app-r3 (Redis replicas and Sentinels: a quorum of three) and
-app-api1 (its own Docker engine: api, worker, beat, web, plugin daemon by `inv app.deploy`),
-the image shipped there by `inv images.sync` over SSH.
+stand-ins; redis_proxy is a real HAProxy (tests/images/haproxy_image.py). Hosts: app-db
+(PostgreSQL, Redis with Sentinel, nginx: `inv db.deploy cache.deploy lb.deploy`), app-r2 and
+app-r3 (Redis replicas and Sentinels: a quorum of three) and app-api1 (its own Docker engine:
+api, worker, beat, web, plugin daemon by `inv app.deploy`), the image shipped there by
+`inv images.sync` over SSH.
 
 What the release itself says is read from its source, by code: the alembic head of its
 migration scripts, the worker's queue list in its entrypoint, its Celery app, its DSL version.
@@ -29,7 +30,7 @@ import requests
 import yaml
 
 from tasks.core.profiles import available_versions
-from tests.images import dify_real, dify_source, standin
+from tests.images import dify_real, dify_source, haproxy_image, standin
 from tests.integration import dify_client
 from tests.integration.app_lab import DEPLOY, App
 from tests.integration.lab import Lab, ensure_base_image
@@ -122,6 +123,7 @@ def dify(lab: Lab, tmp_path_factory: pytest.TempPathFactory) -> Release:
     version, root = _pick_release(tmp_path_factory.mktemp("dify-source"))
     base = ensure_base_image(lab.client)
     standin.ensure_images(lab.client, base, (version,), roles=OTHERS)
+    haproxy_image.ensure_haproxy(lab.client, base)  # redis_proxy, in Sentinel mode
     try:
         built = dify_real.ensure_api_image(lab.client, base, version)
     except dify_source.Unavailable as exc:
