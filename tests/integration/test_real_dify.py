@@ -247,14 +247,20 @@ def test_worker_consumes_exactly_the_release_queues(real: RealApp, dify: Release
 
 
 @pytest.fixture(scope="module")
-def workflow(real: RealApp, dify: Release) -> dict[str, str]:
-    """Through nginx: the admin account set up, logged in, an echo workflow app imported and
-    published, an API key made. Returns app_id, key, tenant_id."""
+def console(real: RealApp) -> dify_client.Console:
+    """Through nginx: the admin account set up, then logged in to the console."""
     console = dify_client.Console(real.balancer)
     made = console.setup(**ADMIN)
     assert made.status_code == 201, made.text
     logged = console.login(ADMIN["email"], ADMIN["password"])
     assert logged.status_code == 200 and logged.json()["result"] == "success", logged.text
+    return console
+
+
+@pytest.fixture(scope="module")
+def workflow(real: RealApp, dify: Release, console: dify_client.Console) -> dict[str, str]:
+    """Through nginx: an echo workflow app imported and published, an API key made. Returns
+    app_id, key, tenant_id."""
     dsl = dify_client.echo_workflow(dify_source.dsl_version(dify.root), "difyops echo")
     imported = console.import_app(dsl)
     assert imported.status_code == 200, imported.text
@@ -298,7 +304,7 @@ def test_inner_api_takes_the_rendered_plugin_key_and_refuses_the_default(
     key = env["INNER_API_KEY_FOR_PLUGIN"]
     assert key and key != "inner-api-key"
     url = f"http://{real.hosts['app-api1'].address}:5001/inner/api/fetch/app/info"
-    body = {"tenant_id": workflow["tenant_id"], "app_id": workflow["app_id"]}
+    body = {"tenant_id": workflow["tenant_id"], "user_id": "", "app_id": workflow["app_id"]}
 
     def post(with_key: str) -> requests.Response:
         return requests.post(url, json=body, headers={"X-Inner-Api-Key": with_key}, timeout=10)
@@ -308,6 +314,18 @@ def test_inner_api_takes_the_rendered_plugin_key_and_refuses_the_default(
     form = accepted.json()["data"]["data"]["user_input_form"]  # the imported app's own input
     assert form[0]["text-input"]["variable"] == "words", accepted.text
     assert post("inner-api-key").status_code == 404
+
+
+def test_the_api_calls_the_plugin_daemon_with_its_server_key(
+        real: RealApp, console: dify_client.Console, workflow: dict[str, str]) -> None:
+    listed = console.call("GET", "/workspaces/current/plugin/list?page=1&page_size=10")
+    assert listed.status_code == 200, listed.text
+    assert listed.json() == {"plugins": [], "total": 0}
+    # The daemon (stand-in) refuses any other key: the answer above came with its SERVER_KEY.
+    daemon = (f"http://{real.hosts['app-api1'].address}:5002/plugin/"
+              f"{workflow['tenant_id']}/management/list")
+    assert requests.get(daemon, headers={"X-Api-Key": "not-the-key"},
+                        timeout=10).status_code == 401
 
 
 def test_a_second_deploy_changes_nothing(real: RealApp) -> None:
