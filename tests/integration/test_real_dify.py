@@ -332,3 +332,40 @@ def test_a_second_deploy_changes_nothing(real: RealApp) -> None:
     again = real.ok("app.deploy")
     counts = summary_counts(again.stdout)
     assert counts and all(c.get("changed", 0) == 0 for c in counts.values()), again.stdout
+
+
+def _sentinel_master(real: RealApp) -> str:
+    """The master's address as the Sentinel on app-r2 names it ("" when it does not answer)."""
+    code, out = real.hosts["app-r2"].exec(
+        "REDISCLI_AUTH=$(sed -n 's/^requirepass //p' /etc/redis/redis.conf) redis-cli "
+        "--no-auth-warning -p 26379 sentinel get-master-addr-by-name dify-master")
+    return out.split()[0] if code == 0 and out.split() else ""
+
+
+def _finished(real: RealApp, key: str, words: str) -> dict:
+    """One streamed workflow run through nginx: its workflow_finished data, or why not."""
+    try:
+        for event in dify_client.run_streaming(real.balancer, key, {"words": words}, timeout=60):
+            if event.get("event") == "workflow_finished":
+                return event["data"]
+    except (requests.RequestException, AssertionError, ValueError) as exc:
+        return {"error": str(exc)[:300]}
+    return {"error": "the stream ended without workflow_finished"}
+
+
+def test_workflows_run_again_after_a_redis_failover(real: RealApp,
+                                                    workflow: dict[str, str]) -> None:
+    old = real.hosts["app-db"].address
+    assert _sentinel_master(real) == old
+    code, out = real.hosts["app-db"].exec("systemctl stop redis-server")  # the fault
+    assert code == 0, out
+    until(lambda: _sentinel_master(real) not in ("", old), 90, "Sentinel electing a new master")
+    words = f"after the failover {secrets.token_hex(4)}"
+    deadline = time.monotonic() + 240
+    last: dict = {}
+    while time.monotonic() < deadline:
+        last = _finished(real, workflow["key"], words)
+        if last.get("status") == "succeeded":
+            break
+    assert last.get("status") == "succeeded", f"no successful run after the failover: {last}"
+    assert last["outputs"] == {"echoed": words}
