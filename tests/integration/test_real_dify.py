@@ -367,5 +367,6 @@ def test_workflows_run_again_after_a_redis_failover(real: RealApp,
         last = _finished(real, workflow["key"], words)
         if last.get("status") == "succeeded":
             break
+        time.sleep(0.5)  # a poll, as support.until does, keeping the last answer
     assert last.get("status") == "succeeded", f"no successful run after the failover: {last}"
     assert last["outputs"] == {"echoed": words}
