@@ -27,7 +27,7 @@ def check(ctx: Context) -> None:
     plans = build(TIERS, inventory)
     with tempfile.TemporaryDirectory(prefix="difyops-check.") as scratch:
         count = write_tree(plans, Path(scratch))
-        verdicts = validate(Path(scratch))
+        verdicts = validate(Path(scratch), inventory.secrets.values())
     print(f"inventory {display(inventory.file)}: valid ({len(inventory.hosts)} host(s), "
           f"Dify {inventory.profile.version}); rendered {count} files")
     for line in app_summary.lines(plans, inventory):

@@ -33,6 +33,7 @@ from tasks.core.hosts import connect
 from tasks.core.inventory import Host, Inventory, Ssh
 
 Runner = Callable[..., subprocess.CompletedProcess]
+COPY_HOST = "backup-copy"  # the copy host's name in messages and for `inv hosts.trust --host`
 
 
 class CopyError(DifyopsError):
@@ -57,8 +58,14 @@ def describe(inventory: Inventory) -> str:
 def copy_host(inventory: Inventory) -> Host:
     """The copy host as an engine Host (not part of the inventory's roles)."""
     copy = settings_of(inventory)
-    return Host(name="backup-copy", address=copy["address"],
-                ssh=Ssh(user=copy["user"], port=copy["port"], key=copy["key"]))
+    return Host(name=COPY_HOST, address=copy["address"],
+                ssh=Ssh(user=copy["user"], port=copy["port"], key=copy["key"],
+                        known_hosts=str(inventory.known_hosts or "")))
+
+
+def ssh_hosts(inventory: Inventory) -> list[Host]:
+    """The hosts backups reach over SSH besides the inventory's own: the copy host, if any."""
+    return [copy_host(inventory)] if settings_of(inventory)["type"] == "ssh" else []
 
 
 def copy_backup(inventory: Inventory, backup: Backup, say: Callable[[str], None]) -> None:

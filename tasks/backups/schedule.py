@@ -63,6 +63,7 @@ def context(inventory: Inventory) -> dict[str, Any]:
         "python": sys.executable,
         "inventory_file": str(inventory.file),
         "secrets_file": str(inventory.secrets_file),
+        "known_hosts": str(inventory.known_hosts or ""),
         "hour": hour,
         "minute": minute,
         "shquote": shlex.quote,

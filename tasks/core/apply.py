@@ -139,11 +139,15 @@ class Executor:
     def run_command(self, machine: Machine, step: RunCommand,
                     changed_files: set[str]) -> tuple[str, str]:
         if step.on_change:
-            triggered = bool(changed_files.intersection(step.on_change)) or machine.run(
-                f"test -e {marker(step)}").ok
+            triggered = bool(changed_files.intersection(step.on_change)) or machine.probe(
+                f"test -e {marker(step)}")
             if not triggered:
                 return UNCHANGED, "no trigger file changed"
-        if step.unless and machine.run(step.unless).ok:
+        if self.dry and step.unless and any(path in step.unless for path in changed_files):
+            # The probe runs a file this plan installs first: nothing on the host can answer it.
+            return (WOULD_CHANGE, "would run (its check needs a file this plan installs)") \
+                if step.changes else (UNCHANGED, "would check")
+        if step.unless and machine.probe(step.unless):
             self.clear_marker(machine, step)
             return UNCHANGED, "already in place"
         if self.dry:

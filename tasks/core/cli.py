@@ -5,7 +5,7 @@ from __future__ import annotations
 import functools
 import os
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -13,12 +13,13 @@ from typing import Any
 from invoke import Context, Task, task
 from invoke.exceptions import Exit
 
+from tasks.core import hostkeys
 from tasks.core.apply import MAX_PARALLEL, execute
-from tasks.core.errors import DifyopsError
+from tasks.core.errors import DifyopsError, InputError, Problem
 from tasks.core.inventory import Inventory, load_inventory
 from tasks.core.lock import audit, deploy_lock
 from tasks.core.plan import TierPlan
-from tasks.core.project import inventory_path
+from tasks.core.project import display, inventory_path
 from tasks.core.render import write_tree
 from tasks.core.report import CHANGED, Report
 from tasks.core.tiers import Tier, build, select
@@ -57,7 +58,9 @@ def run_tiers(ctx: Context, tiers: list[Tier], *, dry: bool, only: str | None = 
     print(f"{action} {', '.join(t.name for t in chosen)} on inventory {inventory.name} "
           f"({len(inventory.hosts)} host(s), Dify {inventory.profile.version})", flush=True)
     plans = build(chosen, inventory)
-    refuse_invalid([plan for tier, plan in zip(chosen, plans, strict=True) if tier.validate])
+    refuse_invalid([plan for tier, plan in zip(chosen, plans, strict=True) if tier.validate],
+                   inventory.secrets.values())
+    refuse_unrecorded(plans)
     if dry:
         report = execute(plans, dry=True, timeouts=inventory.settings["timeouts"],
                          parallel=parallel)
@@ -76,13 +79,26 @@ def run_tiers(ctx: Context, tiers: list[Tier], *, dry: bool, only: str | None = 
     return report
 
 
-def refuse_invalid(plans: list[TierPlan]) -> None:
-    """Check the plans' rendered files with the real validators; raise before any host."""
+def refuse_unrecorded(plans: list[TierPlan]) -> None:
+    """Every SSH host the plans touch must have a recorded host key: refused before any host
+    is touched otherwise (not one host after another, halfway through a tier)."""
+    hosts = {plan.host.name: plan.host for tier in plans for plan in tier.hosts if plan.steps}
+    missing = hostkeys.unrecorded(hosts.values())
+    if missing:
+        raise InputError([Problem(display(path), host.name,
+                                  f"no SSH host key recorded for {host.address}:{host.ssh.port}",
+                                  f"check the host's fingerprint, then run `inv hosts.trust "
+                                  f"--host {host.name}`") for host, path in missing])
+
+
+def refuse_invalid(plans: list[TierPlan], secrets: Iterable[str] = ()) -> None:
+    """Check the plans' rendered files with the real validators (in a dry run too); raise
+    before any host is touched. Secrets are masked in what the tools print."""
     if not plans:
         return
     with tempfile.TemporaryDirectory(prefix="difyops-validate.") as scratch:
         write_tree(plans, Path(scratch))
-        verdicts = validate(Path(scratch))
+        verdicts = validate(Path(scratch), secrets)
     for verdict in verdicts:
         if verdict.status != "failed":
             print(f"  {verdict}", flush=True)

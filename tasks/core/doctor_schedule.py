@@ -40,8 +40,12 @@ def every(inventory: Inventory) -> int:
 
 
 def environment(inventory: Inventory) -> dict[str, str]:
-    """What `inv` needs to find the inventory and its secrets from any working directory."""
-    return {"DIFY_INVENTORY": str(inventory.file), "DIFY_SECRETS": str(inventory.secrets_file)}
+    """What `inv` needs to find the inventory, its secrets and its SSH host keys from any
+    working directory."""
+    found = {"DIFY_INVENTORY": str(inventory.file), "DIFY_SECRETS": str(inventory.secrets_file)}
+    if inventory.known_hosts:
+        found["DIFY_KNOWN_HOSTS"] = str(inventory.known_hosts)
+    return found
 
 
 def header(inventory: Inventory) -> str:

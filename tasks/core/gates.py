@@ -66,12 +66,18 @@ class TcpGate(Gate):
 
 @dataclass(frozen=True)
 class CommandGate(Gate):
-    """A command on the host itself that exits 0 when healthy (pg_isready, redis-cli ping)."""
+    """A command on the host itself that exits 0 when healthy (pg_isready, redis-cli ping).
+
+    One run may take probe_timeout seconds (0: five intervals, at least 10 s): a probe that
+    loads an application first (Dify's Celery app takes 15-30 s) needs more.
+    """
 
     command: str = ""
+    probe_timeout: float = 0.0
 
     def probe(self, machine: Machine) -> tuple[bool, str]:
-        result = machine.run(self.command, timeout=max(self.interval * 5, 10))
+        result = machine.run(self.command,
+                             timeout=self.probe_timeout or max(self.interval * 5, 10))
         return result.ok, result.answer
 
 

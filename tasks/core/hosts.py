@@ -15,13 +15,22 @@ import shlex
 import subprocess
 import tempfile
 from dataclasses import dataclass
-from typing import BinaryIO
+from typing import TYPE_CHECKING, BinaryIO
 
 from invoke import Context
 from invoke.exceptions import CommandTimedOut
 
+from tasks.core import hostkeys
 from tasks.core.errors import HostError
 from tasks.core.inventory import Host
+
+# Exit statuses that say a command could not run at all (timed out, not executable, not
+# found, the SSH session failed), as opposed to an answer.
+CANNOT_RUN = frozenset({124, 126, 127, 255})
+
+if TYPE_CHECKING:
+    import fabric
+    import paramiko
 
 
 @dataclass(frozen=True)
@@ -60,6 +69,7 @@ class Machine:
     def __init__(self, host: Host, command_timeout: float = 1800) -> None:
         self.host = host
         self.command_timeout = command_timeout
+        self.sudo_checked = False
 
     @property
     def is_root(self) -> bool:
@@ -96,6 +106,22 @@ class Machine:
         (e.g. `docker save ... | <host> docker load`); as root like run()."""
         return self._feed(self.as_root(command, sudo), source, timeout or self.command_timeout)
 
+    def probe(self, command: str) -> bool:
+        """A read-only question to the host: True (exit 0) or False (another answer). A probe
+        that cannot run (sudo refused, command not found or not executable, timed out, the
+        connection failed) raises HostError: it is never read as "missing" or "needed"."""
+        if not self.is_root and not self.sudo_checked:
+            refused = self._execute("sudo -n true", self.command_timeout)
+            if not refused.ok:
+                raise HostError(f"{self.host.target}: `sudo -n` is refused ({refused.answer}): "
+                                f"give {self.host.ssh.user} passwordless sudo, or log in as root")
+            self.sudo_checked = True
+        result = self.run(command)
+        if result.exited in CANNOT_RUN:
+            raise HostError(f"{self.host.target}: the probe `{command}` could not run "
+                            f"(exit {result.exited}): {result.answer}")
+        return result.ok
+
     def check(self, command: str, *, sudo: bool = True, timeout: float | None = None) -> Result:
         """Run a command that must succeed; a failure raises HostError naming the host."""
         result = self.run(command, sudo=sudo, timeout=timeout)
@@ -115,10 +141,13 @@ class Machine:
     def file_state(self, path: str) -> FileState | None:
         """Digest, mode and ownership of a file, or None when it does not exist."""
         quoted = shlex.quote(path)
-        result = self.run(f"[ -f {quoted} ] && stat -c '%a %U %G' {quoted} "
-                          f"&& sha256sum {quoted} || echo MISSING")
+        result = self.run(f"if [ -f {quoted} ]; then stat -c '%a %U %G' {quoted} && "
+                          f"sha256sum {quoted}; else echo MISSING; fi")
+        if not result.ok:
+            raise HostError(f"{self.host.target}: cannot read the state of {path}: "
+                            f"{result.answer}")
         lines = result.stdout.split()
-        if not result.ok or lines[:1] == ["MISSING"]:
+        if lines[:1] == ["MISSING"]:
             return None
         mode, owner, group, digest = lines[0], lines[1], lines[2], lines[3]
         return FileState(digest, int(mode, 8), owner, group)
@@ -185,19 +214,29 @@ class SshMachine(Machine):
 
     @property
     def connection(self):  # -> fabric.Connection, imported lazily to keep `inv --list` fast
-        """The open connection; connecting failures name the host and its address."""
+        """The open connection, to a host whose key the inventory's known_hosts records;
+        failures name the host and its address, and a refused key says what to do."""
         if self._connection is None:
-            from fabric import Connection
-            from paramiko.ssh_exception import NoValidConnectionsError, SSHException
+            from paramiko.ssh_exception import (
+                BadHostKeyException,
+                NoValidConnectionsError,
+                SSHException,
+            )
 
-            kwargs = {"key_filename": os.path.expanduser(self.host.ssh.key)} \
-                if self.host.ssh.key else {}
-            connection = Connection(self.host.address, user=self.host.ssh.user,
-                                    port=self.host.ssh.port, connect_timeout=self.connect_timeout,
-                                    connect_kwargs=kwargs)
+            connection = ssh_connection(self.host, self.connect_timeout)
             try:
                 connection.open()
+            except BadHostKeyException as exc:
+                connection.client.close()
+                path = hostkeys.file_for(self.host)
+                name = hostkeys.lookup_name(connection.host, connection.port)
+                raise hostkeys.HostKeyChanged(hostkeys.changed_message(
+                    self.host, path, name, exc.key, exc.expected_key)) from None
+            except hostkeys.HostKeyUnknown:
+                connection.client.close()
+                raise
             except (TimeoutError, OSError, NoValidConnectionsError, SSHException) as exc:
+                connection.client.close()
                 raise HostError(f"cannot connect to {self.host.target}: "
                                 f"{exc or type(exc).__name__}") from exc
             self._connection = connection
@@ -242,6 +281,20 @@ class SshMachine(Machine):
     def close(self) -> None:
         if self._connection is not None:
             self._connection.close()
+
+
+def ssh_connection(host: Host, connect_timeout: float,
+                   policy: paramiko.MissingHostKeyPolicy | None = None) -> fabric.Connection:
+    """A Fabric connection to the host (not yet open) whose client trusts the keys of the
+    inventory's known_hosts file and no others: Fabric's own client adds any key it is shown.
+    policy: what to do with a key the file does not record (default: refuse, naming it)."""
+    from fabric import Connection
+
+    kwargs = {"key_filename": os.path.expanduser(host.ssh.key)} if host.ssh.key else {}
+    connection = Connection(host.address, user=host.ssh.user, port=host.ssh.port,
+                            connect_timeout=connect_timeout, connect_kwargs=kwargs)
+    connection.client = hostkeys.verified_client(host, hostkeys.file_for(host), policy)
+    return connection
 
 
 def connect(host: Host, timeouts: dict[str, int] | None = None) -> Machine:

@@ -8,6 +8,7 @@ reported at once, before any host is touched.
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import ipaddress
 import re
@@ -58,6 +59,9 @@ class Ssh:
     user: str = "root"
     port: int = 22
     key: str = ""
+    # The known_hosts file its host key is checked against: the inventory's (not a host
+    # setting; filled in by load_inventory).
+    known_hosts: str = field(default="", compare=False)
 
 
 @dataclass(frozen=True)
@@ -95,6 +99,7 @@ class Inventory:
     profile: VersionProfile
     secrets_file: Path
     secrets: dict[str, str] = field(default_factory=dict)
+    known_hosts: Path | None = None  # the SSH host keys every connection checks (hostkeys.py)
 
     @property
     def name(self) -> str:
@@ -169,7 +174,7 @@ def read_yaml(path: Path) -> tuple[Any, list[Problem]]:
 
 def load_inventory(path: Path, *, check_secrets: bool = True) -> Inventory:
     """Read, merge, check and return the inventory, or raise InputError listing every problem."""
-    from tasks.core import placement, rules, secrets  # they need the model defined here
+    from tasks.core import hostkeys, placement, rules, secrets  # they need the model here
 
     data, problems = read_yaml(path)
     if problems:
@@ -192,8 +197,13 @@ def load_inventory(path: Path, *, check_secrets: bool = True) -> Inventory:
         else default_secrets_path(settings["name"])
     )
     profile = load_profile(version)
+    known_hosts = hostkeys.known_hosts_path(path, settings["ssh_known_hosts"])
+    problems.extend(hostkeys.check_file(known_hosts))
+    hosts = [dataclasses.replace(host, ssh=dataclasses.replace(host.ssh,
+                                                               known_hosts=str(known_hosts)))
+             for host in hosts]
     inventory = Inventory(path, settings, placement.place_defaults(hosts, profile), profile,
-                          secrets_file)
+                          secrets_file, known_hosts=known_hosts)
     if not problems:
         problems.extend(rules.check(inventory))
     if check_secrets:
@@ -281,7 +291,8 @@ def check_worker_groups(value: Any, shown: str, problems: list[Problem]) -> list
 
 
 def check_hosts(value: Any, settings: dict, shown: str, problems: list[Problem]) -> list[Host]:
-    """Every host well-formed, with unique names and unique (address, port) pairs."""
+    """Every host well-formed, with unique names and unique addresses (two SSH ports on one
+    address would be one machine deployed twice: one deploy_dir, one upstream entry twice)."""
     if not isinstance(value, list) or not value:
         problems.append(Problem(shown, "hosts", "the inventory lists no hosts",
                                 "add at least one host: `hosts: [{name: local, connection: "
@@ -289,7 +300,7 @@ def check_hosts(value: Any, settings: dict, shown: str, problems: list[Problem])
         return []
     hosts: list[Host] = []
     names: dict[str, int] = {}
-    endpoints: dict[tuple[str, int], int] = {}
+    endpoints: dict[str, int] = {}
     groups = {group["name"] for group in settings["app"]["worker_groups"]}
     for index, item in enumerate(value):
         host = check_host(item, f"hosts[{index}]", groups, shown, problems)
@@ -301,10 +312,10 @@ def check_hosts(value: Any, settings: dict, shown: str, problems: list[Problem])
                                     f"(also hosts[{names[host.name]}])",
                                     "give every host its own name"))
         names.setdefault(host.name, index)
-        endpoint = (host.address, host.ssh.port)
+        endpoint = host.address
         if endpoint in endpoints:
             problems.append(Problem(shown, f"hosts[{index}].address",
-                                    f"duplicate address {host.address}:{host.ssh.port} "
+                                    f"duplicate address {host.address} "
                                     f"(also hosts[{endpoints[endpoint]}])",
                                     "one entry per machine: merge their roles into one host"))
         endpoints.setdefault(endpoint, index)

@@ -107,11 +107,12 @@ def services(inventory: Inventory) -> list[Service]:
                 published=True),
         Service("alertmanager", 9093, ("monitor",), (MANAGEMENT,),
                 ("prometheus-alertmanager", "alertmanager", *DOCKER), published=True),
-        Service("grafana", 3000, ("monitor",), (MANAGEMENT,), ("grafana", "grafana-server",
-                                                               *DOCKER), published=True),
-        Service("elasticsearch", 9200, ("logging",), (EVERY_HOST,), ("java", *DOCKER),
-                published=True),
-        Service("kibana", 5601, ("logging",), (MANAGEMENT,), ("node", *DOCKER), published=True),
+        Service("grafana", settings["monitor"]["grafana_port"], ("monitor",), (MANAGEMENT,),
+                ("grafana", "grafana-server", *DOCKER), published=True),
+        Service("elasticsearch", settings["logging"]["es_port"], ("logging",), (EVERY_HOST,),
+                ("java", *DOCKER), published=True),
+        Service("kibana", settings["logging"]["kibana_port"], ("logging",), (MANAGEMENT,),
+                ("node", *DOCKER), published=True),
         Service("dify api (dev)", 5001, ("dev_backend",), ("dev_frontend", DEV_NETWORK),
                 ("python", "python3", "flask", "gunicorn", "uv")),
         Service("dify web (dev)", 3000, ("dev_frontend",), (DEV_NETWORK,),
@@ -168,8 +169,41 @@ def resolve(address: str) -> list[str]:
     return sorted({str(info[4][0]) for info in infos})
 
 
+# Settings that are ports: 1-65535, and never two services on one port of one host.
+PORT_SETTINGS = ("db.port", "cache.port", "cache.sentinel_port", "app.websocket_port",
+                 "monitor.grafana_port", "logging.es_port", "logging.kibana_port")
+
+
+def port_collisions(inventory: Inventory, shown: str) -> Iterator[Problem]:
+    """Ports outside 1-65535, and two services of the plan on one port of one host."""
+    bad = False
+    for key in PORT_SETTINGS:
+        section, name = key.split(".")
+        value = inventory.settings[section][name]
+        if not 1 <= value <= 65535:
+            bad = True
+            yield Problem(shown, key, f"{value} is not a port (1-65535)",
+                          "give a free port of the host, e.g. the default in config/defaults.yml")
+    if bad:
+        return
+    plan = services(inventory)
+    for index, host in enumerate(inventory.hosts):
+        taken: dict[int, str] = {}
+        for service in plan:
+            if not host.has(*service.servers):
+                continue
+            other = taken.setdefault(service.port, service.name)
+            if other != service.name:
+                yield Problem(shown, f"hosts[{index}]",
+                              f"{other} and {service.name} both listen on port {service.port} "
+                              f"on {host.name}",
+                              "change one of the port settings (" + ", ".join(PORT_SETTINGS)
+                              + "), or put the roles on different hosts")
+
+
 def check(inventory: Inventory, shown: str) -> Iterator[Problem]:
     """Rule: the network and preflight settings make sense."""
+    yield from port_collisions(inventory, shown)
     net, preflight = inventory.settings["net"], inventory.settings["preflight"]
     for index, entry in enumerate(net["management"]):
         try:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import ipaddress
 import re
+import shlex
 from functools import cached_property
 from pathlib import Path
 from typing import Any
@@ -38,6 +39,10 @@ class Renderer:
         environment.filters["cidr"] = cidr
         environment.filters["squid_word"] = squid_word
         environment.filters["redis_url"] = redis_url
+        environment.filters["sql_literal"] = sql_literal
+        environment.filters["shell_quote"] = shell_quote
+        environment.filters["redis_quote"] = redis_quote
+        environment.filters["pgpass_field"] = pgpass_field
         environment.globals["resp_hex"] = resp_hex
         return environment
 
@@ -105,11 +110,45 @@ def resp_hex(*words: str) -> str:
 
 
 def env_quote(value: Any) -> str:
-    """A value safe in an env file read by both docker compose and python-dotenv."""
+    """A value safe in an env file read by both docker compose and python-dotenv: as it is when
+    plain, else single-quoted (literal for both). A value neither can read back identically
+    (a quote, a backslash, a control character) is an error: nothing is ever deleted from it."""
     text = str(value)
     if text and all(c.isalnum() or c in "-_./:@,+=" for c in text):
         return text
-    return "'" + text.replace("'", "") + "'"
+    if "'" in text or "\\" in text or not text.isprintable():
+        raise DifyopsError("a value for an env file holds a quote, a backslash or a control "
+                           "character, which docker compose and python-dotenv read differently")
+    return "'" + text + "'"
+
+
+def sql_literal(value: Any) -> str:
+    """A PostgreSQL string literal (standard_conforming_strings: quotes doubled)."""
+    text = str(value)
+    if "\0" in text:
+        raise DifyopsError("a value for SQL holds a NUL character")
+    return "'" + text.replace("'", "''") + "'"
+
+
+def shell_quote(value: Any) -> str:
+    """A value for a file that a shell sources (one word, never expanded)."""
+    return shlex.quote(str(value))
+
+
+def redis_quote(value: Any) -> str:
+    """A value for redis.conf or sentinel.conf: bare when plain, else double-quoted with
+    backslash escapes (what Redis' own config parser reads back)."""
+    text = str(value)
+    if text and all(c.isalnum() or c in "-_./:@,+=" for c in text):
+        return text
+    if not text.isprintable():
+        raise DifyopsError("a value for redis.conf holds a control character")
+    return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def pgpass_field(value: Any) -> str:
+    """A field of a .pgpass line: `:` and `\\` escaped with a backslash."""
+    return str(value).replace("\\", "\\\\").replace(":", "\\:")
 
 
 def write_tree(plans: list[TierPlan], out: Path) -> int:

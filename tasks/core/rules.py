@@ -15,7 +15,7 @@ from pathlib import Path
 
 from tasks.core import netplan, placement
 from tasks.core.errors import Problem
-from tasks.core.inventory import APP_ROLES, Inventory
+from tasks.core.inventory import APP_ROLES, Inventory, valid_address
 from tasks.core.profiles import version_key
 from tasks.core.project import display
 
@@ -160,6 +160,74 @@ def broker_not_on_cluster(inventory: Inventory, shown: str) -> Iterator[Problem]
         yield Problem(shown, "cache.mode", f"Sentinel needs 3 or more cache hosts to reach a "
                       f"quorum, the inventory has {len(hosts)}",
                       "add cache hosts, or set cache.mode to standalone on a single host")
+
+
+# Free strings that reach paths, shells, SQL identifiers or nginx: the shape each must have.
+SLUG = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}$")
+IDENTIFIER = re.compile(r"^[a-z_][a-z0-9_]{0,62}$")
+ABSOLUTE_PATH = re.compile(r"^(/[A-Za-z0-9._+-]+)+$")
+NAME_CHARS = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
+SHAPES: tuple[tuple[str, re.Pattern, str, str], ...] = (
+    ("name", SLUG, "is not a slug", "lower-case letters, digits and dashes, e.g. production"),
+    ("cache.master_name", NAME_CHARS, "is not a plain name",
+     "letters, digits, '.', '_' and '-', e.g. dify-master"),
+    ("vector.pgvector_user", IDENTIFIER, "is not a PostgreSQL identifier",
+     "lower-case letters, digits and '_', starting with a letter, e.g. dify_vector"),
+    ("vector.pgvector_database", IDENTIFIER, "is not a PostgreSQL identifier",
+     "lower-case letters, digits and '_', starting with a letter, e.g. dify_vector"),
+    ("storage.path", ABSOLUTE_PATH, "is not a plain absolute path",
+     "an absolute path of letters, digits, '.', '_', '+' and '-', e.g. /srv/dify/storage"),
+    ("app.deploy_dir", ABSOLUTE_PATH, "is not a plain absolute path",
+     "an absolute path of letters, digits, '.', '_', '+' and '-', e.g. /opt/dify"),
+)
+
+
+IMAGE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._/:@-]*$")
+REGISTRY_PREFIX = re.compile(r"^([A-Za-z0-9][A-Za-z0-9._:-]*(/[A-Za-z0-9._-]+)*/?)?$")
+IMAGE_SETTINGS = ("cache.proxy_image", "monitor.grafana_image", "logging.elasticsearch_image",
+                  "logging.kibana_image")
+
+
+def image_names(inventory: Inventory, shown: str) -> Iterator[Problem]:
+    """Image names and registry prefixes are references, nothing else: they reach compose files
+    and docker commands."""
+    settings = inventory.settings
+    for key in ("dify.registry_mirror", "dify.private_registry"):
+        section, name = key.split(".")
+        if not REGISTRY_PREFIX.match(settings[section][name]):
+            yield Problem(shown, key, f"{settings[section][name]!r} is not a registry",
+                          "a host[:port] with an optional path, e.g. mirror.example.com/")
+    images = [(key, settings[key.split(".")[0]][key.split(".")[1]]) for key in IMAGE_SETTINGS]
+    images += [(f"dify.images.{component}", value)
+               for component, value in settings["dify"]["images"].items()]
+    for key, value in images:
+        if not isinstance(value, str) or not IMAGE.match(value):
+            yield Problem(shown, key, f"{value!r} is not an image reference",
+                          "a name with an optional tag, e.g. langgenius/dify-api:1.16.1")
+
+
+def free_strings(inventory: Inventory, shown: str) -> Iterator[Problem]:
+    """Strings that reach file paths, shells, SQL and nginx have the shape their target needs,
+    so no value can add a command, a directive or a path outside its folder."""
+    settings = inventory.settings
+    for key, shape, what, fix in SHAPES:
+        value = settings
+        for part in key.split("."):
+            value = value[part]
+        if not shape.match(value) or ".." in value.split("/"):
+            yield Problem(shown, key, f"{value!r} {what}", f"use {fix}")
+    if not valid_address(settings["domain"]):
+        yield Problem(shown, "domain", f"{settings['domain']!r} is not a DNS name or an address",
+                      "the public name of the installation, e.g. dify.example.com")
+    if settings["lb"]["frame_options"] not in ("", "DENY", "SAMEORIGIN"):
+        yield Problem(shown, "lb.frame_options",
+                      f"{settings['lb']['frame_options']!r} is not DENY, SAMEORIGIN or \"\"",
+                      "SAMEORIGIN (the default), DENY, or \"\" to let other sites embed Dify")
+    if settings["upload_limit_mb"] <= 0:
+        yield Problem(shown, "upload_limit_mb",
+                      f"{settings['upload_limit_mb']} removes nginx's upload limit and breaks "
+                      f"Dify's UPLOAD_FILE_SIZE_LIMIT",
+                      "a size in MiB above 0: Dify's own default is 15, its nginx allows 100")
 
 
 def dev_release(inventory: Inventory, shown: str) -> Iterator[Problem]:
@@ -448,6 +516,7 @@ def index_of(inventory: Inventory, name: str) -> int:
     return next(i for i, host in enumerate(inventory.hosts) if host.name == name)
 
 
-RULES: tuple[Rule, ...] = (role_presence, websocket_port, queue_coverage, broker_not_on_cluster,
-                           dev_release, vector_store, shared_storage, connection_budget,
-                           tls_settings, monitor_settings, netplan.check, logging_settings)
+RULES: tuple[Rule, ...] = (free_strings, image_names, role_presence, websocket_port, queue_coverage,
+                           broker_not_on_cluster, dev_release, vector_store, shared_storage,
+                           connection_budget, tls_settings, monitor_settings, netplan.check,
+                           logging_settings)

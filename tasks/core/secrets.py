@@ -164,6 +164,11 @@ def weakness(spec: SecretSpec, value: str | None) -> str | None:
         return f"empty ({spec.purpose})"
     if value in PUBLISHED or value.lower() in PUBLISHED:
         return "is a published default or placeholder: anyone can read it"
+    if not value.isprintable():
+        return "holds a control character (a newline, a tab, ...)"
+    if "'" in value or "\\" in value:
+        return ("holds a quote (') or a backslash, which docker compose and python-dotenv read "
+                "back differently from the env files Dify reads")
     if spec.generated and len(value) < MIN_LENGTH:
         return f"shorter than {MIN_LENGTH} characters"
     return spec.shape(value) if spec.shape else None

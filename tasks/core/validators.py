@@ -7,10 +7,11 @@ never as passed.
 
 from __future__ import annotations
 
+import dataclasses
 import shutil
 import subprocess
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -158,6 +159,17 @@ def amtool(root: Path) -> list[Verdict]:
 VALIDATORS: tuple[Validator, ...] = (nginx, compose, promtool, amtool)
 
 
-def validate(root: Path) -> list[Verdict]:
-    """Every validator over a folder of rendered files (root/<host>/<path>)."""
-    return [verdict for validator in VALIDATORS for verdict in validator(root)]
+def validate(root: Path, hide: Iterable[str] = ()) -> list[Verdict]:
+    """Every validator over a folder of rendered files (root/<host>/<path>). A tool's output
+    may quote a line of a file: every value in `hide` (the secrets) is masked in it."""
+    secrets = sorted((value for value in hide if len(value) >= 4), key=len, reverse=True)
+    verdicts = [verdict for validator in VALIDATORS for verdict in validator(root)]
+    return [dataclasses.replace(verdict, detail=mask(verdict.detail, secrets))
+            for verdict in verdicts]
+
+
+def mask(text: str, secrets: list[str]) -> str:
+    """The text with every occurrence of a secret replaced by `***`."""
+    for secret in secrets:
+        text = text.replace(secret, "***")
+    return text

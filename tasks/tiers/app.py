@@ -155,19 +155,22 @@ def check_limits(inventory: Inventory) -> None:
 
 def release_check(inventory: Inventory, host: Host) -> RunCommand:
     """Fail when the host runs another version or api image than the inventory asks for."""
-    path = f"{deploy_dir(inventory)}/release.json"
+    raw = f"{deploy_dir(inventory)}/release.json"
+    path = shlex.quote(raw)
     record = release(inventory, host)
     wanted = [f'"version": "{record["version"]}"']
     if "api" in record["images"]:
         wanted.append(f'"api": "{record["images"]["api"]}"')
     greps = " && ".join(f"grep -qF {shlex.quote(w)} {path}" for w in wanted)
     running = f"$(sed -n 's/^  \"version\": \"\\(.*\\)\"$/\\1/p' {path})"
-    message = (f"{host.name} runs Dify {running} ({path}), not the inventory's "
-               f"{record['version']} with {record['images'].get('api', 'its images')}: change "
-               f"releases with inv app.upgrade --version {record['version']} (backup, "
-               f"migration, one host at a time) or inv app.rollback")
+    rest = (f" ({raw}), not the inventory's {record['version']} with "
+            f"{record['images'].get('api', 'its images')}: change releases with inv app.upgrade "
+            f"--version {record['version']} (backup, migration, one host at a time) or "
+            f"inv app.rollback")
+    # Only the running version is expanded by the shell; every other word is quoted.
+    message = f"{shlex.quote(host.name + ' runs Dify ')}\"{running}\"{shlex.quote(rest)}"
     return RunCommand("release check",
-                      f"test ! -f {path} || {{ {greps}; }} || {{ echo \"{message}\" >&2; "
+                      f"test ! -f {path} || {{ {greps}; }} || {{ echo {message} >&2; "
                       f"exit 1; }}", changes=False)
 
 
@@ -259,8 +262,10 @@ def steps(inventory: Inventory, renderer: Renderer, host: Host, *,
     if host.has("api", "worker") and storage["type"] != "s3":
         plan.append(RunCommand(
             f"storage {storage['path']} owned by uid {DIFY_UID}",
-            f"mkdir -p {storage['path']} && chown {DIFY_UID}:{DIFY_UID} {storage['path']}",
-            unless=f"test \"$(stat -c %u {storage['path']} 2>/dev/null)\" = {DIFY_UID}"))
+            f"mkdir -p {shlex.quote(storage['path'])} && chown {DIFY_UID}:{DIFY_UID} "
+            f"{shlex.quote(storage['path'])}",
+            unless=f"test \"$(stat -c %u {shlex.quote(storage['path'])} 2>/dev/null)\" = "
+                   f"{DIFY_UID}"))
     images = sorted(set(host_images(inventory, host).values()))
     plan.append(RunCommand(
         "images present",
@@ -327,4 +332,4 @@ def leaders(inventory: Inventory) -> list[Host]:
 
 
 TIER = Tier("app", "Dify services on the app hosts", APP_ROLES, steps,
-            depends_on=("db", "cache", "vector"), leaders=leaders)
+            depends_on=("db", "cache", "vector"), leaders=leaders, validate=True)

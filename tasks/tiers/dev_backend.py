@@ -2,8 +2,11 @@
 
 Writes api/.env pointing at the home server (the production environment's database, Redis,
 broker, vector store, storage and keys, with development URLs), installs uv and the api's
-dependencies, migrates the database, and runs `flask run --debug` (reloading) and a Celery worker
+dependencies (`uv sync --frozen --no-dev`, as the release's own Dockerfile does: the lock file is
+used as it is, and the dev group, which from 1.14 needs `dify-agent/` beside `api/`, is left to the
+developer), migrates the database, and runs `flask run --debug` (reloading) and a Celery worker
 on every queue of the Dify version as systemd units, so they outlive the SSH session.
+`dev.python` names the interpreter uv builds the environment with (empty: uv's own choice).
 """
 
 from __future__ import annotations
@@ -39,28 +42,48 @@ COMPOSE_ONLY = ("SANDBOX_API_KEY", "SERVER_WORKER_AMOUNT", "SERVER_WORKER_CLASS"
                 "GUNICORN_TIMEOUT")
 ENV_LINE = re.compile(r"^([A-Z][A-Z0-9_]*)=(.*)$")
 SYNC_STAMP = ".venv/.difyops-synced"
+# Debian packages the api needs on the host: venv for the pip that installs uv, libmagic for the
+# api's python-magic (what the release's own image installs for it).
+PACKAGES = ("python3-venv", "libmagic1")
+# Seconds one run of the worker gate may take: it loads the release's whole app first (15-30 s
+# for Dify 1.14 on two busy cores), then asks the workers for 5 s.
+QUEUE_CHECK_TIMEOUT = 120
 # Inside the worker gate: which of the queues named on the command line no worker consumes.
+# argv[1] is the release's Celery app (module.attribute, the profile's celery_app), the rest the
+# queues.
 QUEUE_CHECK = (
-    "import sys\n"
-    "from app import celery\n"
+    "import importlib, sys\n"
+    "module, _, name = sys.argv[1].rpartition('.')\n"
+    "celery = getattr(importlib.import_module(module), name)\n"
+    "wanted = sys.argv[2:]\n"
     "replies = celery.control.inspect(timeout=5).active_queues() or {}\n"
     "names = {queue['name'] for queues in replies.values() for queue in queues}\n"
-    "missing = [queue for queue in sys.argv[1:] if queue not in names]\n"
+    "missing = [queue for queue in wanted if queue not in names]\n"
     "if not replies:\n"
     "    sys.exit('no Celery worker answered')\n"
     "if missing:\n"
     "    sys.exit('no worker consumes: ' + ','.join(missing))\n"
-    "print(str(len(sys.argv) - 1) + ' queues consumed by ' + ','.join(sorted(replies)))\n"
+    "print(str(len(wanted)) + ' queues consumed by ' + ','.join(sorted(replies)))\n"
 )
 
 
 def uv_environment(inventory: Inventory) -> str:
-    """`env` assignments for uv: the OS certificate store (like pip and git), the index mirror."""
-    index = inventory.settings["dev"]["package_index"]
+    """`env` assignments for uv: the OS certificate store (like pip and git), the index mirror,
+    the interpreter (dev.python)."""
+    dev = inventory.settings["dev"]
     assignments = ["UV_NATIVE_TLS=true", "UV_SYSTEM_CERTS=true"]
-    if index:
-        assignments.append(f"UV_INDEX_URL={shlex.quote(index)}")
+    if dev["package_index"]:
+        assignments.append(f"UV_INDEX_URL={shlex.quote(dev['package_index'])}")
+    if dev["python"]:
+        assignments.append(f"UV_PYTHON={shlex.quote(dev['python'])}")
     return "env " + " ".join(assignments)
+
+
+def sync_stamp(inventory: Inventory) -> str:
+    """What the environment was synced from: the project's and lock's hashes, the interpreter
+    asked for (a change of either syncs again). A `sh -c` script run in the api folder."""
+    python = shlex.quote(f"python={inventory.settings['dev']['python']}")
+    return f"sha256sum pyproject.toml uv.lock && echo {python}"
 
 
 def parse_env(text: str) -> dict[str, str]:
@@ -103,6 +126,7 @@ def steps(inventory: Inventory, renderer: Renderer, host: Host) -> list[Step]:
     api_dir = f"{root}/api"
     uv_env = uv_environment(inventory)
     uv_run = f"{uv_env} {UV} run --no-sync"
+    stamp = sync_stamp(inventory)
     env_file = f"{api_dir}/.env"
     units = {unit: f"{UNIT_DIR}/{unit}" for unit in (API_UNIT, WORKER_UNIT)}
     context = {"user": user, "api_dir": api_dir, "uv": UV, "api_port": API_PORT,
@@ -117,7 +141,7 @@ def steps(inventory: Inventory, renderer: Renderer, host: Host) -> list[Step]:
         WaitFor(CommandGate(f"redis at {redis.name}:{redis_port} reachable",
                             timeout=20, interval=2,
                             command=tcp_probe(redis.address, redis_port))),
-        packages("python3-venv", *(["git"] if clone_step_needed(inventory) else [])),
+        packages(*PACKAGES, *(["git"] if clone_step_needed(inventory) else [])),
         RunCommand("install uv",
                    f"python3 -m venv {UV_HOME} && {pip_environment(inventory)} "
                    f"{UV_HOME}/bin/pip install --quiet uv && ln -sf {UV_HOME}/bin/uv {UV}",
@@ -137,12 +161,12 @@ def steps(inventory: Inventory, renderer: Renderer, host: Host) -> list[Step]:
         WriteFile(env_file, api_env(inventory, renderer, host), mode=0o600, owner=user,
                   group=user, secret=True),
         RunCommand("install the api's dependencies (uv sync)",
-                   in_api(api_dir, user, f"{uv_env} {UV} sync --quiet") + " && "
-                   + in_api(api_dir, user, f"sh -c 'sha256sum pyproject.toml uv.lock > "
-                                           f"{SYNC_STAMP}'")
+                   in_api(api_dir, user, f"{uv_env} {UV} sync --frozen --no-dev --quiet")
+                   + " && " + in_api(api_dir, user, "sh -c " + shlex.quote(
+                       f"{{ {stamp}; }} > {SYNC_STAMP}"))
                    + f" && {{ systemctl try-restart {API_UNIT} {WORKER_UNIT} 2>/dev/null; true; }}",
-                   unless=in_api(api_dir, user, f"sh -c 'sha256sum pyproject.toml uv.lock "
-                                                f"| cmp -s - {SYNC_STAMP}'")),
+                   unless=in_api(api_dir, user, "sh -c " + shlex.quote(
+                       f"{{ {stamp}; }} | cmp -s - {SYNC_STAMP}"))),
         RunCommand("migrate the database (flask upgrade-db)",
                    in_api(api_dir, user, f"{uv_run} flask upgrade-db") + " && { "
                    + in_api(api_dir, user, f"{uv_run} flask db current") + " | grep -q '(head)' "
@@ -164,10 +188,13 @@ def steps(inventory: Inventory, renderer: Renderer, host: Host) -> list[Step]:
                          url=f"http://{host.address}:{API_PORT}/console/api/setup",
                          contains='"step"')),
         WaitFor(CommandGate(f"worker consumes the {len(inventory.profile.queues)} queues of "
-                            f"Dify {inventory.profile.version}", timeout=120, interval=2,
+                            f"Dify {inventory.profile.version}", timeout=300, interval=2,
+                            probe_timeout=QUEUE_CHECK_TIMEOUT,
                             command=in_api(api_dir, user, f"{uv_run} python -c "
                                            f"{shlex.quote(QUEUE_CHECK)} "
-                                           + " ".join(inventory.profile.queues))),
+                                           + " ".join(map(shlex.quote, (
+                                               inventory.profile.celery_app,
+                                               *inventory.profile.queues))))),
                 restart=restart_unit(WORKER_UNIT)),
     ]
     return plan

@@ -327,7 +327,7 @@ def steps(inventory: Inventory, renderer: Renderer, host: Host) -> list[Step]:
 
 
 TIER = Tier("lb", "nginx load balancer", ("lb",), steps,
-            depends_on=("app",))
+            depends_on=("app",), validate=True)
 
 
 # --- reading the live site ----------------------------------------------------------------------

@@ -4,6 +4,11 @@
   (kept for debugging when ``DIFYOPS_KEEP_LAB=1``).
 - ``ssh_hosts`` (session): three started hosts ``h1``, ``h2``, ``h3`` (a list, in that order).
 
+Host keys are checked as on real servers: the lab records each host's keys as it starts it and
+sets ``DIFY_KNOWN_HOSTS`` to that file for the session, so the engine in this process and every
+``inv`` a module starts (they pass ``os.environ`` on) trust the lab's hosts and nothing else,
+whatever name an inventory of a module has.
+
 Every test that uses them is marked ``docker``. Without a Docker engine such tests are skipped
 ("no Docker engine: run scripts/setup"), except in CI (``CI=true``) where that is a failure.
 """

@@ -15,6 +15,12 @@ Images are built once and reused across runs: every tag carries a hash of its in
   engine (vfs driver) and compose v2, for the tiers deployed by compose. ``overlay2=True``
   gives that engine overlay2 on a volume of the machine instead (for big images).
 
+Host keys: the lab records each host's SSH host keys (read from the container, not over the
+network) in ``known_hosts`` in its key directory as it starts the host, and points
+``DIFY_KNOWN_HOSTS`` at that file for the process and the ``inv`` commands it starts, so the
+engine checks lab hosts as it checks real servers. A host started again, or a new container on an
+address used before, gets its line rewritten; the lab's own SSH helpers check keys the same way.
+
 Other settings: ``DIFYOPS_LAB_TIMEOUT`` (seconds a host may take to be ready, default 120) and
 ``DIFYOPS_LAB_PRIVILEGED=1`` (run hosts with --privileged, for engines where systemd needs it).
 """
@@ -31,6 +37,7 @@ import secrets
 import shutil
 import subprocess
 import tempfile
+import threading
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -49,6 +56,8 @@ import paramiko
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from testcontainers.core.container import DockerContainer
+
+from tasks.core.hostkeys import KNOWN_HOSTS_ENV
 
 LOG = logging.getLogger("difyops.lab")
 
@@ -75,6 +84,8 @@ DEBIAN_SOURCES = Path("/etc/apt/sources.list.d/debian.sources")
 SOURCES_LIST = Path("/etc/apt/sources.list")
 LABEL = "difyops.lab"
 READY_STATES = ("running", "degraded")
+HOST_KEY_FILES = "/etc/ssh/ssh_host_*_key.pub"
+_KNOWN_HOSTS_LOCK = threading.Lock()  # hosts start in parallel threads
 
 
 class LabError(RuntimeError):
@@ -446,6 +457,7 @@ class LabHost:
     public_key: str = ""
     docker: bool = False
     volumes: list[str] = field(default_factory=list)  # named volumes removed with the host
+    known_hosts: Path | None = None  # the lab's file of host keys
 
     def _wrapped(self) -> Any:
         """The docker SDK's Container object behind the testcontainers wrapper."""
@@ -484,11 +496,41 @@ class LabHost:
                 "allow_agent": False,
             },
         )
-        # A fresh client: no ~/.ssh/known_hosts (lab addresses are reused between sessions).
-        client = paramiko.SSHClient()
-        client.set_missing_host_key_policy(paramiko.AutoAddPolicy())
-        conn.client = client
+        conn.client = self._client()
         return conn
+
+    def _client(self) -> paramiko.SSHClient:
+        """An SSH client that trusts the host keys the lab recorded and no others (never
+        ~/.ssh/known_hosts: lab addresses are reused between sessions)."""
+        client = paramiko.SSHClient()
+        if self.known_hosts is not None and self.known_hosts.is_file():
+            client.get_host_keys().load(str(self.known_hosts))
+        client.set_missing_host_key_policy(paramiko.RejectPolicy())
+        return client
+
+    def host_keys(self) -> list[str]:
+        """The host's SSH public host keys as `type base64` (read through docker exec)."""
+        code, out = self.exec(f"cat {HOST_KEY_FILES}")
+        keys = [" ".join(line.split()[:2]) for line in out.splitlines()
+                if line.strip() and not line.startswith("cat:")]
+        if code != 0 or not keys:
+            raise LabError(f"{self.name}: cannot read its SSH host keys: {out.strip()}")
+        return keys
+
+    def record_host_key(self) -> None:
+        """Write the host's keys into the lab's known_hosts under its current address,
+        replacing whatever was recorded for that address (this host before it was started
+        again or had its keys made anew, or a removed container that had the address)."""
+        if self.known_hosts is None:
+            raise LabError(f"{self.name}: the lab has no known_hosts file")
+        lines = [f"{self.address} {key}" for key in self.host_keys()]
+        with _KNOWN_HOSTS_LOCK:
+            old = self.known_hosts.read_text().splitlines() if self.known_hosts.exists() else []
+            kept = [line for line in old if line.split()[:1] != [self.address]]
+            staged = self.known_hosts.with_name(f".{self.known_hosts.name}.new")
+            staged.write_text("".join(f"{line}\n" for line in [*kept, *lines]))
+            staged.chmod(0o644)
+            os.replace(staged, self.known_hosts)
 
     def refresh_address(self) -> str:
         """Re-read the container's address on the lab network (it may change on restart)."""
@@ -518,8 +560,7 @@ class LabHost:
 
     def ssh_ok(self, user: str = "root", timeout: float = 5) -> bool:
         """True when sshd at the host's address accepts the lab key and runs a command."""
-        client = paramiko.SSHClient()
-        client.set_missing_host_key_policy(paramiko.AutoAddPolicy())
+        client = self._client()
         try:
             client.connect(
                 self.address,
@@ -559,6 +600,14 @@ class LabHost:
         if state == "degraded":
             _, failed = self.exec("systemctl --failed --no-legend --plain | cut -d' ' -f1")
             LOG.warning("%s: systemd degraded, failed units: %s", self.name, failed.split())
+        while True:  # sshd's keys, before anything connects to it
+            try:
+                self.record_host_key()
+                break
+            except LabError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.2)
         while self.docker and self.exec("docker info >/dev/null 2>&1")[0] != 0:
             if time.monotonic() > deadline:
                 raise LabError(f"{self.name}: the inner Docker engine does not answer")
@@ -621,6 +670,10 @@ class Lab:
         self.network_name = f"difyops-lab-{self.suffix}"
         self.key_dir = Path(tempfile.mkdtemp(prefix="difyops-lab-key-"))
         self.key_file, self.public_key = make_key_pair(self.key_dir)
+        self.known_hosts = self.key_dir / "known_hosts"
+        self.known_hosts.write_text("")
+        self._saved_known_hosts = os.environ.get(KNOWN_HOSTS_ENV)
+        os.environ[KNOWN_HOSTS_ENV] = str(self.known_hosts)  # for the engine and its `inv`s
         self.hosts: dict[str, LabHost] = {}
         self.image: str | None = None
         self.images: dict[str, str] = {}  # other releases than bookworm: suite -> host image
@@ -711,6 +764,7 @@ class Lab:
             public_key=self.public_key,
             docker=docker,
             volumes=volumes,
+            known_hosts=self.known_hosts,
         )
         self.hosts[name] = host  # registered first: close() removes it even if start fails
         container.start()
@@ -770,3 +824,8 @@ class Lab:
                 self._network.remove()
             self._network = None
         shutil.rmtree(self.key_dir, ignore_errors=True)
+        if os.environ.get(KNOWN_HOSTS_ENV) == str(self.known_hosts):
+            if self._saved_known_hosts is None:
+                os.environ.pop(KNOWN_HOSTS_ENV, None)
+            else:
+                os.environ[KNOWN_HOSTS_ENV] = self._saved_known_hosts

@@ -13,6 +13,7 @@ every answer names the host and role that produced it.
                   POST anything    body read and counted; one line per request in STATE/requests
     web :3000     /, /explore..., /_next/static/... (JavaScript, sent with Cache-Control no-cache)
     plugin :5002  /e/... (echoes the request headers, Dify-Hook-Url among them), /health/check
+    websocket :5006  /socket.io/... (the upgrade headers it received), /health (api_websocket)
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import parse_qs, urlsplit
 
-PORTS = {"api": 5001, "web": 3000, "plugin": 5002}
+PORTS = {"api": 5001, "web": 3000, "plugin": 5002, "websocket": 5006}
 API_PREFIXES = ("/console/api", "/api", "/v1", "/files", "/mcp", "/triggers")
 STATE = "/var/lib/difyops-standin"
 RUN = "/run/difyops-standin"
@@ -107,6 +108,15 @@ class Handler(BaseHTTPRequestHandler):
             self.close_connection = True  # no answer at all: the host "died" mid-request
         else:
             self.answer(200, self.who(received=received))
+
+    def serve_websocket(self, path: str, received: int) -> None:
+        if path == "/health":
+            self.answer(200, {"status": "ok", "host": HOST})
+        elif path.startswith("/socket.io/"):
+            self.answer(200, self.who(upgrade=self.headers.get("Upgrade", ""),
+                                      connection=self.headers.get("Connection", "")))
+        else:
+            self.answer(404, self.who(error="not a Socket.IO route"))
 
     def stream(self) -> None:
         self.send_response(200)

@@ -30,6 +30,8 @@ PLUGIN_DIR = "/opt/dify/plugin_daemon"
 COPY_DIR = "/home/deploy/dify-backups"
 PASSPHRASE = "integration-passphrase-0123456789"
 TIMER = "difyops-backup-bk"
+# The Dify release the lab's inventory runs: the default one.
+DEFAULT_VERSION = yaml.safe_load((ROOT / "config" / "defaults.yml").read_text())["dify"]["version"]
 
 Inv = Callable[..., subprocess.CompletedProcess]
 
@@ -176,7 +178,7 @@ def test_backup_destroy_restore_compare(env: Env) -> None:
 
     # The manifest, checked against the files independently
     manifest = env.manifest(backup_id)
-    assert manifest["dify_version"] == "1.13.3"
+    assert manifest["dify_version"] == DEFAULT_VERSION
     assert manifest["postgres"]["server_version"].startswith("15.")
     assert manifest["postgres"]["pg_dump"].startswith("pg_dump (PostgreSQL) 15.")
     tables = manifest["databases"]["dify"]["tables"]
@@ -239,7 +241,8 @@ def test_restore_refuses_another_dify_version(env: Env) -> None:
     other = env.write("old.yml", {**env.data, "dify": {"version": "1.5.1"}})
     refused = env.inv("backup.restore", backup_id, inventory=other)
     assert refused.returncode == 1
-    assert "was taken with Dify 1.13.3, this deployment runs Dify 1.5.1" in refused.stderr
+    assert f"was taken with Dify {DEFAULT_VERSION}, this deployment runs Dify 1.5.1" \
+        in refused.stderr
     assert "restore" not in refused.stdout  # nothing was stopped or touched
 
 

@@ -1,20 +1,41 @@
 """The home-lab layout on three container hosts, deployed by the real `inv dev.*` tasks over SSH.
 
-home-server runs PostgreSQL and Redis (dev.server); ubuntu-vm runs the api and worker of a
-Dify-shaped project (tests/fixtures/dify_api_shaped, copied onto it) with uv, flask --debug and
-Celery (dev.backend); workstation runs the web dev server with pnpm (dev.frontend, Linux variant).
-The vector store is pgvector (nothing to run on a vector host: Weaviate's image is not available
-here), and the home server has no monitor role (the monitor tier is tested on its own).
+home-server runs PostgreSQL and Redis (dev.server); ubuntu-vm runs the api and Celery worker of
+the REAL Dify release (its `api/`, unpacked from the release tarball on this machine and copied
+onto the VM) with uv, flask --debug and Celery (dev.backend); workstation runs the web dev server
+with pnpm (dev.frontend, Linux variant).
+
+What is real and what is not:
+- Dify's api and worker: the release's own source, its own dependencies (`uv sync --frozen
+  --no-dev` from the package index, about 2.3 GB), its own migrations (`flask upgrade-db`) on the
+  home server's PostgreSQL. The source comes from DIFYOPS_DIFY_SOURCE (a checkout or a release
+  tarball of Dify VERSION) or the tarball kept beside the project (../shared/dify); without
+  either the module is skipped with that reason.
+- Python: Dify 1.14+ needs Python 3.12 and the lab hosts are Debian 12 (3.11); uv cannot
+  download an interpreter everywhere. This machine's Python 3.12 (DIFYOPS_PYTHON312, else
+  `python3.12` on the PATH, else `pyenv prefix 3.12`) is copied onto the VM and named by
+  `dev.python`, as an operator names the interpreter of their VM.
+- The web front end is still the look-alike (tests/fixtures/dify_api_shaped/web): a release's
+  source holds `api/` and `docker/`, not `web/`, and Dify's Next.js dev server would need its
+  whole node_modules from the npm registry.
+- The vector store is pgvector (nothing to run on a vector host: Weaviate's image is not
+  available here), and is not deployed: Debian 12 has no pgvector. The api connects to its vector
+  store only when a dataset is used, so the setup endpoint and the worker answer without it. The
+  home server has no monitor role (the monitor tier is tested on its own).
 """
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import os
+import re
+import shutil
 import subprocess
 import sys
 import tarfile
+import tempfile
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -26,6 +47,7 @@ import requests
 import yaml
 from dotenv import dotenv_values
 
+from tasks.core.dify_source import DifySource, SourceError, open_source
 from tasks.core.profiles import load_profile
 from tests.integration.lab import Lab, LabHost
 
@@ -34,13 +56,81 @@ ROOT = Path(__file__).resolve().parents[2]
 # Weaviate image cannot be obtained (tests/integration/test_vector.py covers both as far as this
 # machine allows). PostgreSQL and Redis, which the backend needs, are deployed for real.
 COMMANDS = {"dev.server": ("dev.server", "--only", "db,cache")}
-FIXTURE = ROOT / "tests" / "fixtures" / "dify_api_shaped"
+WEB_FIXTURE = ROOT / "tests" / "fixtures" / "dify_api_shaped" / "web"
 CHECKOUT = "/home/deploy/dify"
 API = f"{CHECKOUT}/api"
 UNITS = ("dify-api-dev.service", "dify-worker-dev.service")
 WEB_UNIT = "dify-web-dev.service"
 VERSION = "1.14.2"
 PROFILE = load_profile(VERSION)
+SOURCE_ENV = "DIFYOPS_DIFY_SOURCE"
+SHARED_TARBALL = ROOT.parent / "shared" / "dify" / f"dify-{VERSION}.tar.gz"
+PYTHON_ENV = "DIFYOPS_PYTHON312"
+# Where the interpreter's prefix goes on the VM (its libpython is found through ldconfig there).
+VM_PREFIX = "/usr/local"
+VM_PYTHON = f"{VM_PREFIX}/bin/python3.12"
+# Parts of the interpreter's prefix the api does without: its own tests, GUI, other packages.
+PYTHON_SKIP = frozenset({"test", "idlelib", "tkinter", "turtledemo", "__pycache__", "lib2to3",
+                         "pkgconfig"})
+REVISION = re.compile(r"^(down_revision|revision)\s*(?::[^=]*)?=\s*(.+)$", re.M)
+
+
+def release_source(scratch: Path) -> DifySource:
+    """Dify VERSION's source, unpacked into scratch when a tarball; skips when there is none."""
+    named = os.environ.get(SOURCE_ENV, "").strip()
+    path = Path(named) if named else SHARED_TARBALL
+    if not path.exists():
+        pytest.skip(f"no source of Dify {VERSION}: neither {SOURCE_ENV} nor {SHARED_TARBALL} "
+                    f"(a skip is not a pass)")
+    try:
+        source = open_source(path, scratch)
+    except SourceError as exc:
+        pytest.skip(f"{SOURCE_ENV}: {exc}")
+    if source.version != VERSION:
+        pytest.skip(f"{path} holds Dify {source.version}; this module runs {VERSION}")
+    return source
+
+
+def ask_python(interpreter: str) -> Path | None:
+    """The prefix (sys.base_prefix) of interpreter when it runs and is a Python 3.12."""
+    try:
+        out = subprocess.run([interpreter, "-c", "import sys; print(sys.base_prefix); "
+                              "print('%d.%d' % sys.version_info[:2])"],
+                             capture_output=True, text=True, timeout=30, check=False)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    lines = out.stdout.split("\n")
+    if out.returncode or len(lines) < 2 or lines[1] != "3.12":
+        return None
+    prefix = Path(lines[0])
+    return prefix if (prefix / "bin" / "python3.12").is_file() else None
+
+
+def python312() -> Path:
+    """This machine's Python 3.12 prefix (see the module doc); skips when there is none."""
+    candidates = [os.environ.get(PYTHON_ENV, "").strip(), shutil.which("python3.12") or ""]
+    pyenv = shutil.which("pyenv")
+    if pyenv:
+        out = subprocess.run([pyenv, "prefix", "3.12"], capture_output=True, text=True,
+                             timeout=30, check=False)
+        if out.returncode == 0 and out.stdout.strip():
+            candidates.append(f"{out.stdout.split()[0]}/bin/python3.12")
+    for candidate in filter(None, candidates):
+        prefix = ask_python(candidate)
+        if prefix:
+            return prefix
+    pytest.skip(f"no Python 3.12 on this machine (tried {PYTHON_ENV}, python3.12 on the PATH, "
+                f"pyenv prefix 3.12): Dify {VERSION}'s api needs exactly 3.12")
+
+
+def alembic_heads(source: DifySource) -> set[str]:
+    """The head revisions of the release's migrations: revisions no other one builds on."""
+    revisions, parents = set(), set()
+    for path in (source.root / "api" / "migrations" / "versions").glob("*.py"):
+        for key, value in REVISION.findall(path.read_text(encoding="utf-8")):
+            names = set(re.findall(r"['\"]([0-9A-Za-z_]+)['\"]", value))
+            (revisions if key == "revision" else parents).update(names)
+    return revisions - parents
 
 
 def wait_until(what: str, probe: Callable[[], Any], timeout: float = 60) -> Any:
@@ -58,16 +148,54 @@ def wait_until(what: str, probe: Callable[[], Any], timeout: float = 60) -> Any:
     pytest.fail(f"{what}: not true after {timeout} s; last answer: {answer!r}")
 
 
-def copy_checkout(host: LabHost) -> None:
-    """Put the Dify-shaped project at CHECKOUT on the host, owned by the user deploy."""
-    buffer = io.BytesIO()
-    with tarfile.open(fileobj=buffer, mode="w") as archive:
-        archive.add(FIXTURE, arcname="dify", filter=lambda info: None if any(
-            part in ("__pycache__", ".venv", "node_modules") for part in
-            Path(info.name).parts) else info)
-    host.container.get_wrapped_container().put_archive("/home/deploy", buffer.getvalue())
-    code, out = host.exec(f"chown -R deploy:deploy {CHECKOUT}")
+def put_tree(host: LabHost, parent: str, items: dict[str, Path], owner: str,
+             skip: Callable[[tarfile.TarInfo], bool] = lambda info: False) -> None:
+    """Copy local folders or files (name in the archive -> path) under parent on the host."""
+    with tempfile.TemporaryFile() as buffer:
+        with tarfile.open(fileobj=buffer, mode="w") as archive:
+            for name, path in items.items():
+                archive.add(path, arcname=name, filter=lambda info: None if skip(info) else info)
+        buffer.seek(0)
+        assert host.container.get_wrapped_container().put_archive(parent, buffer)
+    code, out = host.exec(f"chown -R {owner} " + " ".join(f"{parent}/{name.split('/')[0]}"
+                                                           for name in items))
     assert code == 0, out
+
+
+def copy_release(host: LabHost, source: DifySource) -> None:
+    """The release's api (with its docker/ and LICENSE) at CHECKOUT, owned by deploy."""
+    root = source.root
+    host.exec(f"install -d -o deploy -g deploy {CHECKOUT}")
+    put_tree(host, CHECKOUT, {name: root / name for name in ("api", "docker", "LICENSE")
+                              if (root / name).exists()}, "deploy:deploy",
+             skip=lambda info: info.name == "api/.env" or bool(
+                 {"__pycache__", ".venv", "node_modules"} & set(Path(info.name).parts)))
+
+
+def copy_web(host: LabHost) -> None:
+    """The look-alike web folder at CHECKOUT/web (a release's source has no web/)."""
+    host.exec(f"install -d -o deploy -g deploy {CHECKOUT}")
+    put_tree(host, CHECKOUT, {"web": WEB_FIXTURE}, "deploy:deploy",
+             skip=lambda info: "node_modules" in Path(info.name).parts)
+
+
+def copy_python(host: LabHost, prefix: Path) -> None:
+    """This machine's Python 3.12 into VM_PREFIX on the host (bin/python3.12, its libpython and
+    standard library; not the other interpreters' names, so the host's python3 stays Debian's)."""
+    items = {f"bin/{name}": prefix / "bin" / name for name in ("python3.12",)}
+    items |= {f"lib/{path.name}": path for path in (prefix / "lib").glob("libpython3*.so*")}
+    items |= {"lib/python3.12": prefix / "lib" / "python3.12",
+              "include/python3.12": prefix / "include" / "python3.12"}
+
+    def skip(info: tarfile.TarInfo) -> bool:
+        parts = Path(info.name).parts
+        in_site = "site-packages" in parts[:-1]
+        return bool(PYTHON_SKIP & set(parts)) or in_site or info.name.endswith(".a")
+
+    put_tree(host, VM_PREFIX, items, "root:root", skip=skip)
+    code, out = host.exec(f"ldconfig && {VM_PYTHON} -c 'import ssl, sqlite3, ctypes, lzma, bz2, "
+                          "zlib, uuid; print(ssl.OPENSSL_VERSION)'")
+    assert code == 0, f"the copied Python 3.12 does not run on {host.name}:\n{out}"
 
 
 class Lab3:
@@ -82,7 +210,7 @@ class Lab3:
             "dify": {"version": VERSION},
             "cache": {"mode": "standalone"},
             "vector": {"store": "pgvector"},
-            "dev": {"network": subnet, "dify_source": CHECKOUT},
+            "dev": {"network": subnet, "dify_source": CHECKOUT, "python": VM_PYTHON},
             "hosts": [self.server.inventory_entry(["dev_server", "db_primary", "cache"]),
                       self.vm.inventory_entry(["dev_backend"], user="deploy"),
                       self.workstation.inventory_entry(["dev_frontend"], user="deploy")],
@@ -97,13 +225,14 @@ class Lab3:
         self.secrets_file = tmp / "devlab.env"
         self.runs: dict[str, subprocess.CompletedProcess] = {}
         self.timings: list[tuple[str, float]] = []
+        self.source: DifySource | None = None
 
     def inv(self, *args: str, inventory: Path | None = None) -> subprocess.CompletedProcess:
         env = {**os.environ, "DIFY_INVENTORY": str(inventory or self.path),
                "DIFY_SECRETS": str(self.secrets_file)}
         started = time.monotonic()
         result = subprocess.run([sys.executable, "-m", "invoke", *args], cwd=ROOT, text=True,
-                                capture_output=True, env=env, timeout=900, check=False)
+                                capture_output=True, env=env, timeout=1500, check=False)
         self.timings.append((" ".join(args), time.monotonic() - started))
         return result
 
@@ -136,9 +265,15 @@ def unit_starts(host: LabHost, *units: str) -> list[str]:
 @pytest.fixture(scope="module")
 def devlab(lab: Lab, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lab3]:
     """The home lab deployed once: secrets, dev.server, dev.backend, dev.frontend."""
+    source = release_source(tmp_path_factory.mktemp("dify-source"))
+    prefix = python312()
     setup = Lab3(lab, tmp_path_factory.mktemp("devlab"))
-    copy_checkout(setup.vm)
-    copy_checkout(setup.workstation)
+    setup.source = source
+    started = time.monotonic()
+    copy_release(setup.vm, source)
+    copy_python(setup.vm, prefix)
+    copy_web(setup.workstation)
+    setup.timings.append(("copy the release and Python 3.12", time.monotonic() - started))
     assert setup.inv("config.secrets").returncode == 0
     with ThreadPoolExecutor(max_workers=1) as pool:  # the front end needs nothing of the others
         web = pool.submit(setup.deploy, "dev.frontend", setup.web_path)
@@ -193,22 +328,30 @@ def test_backend_env_points_at_the_home_server(devlab: Lab3) -> None:
 
 def test_backend_installed_with_uv_and_migrated_the_home_database(devlab: Lab3) -> None:
     code, out = devlab.vm.exec(f"/usr/local/bin/uv --version && stat -c %U {API}/.venv "
-                               f"&& test -f {API}/uv.lock")
+                               f"&& {API}/.venv/bin/python -c 'import sys; print(sys.version)'")
     assert code == 0, out
-    assert out.split()[-1] == "deploy"
+    lines = out.splitlines()
+    assert lines[1] == "deploy" and lines[2].startswith("3.12."), out  # dev.python's interpreter
+    # the release's lock file is used as it is (uv sync --frozen)
+    _, lock = devlab.vm.exec(f"sha256sum < {API}/uv.lock")
+    assert lock.split()[0] == hashlib.sha256(
+        (devlab.source.root / "api" / "uv.lock").read_bytes()).hexdigest()
     code, out = devlab.server.exec(
         "runuser -u postgres -- psql -d dify -tAc "
         "\"select version_num from alembic_version; select tableowner from pg_tables "
         "where tablename = 'dify_setups'\"")
     assert code == 0, out
-    assert out.split() == ["0001", "dify"]
+    revision, owner = out.split()
+    assert {revision} == alembic_heads(devlab.source), out  # migrated to the release's head
+    assert owner == "dify"
 
 
 def test_api_answers_through_the_real_database_and_redis(devlab: Lab3) -> None:
     health = requests.get(devlab.api_url("/health"), timeout=10)
     assert health.status_code == 200 and health.json()["status"] == "ok"
+    assert health.json()["version"] == VERSION  # the release itself answers
     setup = requests.get(devlab.api_url("/console/api/setup"), timeout=10)
-    assert setup.json() == {"step": "not_started"}
+    assert setup.status_code == 200 and setup.json()["step"] == "not_started", setup.text
     _, out = devlab.vm.exec("systemctl show -p User --value dify-api-dev; "
                                "journalctl -u dify-api-dev --no-pager | grep -c 'Debugger is "
                                "active'")
@@ -249,18 +392,20 @@ def test_second_run_changes_nothing_and_restarts_nothing(devlab: Lab3) -> None:
     assert after == before and "0" not in before[0] + before[1]
 
 
-def test_api_health_fails_while_the_home_database_is_down(devlab: Lab3) -> None:
+def test_setup_gate_fails_while_the_home_database_is_down(devlab: Lab3) -> None:
+    """Dify's /health says only that the process runs; the setup endpoint reads the database."""
     code, out = devlab.server.exec("systemctl stop postgresql@15-main")
     assert code == 0, out
     try:
-        down = wait_until("api /health reports the database",
-                          lambda: (answer := requests.get(devlab.api_url("/health"), timeout=10))
-                          .status_code == 503 and answer.json(), timeout=30)
-        assert down["errors"] == {"database": "OperationalError"}
+        wait_until("the setup endpoint fails without its database",
+                   lambda: requests.get(devlab.api_url("/console/api/setup"),
+                                        timeout=10).status_code >= 500, timeout=30)
+        assert requests.get(devlab.api_url("/health"), timeout=10).status_code == 200
         status = devlab.inv("deploy.status", "--only", "dev_backend")
-        assert status.returncode == 1
-        assert "api /health on ubuntu-vm" in status.stderr
+        assert status.returncode == 1, status.stdout
+        assert "api /console/api/setup (reads the database) on ubuntu-vm" in status.stderr, (
+            status.stdout + status.stderr)
     finally:
         devlab.server.exec("systemctl start postgresql@15-main")
-    wait_until("api /health back to ok", lambda: requests.get(
-        devlab.api_url("/health"), timeout=10).status_code == 200, timeout=60)
+    wait_until("the setup endpoint answers again", lambda: requests.get(
+        devlab.api_url("/console/api/setup"), timeout=10).status_code == 200, timeout=60)

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import os
 import socket
 
 import pytest
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from tests.integration.lab import Lab, LabHost
 
@@ -111,3 +114,23 @@ def test_stop_then_start(lab: Lab) -> None:
     assert host.ssh_ok()
     with host.fabric() as conn:
         assert conn.run("hostname", hide=True).stdout.strip() == "fault1"
+
+
+def test_host_keys_are_checked_and_a_stale_line_is_rewritten(ssh_hosts: list[LabHost],
+                                                            lab: Lab) -> None:
+    """The lab's helpers trust the keys it recorded only; recording a host again replaces
+    whatever its address had (a removed container that had the address before)."""
+    host = ssh_hosts[2]
+    mine = {f"{host.address} {key}" for key in host.host_keys()}
+    others = [line for line in lab.known_hosts.read_text().splitlines()
+              if not line.startswith(f"{host.address} ")]
+    assert set(lab.known_hosts.read_text().splitlines()) == mine | set(others)
+    assert os.environ["DIFY_KNOWN_HOSTS"] == str(lab.known_hosts)
+    stranger = Ed25519PrivateKey.generate().public_key().public_bytes(
+        serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH).decode()
+    lab.known_hosts.write_text("".join(f"{line}\n" for line in
+                                       [*others, f"{host.address} {stranger}"]))
+    assert not host.ssh_ok()  # another key recorded for its address: refused
+    host.record_host_key()
+    assert set(lab.known_hosts.read_text().splitlines()) == mine | set(others)
+    assert host.ssh_ok()

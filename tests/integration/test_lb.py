@@ -135,7 +135,7 @@ def install_standin(host: LabHost, roles: list[str]) -> None:
         + " ".join(f"systemctl start difyops-standin@{role};" for role in roles))
     assert code == 0, out
     for role, port, path in (("api", 5001, "/health"), ("web", 3000, "/"),
-                             ("plugin", 5002, "/health/check")):
+                             ("plugin", 5002, "/health/check"), ("websocket", 5006, "/health")):
         if role in roles:
             until(f"stand-in {role} on {host.name}", lambda p=port, q=path: requests.get(
                 f"http://{host.address}:{p}{q}", timeout=2).ok)
@@ -151,8 +151,8 @@ def posts(host: LabHost, path: str) -> int:
 def env(lab: Lab, tmp_path_factory: pytest.TempPathFactory) -> Lb:
     """Three hosts, the stand-ins started, secrets generated and the lb tier deployed once."""
     the = Lb(lab, tmp_path_factory.mktemp("lb"))
-    install_standin(the.up1, ["api", "web", "plugin"])
-    install_standin(the.up2, ["api", "web"])
+    install_standin(the.up1, ["api", "web", "plugin", "websocket"])
+    install_standin(the.up2, ["api", "web", "websocket"])
     secrets = the.inv("config.secrets")
     assert secrets.returncode == 0, secrets.stdout + secrets.stderr
     dry = the.inv("lb.deploy", "--dry")
@@ -254,7 +254,8 @@ def test_status_and_check(env: Lb) -> None:
     rows = {tuple(line.split()[1:3]): line for line in status.stdout.splitlines()
             if line.startswith("lbx ") and "dify_" in line}
     assert set(rows) == {("dify_api", "lbup1"), ("dify_api", "lbup2"), ("dify_web", "lbup1"),
-                         ("dify_web", "lbup2"), ("dify_plugin_daemon", "lbup1")}
+                         ("dify_web", "lbup2"), ("dify_plugin_daemon", "lbup1"),
+                         ("dify_websocket", "lbup1"), ("dify_websocket", "lbup2")}
     assert all(line.endswith("in service") for line in rows.values())
 
     check = env.inv("lb.check")
@@ -265,6 +266,8 @@ def test_status_and_check(env: Lb) -> None:
         row = probes[f"{prefix}/difyops-check"]
         assert row[2] == "dify_api" and row[4] in ("lbup1", "lbup2") and row[-1] == "ok", row
     assert probes["/e/difyops-check"][4] == "lbup1"
+    socket_io = probes["/socket.io/difyops-check"]
+    assert socket_io[2] == "dify_websocket" and socket_io[4] in ("lbup1", "lbup2"), socket_io
     assert probes["/_next/static/difyops-check"][3] == "200"
     assert probes["/"][2:4] == ["dify_web", "200"] and probes["/"][4] in ("lbup1", "lbup2")
 
@@ -298,7 +301,7 @@ def test_drain_lets_requests_in_flight_finish_then_undrain(env: Lb) -> None:
     returned = time.monotonic()
     thread.join(10)
     assert drained.returncode == 0, drained.stdout + drained.stderr
-    assert f"lbx: {victim} out of dify_api, dify_web: changed" in drained.stdout
+    assert f"lbx: {victim} out of dify_api, dify_web, dify_websocket: changed" in drained.stdout
     assert slow["status"] == 200 and slow["host"] == victim  # not cut off by the reload
     assert returned >= slow["at"] - 0.5  # drain waited for it
     assert {env.who() for _ in range(10)} == {other}
@@ -320,7 +323,7 @@ def test_drain_lets_requests_in_flight_finish_then_undrain(env: Lb) -> None:
 
     back = env.inv("lb.undrain", victim)
     assert back.returncode == 0, back.stdout + back.stderr
-    assert f"lbx: {victim} back in dify_api, dify_web: changed" in back.stdout
+    assert f"lbx: {victim} back in dify_api, dify_web, dify_websocket: changed" in back.stdout
     env.both_answer()
     assert env.inv("lb.deploy").stdout.split("summary:")[1].split()[:2] == ["host", "unchanged"]
 
@@ -364,30 +367,24 @@ def test_with_one_api_stopped_gets_and_posts_still_succeed(env: Lb) -> None:
 
 def test_a_broken_template_is_refused_and_the_old_config_keeps_serving(
         env: Lb, tmp_path: Path) -> None:
+    """nginx -t on the control machine refuses the rendered site before any host is touched,
+    in a dry run too; the live site stays as it was."""
     copy = tmp_path / "difyops"
     shutil.copytree(ROOT, copy, ignore=shutil.ignore_patterns(
         ".git", ".venv", "__pycache__", "rendered", ".secrets", "tests"))
     template = copy / "nginx" / "dify.conf.j2"
     template.write_text(template.read_text().replace("    gzip on;", "    gzip maybe;"))
     before = env.live_digest()
-
-    broken = env.inv("lb.deploy", root=copy)
-    assert broken.returncode == 1
-    assert "lbx (deploy@" in broken.stdout and 'invalid value "maybe"' in broken.stdout
-    assert "the previous one stays live" in broken.stdout
+    for dry in ((), ("--dry",)):
+        broken = env.inv("lb.deploy", *dry, root=copy)
+        assert broken.returncode == 1
+        assert "rendered files fail validation; no host was touched" in broken.stderr
+        assert 'invalid value "maybe"' in broken.stderr
+        assert "[lb] lbx" not in broken.stdout  # no step of any host ran
     assert env.live_digest() == before
     status = env.inv("lb.status")
-    assert status.returncode == 1
-    assert "no: /etc/nginx/sites-available/dify.conf is not live" in status.stdout
-    code, out = env.lb.exec("nginx -t")
-    assert code == 0, out
+    assert status.returncode == 0, status.stdout + status.stderr
     assert env.who() in ("lbup1", "lbup2")
-    env.lb.exec("systemctl restart nginx")  # what the next restart reads: the old site
-    until("nginx serving after a restart", lambda: env.get("/health").ok)
-    assert env.who() in ("lbup1", "lbup2")
-
-    again = env.inv("lb.deploy", root=copy)  # still refused: the failure is not forgotten
-    assert again.returncode == 1 and 'invalid value "maybe"' in again.stdout
     env.deploy()  # the good template: nothing to publish, the live site is already right
     assert env.live_digest() == before
 

@@ -8,10 +8,12 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import paramiko
 import pytest
 import yaml
 
 from tasks.core import secrets
+from tasks.core.hostkeys import KNOWN_HOSTS_ENV, SUFFIX, lookup_name
 from tasks.core.inventory import Inventory, load_inventory
 
 # A valid multi-host inventory every test starts from and breaks in one place.
@@ -36,6 +38,8 @@ BASE: dict[str, Any] = {
 }
 
 InventoryFactory = Callable[..., Path]
+# The host key every unit-test host is recorded with (no connection is ever made).
+HOST_KEY = paramiko.ECDSAKey.generate()
 
 
 def good_secrets() -> dict[str, str]:
@@ -55,12 +59,28 @@ def base() -> dict[str, Any]:
 
 @pytest.fixture
 def write_inventory(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> InventoryFactory:
-    """Write an inventory and its secrets file (mode 0600) under tmp_path; return its path."""
+    """Write an inventory, its secrets file (mode 0600) and its known_hosts file (a recorded
+    key for every SSH host) under tmp_path; return its path."""
+    monkeypatch.delenv(KNOWN_HOSTS_ENV, raising=False)  # the lab's, when integration ran first
+    written: set[Path] = set()  # known_hosts files of ours (a test may write its own)
 
     def write(data: dict[str, Any], secret_values: dict[str, str] | None = None,
               mode: int = 0o600) -> Path:
         path = tmp_path / "inventory.yml"
         path.write_text(yaml.safe_dump(data, sort_keys=False))
+        known_hosts = path.with_suffix(SUFFIX)
+        if known_hosts.exists() and known_hosts not in written:
+            return finish(path, secret_values, mode)
+        written.add(known_hosts)
+        known_hosts.write_text("".join(
+            f"{lookup_name(host['address'], (host.get('ssh') or {}).get('port', 22))} "
+            f"{HOST_KEY.get_name()} {HOST_KEY.get_base64()}\n"
+            for host in data.get("hosts") or []
+            if isinstance(host, dict) and host.get("connection") != "local"
+            and isinstance(host.get("address"), str) and host["address"]))
+        return finish(path, secret_values, mode)
+
+    def finish(path: Path, secret_values: dict[str, str] | None, mode: int) -> Path:
         env = tmp_path / "secrets.env"
         values = good_secrets() if secret_values is None else secret_values
         env.write_text("".join(f"{k}={v}\n" for k, v in values.items()))

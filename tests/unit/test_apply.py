@@ -180,3 +180,56 @@ def test_parallel_limits_how_many_hosts_of_a_tier_run_at_once(monkeypatch) -> No
     assert [n for i, n in enumerate(order) if i == 0 or order[i - 1] != n] == list(names)
     with pytest.raises(ValueError, match="at least 1"):
         Executor(Report(out=io.StringIO()), parallel=0)
+
+
+class SudoUser(FakeMachine):
+    """A login that is not root: every command goes through `sudo -n`, which may be refused."""
+
+    def __init__(self, name: str, sudo_works: bool) -> None:
+        super().__init__(host(name), answers=self.answer)
+        self.sudo_works = sudo_works
+
+    @property
+    def is_root(self) -> bool:
+        return False
+
+    def answer(self, command: str) -> int:
+        if command.startswith("sudo -n"):
+            return 0 if self.sudo_works else 1
+        return 0
+
+    def file_state(self, path: str):
+        return None
+
+
+def test_a_dry_run_where_sudo_is_refused_fails_instead_of_reporting_changes(monkeypatch) -> None:
+    machine = SudoUser("a", sudo_works=False)
+    report = Lab(monkeypatch, a=machine).run(
+        TierPlan("demo", [HostPlan(host("a"), [
+            RunCommand("install app", "apt-get install app", unless="dpkg -s app")])]),
+        dry=True)
+    [result] = report.results
+    assert result.status == FAILED and "`sudo -n` is refused" in result.detail
+    assert report.count(WOULD_CHANGE) == 0
+
+
+@pytest.mark.parametrize("exited", [124, 126, 127, 255])
+def test_a_probe_that_cannot_run_is_an_error_not_a_missing_thing(monkeypatch, exited) -> None:
+    machine = FakeMachine(host("a"), answers=lambda c: exited if c == "dpkg -s app" else 0)
+    report = Lab(monkeypatch, a=machine).run(plan_for("a"), dry=True)
+    failed = [r for r in report.results if r.status == FAILED]
+    assert [r.step for r in failed] == ["install app"]
+    assert f"the probe `dpkg -s app` could not run (exit {exited})" in failed[0].detail
+    assert "apt-get install app" not in machine.commands
+
+
+def test_a_dry_run_does_not_probe_with_a_file_it_would_install_first(monkeypatch) -> None:
+    helper = "/usr/local/sbin/helper"
+    machine = FakeMachine(host("a"), answers=lambda c: 127 if c.startswith(helper) else 0)
+    plan = TierPlan("demo", [HostPlan(host("a"), [
+        WriteFile(helper, "#!/bin/sh\n"),
+        RunCommand("configure", f"{helper} apply", unless=f"{helper} is-configured")])])
+    report = Lab(monkeypatch, a=machine).run(plan, dry=True)
+    assert statuses(report, "a") == [(f"file {helper}", WOULD_CHANGE),
+                                     ("configure", WOULD_CHANGE)]
+    assert not any(c.startswith(helper) for c in machine.commands)

@@ -68,8 +68,8 @@ def test_cron_line(load: Callable[..., Inventory], base: dict) -> None:
 
 
 def test_unit_names_are_safe_for_cron_d(load: Callable[..., Inventory], base: dict) -> None:
-    base["name"] = "prod.eu"
-    assert schedule.unit_name(load(base)) == "difyops-backup-prod-eu"
+    base["name"] = "prod-eu-2"
+    assert schedule.unit_name(load(base)) == "difyops-backup-prod-eu-2"
 
 
 class SystemdHost(FakeMachine):

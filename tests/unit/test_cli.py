@@ -14,7 +14,7 @@ from tasks.core.profiles import available_versions, load_profile
 
 ROOT = Path(__file__).resolve().parents[2]
 NAMESPACES = ("config", "db", "cache", "vector", "app", "images", "lb", "monitor", "backup", "dev",
-              "deploy", "net", "logging")
+              "deploy", "net", "logging", "hosts")
 
 
 def inv(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:

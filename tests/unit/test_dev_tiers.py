@@ -5,6 +5,8 @@ from __future__ import annotations
 import configparser
 import copy
 import io
+import subprocess
+import sys
 from typing import Any
 
 import pytest
@@ -84,8 +86,9 @@ def test_api_env_has_the_production_values_and_development_urls(load) -> None:
     assert env["CELERY_BROKER_URL"] == (f"redis://:{SECRETS['REDIS_PASSWORD']}"
                                         f"@192.168.1.100:6379/1")
     assert env["WEAVIATE_ENDPOINT"] == "http://192.168.1.100:8080"
-    assert {env[k] for k in ("CONSOLE_API_URL", "SERVICE_API_URL", "APP_API_URL",
+    assert {env[k] for k in ("CONSOLE_API_URL", "SERVICE_API_URL",
                              "FILES_URL")} == {"http://192.168.1.101:5001"}
+    assert "APP_API_URL" not in env  # the web's setting: no release's api reads it
     assert env["CONSOLE_WEB_URL"] == env["APP_WEB_URL"] == "http://192.168.1.102:3000"
     assert env["CONSOLE_CORS_ALLOW_ORIGINS"] == "http://192.168.1.102:3000"
     assert env["DEPLOY_ENV"] == "DEVELOPMENT" and env["DEBUG"] == "true"
@@ -119,22 +122,27 @@ def test_api_env_is_private_to_the_dev_user(load) -> None:
 
 
 def test_backend_commands(load) -> None:
-    inventory = load(lab(package_index="https://pypi.mirror.test/simple"))
+    inventory = load(lab(package_index="https://pypi.mirror.test/simple",
+                         python="/opt/py 3.12/bin/python3.12"))
     steps = steps_of(dev_backend.TIER, inventory, "ubuntu-vm")
     uv_env = ("env UV_NATIVE_TLS=true UV_SYSTEM_CERTS=true "
-              "UV_INDEX_URL=https://pypi.mirror.test/simple")
+              "UV_INDEX_URL=https://pypi.mirror.test/simple "
+              "UV_PYTHON='/opt/py 3.12/bin/python3.12'")
     as_dev = "cd /home/dev/dify/api && runuser -u dev -- "
     assert steps["install uv"] == RunCommand(
         "install uv", "python3 -m venv /opt/difyops/uv && env "
         "PIP_INDEX_URL=https://pypi.mirror.test/simple /opt/difyops/uv/bin/pip install --quiet "
         "uv && ln -sf /opt/difyops/uv/bin/uv /usr/local/bin/uv", unless="test -x /usr/local/bin/uv")
     sync = steps["install the api's dependencies (uv sync)"]
+    # the release's lock as it is, without the dev group (as the release's Dockerfile does);
+    # the stamp holds the interpreter asked for, so changing dev.python syncs again
+    stamp = ("sha256sum pyproject.toml uv.lock && echo '\"'\"'python=/opt/py 3.12/bin/"
+             "python3.12'\"'\"'")
     assert sync.command == (
-        f"{as_dev}{uv_env} /usr/local/bin/uv sync --quiet && {as_dev}sh -c 'sha256sum "
-        f"pyproject.toml uv.lock > .venv/.difyops-synced' && {{ systemctl try-restart "
+        f"{as_dev}{uv_env} /usr/local/bin/uv sync --frozen --no-dev --quiet && {as_dev}sh -c "
+        f"'{{ {stamp}; }} > .venv/.difyops-synced' && {{ systemctl try-restart "
         f"dify-api-dev.service dify-worker-dev.service 2>/dev/null; true; }}")
-    assert sync.unless == (f"{as_dev}sh -c 'sha256sum pyproject.toml uv.lock | cmp -s - "
-                           f".venv/.difyops-synced'")
+    assert sync.unless == f"{as_dev}sh -c '{{ {stamp}; }} | cmp -s - .venv/.difyops-synced'"
     migrate = steps["migrate the database (flask upgrade-db)"]
     uv_run = f"{uv_env} /usr/local/bin/uv run --no-sync"
     assert migrate.command.startswith(f"{as_dev}{uv_run} flask upgrade-db && {{ "
@@ -147,7 +155,17 @@ def test_backend_commands(load) -> None:
                                  "/etc/systemd/system/dify-api-dev.service",
                                  "/etc/systemd/system/dify-worker-dev.service")
     assert "clone" not in " ".join(steps)  # a path is used as it is
-    assert "install python3-venv" in steps  # and git is not needed
+    assert "install python3-venv libmagic1" in steps  # and git is not needed
+
+
+def test_backend_without_dev_python_leaves_the_interpreter_to_uv(load) -> None:
+    steps = steps_of(dev_backend.TIER, load(lab()), "ubuntu-vm")
+    sync = steps["install the api's dependencies (uv sync)"]
+    assert "UV_PYTHON" not in sync.command
+    assert sync.command.startswith("cd /home/dev/dify/api && runuser -u dev -- env "
+                                   "UV_NATIVE_TLS=true UV_SYSTEM_CERTS=true /usr/local/bin/uv "
+                                   "sync --frozen --no-dev --quiet && ")
+    assert "echo python=; } > .venv/.difyops-synced" in sync.command
 
 
 def test_backend_order_reaches_the_server_first_and_gates_last(load) -> None:
@@ -180,7 +198,33 @@ def test_units_run_flask_debug_and_a_worker_on_every_queue(load) -> None:
     assert queues == list(inventory.profile.queues) and len(queues) == 21
     assert command[command.index("-n") + 1] == "dify-dev@%H"  # systemd puts the host name
     gate = steps["health worker consumes the 21 queues of Dify 1.16.1"]
-    assert gate.gate.command.endswith(" ".join(inventory.profile.queues))
+    # the release's Celery app, then its queues
+    assert gate.gate.command.endswith(" celery_entrypoint.celery "
+                                      + " ".join(inventory.profile.queues))
+    assert "from app import" not in gate.gate.command
+    # one run loads the release's whole app before it asks the workers: more than 10 s
+    assert (gate.gate.probe_timeout, gate.gate.timeout) == (120, 300)
+
+
+def test_queue_check_uses_the_named_celery_app(tmp_path, monkeypatch) -> None:
+    """The gate's script imports the app named on its command line and names what is missing."""
+    (tmp_path / "entry.py").write_text(
+        "class Inspect:\n"
+        "    def active_queues(self):\n"
+        "        return {'w@h': [{'name': 'a'}, {'name': 'b'}]}\n"
+        "class Control:\n"
+        "    def inspect(self, timeout):\n"
+        "        return Inspect()\n"
+        "class App:\n"
+        "    control = Control()\n"
+        "celery = App()\n")
+    script = [sys.executable, "-c", dev_backend.QUEUE_CHECK, "entry.celery"]
+    done = subprocess.run([*script, "a", "b"], cwd=tmp_path, capture_output=True, text=True,
+                          check=False)
+    assert (done.returncode, done.stdout) == (0, "2 queues consumed by w@h\n")
+    done = subprocess.run([*script, "a", "b", "c"], cwd=tmp_path, capture_output=True,
+                          text=True, check=False)
+    assert done.returncode == 1 and done.stderr.strip() == "no worker consumes: c"
 
 
 def test_a_git_source_is_cloned_once_at_the_ref(load) -> None:
@@ -192,7 +236,7 @@ def test_a_git_source_is_cloned_once_at_the_ref(load) -> None:
                              "clone --quiet --branch 1.16.1 https://github.com/langgenius/dify.git"
                              " /srv/dify-dev/dify")
     assert clone.unless == "test -d /srv/dify-dev/dify/.git"
-    assert "install python3-venv git" in steps
+    assert "install python3-venv libmagic1 git" in steps
     assert "file /srv/dify-dev/dify/api/.env" in steps
 
 

@@ -166,3 +166,22 @@ def test_profile_draft_task_prints_the_release_facts(tmp_path: Path) -> None:
     profile = load_profile("1.16.1")
     assert draft["queues"] == list(profile.queues)
     assert draft["images"]["agent_backend"] == profile.images["agent_backend"]
+
+
+@pytest.mark.parametrize("version", SOURCED)
+def test_every_key_of_the_home_lab_api_env_is_read_by_the_release(release, load,
+                                                                   version: str) -> None:
+    """api/.env of dev.backend (the production keys and config/dev/api.env.j2 on top)."""
+    from tasks.tiers.dev_backend import api_env, parse_env
+
+    source = release(version)
+    data = copy.deepcopy(BASE)
+    data["dify"] = {"version": version}
+    data["cache"] = {"mode": "standalone"}
+    data["dev"] = {"dify_source": "/home/dev/dify"}
+    data["hosts"].append({"name": "vm", "address": "10.0.9.9", "roles": ["dev_backend"]})
+    inventory = load(data)
+    env = parse_env(api_env(inventory, Renderer(inventory), inventory.host("vm")))
+    # FLASK_DEBUG: read by Flask's command line (`flask run`) from .env, not by Dify
+    unread = set(env) - source.env_keys_read - {"FLASK_DEBUG"}
+    assert unread <= set(READ_ELSEWHERE) - {"SANDBOX_API_KEY"}, sorted(unread)

@@ -8,7 +8,7 @@ import threading
 import pytest
 
 from tasks.core.errors import GateTimeout
-from tasks.core.gates import Gate, HttpGate, TcpGate, wait
+from tasks.core.gates import CommandGate, Gate, HttpGate, TcpGate, wait
 from tasks.core.inventory import Host
 from tests.unit.fakes import FakeMachine
 
@@ -80,3 +80,19 @@ def test_http_and_tcp_gates_against_a_real_server() -> None:
         server.shutdown()
         server.server_close()
     assert TcpGate("api", address="127.0.0.1", port=port).probe(MACHINE)[0] is False
+
+
+def test_a_command_gate_gives_each_run_its_probe_timeout() -> None:
+    """Five intervals (at least 10 s) per run, unless the gate says how long one run may take."""
+    seen: list[float] = []
+
+    class Recording(FakeMachine):
+        def run(self, command, *, timeout=None, **kwargs):
+            seen.append(timeout)
+            return super().run(command, timeout=timeout, **kwargs)
+
+    machine = Recording(Host(name="vm", address="10.0.3.12"))
+    CommandGate("worker", interval=1, command="check").probe(machine)
+    CommandGate("worker", interval=4, command="check").probe(machine)
+    CommandGate("worker", interval=2, probe_timeout=120, command="check").probe(machine)
+    assert seen == [10, 20, 120]

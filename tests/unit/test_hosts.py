@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 from invoke import MockContext, Result
 
+from tasks.core.errors import HostError
 from tasks.core.hosts import LocalMachine, connect
 from tasks.core.inventory import Host, Ssh
 
@@ -34,16 +35,16 @@ def test_commands_run_directly_as_root(monkeypatch) -> None:
 
 def test_unchanged_file_is_not_uploaded(monkeypatch) -> None:
     digest = hashlib.sha256(b"x\n").hexdigest()
-    probe = ("[ -f /etc/a.conf ] && stat -c '%a %U %G' /etc/a.conf && sha256sum /etc/a.conf "
-             "|| echo MISSING")
+    probe = ("if [ -f /etc/a.conf ]; then stat -c '%a %U %G' /etc/a.conf && sha256sum "
+             "/etc/a.conf; else echo MISSING; fi")
     local = machine({probe: Result(stdout=f"644 root root\n{digest}  /etc/a.conf\n")},
                     root=True, monkeypatch=monkeypatch)
     assert local.install_file("/etc/a.conf", b"x\n") is False
 
 
 def test_changed_file_is_installed_atomically(monkeypatch, tmp_path) -> None:
-    probe = ("[ -f /etc/a.conf ] && stat -c '%a %U %G' /etc/a.conf && sha256sum /etc/a.conf "
-             "|| echo MISSING")
+    probe = ("if [ -f /etc/a.conf ]; then stat -c '%a %U %G' /etc/a.conf && sha256sum "
+             "/etc/a.conf; else echo MISSING; fi")
     temporary = tmp_path / "upload"
     monkeypatch.setattr(LocalMachine, "_upload", lambda self, content: str(temporary))
     install = (f"mkdir -p /etc && install -m 0600 -o root -g redis {temporary} "
@@ -81,3 +82,12 @@ def test_ssh_hosts_get_the_ssh_backend() -> None:
     assert type(remote).__name__ == "SshMachine"
     assert remote.is_root is False
     assert remote.connect_timeout == 3
+
+
+def test_a_file_whose_state_cannot_be_read_is_an_error_not_missing(monkeypatch) -> None:
+    probe = ("sudo -n sh -c 'if [ -f /etc/a.conf ]; then stat -c '\"'\"'%a %U %G'\"'\"' "
+             "/etc/a.conf && sha256sum /etc/a.conf; else echo MISSING; fi'")
+    local = machine({probe: Result(exited=1, stderr="sudo: a password is required")},
+                    root=False, monkeypatch=monkeypatch)
+    with pytest.raises(HostError, match=r"cannot read the state of /etc/a\.conf: .*password"):
+        local.file_state("/etc/a.conf")

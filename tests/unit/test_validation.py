@@ -68,8 +68,46 @@ def test_duplicate_host_names(load: Loader, base: dict) -> None:
 
 def test_duplicate_addresses(load: Loader, base: dict) -> None:
     base["hosts"][3]["address"] = "10.0.2.21"
-    assert "hosts[3].address: duplicate address 10.0.2.21:22 (also hosts[2])" \
+    assert "hosts[3].address: duplicate address 10.0.2.21 (also hosts[2])" \
         in refusal(load, base)
+
+
+def test_one_address_with_two_ssh_ports_is_one_machine(load: Loader, base: dict) -> None:
+    base["hosts"][3]["address"] = "10.0.2.21"
+    base["hosts"][3]["ssh"] = {"port": 2222}
+    assert "hosts[3].address: duplicate address 10.0.2.21 (also hosts[2])" \
+        in refusal(load, base)
+
+
+@pytest.mark.parametrize(("key", "value", "message"), [
+    ("name", "../../x", "name: '../../x' is not a slug"),
+    ("domain", "dify.test; return 200", "domain: 'dify.test; return 200' is not a DNS name"),
+    ("upload_limit_mb", 0, "upload_limit_mb: 0 removes nginx's upload limit"),
+])
+def test_free_strings_that_reach_paths_and_nginx_are_refused(load: Loader, base: dict, key: str,
+                                                             value: object,
+                                                             message: str) -> None:
+    base[key] = value
+    assert message in refusal(load, base)
+
+
+def test_frame_options_is_one_of_its_values(load: Loader, base: dict) -> None:
+    base["lb"] = {"frame_options": "DENY; add_header X 1"}
+    assert "lb.frame_options: 'DENY; add_header X 1' is not DENY, SAMEORIGIN or \"\"" \
+        in refusal(load, base)
+
+
+def test_ports_out_of_range_or_colliding_on_a_host(load: Loader, base: dict) -> None:
+    base["db"] = {"max_connections": 400, "port": 70000}
+    assert "db.port: 70000 is not a port (1-65535)" in refusal(load, base)
+    base["db"] = {"max_connections": 400}
+    base["cache"] = {"mode": "sentinel", "sentinel_port": 6379}
+    message = refusal(load, base)
+    assert "hosts[5]: redis and redis sentinel both listen on port 6379 on db1" in message
+    base["cache"] = {"mode": "sentinel"}
+    base["hosts"][9]["roles"] = ["monitor", "web"]
+    base["monitor"] = {"grafana_port": 3000}
+    assert "web and grafana both listen on port 3000 on monitor1" in refusal(load, base)
 
 
 @pytest.mark.parametrize("address", ["10.0.0.300", "not a host", "", "-bad-.example"])

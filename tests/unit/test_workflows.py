@@ -52,6 +52,19 @@ def test_production_deploys_after_staging_in_its_own_environment() -> None:
     assert jobs["production"]["steps"] == jobs["staging"]["steps"]  # the same tasks, no extras
 
 
+def test_deploy_checks_host_keys_from_the_environment_secret() -> None:
+    """The known_hosts file is written from SSH_KNOWN_HOSTS before any task runs, and the
+    tasks find it through DIFY_KNOWN_HOSTS."""
+    steps = yaml.safe_load((WORKFLOWS / "deploy.yml").read_text())["jobs"]["staging"]["steps"]
+    index, step = next((i, s) for i, s in enumerate(steps)
+                       if "SSH_KNOWN_HOSTS" in s.get("env", {}))
+    assert step["env"]["SSH_KNOWN_HOSTS"] == "${{ secrets.SSH_KNOWN_HOSTS }}"
+    assert 'echo "DIFY_KNOWN_HOSTS=$RUNNER_TEMP/known_hosts" >> "$GITHUB_ENV"' in step["run"]
+    assert "install -m 0644" in step["run"]
+    first_task = next(i for i, s in enumerate(steps) if "inv " in s.get("run", ""))
+    assert index < first_task
+
+
 def test_ci_runs_the_readme_test_command() -> None:
     scripts = " ".join(run_lines(WORKFLOWS / "ci.yml"))
     assert ".venv/bin/python -m pytest -q" in scripts
