@@ -12,12 +12,14 @@ What the release itself says is read from its source, by code: the alembic head 
 migration scripts, the worker's queue list in its entrypoint, its Celery app, its DSL version.
 The tests share the hosts and run in file order. Without the source or a Python 3.12 the module
 is skipped with the reason. Marked ``real_dify`` (deselect with ``-m "not real_dify"``).
+``DIFYOPS_REAL_DIFY_VERSION=1.13.3`` runs another release than the newest runnable one.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
 import secrets
 import time
@@ -39,6 +41,7 @@ from tests.integration.support import release, summary_counts, until
 pytestmark = [pytest.mark.real_dify, pytest.mark.docker]
 
 PREFERRED = ("1.14.2", "1.13.3")  # releases that run here, newest first
+VERSION_ENV = "DIFYOPS_REAL_DIFY_VERSION"  # run this release instead (e.g. 1.13.3)
 OTHERS = ("web", "plugin_daemon", "sandbox", "ssrf_proxy")
 ADMIN = {"email": "admin@dify.lab", "name": "Lab Admin", "password": "difyops-Lab-2026"}
 
@@ -100,7 +103,8 @@ def _pick_release(unpack_into: Path) -> tuple[str, Path]:
     """The release to run (see the module doc) and its unpacked source; skip when none."""
     profiles = set(available_versions())
     reasons = []
-    for version in PREFERRED:
+    wanted = os.environ.get(VERSION_ENV, "").strip()
+    for version in (wanted,) if wanted else PREFERRED:
         if version not in profiles:
             reasons.append(f"no profile {version}")
             continue
