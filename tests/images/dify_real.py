@@ -32,6 +32,7 @@ from pathlib import Path
 import docker
 import docker.errors
 
+from tasks.core.profiles import load_profile
 from tests.images import dify_source, standin
 
 HERE = Path(__file__).resolve().parent
@@ -185,15 +186,17 @@ def _build(root: Path, python: Python312, base_id: str, tag: str, inputs: str) -
             builder.close()
 
 
-def ensure_api_image(client: docker.DockerClient, base_image: str, version: str) -> Built:
+def ensure_api_image(client: docker.DockerClient, base_image: str, version: str,
+                     prefix: str = standin.PREFIX) -> Built:
     """The real api image of Dify ``version``, built once per set of inputs and tagged under
-    the profile's name behind the stand-in prefix; Unavailable without source or Python."""
+    the profile's name behind the stand-in prefix, and behind ``prefix`` too when another is
+    given (a name no stand-in build takes over); Unavailable without source or Python."""
     source = dify_source.source_for(version)
     python = find_python312()
     base_id = client.images.get(base_image).id
     inputs = _inputs(base_id, source, python)
     tag = f"{REPO}:{inputs}"
-    name = standin.image_name(version, "api")
+    name = prefix + load_profile(version).images["api"]
     started = time.monotonic()
     built = False
     with _build_lock():  # another session may be building the same image
@@ -207,6 +210,7 @@ def ensure_api_image(client: docker.DockerClient, base_image: str, version: str)
                 _build(root, python, base_id, tag, inputs)
     seconds = time.monotonic() - started if built else 0.0
     image = client.images.get(tag)
-    if name not in image.tags:
-        image.tag(*name.rsplit(":", 1))
+    for wanted in {standin.image_name(version, "api"), name}:
+        if wanted not in image.tags:
+            image.tag(*wanted.rsplit(":", 1))
     return Built(tag, name, version, seconds, int(image.attrs["Size"]))

@@ -43,6 +43,9 @@ pytestmark = [pytest.mark.real_dify, pytest.mark.docker]
 PREFERRED = ("1.14.2", "1.13.3")  # releases that run here, newest first
 VERSION_ENV = "DIFYOPS_REAL_DIFY_VERSION"  # run this release instead (e.g. 1.13.3)
 OTHERS = ("web", "plugin_daemon", "sandbox", "ssrf_proxy")
+# The inventory's registry mirror: the images of this module under names of their own, so that
+# stand-in builds of another test session on the same engine cannot take the api's name over.
+MIRROR = "difyops-real/"
 ADMIN = {"email": "admin@dify.lab", "name": "Lab Admin", "password": "difyops-Lab-2026"}
 
 
@@ -58,7 +61,7 @@ class RealApp(App):
         inventory = {
             "name": "real-dify-lab",
             "domain": "dify.lab",
-            "dify": {"version": version or self.version, "registry_mirror": standin.PREFIX},
+            "dify": {"version": version or self.version, "registry_mirror": MIRROR},
             "storage": {"type": "shared-fs", "path": "/srv/dify/storage"},
             "cache": {"mode": "sentinel"},
             "vector": {"store": "pgvector"},
@@ -126,10 +129,13 @@ def dify(lab: Lab, tmp_path_factory: pytest.TempPathFactory) -> Release:
     the other components."""
     version, root = _pick_release(tmp_path_factory.mktemp("dify-source"))
     base = ensure_base_image(lab.client)
-    standin.ensure_images(lab.client, base, (version,), roles=OTHERS)
-    haproxy_image.ensure_haproxy(lab.client, base)  # redis_proxy, in Sentinel mode
+    others = standin.ensure_images(lab.client, base, (version,), roles=OTHERS)[version]
+    for name in others.values():
+        lab.client.images.get(name).tag(*(MIRROR + name.removeprefix(standin.PREFIX))
+                                        .rsplit(":", 1))
+    haproxy_image.ensure_haproxy(lab.client, base, MIRROR)  # redis_proxy, in Sentinel mode
     try:
-        built = dify_real.ensure_api_image(lab.client, base, version)
+        built = dify_real.ensure_api_image(lab.client, base, version, MIRROR)
     except dify_source.Unavailable as exc:
         pytest.skip(str(exc))
     if built.seconds:
