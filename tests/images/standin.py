@@ -102,14 +102,16 @@ def role_dockerfile(core: str, role: str, version: str, release: dict | None) ->
 
 
 def ensure_images(client: docker.DockerClient, base_image: str,
-                  versions: tuple[str, ...] = tuple(RELEASES)) -> dict[str, dict[str, str]]:
-    """Every stand-in image of the versions; returns {version: {component: image name}}."""
+                  versions: tuple[str, ...] = tuple(RELEASES),
+                  roles: tuple[str, ...] = ROLES) -> dict[str, dict[str, str]]:
+    """Every stand-in image of the versions (of the given roles only: without "api", a version
+    needs no stand-in release of its own); returns {version: {component: image name}}."""
     core = ensure_core(client, base_image)
     names: dict[str, dict[str, str]] = {}
     for version in versions:
-        release = RELEASES[version]
+        release = RELEASES[version] if "api" in roles else None
         names[version] = {}
-        for role in ROLES:
+        for role in roles:
             if role not in load_profile(version).images:
                 continue
             name = image_name(version, role)

@@ -12,7 +12,8 @@ Images are built once and reused across runs: every tag carries a hash of its in
 - Host image: ``tests/hosts/systemd-ssh/Dockerfile`` on that base, as ``difyops-test/host:<hash>``.
 - Docker host image (hosts started with ``docker=True``): ``tests/hosts/systemd-docker/Dockerfile``
   on the host image, as ``difyops-test/docker-host:<hash>``: the same host plus its own Docker
-  engine (vfs driver) and compose v2, for the tiers deployed by compose.
+  engine (vfs driver) and compose v2, for the tiers deployed by compose. ``overlay2=True``
+  gives that engine overlay2 on a volume of the machine instead (for big images).
 
 Host keys: the lab records each host's SSH host keys (read from the container, not over the
 network) in ``known_hosts`` in its key directory as it starts the host, and points
@@ -40,7 +41,7 @@ import threading
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -455,6 +456,7 @@ class LabHost:
     network_name: str = ""
     public_key: str = ""
     docker: bool = False
+    volumes: list[str] = field(default_factory=list)  # named volumes removed with the host
     known_hosts: Path | None = None  # the lab's file of host keys
 
     def _wrapped(self) -> Any:
@@ -626,9 +628,36 @@ class LabHost:
         self.wait_ready()
 
     def remove(self) -> None:
-        """Remove the container (and its anonymous volumes) for good."""
+        """Remove the container (and its volumes) for good."""
         with contextlib.suppress(docker.errors.NotFound):
             self.container.stop(force=True, delete_volume=True)
+        self.remove_volumes()
+
+    def remove_volumes(self) -> None:
+        """Remove the named volumes of a removed container (an inner engine's storage)."""
+        if not self.volumes:
+            return
+        client = docker.from_env(timeout=600)  # a volume of big images takes a while to delete
+        try:
+            for name in self.volumes:
+                with contextlib.suppress(docker.errors.NotFound):
+                    client.volumes.get(name).remove(force=True)
+        finally:
+            client.close()
+
+    def use_overlay2(self, timeout: float = 60) -> None:
+        """Switch the inner engine from vfs to overlay2 (its /var/lib/docker is a volume on the
+        machine's disk, not overlay): containers of big images then start without a full copy."""
+        code, out = self.exec(
+            "sed -i 's/\"storage-driver\": \"vfs\"/\"storage-driver\": \"overlay2\"/' "
+            "/etc/docker/daemon.json && systemctl restart docker")
+        if code != 0:
+            raise LabError(f"{self.name}: cannot switch the inner engine to overlay2: {out}")
+        deadline = time.monotonic() + timeout
+        while self.exec("docker info -f '{{.Driver}}'")[1].strip() != "overlay2":
+            if time.monotonic() > deadline:
+                raise LabError(f"{self.name}: the inner engine does not run on overlay2")
+            time.sleep(0.2)
 
 
 class Lab:
@@ -694,7 +723,7 @@ class Lab:
         return self.docker_image
 
     def _start_one(self, name: str, cap_add: tuple[str, ...] = (), suite: str = SUITE,
-                   docker: bool = False) -> LabHost:
+                   docker: bool = False, overlay2: bool = False) -> LabHost:
         """Create and start one host container, then wait until it is ready."""
         image = self._ensure_docker_image() if docker else self._ensure_image(suite)
         extra = dict(DOCKER_HOST_KWARGS) if docker else {}
@@ -708,7 +737,15 @@ class Lab:
             .with_tmpfs_mount("/run")
             .with_tmpfs_mount("/run/lock")
             .with_volume_mapping("/sys/fs/cgroup", "/sys/fs/cgroup", mount_mode)
-            .with_kwargs(
+        )
+        volumes = []
+        if docker and overlay2:  # the inner engine's storage on the machine's disk
+            volume = self.client.volumes.create(f"{self.network_name}-{name}-docker",
+                                                labels={LABEL: self.suffix})
+            volumes.append(volume.name)
+            container = container.with_volume_mapping(volume.name, "/var/lib/docker", "rw")
+        container = (
+            container.with_kwargs(
                 hostname=name,
                 network=self.network_name,
                 labels={LABEL: self.suffix, f"{LABEL}.host": name},
@@ -726,6 +763,7 @@ class Lab:
             network_name=self.network_name,
             public_key=self.public_key,
             docker=docker,
+            volumes=volumes,
             known_hosts=self.known_hosts,
         )
         self.hosts[name] = host  # registered first: close() removes it even if start fails
@@ -733,16 +771,21 @@ class Lab:
         host.refresh_address()
         host.inject_key()
         host.wait_ready()
+        if volumes:
+            host.use_overlay2()
         return host
 
     def start(self, names: list[str], cap_add: tuple[str, ...] = (), suite: str = SUITE,
-              docker: bool = False) -> list[LabHost]:
+              docker: bool = False, overlay2: bool = False) -> list[LabHost]:
         """Start hosts ``names`` in parallel and wait until all are ready; return them in order.
 
         ``cap_add``: extra capabilities, e.g. ``("NET_ADMIN",)`` for hosts that get a firewall
         (nftables rules then apply to that host's own network namespace only).
         ``suite``: the Debian release of the hosts (default bookworm; e.g. trixie).
         ``docker=True``: hosts that run their own Docker engine (for compose tiers; bookworm).
+        ``overlay2=True`` (with docker): that engine stores images with overlay2 on a volume of
+        the machine (removed with the host) instead of vfs, which copies an image in full for
+        every container: for big images such as the real Dify api (2.5 GB).
         """
         clash = [n for n in names if n in self.hosts]
         if clash or len(set(names)) != len(names):
@@ -754,7 +797,7 @@ class Lab:
         self._ensure_network()
         started = time.monotonic()
         with ThreadPoolExecutor(max_workers=max(1, len(names))) as pool:
-            futures = [pool.submit(self._start_one, n, tuple(cap_add), suite, docker)
+            futures = [pool.submit(self._start_one, n, tuple(cap_add), suite, docker, overlay2)
                        for n in names]
             errors = []
             hosts = []

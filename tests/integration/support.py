@@ -46,6 +46,7 @@ def release(lab: Lab, hosts: dict[str, LabHost]) -> None:
         return
     for name, host in hosts.items():
         host._wrapped().remove(force=True, v=True)  # killed: nothing on them is kept
+        host.remove_volumes()
         lab.hosts.pop(name, None)
 
 

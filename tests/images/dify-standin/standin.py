@@ -15,7 +15,8 @@ image's alembic head, which `flask db heads` prints).
   Redis named in the environment answer; GET /console/api/setup needs a migrated database.
 - `flask upgrade-db` takes the Redis lock db_upgrade_lock as Dify does and, like Dify, exits 0
   when another process holds it ("Database migration skipped") or when the migration fails.
-- web :3000 (GET /), plugin_daemon :5002 (GET /health/check: its own database and Redis),
+- web :3000 (GET /), plugin_daemon :5002 (GET /health/check: its own database and Redis;
+  /plugin/... only with X-Api-Key equal to SERVER_KEY, as the real daemon; an empty plugin list),
   sandbox :8194 (GET /health), ssrf_proxy :3128 (needs /etc/squid/squid.conf; refuses requests).
 - agent_backend :5050 (Dify 1.16.1's DIFY_AGENT_* environment; the server secret must be 32
   bytes of unpadded base64url, as the real one insists). GET /openapi.json, the path difyops
@@ -327,6 +328,20 @@ def plugin_daemon_routes(path: str) -> tuple[int, dict]:
     return 404, {"code": -1, "message": "not found"}
 
 
+def plugin_daemon_guard(path: str, headers) -> tuple[int, dict] | None:
+    """What the real daemon checks of the api's calls: every /plugin/ route wants the header
+    X-Api-Key equal to its SERVER_KEY (401 otherwise). With the key, a tenant's plugin list is
+    empty (the api's console shows "no plugins"); other routes are left to the role's routes."""
+    if ROLE != "plugin_daemon" or not path.startswith("/plugin/"):
+        return None
+    if headers.get("X-Api-Key") != os.environ.get("SERVER_KEY"):
+        log(f"refused {path}: X-Api-Key is not SERVER_KEY")
+        return 401, {"code": -401, "message": "unauthorized: X-Api-Key", "data": None}
+    if path.endswith("/management/list"):
+        return 200, {"code": 0, "message": "success", "data": {"list": [], "total": 0}}
+    return None
+
+
 def sandbox_routes(path: str) -> tuple[int, dict]:
     return (200, {"status": "ok"}) if path == "/health" else (404, {"message": "not found"})
 
@@ -386,7 +401,8 @@ def serve(port: int, routes) -> None:
         protocol_version = "HTTP/1.1"
 
         def do_GET(self) -> None:
-            status, body = routes(urlparse(self.path).path)
+            path = urlparse(self.path).path
+            status, body = plugin_daemon_guard(path, self.headers) or routes(path)
             data = (json.dumps(body) + "\n").encode()
             self.send_response(status)
             self.send_header("Content-Type", "application/json")

@@ -1,0 +1,216 @@
+"""Build the REAL dify-api image of a Dify release from the release's source, for the lab.
+
+The image (tests/images/dify-api-real/Dockerfile) is built FROM the lab's Debian 12 base image
+with this machine's Python 3.12 copied in and the release's dependencies installed by its own
+``uv sync`` command from PyPI (the machine's CA bundle is given to the build, and removed
+after). It is tagged ``difyops-test/dify-api-real:<hash of its inputs>`` (which keeps the cache)
+and, like the stand-ins, under the name the version profile gives behind the stand-in prefix
+(``difyops-standin/langgenius/dify-api:<version>``): an inventory with
+``dify.registry_mirror: difyops-standin/`` then deploys the real api, worker and beat with
+stand-ins for web, plugin daemon, sandbox and SSRF proxy. A second run rebuilds nothing.
+
+Python 3.12: ``DIFYOPS_PYTHON312`` (an interpreter) when set, else ``python3.12`` on the PATH,
+else ``pyenv prefix 3.12``; the interpreter's ``sys.base_prefix`` is copied to /usr/local.
+The release's source: see tests/images/dify_source.py.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import docker
+import docker.errors
+
+from tasks.core.profiles import load_profile
+from tests.images import dify_source, standin
+
+HERE = Path(__file__).resolve().parent
+CONTEXT = HERE / "dify-api-real"
+REPO = "difyops-test/dify-api-real"
+LABEL = "difyops.real.inputs"
+PYTHON_ENV = "DIFYOPS_PYTHON312"
+CA_BUNDLE = Path("/etc/ssl/certs/ca-certificates.crt")
+# Parts of the interpreter's prefix the image does without (tests, GUI, other tools' packages).
+PYTHON_SKIP = ("test", "idlelib", "tkinter", "turtledemo", "__pycache__", "lib2to3")
+
+
+@dataclass(frozen=True)
+class Python312:
+    """An interpreter of this machine: its prefix (``sys.base_prefix``) and exact version."""
+
+    prefix: Path
+    version: str
+
+
+@dataclass(frozen=True)
+class Built:
+    """The real api image of a release: its names and what the build cost (0 when cached)."""
+
+    tag: str
+    name: str
+    version: str
+    seconds: float
+    size: int
+
+
+def _ask(interpreter: str) -> Python312 | None:
+    """The prefix and version of ``interpreter`` if it runs and is a Python 3.12."""
+    try:
+        out = subprocess.run(
+            [interpreter, "-c", "import sys, platform; "
+             "print(sys.base_prefix); print(platform.python_version())"],
+            capture_output=True, text=True, timeout=30, check=False)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    lines = out.stdout.split()
+    if out.returncode != 0 or len(lines) != 2 or not lines[1].startswith("3.12."):
+        return None
+    prefix = Path(lines[0])
+    return Python312(prefix, lines[1]) if (prefix / "bin" / "python3.12").is_file() else None
+
+
+def find_python312() -> Python312:
+    """This machine's Python 3.12 (see the module doc); Unavailable when there is none."""
+    candidates = [os.environ.get(PYTHON_ENV, "").strip(), shutil.which("python3.12") or ""]
+    pyenv = shutil.which("pyenv")
+    if pyenv:
+        out = subprocess.run([pyenv, "prefix", "3.12"], capture_output=True, text=True,
+                             timeout=30, check=False)
+        if out.returncode == 0 and out.stdout.strip():
+            candidates.append(str(Path(out.stdout.strip().splitlines()[0]) / "bin/python3.12"))
+    for candidate in filter(None, candidates):
+        found = _ask(candidate)
+        if found:
+            return found
+    raise dify_source.Unavailable(
+        f"no Python 3.12 on this machine (tried {PYTHON_ENV}, python3.12 on the PATH, "
+        "pyenv prefix 3.12): Dify's api needs exactly 3.12")
+
+
+def _python_digest(python: Python312) -> str:
+    """What identifies the interpreter: version, prefix, and its executable and library."""
+    h = hashlib.sha256(f"{python.version}\0{python.prefix}".encode())
+    for name in ("bin/python3.12", "lib/libpython3.12.so.1.0"):
+        path = python.prefix / name
+        if path.is_file():
+            h.update(path.read_bytes())
+    return h.hexdigest()
+
+
+def _copy_python(python: Python312, into: Path) -> None:
+    """The interpreter's prefix into ``into`` (bin/python*, include, lib without tests/GUI;
+    of its site-packages only pip, which the build uses to install uv)."""
+    into.mkdir()
+    (into / "bin").mkdir()
+    for item in (python.prefix / "bin").iterdir():
+        if item.name.startswith("python"):
+            shutil.copy2(item, into / "bin" / item.name, follow_symlinks=False)
+    shutil.copytree(python.prefix / "include", into / "include", symlinks=True)
+
+    def ignore(folder: str, names: list[str]) -> set[str]:
+        skipped = {n for n in names if n in PYTHON_SKIP or n.startswith("_tkinter")}
+        if Path(folder).name == "site-packages":
+            skipped |= {n for n in names if not n.startswith("pip")}
+        return skipped
+
+    shutil.copytree(python.prefix / "lib", into / "lib", symlinks=True, ignore=ignore)
+
+
+def dockerfile(root: Path) -> str:
+    """The Dockerfile of the release: the template with the production stage's ENV."""
+    env = dify_source.production_env(root)
+    lines = "ENV " + " \\\n    ".join(f"{k}={json.dumps(v)}" for k, v in sorted(env.items()))
+    template = (CONTEXT / "Dockerfile").read_text(encoding="utf-8")
+    marker = next(line for line in template.splitlines() if line.startswith("# RELEASE_ENV"))
+    return template.replace(marker, lines)
+
+
+def _inputs(base_id: str, source: Path, python: Python312) -> str:
+    """The hash of everything that goes into the image (its cache key)."""
+    template = (CONTEXT / "Dockerfile").read_bytes()
+    return standin.digest("dify-api-real-v1", base_id, template, dify_source.digest_of(source),
+                          _python_digest(python))
+
+
+@contextlib.contextmanager
+def _build_lock() -> Iterator[None]:
+    """Serialise builds of the real api image between test sessions on this machine."""
+    path = Path(tempfile.gettempdir()) / "difyops-dify-api-real.lock"
+    with path.open("a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _cached(client: docker.DockerClient, tag: str, wanted: str) -> bool:
+    """True when ``tag`` exists and was built from the same inputs."""
+    try:
+        return client.images.get(tag).labels.get(LABEL) == wanted
+    except docker.errors.ImageNotFound:
+        return False
+
+
+def _build(root: Path, python: Python312, base_id: str, tag: str, inputs: str) -> None:
+    """docker build of the release's api image in a temporary context."""
+    with tempfile.TemporaryDirectory(prefix="difyops-real-ctx-") as scratch:
+        ctx = Path(scratch)
+        (ctx / "Dockerfile").write_text(dockerfile(root), encoding="utf-8")
+        bundle = CA_BUNDLE.read_bytes() if CA_BUNDLE.is_file() else b""
+        (ctx / "build-ca.crt").write_bytes(bundle)
+        _copy_python(python, ctx / "python")
+        shutil.copytree(root / "api", ctx / "api", symlinks=True,
+                        ignore=shutil.ignore_patterns(".venv", ".env", "__pycache__"))
+        args = {"BASE_IMAGE": base_id, "UV_VERSION": dify_source.uv_version(root),
+                "UV_SYNC": dify_source.uv_sync_command(root)}
+        builder = docker.from_env(timeout=3600)
+        try:
+            builder.images.build(path=scratch, tag=tag, buildargs=args, labels={LABEL: inputs},
+                                 rm=True, forcerm=True, pull=False)
+        except docker.errors.BuildError as exc:
+            log = "".join(str(item.get("stream", item.get("error", ""))) for item in exc.build_log)
+            raise RuntimeError(f"building {tag} failed: {exc}\n{log[-6000:]}") from exc
+        finally:
+            builder.close()
+
+
+def ensure_api_image(client: docker.DockerClient, base_image: str, version: str,
+                     prefix: str = standin.PREFIX) -> Built:
+    """The real api image of Dify ``version``, built once per set of inputs and tagged under
+    the profile's name behind the stand-in prefix, and behind ``prefix`` too when another is
+    given (a name no stand-in build takes over); Unavailable without source or Python."""
+    source = dify_source.source_for(version)
+    python = find_python312()
+    base_id = client.images.get(base_image).id
+    inputs = _inputs(base_id, source, python)
+    tag = f"{REPO}:{inputs}"
+    name = prefix + load_profile(version).images["api"]
+    started = time.monotonic()
+    built = False
+    with _build_lock():  # another session may be building the same image
+        if not _cached(client, tag, inputs):
+            built = True
+            with tempfile.TemporaryDirectory(prefix="difyops-real-src-") as unpacked:
+                root = dify_source.unpack(source, Path(unpacked))
+                if dify_source.version_of(root) != version:
+                    raise dify_source.Unavailable(
+                        f"{source} is Dify {dify_source.version_of(root)}, not {version}")
+                _build(root, python, base_id, tag, inputs)
+    seconds = time.monotonic() - started if built else 0.0
+    image = client.images.get(tag)
+    for wanted in {standin.image_name(version, "api"), name}:
+        if wanted not in image.tags:
+            image.tag(*wanted.rsplit(":", 1))
+    return Built(tag, name, version, seconds, int(image.attrs["Size"]))
