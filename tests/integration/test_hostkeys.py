@@ -76,11 +76,12 @@ def test_trust_records_new_hosts_once(pair: tuple[LabHost, LabHost], tmp_path: P
     inv = Operator(pair, tmp_path, **{KNOWN_HOSTS_ENV: str(known)})
     assert inv("config.secrets").returncode == 0
 
+    # Refused before any host is touched: no connection is even opened.
     refused = inv("cache.deploy", "--dry")
     assert refused.returncode == 1, refused.output
-    assert f"unknown SSH host key: keys1 (root@{first.address}:22) offers " in refused.output
-    assert any(f"offers {key}, and" in refused.output for key in offered(first))
-    assert "run `inv hosts.trust --host keys1` after checking the fingerprint" in refused.output
+    assert f"keys1: no SSH host key recorded for {first.address}:22" in refused.output
+    assert "run `inv hosts.trust --host keys1`" in refused.output
+    assert "[cache]" not in refused.output
 
     dry = inv("hosts.trust", "--dry")
     assert dry.returncode == 0, dry.output
