@@ -224,7 +224,7 @@ def test_weaviate_compose_passes_compose_and_our_checks(tmp_path) -> None:
 
 
 @pytest.mark.parametrize("vector, hosts, message", [
-    ({"weaviate_version": "1.19.0"}, 1, "Weaviate 1.19.0 is too old for Dify 1.13.3"),
+    ({"weaviate_version": "1.19.0"}, 1, "Weaviate 1.19.0 is too old for Dify 1.16.1"),
     ({}, 2, "a 2-node Weaviate cluster has no RAFT quorum"),
 ])
 def test_weaviate_refusals_before_any_host(tmp_path, vector, hosts, message) -> None:
