@@ -31,7 +31,6 @@ import io
 import json
 import os
 import re
-import shutil
 import subprocess
 import sys
 import tarfile
@@ -49,6 +48,7 @@ from dotenv import dotenv_values
 
 from tasks.core.dify_source import DifySource, SourceError, open_source
 from tasks.core.profiles import load_profile
+from tests.images import dify_real, dify_source
 from tests.integration.lab import Lab, LabHost
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -65,7 +65,6 @@ VERSION = "1.14.2"
 PROFILE = load_profile(VERSION)
 SOURCE_ENV = "DIFYOPS_DIFY_SOURCE"
 SHARED_TARBALL = ROOT.parent / "shared" / "dify" / f"dify-{VERSION}.tar.gz"
-PYTHON_ENV = "DIFYOPS_PYTHON312"
 # Where the interpreter's prefix goes on the VM (its libpython is found through ldconfig there).
 VM_PREFIX = "/usr/local"
 VM_PYTHON = f"{VM_PREFIX}/bin/python3.12"
@@ -91,36 +90,13 @@ def release_source(scratch: Path) -> DifySource:
     return source
 
 
-def ask_python(interpreter: str) -> Path | None:
-    """The prefix (sys.base_prefix) of interpreter when it runs and is a Python 3.12."""
-    try:
-        out = subprocess.run([interpreter, "-c", "import sys; print(sys.base_prefix); "
-                              "print('%d.%d' % sys.version_info[:2])"],
-                             capture_output=True, text=True, timeout=30, check=False)
-    except (OSError, subprocess.TimeoutExpired):
-        return None
-    lines = out.stdout.split("\n")
-    if out.returncode or len(lines) < 2 or lines[1] != "3.12":
-        return None
-    prefix = Path(lines[0])
-    return prefix if (prefix / "bin" / "python3.12").is_file() else None
-
-
 def python312() -> Path:
-    """This machine's Python 3.12 prefix (see the module doc); skips when there is none."""
-    candidates = [os.environ.get(PYTHON_ENV, "").strip(), shutil.which("python3.12") or ""]
-    pyenv = shutil.which("pyenv")
-    if pyenv:
-        out = subprocess.run([pyenv, "prefix", "3.12"], capture_output=True, text=True,
-                             timeout=30, check=False)
-        if out.returncode == 0 and out.stdout.strip():
-            candidates.append(f"{out.stdout.split()[0]}/bin/python3.12")
-    for candidate in filter(None, candidates):
-        prefix = ask_python(candidate)
-        if prefix:
-            return prefix
-    pytest.skip(f"no Python 3.12 on this machine (tried {PYTHON_ENV}, python3.12 on the PATH, "
-                f"pyenv prefix 3.12): Dify {VERSION}'s api needs exactly 3.12")
+    """This machine's Python 3.12 prefix (found as the real image's build finds it); skips
+    when there is none."""
+    try:
+        return dify_real.find_python312().prefix
+    except dify_source.Unavailable as exc:
+        pytest.skip(f"{exc} (Dify {VERSION})")
 
 
 def alembic_heads(source: DifySource) -> set[str]:
