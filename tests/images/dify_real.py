@@ -16,8 +16,6 @@ The release's source: see tests/images/dify_source.py.
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import hashlib
 import json
 import os
@@ -25,7 +23,6 @@ import shutil
 import subprocess
 import tempfile
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -34,6 +31,7 @@ import docker.errors
 
 from tasks.core.profiles import load_profile
 from tests.images import dify_source, standin
+from tests.integration.lab import build_lock
 
 HERE = Path(__file__).resolve().parent
 CONTEXT = HERE / "dify-api-real"
@@ -143,18 +141,6 @@ def _inputs(base_id: str, source: Path, python: Python312) -> str:
                           _python_digest(python))
 
 
-@contextlib.contextmanager
-def _build_lock() -> Iterator[None]:
-    """Serialise builds of the real api image between test sessions on this machine."""
-    path = Path(tempfile.gettempdir()) / "difyops-dify-api-real.lock"
-    with path.open("a") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
-
-
 def _cached(client: docker.DockerClient, tag: str, wanted: str) -> bool:
     """True when ``tag`` exists and was built from the same inputs."""
     try:
@@ -175,15 +161,7 @@ def _build(root: Path, python: Python312, base_id: str, tag: str, inputs: str) -
                         ignore=shutil.ignore_patterns(".venv", ".env", "__pycache__"))
         args = {"BASE_IMAGE": base_id, "UV_VERSION": dify_source.uv_version(root),
                 "UV_SYNC": dify_source.uv_sync_command(root)}
-        builder = docker.from_env(timeout=3600)
-        try:
-            builder.images.build(path=scratch, tag=tag, buildargs=args, labels={LABEL: inputs},
-                                 rm=True, forcerm=True, pull=False)
-        except docker.errors.BuildError as exc:
-            log = "".join(str(item.get("stream", item.get("error", ""))) for item in exc.build_log)
-            raise RuntimeError(f"building {tag} failed: {exc}\n{log[-6000:]}") from exc
-        finally:
-            builder.close()
+        standin.build_folder(scratch, tag, args, labels={LABEL: inputs}, timeout=3600)
 
 
 def ensure_api_image(client: docker.DockerClient, base_image: str, version: str,
@@ -199,7 +177,7 @@ def ensure_api_image(client: docker.DockerClient, base_image: str, version: str,
     name = prefix + load_profile(version).images["api"]
     started = time.monotonic()
     built = False
-    with _build_lock():  # another session may be building the same image
+    with build_lock("dify-api-real"):  # another run may be building the same image
         if not _cached(client, tag, inputs):
             built = True
             with tempfile.TemporaryDirectory(prefix="difyops-real-src-") as unpacked:

@@ -77,16 +77,23 @@ def ensure_core(client: docker.DockerClient, base_image: str) -> str:
         pass
     with tempfile.TemporaryDirectory(prefix="difyops-standin-") as scratch:
         shutil.copytree(CONTEXT, scratch, dirs_exist_ok=True)
-        builder = docker.from_env(timeout=900)
-        try:
-            builder.images.build(path=scratch, tag=tag, buildargs={"BASE_IMAGE": base_id},
-                                 rm=True, forcerm=True, pull=False)
-        except docker.errors.BuildError as exc:
-            log = "".join(str(item.get("stream", item.get("error", ""))) for item in exc.build_log)
-            raise RuntimeError(f"building {tag} failed: {exc}\n{log[-3000:]}") from exc
-        finally:
-            builder.close()
+        build_folder(scratch, tag, {"BASE_IMAGE": base_id}, timeout=900)
     return tag
+
+
+def build_folder(folder: str, tag: str, buildargs: dict[str, str], *,
+                 labels: dict[str, str] | None = None, timeout: int) -> None:
+    """`docker build` of a folder, never pulling; a failure names the tag and ends with the
+    build log's tail."""
+    builder = docker.from_env(timeout=timeout)
+    try:
+        builder.images.build(path=folder, tag=tag, buildargs=buildargs, labels=labels or {},
+                             rm=True, forcerm=True, pull=False)
+    except docker.errors.BuildError as exc:
+        log = "".join(str(item.get("stream", item.get("error", ""))) for item in exc.build_log)
+        raise RuntimeError(f"building {tag} failed: {exc}\n{log[-6000:]}") from exc
+    finally:
+        builder.close()
 
 
 def role_dockerfile(core: str, role: str, version: str, release: dict | None) -> str:

@@ -198,9 +198,9 @@ def _digest(*parts: str | bytes) -> str:
 
 
 @contextlib.contextmanager
-def _build_lock() -> Iterator[None]:
-    """Serialise image builds between concurrent test sessions on this machine."""
-    path = Path(tempfile.gettempdir()) / "difyops-lab-images.lock"
+def build_lock(name: str = "lab-images") -> Iterator[None]:
+    """Serialise builds of one kind of image between concurrent test runs on this machine."""
+    path = Path(tempfile.gettempdir()) / f"difyops-{name}.lock"
     with path.open("a") as handle:
         fcntl.flock(handle, fcntl.LOCK_EX)
         try:
@@ -301,7 +301,7 @@ def ensure_base_image(client: docker.DockerClient, suite: str = SUITE) -> str:
     fallback = _base_fallback_tag(mirror, suite) if mirror else None
     if fallback and _image_exists(client, fallback):
         return fallback
-    with _build_lock():
+    with build_lock():
         if _image_exists(client, name):
             return name
         if fallback and _image_exists(client, fallback):
@@ -350,7 +350,7 @@ def ensure_host_image(client: docker.DockerClient, suite: str = SUITE) -> str:
     tag = f"{HOST_REPO}:{inputs}"
     if _image_exists(client, tag):
         return tag
-    with _build_lock():
+    with build_lock():
         if _image_exists(client, tag):
             return tag
         started = time.monotonic()
@@ -382,7 +382,7 @@ def ensure_docker_host_image(client: docker.DockerClient) -> str:
     tag = f"{DOCKER_HOST_REPO}:{_digest(*parts)}"
     if _image_exists(client, tag):
         return tag
-    with _build_lock():
+    with build_lock():
         if _image_exists(client, tag):
             return tag
         started = time.monotonic()
