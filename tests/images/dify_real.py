@@ -4,10 +4,10 @@ The image (tests/images/dify-api-real/Dockerfile) is built FROM the lab's Debian
 with this machine's Python 3.12 copied in and the release's dependencies installed by its own
 ``uv sync`` command from PyPI (the machine's CA bundle is given to the build, and removed
 after). It is tagged ``difyops-test/dify-api-real:<hash of its inputs>`` (which keeps the cache)
-and, like the stand-ins, under the name the version profile gives behind the stand-in prefix
-(``difyops-standin/langgenius/dify-api:<version>``): an inventory with
-``dify.registry_mirror: difyops-standin/`` then deploys the real api, worker and beat with
-stand-ins for web, plugin daemon, sandbox and SSRF proxy. A second run rebuilds nothing.
+and under the name the version profile gives behind a registry mirror prefix of the caller's
+(``difyops-real/langgenius/dify-api:<version>``; never the stand-ins' prefix, whose names the
+stand-in tests build and own): an inventory with that ``dify.registry_mirror`` then deploys
+the real api, worker and beat. A second run rebuilds nothing.
 
 Python 3.12: ``DIFYOPS_PYTHON312`` (an interpreter) when set, else ``python3.12`` on the PATH,
 else ``pyenv prefix 3.12``; the interpreter's ``sys.base_prefix`` is copied to /usr/local.
@@ -165,10 +165,9 @@ def _build(root: Path, python: Python312, base_id: str, tag: str, inputs: str) -
 
 
 def ensure_api_image(client: docker.DockerClient, base_image: str, version: str,
-                     prefix: str = standin.PREFIX) -> Built:
+                     prefix: str) -> Built:
     """The real api image of Dify ``version``, built once per set of inputs and tagged under
-    the profile's name behind the stand-in prefix, and behind ``prefix`` too when another is
-    given (a name no stand-in build takes over); Unavailable without source or Python."""
+    the profile's name behind ``prefix``; Unavailable without source or Python."""
     source = dify_source.source_for(version)
     python = find_python312()
     base_id = client.images.get(base_image).id
@@ -188,7 +187,6 @@ def ensure_api_image(client: docker.DockerClient, base_image: str, version: str,
                 _build(root, python, base_id, tag, inputs)
     seconds = time.monotonic() - started if built else 0.0
     image = client.images.get(tag)
-    for wanted in {standin.image_name(version, "api"), name}:
-        if wanted not in image.tags:
-            image.tag(*wanted.rsplit(":", 1))
+    if name not in image.tags:
+        image.tag(*name.rsplit(":", 1))
     return Built(tag, name, version, seconds, int(image.attrs["Size"]))

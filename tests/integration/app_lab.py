@@ -31,6 +31,8 @@ NAMES = ("app-db", "app-api1", "app-api2", "app-work")
 class App:
     """The hosts, their inventory and a way to run `inv` against them."""
 
+    primary = "app-db"  # the PostgreSQL primary the inventory names (sql() asks it)
+
     def __init__(self, hosts: dict[str, LabHost], tmp: Path) -> None:
         self.hosts = hosts
         self.tmp = tmp
@@ -76,7 +78,7 @@ class App:
         return result
 
     def sql(self, query: str) -> str:
-        code, out = self.hosts["app-db"].exec(f"{PSQL} \"{query}\"")
+        code, out = self.hosts[self.primary].exec(f"{PSQL} \"{query}\"")
         assert code == 0, out
         return out.strip()
 

@@ -1,6 +1,7 @@
 """What a Dify user does over HTTP, for the tests that run the real Dify: set up the admin
-account, log in to the console, import and publish a workflow app, make an app API key and run
-the app through the service API with a streamed answer.
+account, log in to the console, import and publish a workflow app (an echo, or one with a
+Python code node that the sandbox runs), make an app API key and run the app through the
+service API with a streamed answer.
 
 The console API of Dify 1.13+ keeps its tokens in cookies and wants the CSRF cookie echoed in
 ``X-CSRF-Token`` on every write; its login takes the password base64-encoded (as Dify's own
@@ -10,6 +11,7 @@ front end sends it). Everything goes to one base URL (the nginx load balancer in
 from __future__ import annotations
 
 import base64
+import itertools
 import json
 from collections.abc import Iterator
 
@@ -60,37 +62,53 @@ class Console:
         return self.call("POST", f"/apps/{app_id}/api-keys")
 
 
-def echo_workflow(dsl_version: str, name: str) -> str:
-    """A workflow app's DSL: a start node with one text input, an end node that outputs it."""
+def _workflow_dsl(dsl_version: str, name: str, nodes: list[dict]) -> str:
+    """A workflow app's DSL: a start node with one text input ("words"), then ``nodes`` (each
+    a node's data with its id) in a chain, the last one an end node."""
+    graph_nodes = [{"id": "start", "type": "custom", "position": {"x": 0, "y": 0},
+                    "data": {"type": "start", "title": "Start", "variables": [
+                        {"variable": "words", "label": "words", "type": "text-input",
+                         "required": True, "max_length": 200}]}}]
+    graph_nodes += [{"id": node["id"], "type": "custom", "position": {"x": 300 * i, "y": 0},
+                     "data": {k: v for k, v in node.items() if k != "id"}}
+                    for i, node in enumerate(nodes, start=1)]
+    edges = [{"id": f"{a['id']}-source-{b['id']}-target", "type": "custom",
+              "source": a["id"], "sourceHandle": "source", "target": b["id"],
+              "targetHandle": "target",
+              "data": {"sourceType": a["data"]["type"], "targetType": b["data"]["type"],
+                       "isInIteration": False}}
+             for a, b in itertools.pairwise(graph_nodes)]
     document = {
         "kind": "app",
         "version": dsl_version,
         "app": {"mode": "workflow", "name": name, "description": "", "icon": "🤖",
                 "icon_background": "#FFEAD5", "use_icon_as_answer_icon": False},
-        "workflow": {
-            "conversation_variables": [],
-            "environment_variables": [],
-            "features": {},
-            "graph": {
-                "nodes": [
-                    {"id": "start", "type": "custom", "position": {"x": 0, "y": 0},
-                     "data": {"type": "start", "title": "Start", "variables": [
-                         {"variable": "words", "label": "words", "type": "text-input",
-                          "required": True, "max_length": 200}]}},
-                    {"id": "end", "type": "custom", "position": {"x": 300, "y": 0},
-                     "data": {"type": "end", "title": "End", "outputs": [
-                         {"variable": "echoed", "value_selector": ["start", "words"]}]}},
-                ],
-                "edges": [
-                    {"id": "start-source-end-target", "type": "custom", "source": "start",
-                     "sourceHandle": "source", "target": "end", "targetHandle": "target",
-                     "data": {"sourceType": "start", "targetType": "end",
-                              "isInIteration": False}},
-                ],
-            },
-        },
+        "workflow": {"conversation_variables": [], "environment_variables": [], "features": {},
+                     "graph": {"nodes": graph_nodes, "edges": edges}},
     }
     return yaml.safe_dump(document, sort_keys=False, allow_unicode=True)
+
+
+def _end(selector: list[str]) -> dict:
+    """The end node: one output, "echoed", taken from ``selector``."""
+    return {"id": "end", "type": "end", "title": "End",
+            "outputs": [{"variable": "echoed", "value_selector": selector}]}
+
+
+def echo_workflow(dsl_version: str, name: str) -> str:
+    """A workflow whose end node outputs its input: {"echoed": words}."""
+    return _workflow_dsl(dsl_version, name, [_end(["start", "words"])])
+
+
+CODE = "def main(words: str) -> dict:\n    return {'result': words.upper()}\n"
+
+
+def code_workflow(dsl_version: str, name: str) -> str:
+    """A workflow with a Python code node (run by the sandbox): {"echoed": words.upper()}."""
+    code = {"id": "code", "type": "code", "title": "Upper", "code_language": "python3",
+            "code": CODE, "outputs": {"result": {"type": "string", "children": None}},
+            "variables": [{"variable": "words", "value_selector": ["start", "words"]}]}
+    return _workflow_dsl(dsl_version, name, [code, _end(["code", "result"])])
 
 
 def run_streaming(base: str, key: str, inputs: dict, timeout: float = 120) -> Iterator[dict]:

@@ -1,189 +1,109 @@
-"""The REAL Dify api, worker and beat on lab hosts, deployed by the project's own tasks.
+"""The REAL Dify api, worker and beat on lab hosts, deployed and upgraded by the project's own
+tasks (the hosts, the releases and the images: tests/integration/real_lab.py).
 
-The api image is built from the release's source (tests/images/dify_real.py; 1.14.2 when its
-profile and source exist, else 1.13.3); web, plugin daemon, sandbox and SSRF proxy are the
-stand-ins; redis_proxy is a real HAProxy (tests/images/haproxy_image.py). Hosts: app-db
-(PostgreSQL, Redis with Sentinel, nginx: `inv db.deploy cache.deploy lb.deploy`), app-r2 and
-app-r3 (Redis replicas and Sentinels: a quorum of three) and app-api1 (its own Docker engine:
-api, worker, beat, web, plugin daemon by `inv app.deploy`), the image shipped there by
-`inv images.sync` over SSH.
+The story, in file order on shared hosts: the images are the releases' own; the start release
+(1.13.3) is shipped by `inv images.sync` and deployed by `inv app.deploy`; the admin account, a
+published workflow app and its API key are made through nginx and the workflow streams to its
+end; `inv app.upgrade` to the target release (1.14.2) runs real migrations under steady requests
+through nginx and `inv app.rollback` refuses to cross them; on the target: the worker's queues,
+the workflow made on the start release, the inner API key, the plugin daemon's key, a deploy
+that changes nothing, an app deletion done by the worker; then a PostgreSQL failover and a Redis
+failover, each followed by the workflow running again.
 
-What the release itself says is read from its source, by code: the alembic head of its
-migration scripts, the worker's queue list in its entrypoint, its Celery app, its DSL version.
-The tests share the hosts and run in file order. Without the source or a Python 3.12 the module
-is skipped with the reason. Marked ``real_dify`` (deselect with ``-m "not real_dify"``).
-``DIFYOPS_REAL_DIFY_VERSION=1.13.3`` runs another release than the newest runnable one.
+What a release itself says is read from its source, by code: the alembic head of its migration
+scripts, the worker's queue list in its entrypoint, its Celery app, its DSL version, its upgrade
+steps' profile. Without the source or a Python 3.12 the module is skipped with the reason.
+Marked ``real_dify`` (deselect with ``-m "not real_dify"``).
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import os
 import re
 import secrets
 import time
-from collections.abc import Iterator
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 import requests
-import yaml
 
-from tasks.core.profiles import available_versions
-from tests.images import dify_real, dify_source, haproxy_image, standin
+from tasks.core.profiles import steps_between
+from tests.images import dify_source
 from tests.integration import dify_client
-from tests.integration.app_lab import DEPLOY, App
-from tests.integration.lab import Lab, ensure_base_image
-from tests.integration.support import release, summary_counts, until
+from tests.integration.lab import Lab
+from tests.integration.real_lab import (
+    ADMIN,
+    APIS,
+    PG_UNIT,
+    RealApp,
+    Release,
+    Unrunnable,
+    ensure_release,
+    pick_releases,
+    start_real,
+)
+from tests.integration.support import SteadyLoad, release, summary_counts, until
 
 pytestmark = [pytest.mark.real_dify, pytest.mark.docker]
 
-PREFERRED = ("1.14.2", "1.13.3")  # releases that run here, newest first
-VERSION_ENV = "DIFYOPS_REAL_DIFY_VERSION"  # run this release instead (e.g. 1.13.3)
-OTHERS = ("web", "plugin_daemon", "sandbox", "ssrf_proxy")
-# The inventory's registry mirror: the images of this module under names of their own, so that
-# stand-in builds of another test session on the same engine cannot take the api's name over.
-MIRROR = "difyops-real/"
-ADMIN = {"email": "admin@dify.lab", "name": "Lab Admin", "password": "difyops-Lab-2026"}
-
-
-class RealApp(App):
-    """The hosts of this module and their inventory (App's helpers: inv, sql, redis)."""
-
-    version = ""
-
-    def write_inventory(self, version: str = "", health_timeout: int = 300) -> None:
-        """app-db: database, cache, balancer; app-r2, app-r3: the other two Redis + Sentinel
-        nodes (a quorum); app-api1: every app component."""
-        h = self.hosts
-        inventory = {
-            "name": "real-dify-lab",
-            "domain": "dify.lab",
-            "dify": {"version": version or self.version, "registry_mirror": MIRROR},
-            "storage": {"type": "shared-fs", "path": "/srv/dify/storage"},
-            "cache": {"mode": "sentinel"},
-            "vector": {"store": "pgvector"},
-            "timeouts": {"connect": 10, "command": 1800},
-            "app": {"health_timeout": health_timeout,
-                    "worker_groups": [{"name": "all", "queues": "all", "concurrency": 1}]},
-            "hosts": [h["app-db"].inventory_entry(["db_primary", "cache", "lb"]),
-                      h["app-r2"].inventory_entry(["cache"]),
-                      h["app-r3"].inventory_entry(["cache"]),
-                      h["app-api1"].inventory_entry(["api", "worker", "beat", "web",
-                                                     "plugin_daemon"])],
-        }
-        self.inventory_file.write_text(yaml.safe_dump(inventory, sort_keys=False))
-
-    def dify_env(self) -> dict[str, str]:
-        """The rendered Dify environment on the app host (/opt/dify/.env)."""
-        code, out = self.hosts["app-api1"].exec(f"cat {DEPLOY}/.env")
-        assert code == 0, out
-        pairs = (line.split("=", 1) for line in out.splitlines() if "=" in line
-                 and not line.startswith("#"))
-        return {k: v.strip().strip("'\"") for k, v in pairs}
-
-    def container(self, service: str) -> str:
-        """The id of the running container of a compose service on the app host."""
-        code, out = self.hosts["app-api1"].exec(
-            f"docker ps -q --filter label=com.docker.compose.project=dify "
-            f"--filter label=com.docker.compose.service={service}")
-        assert code == 0 and out.strip(), f"{service}: {out}"
-        return out.split()[0]
-
-
-@dataclass
-class Release:
-    """The release under test: its version, unpacked source and built api image."""
-
-    version: str
-    root: Path
-    image: dify_real.Built
-
-
-def _pick_release(unpack_into: Path) -> tuple[str, Path]:
-    """The release to run (see the module doc) and its unpacked source; skip when none."""
-    profiles = set(available_versions())
-    reasons = []
-    wanted = os.environ.get(VERSION_ENV, "").strip()
-    for version in (wanted,) if wanted else PREFERRED:
-        if version not in profiles:
-            reasons.append(f"no profile {version}")
-            continue
-        try:
-            source = dify_source.source_for(version)
-            root = dify_source.unpack(source, unpack_into / version)
-        except dify_source.Unavailable as exc:
-            reasons.append(str(exc))
-            continue
-        if dify_source.version_of(root) in profiles:
-            return dify_source.version_of(root), root
-        reasons.append(f"{source} is Dify {dify_source.version_of(root)}: no profile")
-    pytest.skip("no runnable Dify release: " + "; ".join(reasons))
-
 
 @pytest.fixture(scope="module")
-def dify(lab: Lab, tmp_path_factory: pytest.TempPathFactory) -> Release:
-    """The release's real api image built (once per set of inputs), with the stand-ins of
-    the other components."""
-    version, root = _pick_release(tmp_path_factory.mktemp("dify-source"))
-    base = ensure_base_image(lab.client)
-    others = standin.ensure_images(lab.client, base, (version,), roles=OTHERS)[version]
-    for name in others.values():
-        lab.client.images.get(name).tag(*(MIRROR + name.removeprefix(standin.PREFIX))
-                                        .rsplit(":", 1))
-    haproxy_image.ensure_haproxy(lab.client, base, MIRROR)  # redis_proxy, in Sentinel mode
+def releases(lab: Lab, tmp_path_factory: pytest.TempPathFactory) -> list[Release]:
+    """The target release and the one the lab starts on (when one runs here), newest first,
+    each with its real api image built (once per set of inputs)."""
     try:
-        built = dify_real.ensure_api_image(lab.client, base, version, MIRROR)
-    except dify_source.Unavailable as exc:
+        picked = pick_releases(tmp_path_factory.mktemp("dify-source"))
+        return [ensure_release(lab, version, root) for version, root in picked]
+    except (Unrunnable, dify_source.Unavailable) as exc:
         pytest.skip(str(exc))
-    if built.seconds:
-        lab.timings[f"real dify: api image {version} built"] = built.seconds
-    return Release(version, root, built)
 
 
 @pytest.fixture(scope="module")
-def real(lab: Lab, dify: Release, tmp_path_factory: pytest.TempPathFactory) -> Iterator[RealApp]:
-    """Four hosts; PostgreSQL, Redis with Sentinel and nginx deployed by the real tasks."""
-    started = time.monotonic()
-    plain = lab.start(["app-db", "app-r2", "app-r3"])
-    (api,) = lab.start(["app-api1"], docker=True, overlay2=True)
-    app = RealApp({h.name: h for h in [*plain, api]}, tmp_path_factory.mktemp("real-dify"))
-    app.version = dify.version
-    app.write_inventory()
+def dify(releases: list[Release]) -> Release:
+    """The target release: the one the lab ends on."""
+    return releases[0]
+
+
+@pytest.fixture(scope="module")
+def first(releases: list[Release]) -> Release:
+    """The release the lab starts on: the one before the target, else the target itself."""
+    return releases[-1]
+
+
+@pytest.fixture(scope="module")
+def real(lab: Lab, first: Release, tmp_path_factory: pytest.TempPathFactory) -> Iterator[RealApp]:
+    """Five hosts; PostgreSQL, Redis with Sentinel and nginx deployed by the real tasks."""
+    app = start_real(lab, tmp_path_factory.mktemp("real-dify"), first.version)
     try:
-        app.ok("config.secrets")
-        app.ok("db.deploy")
-        app.ok("cache.deploy")
-        app.ok("lb.deploy")
-        lab.timings["real dify: hosts + db, cache, lb tiers"] = time.monotonic() - started
         yield app
     finally:
         release(lab, app.hosts)
 
 
-def test_the_image_is_the_release_api(dify: Release, lab: Lab) -> None:
-    image = lab.client.images.get(dify.image.name)
-    config = image.attrs["Config"]
-    assert image.id == lab.client.images.get(dify.image.tag).id
-    assert len(image.attrs["RootFS"]["Layers"]) == 1  # one vfs copy per container on the hosts
-    assert (config["User"], config["WorkingDir"]) == ("dify", "/app/api")
-    assert config["Entrypoint"] == ["/bin/bash", "/entrypoint.sh"]
-    env = dict(item.split("=", 1) for item in config["Env"])
-    assert {k: env.get(k) for k in dify_source.production_env(dify.root)} \
-        == dify_source.production_env(dify.root)
-    out = lab.client.containers.run(
-        dify.image.name, entrypoint=["/bin/bash", "-c"], remove=True,
-        command=["id -u; python --version; cat /entrypoint.sh | sha256sum; "
-                 "sha256sum < /app/api/gunicorn.conf.py"]).decode().split("\n")
-    source = dify.root / "api"
-    assert out[0] == "1001"
-    assert out[1].startswith("Python 3.12.")
-    assert out[2].split()[0] == _sha256(source / "docker" / "entrypoint.sh")
-    assert out[3].split()[0] == _sha256(source / "gunicorn.conf.py")
-    print(f"real api image {dify.version}: {dify.image.size / 1e9:.2f} GB, "
-          f"built in {dify.image.seconds:.0f} s (0: cached)")
+def test_each_image_is_the_release_api(releases: list[Release], lab: Lab) -> None:
+    for each in releases:
+        image = lab.client.images.get(each.image.name)
+        config = image.attrs["Config"]
+        assert image.id == lab.client.images.get(each.image.tag).id
+        assert len(image.attrs["RootFS"]["Layers"]) == 1  # one copy per container on vfs hosts
+        assert (config["User"], config["WorkingDir"]) == ("dify", "/app/api")
+        assert config["Entrypoint"] == ["/bin/bash", "/entrypoint.sh"]
+        env = dict(item.split("=", 1) for item in config["Env"])
+        assert {k: env.get(k) for k in dify_source.production_env(each.root)} \
+            == dify_source.production_env(each.root)
+        out = lab.client.containers.run(
+            each.image.name, entrypoint=["/bin/bash", "-c"], remove=True,
+            command=["id -u; python --version; cat /entrypoint.sh | sha256sum; "
+                     "sha256sum < /app/api/gunicorn.conf.py"]).decode().split("\n")
+        source = each.root / "api"
+        assert out[0] == "1001"
+        assert out[1].startswith("Python 3.12.")
+        assert out[2].split()[0] == _sha256(source / "docker" / "entrypoint.sh")
+        assert out[3].split()[0] == _sha256(source / "gunicorn.conf.py")
+        print(f"real api image {each.version}: {each.image.size / 1e9:.2f} GB, "
+              f"built in {each.image.seconds:.0f} s (0: cached)")
 
 
 def _sha256(path: Path) -> str:
@@ -191,39 +111,178 @@ def _sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def test_images_sync_ships_the_real_api_over_ssh(real: RealApp, dify: Release,
+def _shipped(real: RealApp, release_: Release, lab: Lab) -> str:
+    """`inv images.sync` of a release's images; asserts the real api arrived on every api host
+    (the very image built here) and returns the command's output."""
+    result = real.ok("images.sync", "--version", release_.version)
+    wanted = lab.client.images.get(release_.image.name).id
+    for name in APIS:
+        code, out = real.hosts[name].exec(
+            f"docker image inspect -f '{{{{.Id}}}}' {release_.image.name}")
+        assert (code, out.strip()) == (0, wanted), (name, out)
+    return result.stdout
+
+
+def test_images_sync_ships_the_real_api_over_ssh(real: RealApp, first: Release,
                                                  lab: Lab) -> None:
     started = time.monotonic()
-    first = real.ok("images.sync")
+    shipped = _shipped(real, first, lab)
     lab.timings["real dify: images.sync (first)"] = time.monotonic() - started
-    code, out = real.hosts["app-api1"].exec(
-        f"docker image inspect -f '{{{{.Id}}}}' {dify.image.name}")
-    assert (code, out.strip()) == (0, lab.client.images.get(dify.image.name).id), out
-    assert re.search(rf"app-api1\s+{re.escape(dify.image.name)}\s+shipped", first.stdout), \
-        first.stdout
-    second = real.ok("images.sync")  # the real api travels once (stand-ins may be retagged
-    # meanwhile by another test session on this machine: only the api's row is asserted)
-    assert re.search(rf"app-api1\s+{re.escape(dify.image.name)}\s+present", second.stdout), \
-        second.stdout
+    name = re.escape(first.image.name)
+    for host in APIS:
+        assert re.search(rf"{host}\s+{name}\s+shipped", shipped), shipped
+    again = _shipped(real, first, lab)  # the real api travels once (stand-ins may be
+    # retagged meanwhile by another test session on this machine: only the api rows count)
+    for host in APIS:
+        assert re.search(rf"{host}\s+{name}\s+present", again), again
+
+
+def _head(release_: Release) -> str:
+    """The release's alembic head, read from its migration scripts."""
+    heads = dify_source.alembic_heads(release_.root)
+    assert len(heads) == 1, heads
+    return next(iter(heads))
 
 
 def test_deploy_migrates_to_the_release_head_and_serves_through_nginx(
-        real: RealApp, dify: Release, lab: Lab) -> None:
+        real: RealApp, first: Release, lab: Lab) -> None:
     started = time.monotonic()
-    first = real.ok("app.deploy")
+    deployed = real.ok("app.deploy")
     lab.timings["real dify: app.deploy (first)"] = time.monotonic() - started
-    assert "app-api1: migrate the database (one run) ... changed" in first.stdout, first.stdout
-    heads = dify_source.alembic_heads(dify.root)
-    assert len(heads) == 1, heads
-    assert real.sql("SELECT version_num FROM alembic_version") == heads.pop()
+    assert "app-api1: migrate the database (one run) ... changed" in deployed.stdout, \
+        deployed.stdout
+    assert real.sql("SELECT version_num FROM alembic_version") == _head(first)
     assert int(real.sql("SELECT count(*) FROM information_schema.tables "
                         "WHERE table_schema = 'public'")) > 50
-    health = requests.get(f"http://{real.hosts['app-api1'].address}:5001/health",
-                          timeout=10).json()
-    assert (health["status"], health["version"]) == ("ok", dify.version), health
+    for host in APIS:
+        health = requests.get(f"http://{real.hosts[host].address}:5001/health",
+                              timeout=10).json()
+        assert (health["status"], health["version"]) == ("ok", first.version), (host, health)
     setup = requests.get(f"{real.balancer}/console/api/setup", timeout=10)
     assert setup.status_code == 200, setup.text
     assert setup.json()["step"] == "not_started"
+
+
+@pytest.fixture(scope="module")
+def console(real: RealApp) -> dify_client.Console:
+    """Through nginx: the admin account set up, then logged in to the console."""
+    console = dify_client.Console(real.balancer)
+    made = console.setup(**ADMIN)
+    assert made.status_code == 201, made.text
+    logged = console.login(ADMIN["email"], ADMIN["password"])
+    assert logged.status_code == 200 and logged.json()["result"] == "success", logged.text
+    return console
+
+
+def _make_app(real: RealApp, release_: Release, console: dify_client.Console, name: str,
+              build: Callable[[str, str], str] = dify_client.echo_workflow) -> dict[str, str]:
+    """Through nginx: a workflow app (``build``'s DSL, in the release's DSL version) imported and
+    published, an API key made. Returns app_id, key, tenant_id."""
+    dsl = build(dify_source.dsl_version(release_.root), name)
+    imported = console.import_app(dsl)
+    assert imported.status_code == 200, imported.text
+    assert imported.json()["status"] == "completed", imported.text
+    app_id = imported.json()["app_id"]
+    published = console.publish(app_id)
+    assert published.status_code == 200 and published.json()["result"] == "success", \
+        published.text
+    key = console.api_key(app_id)
+    assert key.status_code == 201, key.text
+    tenant = real.sql(f"SELECT tenant_id FROM apps WHERE id = '{app_id}'")
+    return {"app_id": app_id, "key": key.json()["token"], "tenant_id": tenant}
+
+
+@pytest.fixture(scope="module")
+def workflow(real: RealApp, first: Release, console: dify_client.Console) -> dict[str, str]:
+    """The echo workflow app, made on the release the lab starts on."""
+    return _make_app(real, first, console, "difyops echo")
+
+
+def _finished(real: RealApp, key: str, words: str) -> dict:
+    """One streamed workflow run through nginx: its workflow_finished data, or why not."""
+    try:
+        for event in dify_client.run_streaming(real.balancer, key, {"words": words}, timeout=60):
+            if event.get("event") == "workflow_finished":
+                return event["data"]
+    except (requests.RequestException, AssertionError, ValueError) as exc:
+        return {"error": str(exc)[:300]}
+    return {"error": "the stream ended without workflow_finished"}
+
+
+def _streams_to_its_end(real: RealApp, key: str) -> None:
+    """A streamed run through nginx starts, finishes with the input echoed and is recorded."""
+    words = f"hello from the lab {secrets.token_hex(4)}"
+    seen: list[str] = []
+    finished: dict = {}
+    for event in dify_client.run_streaming(real.balancer, key, {"words": words}):
+        seen.append(event.get("event", ""))
+        if event.get("event") == "workflow_finished":
+            finished = event["data"]
+            break
+    assert finished, f"no workflow_finished event; events seen: {seen}"
+    assert seen[0] == "workflow_started", seen
+    assert finished["status"] == "succeeded", finished
+    assert finished["outputs"] == {"echoed": words}, finished
+    assert real.sql(f"SELECT status FROM workflow_runs WHERE id = '{finished['id']}'") \
+        == "succeeded"
+
+
+def test_a_published_workflow_streams_to_its_end_through_nginx(real: RealApp,
+                                                               workflow: dict[str, str]) -> None:
+    _streams_to_its_end(real, workflow["key"])
+
+
+def _runs_of(real: RealApp, app_id: str) -> int:
+    """How many workflow runs of an app the database holds."""
+    return int(real.sql(f"SELECT count(*) FROM workflow_runs WHERE app_id = '{app_id}'"))
+
+
+def test_upgrade_migrates_under_steady_requests_and_keeps_the_data(
+        real: RealApp, releases: list[Release], console: dify_client.Console,
+        workflow: dict[str, str], lab: Lab) -> None:
+    if len(releases) < 2:
+        pytest.skip(f"no runnable release before {releases[0].version} to upgrade from")
+    target, start = releases
+    runs = _runs_of(real, workflow["app_id"])
+    assert runs >= 1
+    _shipped(real, target, lab)
+    with SteadyLoad(f"{real.balancer}/console/api/setup", rate=10) as load:
+        result = real.inv("app.upgrade", "--version", target.version, timeout=1800)
+    assert result.returncode == 0, result.stdout + result.stderr
+    figures = load.figures()
+    lab.timings[f"real dify: app.upgrade {start.version} -> {target.version}"] = load.seconds
+    print(f"upgrade {start.version} -> {target.version}: {figures['sent']} requests through "
+          f"nginx in {figures['seconds']:.0f} s, {figures['failed']} failed, p50 "
+          f"{figures['p50']:.0f} ms, p99 {figures['p99']:.0f} ms")
+    assert load.failed == [], f"requests through nginx failed: {load.errors[:5]}"
+    assert figures["sent"] >= 10 * figures["seconds"] * 0.8
+    # Real migrations ran: the database is at the target's head, the start's data is there.
+    assert real.sql("SELECT version_num FROM alembic_version") == _head(target)
+    assert _runs_of(real, workflow["app_id"]) == runs
+    kept = console.call("GET", f"/apps/{workflow['app_id']}")
+    assert kept.status_code == 200 and kept.json()["name"] == "difyops echo", kept.text
+    for host in APIS:
+        health = requests.get(f"http://{real.hosts[host].address}:5001/health",
+                              timeout=10).json()
+        assert health["version"] == target.version, (host, health)
+    assert "app-api1: drained" in result.stdout and "app-api2: drained" in result.stdout
+    # The release steps of every release crossed ran once, oldest first, and are recorded.
+    expected = [f"{version}:{step.name}"
+                for version, step in steps_between(start.version, target.version)]
+    code, text = real.hosts["app-api2"].exec("cat /var/lib/difyops/dify-releases.json")
+    assert code == 0, text
+    history = json.loads(text)
+    assert [(h["version"], h["alembic"]) for h in history] == \
+        [(start.version, _head(start)), (target.version, _head(target))]
+    assert history[-1]["steps"] == expected and history[-1]["complete"], history[-1]
+    # Across a real migration, a rollback is a restore: refused, nothing replaced.
+    refused = real.inv("app.rollback")
+    assert refused.returncode == 1, refused.stdout
+    assert "A rollback across a migration is a restore" in refused.stderr, refused.stderr
+    assert f"alembic revision {_head(start)}" in refused.stderr, refused.stderr
+    assert real.sql("SELECT version_num FROM alembic_version") == _head(target)
+    real.version = target.version  # the edit the upgrade asks for: `dify.version` is the target
+    real.write_inventory()
 
 
 def _active_queues(real: RealApp, celery_app: str) -> dict[str, list[str]]:
@@ -258,51 +317,26 @@ def test_worker_consumes_exactly_the_release_queues(real: RealApp, dify: Release
         "profile's queue list)")
 
 
-@pytest.fixture(scope="module")
-def console(real: RealApp) -> dify_client.Console:
-    """Through nginx: the admin account set up, then logged in to the console."""
-    console = dify_client.Console(real.balancer)
-    made = console.setup(**ADMIN)
-    assert made.status_code == 201, made.text
-    logged = console.login(ADMIN["email"], ADMIN["password"])
-    assert logged.status_code == 200 and logged.json()["result"] == "success", logged.text
-    return console
+def test_the_workflow_made_before_runs_on_the_release_now_deployed(
+        real: RealApp, workflow: dict[str, str]) -> None:
+    _streams_to_its_end(real, workflow["key"])
 
 
-@pytest.fixture(scope="module")
-def workflow(real: RealApp, dify: Release, console: dify_client.Console) -> dict[str, str]:
-    """Through nginx: an echo workflow app imported and published, an API key made. Returns
-    app_id, key, tenant_id."""
-    dsl = dify_client.echo_workflow(dify_source.dsl_version(dify.root), "difyops echo")
-    imported = console.import_app(dsl)
-    assert imported.status_code == 200, imported.text
-    assert imported.json()["status"] == "completed", imported.text
-    app_id = imported.json()["app_id"]
-    published = console.publish(app_id)
-    assert published.status_code == 200 and published.json()["result"] == "success", \
-        published.text
-    key = console.api_key(app_id)
-    assert key.status_code == 201, key.text
-    tenant = real.sql(f"SELECT tenant_id FROM apps WHERE id = '{app_id}'")
-    return {"app_id": app_id, "key": key.json()["token"], "tenant_id": tenant}
-
-
-def test_a_published_workflow_streams_to_its_end_through_nginx(real: RealApp,
-                                                               workflow: dict[str, str]) -> None:
-    words = f"hello from the lab {secrets.token_hex(4)}"
-    seen: list[str] = []
-    finished: dict = {}
-    for event in dify_client.run_streaming(real.balancer, workflow["key"], {"words": words}):
-        seen.append(event.get("event", ""))
-        if event.get("event") == "workflow_finished":
-            finished = event["data"]
-            break
-    assert finished, f"no workflow_finished event; events seen: {seen}"
-    assert seen[0] == "workflow_started", seen
-    assert finished["status"] == "succeeded", finished
-    assert finished["outputs"] == {"echoed": words}, finished
-    run = real.sql(f"SELECT status FROM workflow_runs WHERE id = '{finished['id']}'")
-    assert run == "succeeded"
+def test_a_code_node_runs_in_the_sandbox_with_its_key(
+        real: RealApp, dify: Release, console: dify_client.Console) -> None:
+    coded = _make_app(real, dify, console, "difyops code", dify_client.code_workflow)
+    words = f"shout {secrets.token_hex(4)}"
+    finished = _finished(real, coded["key"], words)
+    assert finished.get("status") == "succeeded", finished
+    assert finished["outputs"] == {"echoed": words.upper()}, finished
+    # The sandbox (stand-in) runs code only for its API key: the run above came with it.
+    endpoint = real.dify_env()["CODE_EXECUTION_ENDPOINT"].rstrip("/")
+    code, status = real.hosts["app-api1"].exec(
+        f"docker exec {real.container('api')} curl -s -o /dev/null -w '%{{http_code}}' "
+        f"-H 'X-Api-Key: not-the-key' -H 'Content-Type: application/json' "
+        f"-d '{{\"language\": \"python3\", \"code\": \"print(1)\"}}' "
+        f"{endpoint}/v1/sandbox/run")
+    assert (code, status.strip()) == (0, "401"), status
 
 
 def test_inner_api_takes_the_rendered_plugin_key_and_refuses_the_default(
@@ -328,7 +362,7 @@ def test_inner_api_takes_the_rendered_plugin_key_and_refuses_the_default(
     assert post("inner-api-key").status_code == 404
 
 
-def test_the_api_calls_the_plugin_daemon_with_its_server_key(
+def test_the_api_and_the_plugin_daemon_call_each_other_with_their_keys(
         real: RealApp, console: dify_client.Console, workflow: dict[str, str]) -> None:
     listed = console.call("GET", "/workspaces/current/plugin/list?page=1&page_size=10")
     assert listed.status_code == 200, listed.text
@@ -338,12 +372,78 @@ def test_the_api_calls_the_plugin_daemon_with_its_server_key(
               f"{workflow['tenant_id']}/management/list")
     assert requests.get(daemon, headers={"X-Api-Key": "not-the-key"},
                         timeout=10).status_code == 401
+    # The daemon's way back: its DIFY_INNER_API_URL and DIFY_INNER_API_KEY reach the real api.
+    back = requests.post(f"http://{real.hosts['app-api1'].address}:5002/standin/inner/"
+                         "fetch/app/info", timeout=30,
+                         json={"tenant_id": workflow["tenant_id"], "user_id": "",
+                               "app_id": workflow["app_id"]})
+    assert back.status_code == 200, back.text
+    answer = back.json()
+    assert answer["status"] == 200, answer
+    assert answer["body"]["data"]["data"]["user_input_form"][0]["text-input"]["variable"] \
+        == "words", answer
 
 
 def test_a_second_deploy_changes_nothing(real: RealApp) -> None:
     again = real.ok("app.deploy")
     counts = summary_counts(again.stdout)
     assert counts and all(c.get("changed", 0) == 0 for c in counts.values()), again.stdout
+
+
+
+def test_an_app_deletion_is_carried_out_by_the_worker(
+        real: RealApp, dify: Release, console: dify_client.Console) -> None:
+    doomed = _make_app(real, dify, console, "difyops doomed")
+    assert _finished(real, doomed["key"], "one run to delete").get("status") == "succeeded"
+    where = f"app_id = '{doomed['app_id']}'"
+    tables = ("workflows", "workflow_runs", "api_tokens")
+    assert all(real.sql(f"SELECT count(*) FROM {table} WHERE {where}") != "0"
+               for table in tables)
+    deleted = console.call("DELETE", f"/apps/{doomed['app_id']}")
+    assert deleted.status_code == 204, deleted.text
+    # The api only removes the app row and queues the rest (app_deletion): the worker does it.
+    assert real.sql(f"SELECT count(*) FROM apps WHERE id = '{doomed['app_id']}'") == "0"
+    until(lambda: all(real.sql(f"SELECT count(*) FROM {table} WHERE {where}") == "0"
+                      for table in tables), 120, "the worker deleting the app's data")
+
+
+def _runs_again(real: RealApp, key: str, since: float, what: str, lab: Lab) -> None:
+    """Polls a streamed workflow run through nginx until one succeeds (240 s deadline); prints
+    and records how long after ``since`` (the fault) the workflow did not run."""
+    words = f"after the {what} {secrets.token_hex(4)}"
+    deadline = time.monotonic() + 240
+    last: dict = {}
+    while time.monotonic() < deadline:
+        last = _finished(real, key, words)
+        if last.get("status") == "succeeded":
+            break
+        time.sleep(0.5)  # a poll, as support.until does, keeping the last answer
+    assert last.get("status") == "succeeded", f"no successful run after the {what}: {last}"
+    assert last["outputs"] == {"echoed": words}
+    down = time.monotonic() - since
+    lab.timings[f"real dify: no workflow run after the {what}"] = down
+    print(f"after the {what}: workflows ran again {down:.0f} s after the fault")
+
+
+def test_workflows_run_again_after_a_postgresql_failover(real: RealApp, workflow: dict[str, str],
+                                                         lab: Lab) -> None:
+    new = real.hosts["app-r2"]
+    until(lambda: new.exec(
+        "runuser -u postgres -- psql -AtX -c 'SELECT status FROM pg_stat_wal_receiver'")[1]
+        .strip() == "streaming", 60, "app-r2 streaming from the primary")
+    code, out = real.hosts["app-db"].exec(f"systemctl stop {PG_UNIT}")  # the fault
+    assert code == 0, out
+    since = time.monotonic()
+    failover = real.ok("db.failover", "--host", "app-r2")  # what the operator runs, then
+    assert "app-db: fenced" in failover.stdout, failover.stdout
+    assert "then `inv app.deploy` renders DB_HOST=" in failover.stdout, failover.stdout
+    real.primary = "app-r2"  # the inventory edit db.failover printed
+    real.write_inventory()
+    real.ok("app.deploy")
+    _runs_again(real, workflow["key"], since, "PostgreSQL failover", lab)
+    for host in APIS:
+        assert real.dify_env(host)["DB_HOST"] == new.address
+    assert _runs_of(real, workflow["app_id"]) >= 3  # runs from before the failover are there
 
 
 def _sentinel_master(real: RealApp) -> str:
@@ -354,31 +454,12 @@ def _sentinel_master(real: RealApp) -> str:
     return out.split()[0] if code == 0 and out.split() else ""
 
 
-def _finished(real: RealApp, key: str, words: str) -> dict:
-    """One streamed workflow run through nginx: its workflow_finished data, or why not."""
-    try:
-        for event in dify_client.run_streaming(real.balancer, key, {"words": words}, timeout=60):
-            if event.get("event") == "workflow_finished":
-                return event["data"]
-    except (requests.RequestException, AssertionError, ValueError) as exc:
-        return {"error": str(exc)[:300]}
-    return {"error": "the stream ended without workflow_finished"}
-
-
-def test_workflows_run_again_after_a_redis_failover(real: RealApp,
-                                                    workflow: dict[str, str]) -> None:
+def test_workflows_run_again_after_a_redis_failover(real: RealApp, workflow: dict[str, str],
+                                                    lab: Lab) -> None:
     old = real.hosts["app-db"].address
     assert _sentinel_master(real) == old
     code, out = real.hosts["app-db"].exec("systemctl stop redis-server")  # the fault
     assert code == 0, out
+    since = time.monotonic()
     until(lambda: _sentinel_master(real) not in ("", old), 90, "Sentinel electing a new master")
-    words = f"after the failover {secrets.token_hex(4)}"
-    deadline = time.monotonic() + 240
-    last: dict = {}
-    while time.monotonic() < deadline:
-        last = _finished(real, workflow["key"], words)
-        if last.get("status") == "succeeded":
-            break
-        time.sleep(0.5)  # a poll, as support.until does, keeping the last answer
-    assert last.get("status") == "succeeded", f"no successful run after the failover: {last}"
-    assert last["outputs"] == {"echoed": words}
+    _runs_again(real, workflow["key"], since, "Redis failover", lab)

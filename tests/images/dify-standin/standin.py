@@ -16,8 +16,13 @@ image's alembic head, which `flask db heads` prints).
 - `flask upgrade-db` takes the Redis lock db_upgrade_lock as Dify does and, like Dify, exits 0
   when another process holds it ("Database migration skipped") or when the migration fails.
 - web :3000 (GET /), plugin_daemon :5002 (GET /health/check: its own database and Redis;
-  /plugin/... only with X-Api-Key equal to SERVER_KEY, as the real daemon; an empty plugin list),
-  sandbox :8194 (GET /health), ssrf_proxy :3128 (needs /etc/squid/squid.conf; refuses requests).
+  /plugin/... only with X-Api-Key equal to SERVER_KEY, as the real daemon; an empty plugin list;
+  POST /standin/inner/<route> makes the call the real daemon makes back to the api: POST
+  DIFY_INNER_API_URL/inner/api/<route> with X-Inner-Api-Key: DIFY_INNER_API_KEY, and answers
+  {"status": <the api's status>, "body": <its answer>}, so a test proves that URL and key work),
+  sandbox :8194 (GET /health; POST /v1/sandbox/run only with X-Api-Key equal to API_KEY, as the
+  real one: runs the preload and code it is sent with python3, answers {"code": 0, "data":
+  {"stdout", "error"}}), ssrf_proxy :3128 (needs /etc/squid/squid.conf; refuses requests).
 - agent_backend :5050 (Dify 1.16.1's DIFY_AGENT_* environment; the server secret must be 32
   bytes of unpadded base64url, as the real one insists). GET /openapi.json, the path difyops
   probes (the real server has no health route; FastAPI serves its schema), answers 200 only when
@@ -33,9 +38,11 @@ import json
 import os
 import signal
 import socket
+import subprocess
 import sys
 import threading
 import time
+import urllib.error
 import urllib.request
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import unquote, urlparse
@@ -342,8 +349,51 @@ def plugin_daemon_guard(path: str, headers) -> tuple[int, dict] | None:
     return None
 
 
+def plugin_daemon_posts(path: str, headers, payload: dict) -> tuple[int, dict]:
+    """POST /standin/inner/<route>: the daemon's call back to the api's inner API."""
+    if not path.startswith("/standin/inner/"):
+        return 404, {"code": -1, "message": "not found"}
+    url = os.environ["DIFY_INNER_API_URL"].rstrip("/") + "/inner/api/" + \
+        path.removeprefix("/standin/inner/")
+    request = urllib.request.Request(url, data=json.dumps(payload).encode(), method="POST",
+                                     headers={"Content-Type": "application/json",
+                                              "X-Inner-Api-Key": os.environ["DIFY_INNER_API_KEY"]})
+    try:
+        with urllib.request.urlopen(request, timeout=10) as answer:
+            status, text = answer.status, answer.read().decode()
+    except urllib.error.HTTPError as exc:
+        status, text = exc.code, exc.read().decode()
+    except OSError as exc:
+        return 502, {"code": -1, "message": f"{url}: {exc}"}
+    try:
+        body = json.loads(text)
+    except ValueError:
+        body = text
+    return 200, {"status": status, "body": body}
+
+
 def sandbox_routes(path: str) -> tuple[int, dict]:
     return (200, {"status": "ok"}) if path == "/health" else (404, {"message": "not found"})
+
+
+def sandbox_posts(path: str, headers, payload: dict) -> tuple[int, dict]:
+    """POST /v1/sandbox/run, as the real sandbox: its API key, then the code's stdout."""
+    if path != "/v1/sandbox/run":
+        return 404, {"message": "not found"}
+    if headers.get("X-Api-Key") != os.environ.get("API_KEY"):
+        log("refused /v1/sandbox/run: X-Api-Key is not API_KEY")
+        return 401, {"code": -401, "message": "unauthorized: X-Api-Key", "data": None}
+    if payload.get("language") != "python3":
+        return 200, {"code": -400, "message": f"unsupported language {payload.get('language')}"}
+    script = f"{payload.get('preload') or ''}\n{payload['code']}"
+    try:
+        run = subprocess.run(["python3", "-c", script], capture_output=True, text=True,
+                             timeout=15, check=False)
+    except subprocess.TimeoutExpired:
+        return 200, {"code": 0, "message": "success",
+                     "data": {"stdout": "", "error": "error: timeout"}}
+    return 200, {"code": 0, "message": "success",
+                 "data": {"stdout": run.stdout, "error": run.stderr if run.returncode else ""}}
 
 
 def web_routes(path: str) -> tuple[int, dict]:
@@ -396,19 +446,34 @@ def server_secret_ok() -> bool:
         return False
 
 
-def serve(port: int, routes) -> None:
+def serve(port: int, routes, posts=None) -> None:
+    """Serve GET ``routes(path)`` and, when given, POST ``posts(path, headers, json body)``."""
     class Handler(BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.1"
 
-        def do_GET(self) -> None:
-            path = urlparse(self.path).path
-            status, body = plugin_daemon_guard(path, self.headers) or routes(path)
+        def answer(self, status: int, body: dict) -> None:
             data = (json.dumps(body) + "\n").encode()
             self.send_response(status)
             self.send_header("Content-Type", "application/json")
             self.send_header("Content-Length", str(len(data)))
             self.end_headers()
             self.wfile.write(data)
+
+        def do_GET(self) -> None:
+            path = urlparse(self.path).path
+            self.answer(*(plugin_daemon_guard(path, self.headers) or routes(path)))
+
+        def do_POST(self) -> None:
+            path = urlparse(self.path).path
+            raw = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+            try:
+                payload = json.loads(raw or b"{}")
+            except ValueError:
+                self.answer(400, {"message": "the body is not JSON"})
+                return
+            self.answer(*(plugin_daemon_guard(path, self.headers)
+                          or (posts(path, self.headers, payload) if posts
+                              else (404, {"message": "not found"}))))
 
         def log_message(self, *args: object) -> None:
             pass
@@ -507,9 +572,10 @@ def main(argv: list[str]) -> int:
     elif ROLE == "web":
         serve(3000, web_routes)
     elif ROLE == "plugin_daemon":
-        serve(int(os.environ.get("SERVER_PORT", "5002")), plugin_daemon_routes)
+        serve(int(os.environ.get("SERVER_PORT", "5002")), plugin_daemon_routes,
+              plugin_daemon_posts)
     elif ROLE == "sandbox":
-        serve(int(os.environ.get("SANDBOX_PORT", "8194")), sandbox_routes)
+        serve(int(os.environ.get("SANDBOX_PORT", "8194")), sandbox_routes, sandbox_posts)
     elif ROLE == "ssrf_proxy":
         ssrf_proxy()
     elif ROLE == "agent_backend":
