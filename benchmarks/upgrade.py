@@ -1,13 +1,20 @@
 """Benchmark: requests through the load balancer while two api hosts change Dify release.
 
-The lab of the app tier's integration tests (tests/integration/app_lab.py: PostgreSQL, Redis and
-the nginx load balancer on one host, two api hosts, a worker/web host, stand-in Dify images),
-deployed on Dify 1.5.1 by the real tasks. A steady load of GET /console/api/setup (an api route
-that reads the database) goes through nginx at a fixed rate while, in turn:
+Two labs, chosen by --images:
+- ``standin`` (default): the lab of the app tier's integration tests
+  (tests/integration/app_lab.py: PostgreSQL, Redis and the nginx load balancer on one host, two
+  api hosts, a worker/web host, stand-in Dify images), from Dify 1.5.1 to 1.13.3.
+- ``real``: the lab of the real-Dify tests (tests/integration/real_lab.py: the real api, worker
+  and beat built from the releases' source, PostgreSQL with a standby, Redis with Sentinel, two
+  api hosts), from 1.13.3 to 1.14.2 with the releases' own migrations.
 
-1. difyops: `inv app.upgrade --version 1.13.3` (backup, one migration, api hosts one at a time
-   out of the nginx upstream, replaced, healthy, back; then the worker/web host).
-   Then back to 1.5.1: the schema as a restore would leave it, and `inv app.rollback`.
+Deployed on the older release by the real tasks, a steady load of GET /console/api/setup (an
+api route that reads the database) goes through nginx at a fixed rate while, in turn:
+
+1. difyops: `inv app.upgrade --version NEW` (backup, one migration, api hosts one at a time
+   out of the nginx upstream, replaced, healthy, back; then the other app hosts).
+   Then back to the old release: with stand-ins, the schema as a restore would leave it; with
+   the real images, `inv backup.restore` of the backup the upgrade took; then `inv app.rollback`.
 2. the seed's way: its upgrade is production-deploy.sh run again with the new VERSION: `docker
    pull`, then `docker-compose -f api-cluster.yml up -d`, which recreates every api container
    at once, with no drain and no health gate (then `sleep 30`). Mimicked here with the 1.13.3
@@ -25,7 +32,7 @@ of its upstream for lb.fail_timeout seconds). Prints, side by side: requests sen
 answer or not 2xx), p50/p99 latency, the seconds loaded, and the ratios. Asserts nothing.
 
 Needs a Docker engine (like the integration tests). Run: python benchmarks/upgrade.py
-[--rate N] [--threads N] [--tail S] [--baseline S]
+[--images standin|real] [--rate N] [--threads N] [--tail S] [--baseline S]
 """
 
 from __future__ import annotations
@@ -33,6 +40,7 @@ from __future__ import annotations
 import argparse
 import base64
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -43,6 +51,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from tests.images import standin
+from tests.integration import real_lab
 from tests.integration.app_lab import DEPLOY, ROOT, A, App, B, start_app
 from tests.integration.lab import Lab
 from tests.integration.support import SteadyLoad
@@ -103,12 +112,12 @@ def wait_answering(url: str, timeout: float = 180, streak: int = 10) -> None:
         time.sleep(0.1)
 
 
-def all_at_once(app: App, command: str, url: str) -> str:
+def all_at_once(app: App, command: str, url: str, version: str) -> str:
     """The command on every api host at the same moment; wait until every api answers healthy
-    and nginx answers again; say how long each took."""
+    on ``version`` and nginx answers again; say how long each took."""
     started = time.monotonic()
     on_all_apis(app, command)
-    wait_healthy(app, B)
+    wait_healthy(app, version)
     healthy_after = time.monotonic() - started
     wait_answering(url)
     return (f"every api healthy again {healthy_after:.1f} s after the command started, "
@@ -157,9 +166,54 @@ def seed_files(app: App, version: str) -> None:
                 raise SystemExit(f"cannot write {path} on {name}: {out}")
 
 
+def standin_lab(lab: Lab, scratch: Path) -> tuple[App, str, str]:
+    """The app tier's lab with stand-in images, its releases shipped: (app, old, new)."""
+    print("starting the lab: PostgreSQL, Redis, nginx, 2 api hosts, 1 worker/web host",
+          flush=True)
+    app = start_app(lab, scratch)
+    return app, A, B
+
+
+def real_lab_(lab: Lab, scratch: Path) -> tuple[App, str, str]:
+    """The real-Dify lab, its api images built from the releases' source: (app, old, new)."""
+    picked = real_lab.pick_releases(scratch / "source")
+    if len(picked) < 2:
+        raise SystemExit(f"no runnable release before {picked[0][0]} to upgrade from")
+    print(f"building (or finding) the real api images of {picked[1][0]} and {picked[0][0]}",
+          flush=True)
+    new, old = (real_lab.ensure_release(lab, version, root) for version, root in picked)
+    print("starting the lab: PostgreSQL primary + standby, Redis + Sentinel x3, nginx, "
+          "2 api hosts (one with worker, beat, web, plugin daemon)", flush=True)
+    return real_lab.start_real(lab, scratch, old.version), old.version, new.version
+
+
+def back_to(app: App, old: str, upgraded: list[tuple[float, str]], images: str) -> None:
+    """Back to the old release after the upgrade: with stand-ins, the schema as a restore would
+    leave it; with the real images, the restore of the backup the upgrade took. Then
+    `inv app.rollback`."""
+    if images == "real":
+        taken = next((m.group(1) for _, line in upgraded
+                      if (m := re.search(r"\[app\] backup (\S+) taken", line))), "")
+        if not taken:
+            raise SystemExit("the upgrade printed no backup id")
+        print(f"    back to {old}: inv backup.restore {taken}, inv app.rollback", flush=True)
+        app.ok("backup.restore", taken)
+    else:
+        print(f"    back to {old} (schema as a restore leaves it, inv app.rollback)", flush=True)
+        app.sql(f"UPDATE alembic_version SET version_num = '{standin.head(old)}'")
+    app.ok("app.rollback")
+    wait_healthy(app, old)
+
+
+LABS = {"standin": standin_lab, "real": real_lab_}
+
+
 def main() -> None:
-    """Start the lab, deploy 1.5.1, run the three operations under load, print the figures."""
+    """Start the lab, deploy the old release, run the three operations under load, print the
+    figures."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--images", choices=sorted(LABS), default="standin",
+                        help="stand-in Dify images, or the real api built from source")
     parser.add_argument("--rate", type=float, default=20, help="requests per second, in all")
     parser.add_argument("--threads", type=int, default=4, help="client threads")
     parser.add_argument("--tail", type=float, default=5,
@@ -172,11 +226,9 @@ def main() -> None:
     notes: dict[str, str] = {}
     failures: dict[str, list[tuple[float, str]]] = {}
     with Lab() as lab, tempfile.TemporaryDirectory(prefix="difyops-bench-") as scratch:
-        print("starting the lab: PostgreSQL, Redis, nginx, 2 api hosts, 1 worker/web host",
-              flush=True)
-        app = start_app(lab, Path(scratch))
-        app.ok("images.sync")
-        app.ok("images.sync", "--version", B)
+        app, old, new = LABS[args.images](lab, Path(scratch))
+        app.ok("images.sync", "--version", old)
+        app.ok("images.sync", "--version", new)
         app.ok("app.deploy")
         url = f"{app.balancer}/console/api/setup"
         load = lambda: SteadyLoad(url, rate=args.rate, threads=args.threads)  # noqa: E731
@@ -188,38 +240,36 @@ def main() -> None:
         results["no change"] = idle.figures()
         failures["no change"] = idle.errors
 
-        print(f"1/3 inv app.upgrade --version {B} under load", flush=True)
+        print(f"1/3 inv app.upgrade --version {new} under load", flush=True)
         with load() as ours:
             started = time.monotonic()
-            steps = timed_inv(app, ours.started, "app.upgrade", "--version", B)
+            steps = timed_inv(app, ours.started, "app.upgrade", "--version", new)
             notes["difyops app.upgrade"] = f"the upgrade took {time.monotonic() - started:.1f} s"
             time.sleep(args.tail)
         results["difyops app.upgrade"] = ours.figures()
         failures["difyops app.upgrade"] = ours.errors
 
-        print(f"    back to {A} (schema as a restore leaves it, inv app.rollback)", flush=True)
-        app.sql(f"UPDATE alembic_version SET version_num = '{standin.head(A)}'")
-        app.ok("app.rollback")
-        wait_healthy(app, A)
+        back_to(app, old, steps, args.images)
 
-        print(f"2/3 the seed's upgrade: compose up -d of {B} on both api hosts at once",
+        print(f"2/3 the seed's upgrade: compose up -d of {new} on both api hosts at once",
               flush=True)
-        seed_files(app, B)
+        seed_files(app, new)
         with load() as seed:
-            notes["seed's upgrade"] = all_at_once(app, f"{compose} up -d --no-deps api", url)
+            notes["seed's upgrade"] = all_at_once(app, f"{compose} up -d --no-deps api", url,
+                                                   new)
             time.sleep(args.tail)
         results["seed's upgrade"] = seed.figures()
         failures["seed's upgrade"] = seed.errors
 
         print("3/3 docker compose restart api on both api hosts at once", flush=True)
         with load() as restart:
-            notes["compose restart"] = all_at_once(app, f"{compose} restart api", url)
+            notes["compose restart"] = all_at_once(app, f"{compose} restart api", url, new)
             time.sleep(args.tail)
         results["compose restart"] = restart.figures()
         failures["compose restart"] = restart.errors
 
     print(f"\nGET /console/api/setup through nginx, {args.rate:g} requests/s from "
-          f"{args.threads} threads; 2 api hosts; {A} -> {B} (stand-in images)")
+          f"{args.threads} threads; 2 api hosts; {old} -> {new} ({args.images} images)")
     show(results)
     for key, note in notes.items():
         print(f"  {key}: {note}")

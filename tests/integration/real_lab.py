@@ -113,6 +113,8 @@ class RealApp(App):
             "domain": "dify.lab",
             "dify": {"version": version or self.version, "registry_mirror": MIRROR},
             "storage": {"type": "shared-fs", "path": "/srv/dify/storage"},
+            # Two api hosts of 1.14.2 (api and api_websocket) need more than the default 200.
+            "db": {"max_connections": 300},
             "cache": {"mode": "sentinel"},
             "vector": {"store": "pgvector"},
             "timeouts": {"connect": 10, "command": 1800},
