@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import time
-
 from invoke import Context, task
 from invoke.exceptions import Exit
 
@@ -11,6 +9,7 @@ from tasks.core.apply import execute
 from tasks.core.cli import load, reported
 from tasks.core.errors import DifyopsError
 from tasks.core.fleet import each_host, table
+from tasks.core.gates import poll
 from tasks.core.hosts import connect
 from tasks.core.inventory import Host, Inventory
 from tasks.core.tiers import build
@@ -48,24 +47,26 @@ def apply(ctx: Context, dry: bool = False) -> None:
 def wait_for_rollback(inventory: Inventory, host: Host) -> str:
     """After a change cut new SSH connections: wait for the host's timer to restore access."""
     net, timeouts = inventory.settings["net"], inventory.settings["timeouts"]
-    deadline = time.monotonic() + net["rollback_seconds"] + 2 * timeouts["connect"] + 10
-    answer = ""
-    while time.monotonic() < deadline:
+    waited = net["rollback_seconds"] + 2 * timeouts["connect"] + 10
+
+    def answers() -> tuple[bool, str]:
         machine = connect(host, {"connect": min(timeouts["connect"], 5), "command": 60})
         try:
             restored = machine.run(f"{firewall.SCRIPT} firewall-as-confirmed", timeout=30).ok
         except DifyopsError as exc:
-            answer = str(exc)
-        else:
-            state = ("the rules confirmed earlier are back" if restored else
-                     "but the rules in force are not the ones confirmed earlier: see inv "
-                     "net.status")
-            return (f"{host.name}: the change cut new SSH connections from this machine and "
-                    f"was rolled back by the host's timer; it answers again, {state}. Check "
-                    f"net.management and net.allow_control.")
+            return False, str(exc)
         finally:
             machine.close()
-        time.sleep(1)
+        state = ("the rules confirmed earlier are back" if restored else
+                 "but the rules in force are not the ones confirmed earlier: see inv "
+                 "net.status")
+        return True, (f"{host.name}: the change cut new SSH connections from this machine and "
+                      f"was rolled back by the host's timer; it answers again, {state}. Check "
+                      f"net.management and net.allow_control.")
+
+    back, answer = poll(answers, waited, 1)
+    if back:
+        return answer
     return (f"{host.name}: still unreachable over SSH {net['rollback_seconds']} s after the "
             f"change ({answer}); its rollback timer should have restored the previous rules: "
             f"check the host's console")

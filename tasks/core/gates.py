@@ -1,6 +1,8 @@
 """Health gates: probes polled until they pass or a deadline runs out, never a fixed sleep.
 
-A gate's timeout names the component, the host and the last answer the probe got.
+``poll`` is the one polling loop of difyops (the gates, the drain's wait for open connections,
+the failover's wait for WAL, the firewall's wait for its rollback, the tests' ``until``). A
+gate's timeout names the component, the host and the last answer the probe got.
 """
 
 from __future__ import annotations
@@ -9,12 +11,28 @@ import socket
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypeVar
 
 from tasks.core.errors import GateTimeout
 
 if TYPE_CHECKING:
     from tasks.core.hosts import Machine
+
+Answer = TypeVar("Answer")
+
+
+def poll(attempt: Callable[[], tuple[bool, Answer]], timeout: float, interval: float, *,
+         clock: Callable[[], float] = time.monotonic,
+         pause: Callable[[float], None] = time.sleep) -> tuple[bool, Answer]:
+    """Call ``attempt`` (which returns (passed, answer)) until it passes or ``timeout`` seconds
+    have gone by, pausing ``interval`` between tries (cut short at the deadline). Returns
+    whether it passed and the last answer; it always tries at least once."""
+    deadline = clock() + timeout
+    while True:
+        passed, answer = attempt()
+        if passed or clock() >= deadline:
+            return passed, answer
+        pause(min(interval, max(deadline - clock(), 0)))
 
 
 @dataclass(frozen=True)
@@ -84,12 +102,9 @@ class CommandGate(Gate):
 def wait(gate: Gate, machine: Machine, *, clock: Callable[[], float] = time.monotonic,
          pause: Callable[[float], None] = time.sleep) -> str:
     """Poll until the gate passes; return its answer, or raise GateTimeout at the deadline."""
-    deadline = clock() + gate.timeout
-    while True:
-        passed, answer = gate.probe(machine)
-        if passed:
-            return answer
-        if clock() >= deadline:
-            raise GateTimeout(f"{gate.name} on {machine.host.target} not healthy after "
-                              f"{gate.timeout:g} s; last answer: {answer}")
-        pause(min(gate.interval, max(deadline - clock(), 0)))
+    passed, answer = poll(lambda: gate.probe(machine), gate.timeout, gate.interval,
+                          clock=clock, pause=pause)
+    if not passed:
+        raise GateTimeout(f"{gate.name} on {machine.host.target} not healthy after "
+                          f"{gate.timeout:g} s; last answer: {answer}")
+    return answer

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from tasks.core.apply import execute
 from tasks.core.errors import DifyopsError, HostError
 from tasks.core.fleet import each_host, table
-from tasks.core.gates import wait
+from tasks.core.gates import poll, wait
 from tasks.core.hosts import Machine, connect
 from tasks.core.inventory import Host, Inventory
 from tasks.core.project import display
@@ -373,13 +373,12 @@ def fence(inventory: Inventory, name: str, out: Out = print) -> None:
 
 def catch_up(inventory: Inventory, nodes: list[Node], final: int, deadline: float) -> None:
     """Wait until the standbys received WAL up to the old primary's shutdown checkpoint."""
-    while time.monotonic() < deadline:
-        fresh = survey(inventory)
-        nodes[:] = fresh
-        standbys = [n for n in fresh if n.running and n.in_recovery]
-        if all(n.lsn > final for n in standbys):
-            return
-        time.sleep(0.5)
+
+    def received() -> tuple[bool, None]:
+        nodes[:] = survey(inventory)
+        return all(n.lsn > final for n in nodes if n.running and n.in_recovery), None
+
+    poll(received, max(deadline - time.monotonic(), 0), 0.5)
 
 
 def choose(inventory: Inventory, nodes: list[Node], wanted: str | None) -> Node:

@@ -24,7 +24,7 @@ from pathlib import Path
 from tasks.core import placement
 from tasks.core.errors import DifyopsError, HostError, InputError, Problem
 from tasks.core.fleet import Outcome, each_host
-from tasks.core.gates import HttpGate
+from tasks.core.gates import HttpGate, poll
 from tasks.core.hosts import Machine
 from tasks.core.inventory import Host, Inventory
 from tasks.core.plan import RunCommand, Step, WaitFor, WriteFile
@@ -487,9 +487,12 @@ def _set_drained(inventory: Inventory, name: str, *, drained: bool, wait: float,
         count, started = 0, clock()
         if drained and wait > 0 and movable:
             endpoints = resolved_endpoints(machine, movable, name)
-            deadline = started + wait
-            while (count := open_connections(machine, endpoints)) and clock() < deadline:
-                pause(0.5)
+
+            def closed() -> tuple[bool, int]:
+                still = open_connections(machine, endpoints)
+                return still == 0, still
+
+            _, count = poll(closed, wait, 0.5, clock=clock, pause=pause)
         return DrainResult(machine.host.name, changed, tuple(u.name for u in movable), kept,
                            count, clock() - started)
 
@@ -603,19 +606,20 @@ def check_on(inventory: Inventory, machine: Machine, *, timeout: float = 10) -> 
         f"--max-time 30 -A {agent} {options} {shlex.quote(base + path)})\""
         for path in ["/health", *paths])
     answers = dict(line.split(" ", 1) for line in machine.check(script).stdout.splitlines())
-    seen: dict[str, list[str]] = {}
-    deadline = time.monotonic() + timeout
-    while True:  # nginx logs a request as it ends: wait for every line, never for a fixed time
+
+    def logged() -> tuple[bool, dict[str, list[str]]]:
         log = machine.run(f"grep -F {shlex.quote(agent)} {ACCESS_LOG}").stdout
-        seen = {}
+        found: dict[str, list[str]] = {}
         for line in log.splitlines():
             match = LOG_LINE.search(line)
             if match:
-                seen[match["path"]] = [e.strip() for e in re.split(r"[,:] (?=\S)",
-                                                                   match["upstream"]) if e.strip()]
-        if all(p in seen for p in paths) or time.monotonic() > deadline:
-            break
-        time.sleep(0.2)
+                found[match["path"]] = [e.strip() for e in re.split(r"[,:] (?=\S)",
+                                                                    match["upstream"])
+                                        if e.strip()]
+        return all(p in found for p in paths), found
+
+    # nginx logs a request as it ends: wait for every line, never for a fixed time
+    _, seen = poll(logged, timeout, 0.2)
     members = {u.name: {m.endpoint: m.host for m in u.members} for u in upstreams(inventory)}
     every = {e: h for group in members.values() for e, h in group.items()}
     probes = [Probe(machine.host.name, "/health", "/health", "nginx",

@@ -7,20 +7,42 @@ import re
 import threading
 import time
 from collections.abc import Callable
+from typing import Any
 
 import pytest
+import requests
 
+from tasks.core.gates import poll
 from tests.integration.lab import Lab, LabHost
 
 
 def until(check: Callable[[], bool], timeout: float, what: str) -> float:
-    """Poll until check() is true; return the seconds it took, fail at the deadline."""
+    """Poll until check() is true (the engine's poll); return the seconds it took, fail at the
+    deadline."""
     started = time.monotonic()
-    while not check():
-        if time.monotonic() - started > timeout:
-            pytest.fail(f"{what}: not true after {timeout:g} s")
-        time.sleep(0.2)
+    passed, _ = poll(lambda: (check(), None), timeout, 0.2)
+    if not passed:
+        pytest.fail(f"{what}: not true after {timeout:g} s")
     return time.monotonic() - started
+
+
+def eventually(what: str, probe: Callable[[], Any], timeout: float = 60,
+               interval: float = 0.5) -> Any:
+    """Poll (the engine's poll) until probe() answers something true, and return that answer;
+    an error it raises on the way (no answer yet, a half-written reply) counts as a false
+    answer. At the deadline, fail with the last answer."""
+
+    def attempt() -> tuple[bool, Any]:
+        try:
+            answer = probe()
+        except (requests.RequestException, OSError, KeyError, ValueError) as exc:
+            return False, exc
+        return bool(answer), answer
+
+    passed, last = poll(attempt, timeout, interval)
+    if not passed:
+        pytest.fail(f"{what}: not within {timeout:g} s; last answer: {last!r}")
+    return last
 
 
 def summary_columns(output: str) -> list[str]:

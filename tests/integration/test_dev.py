@@ -39,7 +39,6 @@ import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
 
 import pytest
 import requests
@@ -50,6 +49,7 @@ from tasks.core.dify_source import DifySource, SourceError, open_source
 from tasks.core.profiles import load_profile
 from tests.images import dify_real, dify_source
 from tests.integration.lab import Lab, LabHost
+from tests.integration.support import eventually
 
 ROOT = Path(__file__).resolve().parents[2]
 # The home server's vector store is not deployed here: pgvector has no Debian 12 package and the
@@ -107,21 +107,6 @@ def alembic_heads(source: DifySource) -> set[str]:
             names = set(re.findall(r"['\"]([0-9A-Za-z_]+)['\"]", value))
             (revisions if key == "revision" else parents).update(names)
     return revisions - parents
-
-
-def wait_until(what: str, probe: Callable[[], Any], timeout: float = 60) -> Any:
-    """Poll until probe() returns something truthy; fail with the last answer at the deadline."""
-    deadline = time.monotonic() + timeout
-    answer = None
-    while time.monotonic() < deadline:
-        try:
-            answer = probe()
-        except requests.RequestException as exc:
-            answer = exc
-        if answer and not isinstance(answer, Exception):
-            return answer
-        time.sleep(0.5)
-    pytest.fail(f"{what}: not true after {timeout} s; last answer: {answer!r}")
 
 
 def put_tree(host: LabHost, parent: str, items: dict[str, Path], owner: str,
@@ -373,7 +358,7 @@ def test_setup_gate_fails_while_the_home_database_is_down(devlab: Lab3) -> None:
     code, out = devlab.server.exec("systemctl stop postgresql@15-main")
     assert code == 0, out
     try:
-        wait_until("the setup endpoint fails without its database",
+        eventually("the setup endpoint fails without its database",
                    lambda: requests.get(devlab.api_url("/console/api/setup"),
                                         timeout=10).status_code >= 500, timeout=30)
         assert requests.get(devlab.api_url("/health"), timeout=10).status_code == 200
@@ -383,5 +368,5 @@ def test_setup_gate_fails_while_the_home_database_is_down(devlab: Lab3) -> None:
             status.stdout + status.stderr)
     finally:
         devlab.server.exec("systemctl start postgresql@15-main")
-    wait_until("the setup endpoint answers again", lambda: requests.get(
+    eventually("the setup endpoint answers again", lambda: requests.get(
         devlab.api_url("/console/api/setup"), timeout=10).status_code == 200, timeout=60)

@@ -19,7 +19,6 @@ import sys
 import threading
 import time
 import warnings
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +27,7 @@ import requests
 import yaml
 
 from tests.integration.lab import Lab, LabHost
+from tests.integration.support import eventually
 
 ROOT = Path(__file__).resolve().parents[2]
 STANDIN = Path(__file__).with_name("standin_upstream.py")
@@ -39,21 +39,6 @@ Description=difyops test stand-in for Dify's %i
 [Service]
 ExecStart=/usr/bin/python3 /usr/local/lib/difyops-standin/standin_upstream.py %i
 """
-
-
-def until(what: str, probe: Callable[[], Any], timeout: float = 20, interval: float = 0.2) -> Any:
-    """Poll until probe() returns something true; fail naming what never happened."""
-    deadline = time.monotonic() + timeout
-    last: Any = None
-    while time.monotonic() < deadline:
-        try:
-            last = probe()
-        except (requests.RequestException, OSError) as exc:
-            last = exc
-        if last and not isinstance(last, Exception):
-            return last
-        time.sleep(interval)
-    pytest.fail(f"{what}: not within {timeout:g} s (last: {last!r})")
 
 
 class Lb:
@@ -120,7 +105,7 @@ class Lb:
     def both_answer(self, path: str = "/v1/whoami") -> None:
         """Round robin reaches both upstream hosts again (after a drain, a stop, a failure)."""
         seen: set[str] = set()
-        until(f"both api hosts answering {path}",
+        eventually(f"both api hosts answering {path}",
               lambda: seen.add(self.who(path)) or seen == {"lbup1", "lbup2"}, timeout=30)
 
 
@@ -137,7 +122,7 @@ def install_standin(host: LabHost, roles: list[str]) -> None:
     for role, port, path in (("api", 5001, "/health"), ("web", 3000, "/"),
                              ("plugin", 5002, "/health/check"), ("websocket", 5006, "/health")):
         if role in roles:
-            until(f"stand-in {role} on {host.name}", lambda p=port, q=path: requests.get(
+            eventually(f"stand-in {role} on {host.name}", lambda p=port, q=path: requests.get(
                 f"http://{host.address}:{p}{q}", timeout=2).ok)
 
 
@@ -292,7 +277,7 @@ def test_drain_lets_requests_in_flight_finish_then_undrain(env: Lb) -> None:
 
     thread = threading.Thread(target=request)
     thread.start()
-    victim = until("the slow request reaching an api host", lambda: next(
+    victim = eventually("the slow request reaching an api host", lambda: next(
         (h.name for h in (env.up1, env.up2)
          if h.exec(f"test -e /run/difyops-standin/slow-{token}")[0] == 0), None))
     other = "lbup2" if victim == "lbup1" else "lbup1"
@@ -360,7 +345,7 @@ def test_with_one_api_stopped_gets_and_posts_still_succeed(env: Lb) -> None:
     assert set(hosts) == {"lbup1"}  # and no 502: who() asserted 200 every time
     # refused connections: nothing was sent, so even a POST may go on, once
     assert [a.status_code for a in answers] == [200] * 6 and received == 6
-    until("the stand-in api back on lbup2",
+    eventually("the stand-in api back on lbup2",
           lambda: requests.get(f"http://{env.up2.address}:5001/health", timeout=2).ok)
     env.both_answer()
 

@@ -13,9 +13,8 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -28,7 +27,7 @@ from dotenv import dotenv_values
 from tasks.tiers import logging as tier
 from tests.images import logging_standin, standin
 from tests.integration.lab import Lab, LabHost, ensure_base_image
-from tests.integration.support import release
+from tests.integration.support import eventually, release
 
 ROOT = Path(__file__).resolve().parents[2]
 IMAGES = {"elasticsearch": f"{standin.PREFIX}elasticsearch:8.15.3",
@@ -94,22 +93,6 @@ class Logging:
         return [hit["_source"] for hit in answer.json()["hits"]["hits"]]
 
 
-def until(what: str, probe: Callable[[], Any], timeout: float = 60) -> Any:
-    """Poll until probe() answers something true; fail with the last answer at the deadline."""
-    deadline = time.monotonic() + timeout
-    last: Any = None
-    while time.monotonic() < deadline:
-        try:
-            last = probe()
-        except (requests.RequestException, KeyError, ValueError) as exc:
-            last = exc
-        else:
-            if last:
-                return last
-        time.sleep(0.5)
-    pytest.fail(f"{what}: not within {timeout:g} s; last answer: {last!r}")
-
-
 def summary(result: subprocess.CompletedProcess) -> dict[str, dict[str, int]]:
     """The per-host summary table at the end of a deploy: host -> {status: count}."""
     header, *lines = result.stdout.split("summary:")[1].strip().splitlines()
@@ -156,13 +139,13 @@ def test_deploy_ships_the_journal_to_a_secured_store(lab_logging: Logging) -> No
     marker = f"difyops-logging-{uuid.uuid4().hex}"
     code, out = env.shipper.exec(f"logger -t difyops-test {marker}")
     assert code == 0, out
-    docs = until(f"{marker} in the store", lambda: env.found(marker), timeout=60)
+    docs = eventually(f"{marker} in the store", lambda: env.found(marker), timeout=60)
     assert len(docs) == 1
     assert (docs[0]["host"], docs[0]["program"], docs[0]["source"]) == \
         ("ship1", "difyops-test", "journal")
     assert docs[0]["message"] == marker
     # The store's own containers' logs arrive too (imfile on logs1, where Docker runs).
-    until("docker logs of logs1 in the store", lambda: env.es(
+    eventually("docker logs of logs1 in the store", lambda: env.es(
         "/dify-logs-*/_count", json={"query": {"term": {"source": "docker"}}}).json()["count"])
 
     # Kibana logs in as kibana_system with its own password.
@@ -235,8 +218,8 @@ def test_lines_logged_while_the_store_is_down_arrive_later(lab_logging: Logging)
         # The store, and its shippers (logs1 ships too): the store is unreachable for them.
         assert "logs1 (store), logs1, ship1" in down.stderr, down.stderr
         # rsyslog holds the lines meanwhile (its own counters say so).
-        until("lines waiting in ship1's queue", lambda: queued(env) > 0, timeout=40)
-    docs = until(f"{marker} in the store after its restart", lambda: env.found(marker),
+        eventually("lines waiting in ship1's queue", lambda: queued(env) > 0, timeout=40)
+    docs = eventually(f"{marker} in the store after its restart", lambda: env.found(marker),
                  timeout=90)
     assert len(docs) == 1 and docs[0]["host"] == "ship1"
 
@@ -251,17 +234,17 @@ def test_queued_lines_survive_a_restart_of_rsyslog(lab_logging: Logging) -> None
             env.shipper.exec(f"logger -t difyops-test difyops-first-{uuid.uuid4().hex}")
             return queued(env) > 0
 
-        until("lines waiting in ship1's queue", more_waiting, timeout=40)
+        eventually("lines waiting in ship1's queue", more_waiting, timeout=40)
         behind = f"difyops-behind-{uuid.uuid4().hex}"
         before = queued(env)
         code, out = env.shipper.exec(f"logger -t difyops-test {behind}")
         assert code == 0, out
-        until("the second line queued", lambda: queued(env) > before, timeout=40)
+        eventually("the second line queued", lambda: queued(env) > before, timeout=40)
         code, out = env.shipper.exec("systemctl restart rsyslog")
         assert code == 0, out
         code, out = env.shipper.exec(f"ls {tier.SPOOL}/{tier.QUEUE}.qi")
         assert code == 0, out  # the queue's state on disk
-    docs = until(f"{behind} in the store after the restarts", lambda: env.found(behind),
+    docs = eventually(f"{behind} in the store after the restarts", lambda: env.found(behind),
                  timeout=90)
     assert len(docs) == 1 and docs[0]["host"] == "ship1"
 

@@ -15,8 +15,6 @@ import json
 import os
 import subprocess
 import sys
-import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +23,7 @@ import requests
 import yaml
 
 from tests.integration.lab import Lab, LabHost
+from tests.integration.support import eventually
 
 ROOT = Path(__file__).resolve().parents[2]
 STAGED, LIVE = "/etc/prometheus/difyops.next", "/etc/prometheus/difyops"
@@ -93,22 +92,6 @@ class Monitor:
         return self.api("alerts")["alerts"]
 
 
-def until(what: str, probe: Callable[[], Any], timeout: float = 60) -> Any:
-    """Poll until probe() answers something true; fail with the last answer at the deadline."""
-    deadline = time.monotonic() + timeout
-    last: Any = None
-    while time.monotonic() < deadline:
-        try:
-            last = probe()
-        except (requests.RequestException, KeyError, ValueError) as exc:
-            last = exc
-        else:
-            if last:
-                return last
-        time.sleep(0.5)
-    pytest.fail(f"{what}: not within {timeout:g} s; last answer: {last!r}")
-
-
 def summary(result: subprocess.CompletedProcess) -> dict[str, dict[str, int]]:
     """The per-host summary table at the end of a deploy: host -> {status: count}."""
     header, *lines = result.stdout.split("summary:")[1].strip().splitlines()
@@ -149,7 +132,7 @@ def test_deploy_scrapes_every_exporter(lab_monitor: Monitor) -> None:
     assert first.returncode == 0, first.stdout + first.stderr
     assert "[monitor] mon1: health prometheus ready ... unchanged" in first.stdout
 
-    targets = until("every target up", lambda: (lambda t: t if set(t.values()) == {"up"}
+    targets = eventually("every target up", lambda: (lambda t: t if set(t.values()) == {"up"}
                                                 else None)(monitor.targets()))
     assert set(targets) == EXPECTED_TARGETS
     # Exporters listen on the host's inventory address only, where Prometheus reaches them.
@@ -167,7 +150,7 @@ def test_deploy_scrapes_every_exporter(lab_monitor: Monitor) -> None:
                           "curl -s -o /dev/null 127.0.0.1/; done")
     assert code == 0, out
     five_xx = 'dify_nginx_http_responses_total{status_class="5xx", host="mdata1"} >= 5'
-    until("5xx answers counted", lambda: monitor.api("query", query=five_xx)["result"])
+    eventually("5xx answers counted", lambda: monitor.api("query", query=five_xx)["result"])
 
     status = monitor.inv("monitor.status")
     assert status.returncode == 0, status.stdout + status.stderr  # nothing down, none firing
@@ -253,19 +236,19 @@ def test_stopped_exporter_and_postgresql_fire_alerts_to_the_webhook(lab_monitor:
         seen_pending |= any(a["state"] == "pending" for a in alerts)
         return [a for a in alerts if a["state"] == "firing"]
 
-    (alert,) = until("TargetDown for the redis exporter firing", redis_target_alert)
+    (alert,) = eventually("TargetDown for the redis exporter firing", redis_target_alert)
     assert alert["labels"]["host"] == "mdata1" and alert["labels"]["severity"] == "critical"
     assert seen_pending  # pending first, for down_for, then firing
-    until("RedisNoMaster firing", lambda: firing(monitor, "RedisNoMaster"))
-    (sent, *_) = until("TargetDown posted to the webhook", lambda: posted(monitor, "TargetDown"),
-                       timeout=30)
+    eventually("RedisNoMaster firing", lambda: firing(monitor, "RedisNoMaster"))
+    (sent, *_) = eventually("TargetDown posted to the webhook",
+                            lambda: posted(monitor, "TargetDown"), timeout=30)
     assert sent["labels"]["job"] == "redis"
     assert sent["annotations"]["summary"] == "redis on mdata1 is down"
 
     code, out = data.exec("systemctl stop postgresql@15-main")
     assert code == 0, out
-    until("PostgresDown firing", lambda: firing(monitor, "PostgresDown", host="mdata1"))
-    until("PostgresDown posted to the webhook", lambda: posted(monitor, "PostgresDown"),
+    eventually("PostgresDown firing", lambda: firing(monitor, "PostgresDown", host="mdata1"))
+    eventually("PostgresDown posted to the webhook", lambda: posted(monitor, "PostgresDown"),
           timeout=30)
 
     status = monitor.inv("monitor.status")
@@ -280,5 +263,5 @@ def test_stopped_exporter_and_postgresql_fire_alerts_to_the_webhook(lab_monitor:
     assert repaired.returncode == 0, repaired.stdout + repaired.stderr
     assert "[monitor] mdata1: enable and start prometheus-redis-exporter ... changed" in \
         repaired.stdout
-    until("every target up again",
+    eventually("every target up again",
           lambda: set(monitor.targets().values()) == {"up"} and not firing(monitor, "TargetDown"))

@@ -8,7 +8,7 @@ import threading
 import pytest
 
 from tasks.core.errors import GateTimeout
-from tasks.core.gates import CommandGate, Gate, HttpGate, TcpGate, wait
+from tasks.core.gates import CommandGate, Gate, HttpGate, TcpGate, poll, wait
 from tasks.core.inventory import Host
 from tests.unit.fakes import FakeMachine
 
@@ -53,6 +53,18 @@ def test_timeout_names_component_host_and_last_answer() -> None:
         wait(Scripted([False] * 10, 3), MACHINE, clock=clock, pause=clock.pause)
     assert str(caught.value) == ("postgresql on db1 (root@10.0.3.11:22) not healthy after 3 s; "
                                  "last answer: no response")
+
+
+def test_poll_returns_the_last_answer_and_cuts_its_last_pause_at_the_deadline() -> None:
+    clock = Clock()
+    answers = iter(range(10))
+    assert poll(lambda: (False, next(answers)), 2.5, 1, clock=clock, pause=clock.pause) \
+        == (False, 3)
+    assert clock.pauses == [1, 1, 0.5]
+    clock = Clock()
+    assert poll(lambda: (True, "at once"), 0, 1, clock=clock, pause=clock.pause) \
+        == (True, "at once")  # always one try, even with no time left
+    assert clock.pauses == []
 
 
 def test_http_and_tcp_gates_against_a_real_server() -> None:
