@@ -7,13 +7,13 @@ import json
 from invoke import Context, task
 from invoke.exceptions import Exit
 
-from tasks.core import release
 from tasks.core.cli import deploy_task, load, reported
 from tasks.core.fleet import each_host, table
 from tasks.core.hosts import Machine
 from tasks.core.inventory import APP_ROLES
 from tasks.core.report import Report
 from tasks.tiers import app as app_tier
+from tasks.tiers import app_release
 from tasks.tiers.app import PROJECT, TIER, compose, deploy_dir, migration_host
 
 deploy = deploy_task(TIER)
@@ -26,10 +26,10 @@ def migrate(ctx: Context, version: str = "") -> None:
     """Run the one database migration of a release on the first api host, and verify it."""
     inventory = load(ctx)
     if version:
-        inventory = release.with_release(inventory, version)
+        inventory = app_release.with_release(inventory, version)
     host = migration_host(inventory)
-    release.ensure_images(inventory, [host])
-    outcome = release.migrate(inventory, Report())
+    app_release.ensure_images(inventory, [host])
+    outcome = app_release.migrate(inventory, Report())
     if outcome.ran:
         print(f"migrated from {outcome.before or '(empty)'} to {outcome.after}")
 
@@ -42,10 +42,10 @@ def upgrade(ctx: Context, version: str) -> None:
     inventory = load(ctx)
     report = Report()
     print(f"upgrading Dify to {version} on inventory {inventory.name}", flush=True)
-    outcome = release.upgrade(inventory, version, report)
+    outcome = app_release.upgrade(inventory, version, report)
     print(f"\nupgraded to Dify {version}: replaced {', '.join(outcome.replaced) or 'none'}"
           + (f"; already there: {', '.join(outcome.unchanged)}" if outcome.unchanged else ""))
-    note = release.reminder(inventory, version)
+    note = app_release.reminder(inventory, version)
     if note:
         print(f"note: {note}")
 
@@ -56,11 +56,11 @@ def rollback(ctx: Context) -> None:
     """Go back to the release before the last upgrade (refused across a migration: restore)."""
     inventory = load(ctx)
     report = Report()
-    outcome = release.rollback(inventory, report)
-    history = release.read_history(inventory)
+    outcome = app_release.rollback(inventory, report)
+    history = app_release.read_history(inventory)
     version = history[-1]["version"]
     print(f"\nrolled back to Dify {version}: replaced {', '.join(outcome.replaced) or 'none'}")
-    note = release.reminder(inventory, version)
+    note = app_release.reminder(inventory, version)
     if note:
         print(f"note: {note}")
 

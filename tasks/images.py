@@ -7,7 +7,7 @@ from invoke import Context, task
 from tasks.core.cli import load, reported
 from tasks.core.fleet import table
 from tasks.core.images import ImageError, Row, sync
-from tasks.core.release import with_release
+from tasks.tiers.app_release import with_release
 
 
 def show(rows: list[Row]) -> None:

@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 import yaml
 
-from tasks.core import apply, release, rollout
+from tasks.core import apply, rollout
 from tasks.core import images as images_engine
 from tasks.core.errors import DifyopsError, InputError
 from tasks.core.gates import CommandGate, HttpGate
@@ -20,6 +20,7 @@ from tasks.core.plan import HostPlan, RunCommand, WaitFor, WriteFile
 from tasks.core.render import Renderer
 from tasks.core.report import Report
 from tasks.tiers import app as tier
+from tasks.tiers import app_release
 from tests.unit.fakes import FakeMachine
 
 
@@ -179,27 +180,27 @@ def test_release_json_holds_the_version_and_images(load, base) -> None:
 
 def test_upgrades_go_forward_and_may_cross_releases() -> None:
     with pytest.raises(InputError, match=r"go back with inv app\.rollback"):
-        release.check_step("1.14.2", "1.13.3")
-    release.check_step("1.13.3", "1.16.1")  # the target's migration chain holds every revision
+        app_release.check_step("1.14.2", "1.13.3")
+    app_release.check_step("1.13.3", "1.16.1")  # the target's migration chain holds every revision
 
 
 def upgraded(load, base, monkeypatch, history: list[dict], answers=lambda c: 0):
-    """release.upgrade to 1.16.1 with hosts replaced by fakes; returns (migration host's
+    """app_release.upgrade to 1.16.1 with hosts replaced by fakes; returns (migration host's
     commands, history as last written, report text)."""
     base["dify"] = {"version": "1.13.3"}
     inventory = load(base)
     machine = FakeMachine(inventory.host("api1"), answers=answers)
     written: list[list[dict]] = []
-    monkeypatch.setattr(release, "read_history", lambda inv: copy.deepcopy(history))
-    monkeypatch.setattr(release, "write_history",
+    monkeypatch.setattr(app_release, "read_history", lambda inv: copy.deepcopy(history))
+    monkeypatch.setattr(app_release, "write_history",
                         lambda inv, h: written.append(copy.deepcopy(h)) or [])
-    monkeypatch.setattr(release, "ensure_images", lambda *a: None)
-    monkeypatch.setattr(release, "connect", lambda host, timeouts=None: machine)
-    monkeypatch.setattr(release, "migrate", lambda target, report: release.Migration(
+    monkeypatch.setattr(app_release, "ensure_images", lambda *a: None)
+    monkeypatch.setattr(app_release, "connect", lambda host, timeouts=None: machine)
+    monkeypatch.setattr(app_release, "migrate", lambda target, report: app_release.Migration(
         "aaa", "bbb", "bbb", ran=True))
-    monkeypatch.setattr(release, "replace", lambda *a: rollout.Outcome(replaced=["api1"]))
+    monkeypatch.setattr(app_release, "replace", lambda *a: rollout.Outcome(replaced=["api1"]))
     out = io.StringIO()
-    release.upgrade(inventory, "1.16.1", Report(out=out), release.Hooks(backup=None))
+    app_release.upgrade(inventory, "1.16.1", Report(out=out), app_release.Hooks(backup=None))
     return machine.commands, written[-1], out.getvalue()
 
 
@@ -223,7 +224,7 @@ def test_a_failed_release_step_stops_before_any_host_is_replaced(load, base,
                                                                    monkeypatch) -> None:
     start = [{"version": "1.14.2", "images": {}, "alembic": "aaa", "action": "deployed",
               "backup": "", "at": "t0"}]
-    with pytest.raises(release.ReleaseError, match=r"release step backfill-plugin-auto-upgrade "
+    with pytest.raises(app_release.ReleaseError, match=r"release step backfill-plugin-auto-upgrade "
                                                    r"of Dify 1\.15\.0 failed.*no host was "
                                                    r"replaced yet"):
         upgraded(load, base, monkeypatch, start, answers=lambda c: 1)
@@ -234,7 +235,7 @@ def test_a_target_version_must_satisfy_the_rules(load, base) -> None:
     base["app"] = {"worker_groups": [{"name": "few", "queues": ["dataset", "mail", "ops_trace",
                                                                  "app_deletion"]}]}
     with pytest.raises(InputError, match="no worker consumes the queue"):
-        release.with_release(load(base), "1.13.3")
+        app_release.with_release(load(base), "1.13.3")
 
 
 def test_rollback_across_a_migration_names_the_backup(load, base, monkeypatch) -> None:
@@ -242,17 +243,17 @@ def test_rollback_across_a_migration_names_the_backup(load, base, monkeypatch) -
                 "backup": "", "at": "t0"},
                {"version": "1.13.3", "images": {}, "alembic": "bbb", "action": "upgrade",
                 "backup": "db1-20250101T0000", "at": "t1"}]
-    monkeypatch.setattr(release, "read_history", lambda inventory: history)
-    monkeypatch.setattr(release, "database_revision", lambda inventory: "bbb")
-    monkeypatch.setattr(release, "replace", lambda *a: pytest.fail("must not replace"))
-    with pytest.raises(release.ReleaseError) as caught:
-        release.rollback(load(base), Report(out=io.StringIO()), release.Hooks())
+    monkeypatch.setattr(app_release, "read_history", lambda inventory: history)
+    monkeypatch.setattr(app_release, "database_revision", lambda inventory: "bbb")
+    monkeypatch.setattr(app_release, "replace", lambda *a: pytest.fail("must not replace"))
+    with pytest.raises(app_release.ReleaseError) as caught:
+        app_release.rollback(load(base), Report(out=io.StringIO()), app_release.Hooks())
     message = str(caught.value)
     assert "needs the database at alembic revision aaa, but it is at bbb" in message
     assert "restore backup db1-20250101T0000" in message
     history[-1]["backup"] = ""
-    with pytest.raises(release.ReleaseError, match="a backup taken before t1"):
-        release.rollback(load(base), Report(out=io.StringIO()), release.Hooks())
+    with pytest.raises(app_release.ReleaseError, match="a backup taken before t1"):
+        app_release.rollback(load(base), Report(out=io.StringIO()), app_release.Hooks())
 
 
 def test_upgrade_drains_through_the_lb_tier_only_hosts_that_share_an_upstream(
@@ -263,7 +264,7 @@ def test_upgrade_drains_through_the_lb_tier_only_hosts_that_share_an_upstream(
     monkeypatch.setattr(lb, "drain", lambda inv, name: calls.append(("drain", name)))
     monkeypatch.setattr(lb, "undrain", lambda inv, name: calls.append(("undrain", name)))
     inventory = load(base)
-    bound = release.Hooks.for_inventory(inventory)
+    bound = app_release.Hooks.for_inventory(inventory)
     assert bound.drainable(inventory.host("api1"))  # two api hosts: api1 can leave
     assert not bound.drainable(inventory.host("web1"))  # the only web host stays
     bound.drain("api1")
@@ -334,7 +335,7 @@ def test_a_failed_host_without_a_way_back_stays_drained(monkeypatch) -> None:
     outcome, events = rolled(monkeypatch, machines, plans)
     assert events == ["drain web1", "up web1"]
     assert outcome.left_drained and outcome.untouched == ["web2"] and not outcome.restored
-    text = release.describe(outcome, *[type("I", (), {"profile": type("P", (), {
+    text = app_release.describe(outcome, *[type("I", (), {"profile": type("P", (), {
         "version": v})})() for v in ("1.13.3", "1.5.1")])
     assert "not touched, still serving Dify 1.5.1: web2" in text
     assert "web1 is out of the load balancer" in text
@@ -563,7 +564,7 @@ def test_a_restore_that_fails_too_is_reported(monkeypatch) -> None:
     assert events == ["drain api1", "up api1", "up api1"]  # never undrained, api2 untouched
     assert outcome.failed == "api1" and not outcome.restored and outcome.left_drained
     assert "compose up dify" in outcome.restore_error and outcome.untouched == ["api2"]
-    text = release.describe(outcome, *[type("I", (), {"profile": type("P", (), {
+    text = app_release.describe(outcome, *[type("I", (), {"profile": type("P", (), {
         "version": v})})() for v in ("1.13.3", "1.5.1")])
     assert "putting Dify 1.5.1 back on api1 failed too: compose up dify" in text
     assert "api1 is out of the load balancer" in text
@@ -573,21 +574,21 @@ def test_a_stopped_upgrade_says_where_things_stand_and_what_to_do(load, base,
                                                                     monkeypatch) -> None:
     base["dify"] = {"version": "1.5.1"}
     inventory = load(base)
-    monkeypatch.setattr(release, "read_history", lambda inv: [{
-        "version": "1.5.1", "images": release.components(inventory), "alembic": "aaa",
+    monkeypatch.setattr(app_release, "read_history", lambda inv: [{
+        "version": "1.5.1", "images": app_release.components(inventory), "alembic": "aaa",
         "action": "deployed", "backup": "", "at": "t0"}])
-    monkeypatch.setattr(release, "ensure_images", lambda *a: None)
-    monkeypatch.setattr(release, "write_history", lambda *a: [])
-    monkeypatch.setattr(release, "migrate", lambda target, report: release.Migration(
+    monkeypatch.setattr(app_release, "ensure_images", lambda *a: None)
+    monkeypatch.setattr(app_release, "write_history", lambda *a: [])
+    monkeypatch.setattr(app_release, "migrate", lambda target, report: app_release.Migration(
         "aaa", "bbb", "bbb", ran=True))
     reason = ("compose up dify: `compose up dify` failed on root@10.0.0.12: not healthy after "
               "30 s: api (running starting) last health check: \"HTTP 503\"")
-    monkeypatch.setattr(release, "replace", lambda *a: rollout.Outcome(
+    monkeypatch.setattr(app_release, "replace", lambda *a: rollout.Outcome(
         replaced=["api1"], failed="api2", reason=reason, untouched=["api3", "worker1"],
         restored=True, drained=True))
-    hooks = release.Hooks(backup=lambda why: "db1-20250101T0000", load_balanced=True)
-    with pytest.raises(release.ReleaseError) as caught:
-        release.upgrade(inventory, "1.13.3", Report(out=io.StringIO()), hooks)
+    hooks = app_release.Hooks(backup=lambda why: "db1-20250101T0000", load_balanced=True)
+    with pytest.raises(app_release.ReleaseError) as caught:
+        app_release.upgrade(inventory, "1.13.3", Report(out=io.StringIO()), hooks)
     message = str(caught.value)
     assert f"stopped at api2: {reason}" in message
     assert "on Dify 1.13.3: api1" in message

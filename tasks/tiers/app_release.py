@@ -29,6 +29,7 @@ import shlex
 from collections.abc import Callable
 from datetime import UTC, datetime
 
+from tasks.backups import engine as backups
 from tasks.core import placement, rules
 from tasks.core.apply import Executor
 from tasks.core.errors import DifyopsError, InputError, Problem
@@ -42,6 +43,7 @@ from tasks.core.render import Renderer
 from tasks.core.report import Report
 from tasks.core.rollout import HostAction, Outcome, no_op, roll
 from tasks.tiers import app as tier
+from tasks.tiers import lb
 
 HISTORY_FILE = "/var/lib/difyops/dify-releases.json"
 HEAD = re.compile(r"^(\S+) \(head\)", re.M)
@@ -264,9 +266,6 @@ class Hooks:
     @classmethod
     def for_inventory(cls, inventory: Inventory) -> Hooks:
         """The lb tier's drain/undrain (when there is a balancer) and the backup tier's run."""
-        from tasks.backups import engine as backups
-        from tasks.tiers import lb
-
         shared = [role for role in ("api", "web") if len(inventory.with_role(role)) > 1]
         balanced = bool(inventory.with_role("lb"))
         return cls(drain=lambda name: lb.drain(inventory, name),
