@@ -15,14 +15,14 @@ from tasks.core.cli import load, reported, run_tiers
 from tasks.core.errors import InputError, Problem
 from tasks.core.fleet import table
 from tasks.core.health import probe_all
-from tasks.core.images import ImageError, sync
 from tasks.core.inventory import Host, Inventory
 from tasks.core.lock import Locked
 from tasks.core.tiers import build, select
 from tasks.images import show
 from tasks.tiers import TIERS
+from tasks.tiers.images import ImageError, sync
 
-IMAGE_TIERS = ("app", "vector")  # the tiers whose hosts run images (tasks/core/images.py)
+IMAGE_TIERS = ("app", "vector")  # the tiers whose hosts run images (tasks/tiers/images.py)
 
 
 @task(help={"dry": "print the plan with a diff of every file; touch nothing (no preflight)",

@@ -6,8 +6,8 @@ from invoke import Context, task
 
 from tasks.core.cli import load, reported
 from tasks.core.fleet import table
-from tasks.core.images import ImageError, Row, sync
 from tasks.tiers.app_release import with_release
+from tasks.tiers.images import ImageError, Row, sync
 
 
 def show(rows: list[Row]) -> None:

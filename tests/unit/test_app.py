@@ -11,7 +11,6 @@ import pytest
 import yaml
 
 from tasks.core import apply, rollout
-from tasks.core import images as images_engine
 from tasks.core.errors import DifyopsError, InputError
 from tasks.core.gates import CommandGate, HttpGate
 from tasks.core.hosts import LocalMachine, Result
@@ -21,6 +20,7 @@ from tasks.core.render import Renderer
 from tasks.core.report import Report
 from tasks.tiers import app as tier
 from tasks.tiers import app_release
+from tasks.tiers import images as images_tier
 from tests.unit.fakes import FakeMachine
 
 
@@ -113,7 +113,7 @@ def test_private_registry_names_every_image(load, base) -> None:
     assert compose_of(inventory, "api1")["services"]["api"]["image"] == \
         "reg.lan:5000/langgenius/dify-api:1.16.1"
     assert inventory.upstream_image("api") == "mirror.example/langgenius/dify-api:1.16.1"
-    assert images_engine.upstream(inventory)["reg.lan:5000/langgenius/dify-web:1.16.1"] == \
+    assert images_tier.upstream(inventory)["reg.lan:5000/langgenius/dify-web:1.16.1"] == \
         "mirror.example/langgenius/dify-web:1.16.1"
     assert compose_of(inventory, "api1")["services"]["agent_backend"]["image"] == \
         "reg.lan:5000/langgenius/dify-agent-backend:1.16.1"
@@ -364,7 +364,7 @@ def test_a_drain_that_fails_touches_nothing(monkeypatch) -> None:
 # --- images --------------------------------------------------------------------------------
 
 
-class Docker(images_engine.ControlDocker):
+class Docker(images_tier.ControlDocker):
     """The control machine's engine, answering from a dict; saves return fixed bytes."""
 
     def __init__(self, ids: dict[str, str]) -> None:
@@ -414,29 +414,29 @@ def test_ship_sends_only_missing_or_different_images(load, base) -> None:
     name = inventory.image("web")
     docker = Docker({name: "sha256:new"})
     machine = ImageHost(web, {name: "sha256:old"}, docker)
-    rows = images_engine.ship(inventory, docker, web, machine, refresh=False)
+    rows = images_tier.ship(inventory, docker, web, machine, refresh=False)
     assert [(r.image, r.status) for r in rows] == [(name, "shipped")]
     assert docker.saved == [[name]] and machine.fed == [("docker load -q", b"tar-bytes")]
-    again = images_engine.ship(inventory, docker, web, machine, refresh=False)
+    again = images_tier.ship(inventory, docker, web, machine, refresh=False)
     assert [r.status for r in again] == ["present"] and len(docker.saved) == 1
 
 
 def test_images_per_host_follow_roles(load, base) -> None:
     inventory = load(base)
-    assert images_engine.host_images(inventory, inventory.host("web1")) == [
+    assert images_tier.host_images(inventory, inventory.host("web1")) == [
         "langgenius/dify-web:1.16.1"]
     # api1, the first api host, runs the agent services too (no host has the role `agent`).
-    assert images_engine.host_images(inventory, inventory.host("api1")) == [
+    assert images_tier.host_images(inventory, inventory.host("api1")) == [
         "haproxy:2.8", "langgenius/dify-agent-backend:1.16.1",
         "langgenius/dify-agent-local-sandbox:1.16.1", "langgenius/dify-api:1.16.1",
         "langgenius/dify-plugin-daemon:0.6.3-local", "langgenius/dify-sandbox:0.2.15",
         "ubuntu/squid:latest"]
-    assert images_engine.host_images(inventory, inventory.host("api2")) == [
+    assert images_tier.host_images(inventory, inventory.host("api2")) == [
         "haproxy:2.8", "langgenius/dify-api:1.16.1", "langgenius/dify-sandbox:0.2.15",
         "ubuntu/squid:latest"]
-    assert images_engine.host_images(inventory, inventory.host("vector1")) == [
+    assert images_tier.host_images(inventory, inventory.host("vector1")) == [
         "semitechnologies/weaviate:1.27.0"]
-    assert images_engine.host_images(inventory, inventory.host("db1")) == []
+    assert images_tier.host_images(inventory, inventory.host("db1")) == []
 
 
 def test_a_local_machine_streams_bytes_into_a_command(tmp_path) -> None:
@@ -448,7 +448,7 @@ def test_a_local_machine_streams_bytes_into_a_command(tmp_path) -> None:
     assert result.ok and result.stdout.strip() == str(3 << 20)
 
 
-class RegistryDocker(images_engine.ControlDocker):
+class RegistryDocker(images_tier.ControlDocker):
     """A control engine that records docker commands; `pushed` after a push of that name."""
 
     def __init__(self, ids: dict[str, str]) -> None:
@@ -478,7 +478,7 @@ def test_a_private_registry_gets_every_image_once(load, base) -> None:
     inventory = load(base)
     upstream = "mirror.example/langgenius/dify-api:1.16.1"
     docker = RegistryDocker({upstream: "id-api"})  # already pulled once
-    rows = images_engine.prepare(inventory, docker, refresh=False)
+    rows = images_tier.prepare(inventory, docker, refresh=False)
     assert f"pull -q {upstream}" not in docker.commands
     assert "pull -q mirror.example/langgenius/dify-web:1.16.1" in docker.commands
     assert "pull -q mirror.example/langgenius/dify-agent-backend:1.16.1" in docker.commands
@@ -489,7 +489,7 @@ def test_a_private_registry_gets_every_image_once(load, base) -> None:
     assert len(pushes) == 8 and all(" reg.lan:5000/" in c for c in pushes)
     assert {r.status for r in rows if r.where == "reg.lan:5000"} == {"pushed"}
     docker.commands.clear()
-    again = images_engine.prepare(inventory, docker, refresh=False)
+    again = images_tier.prepare(inventory, docker, refresh=False)
     assert docker.commands == []
     assert {r.status for r in again} == {"present"}
 

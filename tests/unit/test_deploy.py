@@ -11,7 +11,7 @@ from invoke import Context
 from invoke.exceptions import Exit
 
 import tasks.deploy as deploy
-from tasks.core.images import Row
+from tasks.tiers.images import Row
 
 ROOT = Path(__file__).resolve().parents[2]
 

@@ -13,13 +13,13 @@ from typing import Any
 import pytest
 import yaml
 
-from tasks.core import images as images_core
 from tasks.core.errors import InputError
 from tasks.core.inventory import Inventory
 from tasks.core.plan import RunCommand, WaitFor, WriteFile
 from tasks.core.render import write_tree
 from tasks.core.validators import compose as compose_validator
 from tasks.tiers import TIERS
+from tasks.tiers import images as images_tier
 from tasks.tiers import logging as tier
 from tests.unit.conftest import good_secrets
 
@@ -128,9 +128,9 @@ def test_images_follow_the_mirror_and_the_private_registry(load, base) -> None:
     assert compose_of(inventory)["services"]["elasticsearch"]["image"] == \
         "registry.internal:5000/elasticsearch:8.15.3"
     # images.sync pulls them through the mirror and gets them onto the logging host.
-    assert images_core.upstream(inventory)["registry.internal:5000/kibana:8.15.3"] == \
+    assert images_tier.upstream(inventory)["registry.internal:5000/kibana:8.15.3"] == \
         "mirror.example.com/kibana:8.15.3"
-    assert images_core.host_images(inventory, inventory.host("logs1")) == [
+    assert images_tier.host_images(inventory, inventory.host("logs1")) == [
         "registry.internal:5000/elasticsearch:8.15.3", "registry.internal:5000/kibana:8.15.3"]
 
 
