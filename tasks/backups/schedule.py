@@ -16,17 +16,15 @@ from typing import Any
 from tasks.backups import settings
 from tasks.core.apply import execute
 from tasks.core.errors import DifyopsError
-from tasks.core.hosts import Machine, connect
+from tasks.core.hosts import connect
 from tasks.core.inventory import Host, Inventory
 from tasks.core.plan import HostPlan, RunCommand, Step, TierPlan, WriteFile
 from tasks.core.project import ROOT
 from tasks.core.render import Renderer
 from tasks.core.report import Report
+from tasks.core.schedule import CONTROL, CRON_DIR, UNIT_DIR, has_cron, has_systemd
 
-UNIT_DIR = "/etc/systemd/system"
-CRON_DIR = "/etc/cron.d"
 WRAPPER_DIR = "/usr/local/sbin"
-CONTROL = Host(name="control", address="127.0.0.1", connection="local")
 
 
 def unit_name(inventory: Inventory) -> str:
@@ -37,17 +35,6 @@ def unit_name(inventory: Inventory) -> str:
 def target(inventory: Inventory, host_name: str = "") -> Host:
     """Where the schedule is installed: this machine, or a host of the inventory."""
     return inventory.host(host_name) if host_name else CONTROL
-
-
-def has_systemd(machine: Machine) -> bool:
-    """Whether systemd runs the machine (its runtime folder exists)."""
-    return machine.run("test -d /run/systemd/system", sudo=False).ok
-
-
-def has_cron(machine: Machine) -> bool:
-    """Whether a cron daemon that reads /etc/cron.d is installed there."""
-    return machine.run(f"test -d {CRON_DIR} && {{ command -v cron || command -v crond; }} "
-                       f">/dev/null", sudo=False).ok
 
 
 def context(inventory: Inventory) -> dict[str, Any]:

@@ -12,7 +12,6 @@ import re
 import shlex
 import sys
 
-from tasks.backups.schedule import CONTROL, has_cron, has_systemd
 from tasks.core.apply import execute
 from tasks.core.errors import DifyopsError, InputError, Problem
 from tasks.core.hosts import connect
@@ -20,9 +19,7 @@ from tasks.core.inventory import Inventory
 from tasks.core.plan import HostPlan, RunCommand, Step, TierPlan, WriteFile
 from tasks.core.project import ROOT, display
 from tasks.core.report import Report
-
-UNIT_DIR = "/etc/systemd/system"
-CRON_DIR = "/etc/cron.d"
+from tasks.core.schedule import CONTROL, CRON_DIR, UNIT_DIR, has_cron, has_systemd
 
 
 def name(inventory: Inventory) -> str:

@@ -21,6 +21,7 @@ from tasks.core.inventory import Host, Inventory
 from tasks.core.plan import RunCommand, WriteFile
 from tasks.core.render import Renderer
 from tasks.core.report import CHANGED, Report
+from tasks.core.schedule import CONTROL
 from tests.unit.fakes import FakeMachine
 
 
@@ -32,7 +33,7 @@ def unit(text: str) -> configparser.ConfigParser:
 
 
 def files(inventory: Inventory, *, cron: bool) -> dict[str, WriteFile]:
-    steps = schedule.steps(inventory, Renderer(inventory), schedule.CONTROL, cron=cron)
+    steps = schedule.steps(inventory, Renderer(inventory), CONTROL, cron=cron)
     return {step.path: step for step in steps if isinstance(step, WriteFile)}
 
 
@@ -92,12 +93,12 @@ class SystemdHost(FakeMachine):
 def test_schedule_applies_once_then_changes_nothing(load: Callable[..., Inventory],
                                                     base: dict) -> None:
     inventory = load(base)
-    machine = SystemdHost(schedule.CONTROL)
+    machine = SystemdHost(CONTROL)
 
     def apply() -> Report:
         executor = Executor(Report(out=io.StringIO()))
-        executor.machines[schedule.CONTROL.name] = machine
-        return executor.run(schedule.plan(inventory, schedule.CONTROL, cron=False))
+        executor.machines[CONTROL.name] = machine
+        return executor.run(schedule.plan(inventory, CONTROL, cron=False))
 
     first = apply()
     assert first.failed == []
@@ -112,7 +113,7 @@ def test_schedule_applies_once_then_changes_nothing(load: Callable[..., Inventor
 
 def test_without_cron_or_systemd_only_the_script(load: Callable[..., Inventory],
                                                  base: dict) -> None:
-    steps = schedule.steps(load(base), Renderer(load(base)), schedule.CONTROL, cron=True,
+    steps = schedule.steps(load(base), Renderer(load(base)), CONTROL, cron=True,
                            wrapper_only=True)
     assert [s.path for s in steps if isinstance(s, WriteFile)] == [
         "/usr/local/sbin/difyops-backup-unit"]
@@ -121,7 +122,7 @@ def test_without_cron_or_systemd_only_the_script(load: Callable[..., Inventory],
 
 def test_switching_to_cron_disables_the_timer(load: Callable[..., Inventory],
                                               base: dict) -> None:
-    steps = schedule.steps(load(base), Renderer(load(base)), schedule.CONTROL, cron=True)
+    steps = schedule.steps(load(base), Renderer(load(base)), CONTROL, cron=True)
     disable = [s for s in steps if isinstance(s, RunCommand)]
     assert [s.command for s in disable] == ["systemctl disable --now difyops-backup-unit.timer"]
     assert disable[0].unless == "! systemctl is-enabled --quiet difyops-backup-unit.timer " \

@@ -348,13 +348,14 @@ def test_schedule_refuses_a_bad_interval_and_a_machine_without_scheduler(
         load, base, monkeypatch) -> None:
     from tasks.core import doctor_schedule
     from tasks.core.errors import DifyopsError, InputError
+    from tasks.core.schedule import CONTROL
 
     base["doctor"] = {"every": 90}
     with pytest.raises(InputError, match=r"doctor\.every"):
         doctor_schedule.install(load(base))
     base["doctor"] = {"every": 5}
     inventory = load(base)
-    machine = FakeMachine(doctor_schedule.CONTROL, lambda command: 1)  # no systemd, no cron
+    machine = FakeMachine(CONTROL, lambda command: 1)  # no systemd, no cron
     monkeypatch.setattr(doctor_schedule, "connect", lambda host, timeouts=None: machine)
     with pytest.raises(DifyopsError, match="neither systemd nor cron") as caught:
         doctor_schedule.install(inventory)

@@ -300,11 +300,12 @@ def test_scheduled_runs_check_keys_against_the_same_file(load, base: dict[str, A
     from tasks.backups import schedule
     from tasks.core import doctor_schedule
     from tasks.core.render import Renderer
+    from tasks.core.schedule import CONTROL
 
     inventory = load(base)
     assert doctor_schedule.environment(inventory)["DIFY_KNOWN_HOSTS"] == str(
         inventory.known_hosts)
-    steps = schedule.steps(inventory, Renderer(inventory), schedule.CONTROL, cron=False)
+    steps = schedule.steps(inventory, Renderer(inventory), CONTROL, cron=False)
     wrapper = next(s for s in steps if getattr(s, "path", "").endswith("difyops-backup-unit"))
     assert f"    export DIFY_KNOWN_HOSTS={inventory.known_hosts}\n    exec " in wrapper.content
 
