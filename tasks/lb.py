@@ -7,7 +7,7 @@ from invoke.exceptions import Exit
 
 from tasks.core.cli import deploy_task, load, reported
 from tasks.core.fleet import table
-from tasks.tiers import lb
+from tasks.tiers import lb_ops
 from tasks.tiers.lb import TIER
 
 deploy = deploy_task(TIER)
@@ -18,7 +18,7 @@ deploy = deploy_task(TIER)
 def status(ctx: Context) -> None:
     """Show each lb host: nginx, config test, published site, /health, upstreams and drains."""
     inventory = load(ctx)
-    outcomes = lb.status(inventory)
+    outcomes = lb_ops.status(inventory)
     rows, members = [], []
     for outcome in outcomes:
         if not outcome.ok or outcome.value is None:
@@ -44,7 +44,7 @@ def status(ctx: Context) -> None:
 def check(ctx: Context) -> None:
     """Probe every Dify route through each lb host and show which upstream answered."""
     inventory = load(ctx)
-    outcomes = lb.check(inventory)
+    outcomes = lb_ops.check(inventory)
     rows, failed = [], []
     for outcome in outcomes:
         if not outcome.ok or outcome.value is None:
@@ -59,10 +59,10 @@ def check(ctx: Context) -> None:
     print(table(["lb", "path", "expected", "status", "answered by", ""], rows))
     if failed:
         raise Exit(f"error: {len(failed)} probe(s) failed: {', '.join(failed)}. A 5xx or a "
-                   f"wrong upstream: see `inv lb.status` and the hosts behind it", code=1)
+                   f"wrong upstream: see `inv lb_ops.status` and the hosts behind it", code=1)
 
 
-def _print_moves(results: list[lb.DrainResult], host: str, verb: str) -> None:
+def _print_moves(results: list[lb_ops.DrainResult], host: str, verb: str) -> None:
     for result in results:
         what = "changed" if result.changed else "already so, nothing changed"
         line = f"{result.lb}: {host} {verb} {', '.join(result.upstreams) or 'no upstream'}: {what}"
@@ -74,13 +74,13 @@ def _print_moves(results: list[lb.DrainResult], host: str, verb: str) -> None:
 
 
 @task(help={"host": "the inventory host to take out of rotation (an api, web or plugin host)",
-            "wait": "seconds to wait for its requests in flight (default: lb.drain_wait; "
+            "wait": "seconds to wait for its requests in flight (default: lb_ops.drain_wait; "
                     "0: do not wait)"})
 @reported
 def drain(ctx: Context, host: str, wait: int = -1) -> None:
     """Take HOST out of every upstream on every lb host; in-flight requests finish."""
     inventory = load(ctx)
-    results = lb.drain(inventory, host, wait=None if wait < 0 else wait)
+    results = lb_ops.drain(inventory, host, wait=None if wait < 0 else wait)
     _print_moves(results, host, "out of")
 
 
@@ -89,4 +89,4 @@ def drain(ctx: Context, host: str, wait: int = -1) -> None:
 def undrain(ctx: Context, host: str) -> None:
     """Put HOST back into every upstream on every lb host (graceful reload)."""
     inventory = load(ctx)
-    _print_moves(lb.undrain(inventory, host), host, "back in")
+    _print_moves(lb_ops.undrain(inventory, host), host, "back in")

@@ -43,7 +43,7 @@ from tasks.core.render import Renderer
 from tasks.core.report import Report
 from tasks.core.rollout import HostAction, Outcome, no_op, roll
 from tasks.tiers import app as tier
-from tasks.tiers import lb
+from tasks.tiers import lb_ops
 
 HISTORY_FILE = "/var/lib/difyops/dify-releases.json"
 HEAD = re.compile(r"^(\S+) \(head\)", re.M)
@@ -268,8 +268,8 @@ class Hooks:
         """The lb tier's drain/undrain (when there is a balancer) and the backup tier's run."""
         shared = [role for role in ("api", "web") if len(inventory.with_role(role)) > 1]
         balanced = bool(inventory.with_role("lb"))
-        return cls(drain=lambda name: lb.drain(inventory, name),
-                   undrain=lambda name: lb.undrain(inventory, name),
+        return cls(drain=lambda name: lb_ops.drain(inventory, name),
+                   undrain=lambda name: lb_ops.undrain(inventory, name),
                    backup=lambda reason: backups.backup_now(inventory).id,
                    load_balanced=balanced,
                    drainable=lambda host: balanced and host.has(*shared))

@@ -258,11 +258,11 @@ def test_rollback_across_a_migration_names_the_backup(load, base, monkeypatch) -
 
 def test_upgrade_drains_through_the_lb_tier_only_hosts_that_share_an_upstream(
         load, base, monkeypatch) -> None:
-    from tasks.tiers import lb
+    from tasks.tiers import lb_ops
 
     calls = []
-    monkeypatch.setattr(lb, "drain", lambda inv, name: calls.append(("drain", name)))
-    monkeypatch.setattr(lb, "undrain", lambda inv, name: calls.append(("undrain", name)))
+    monkeypatch.setattr(lb_ops, "drain", lambda inv, name: calls.append(("drain", name)))
+    monkeypatch.setattr(lb_ops, "undrain", lambda inv, name: calls.append(("undrain", name)))
     inventory = load(base)
     bound = app_release.Hooks.for_inventory(inventory)
     assert bound.drainable(inventory.host("api1"))  # two api hosts: api1 can leave

@@ -18,7 +18,7 @@ from tasks.core.hosts import Result
 from tasks.core.inventory import Inventory
 from tasks.core.plan import RunCommand, WriteFile
 from tasks.core.tiers import build
-from tasks.tiers import TIERS, lb
+from tasks.tiers import TIERS, lb, lb_ops
 from tests.unit.fakes import FakeMachine
 
 SECURITY = ("X-Content-Type-Options", "Referrer-Policy", "X-Frame-Options")
@@ -499,13 +499,13 @@ def drained(machine: FakeMachine) -> str:
 def test_drain_refuses_unknown_hosts_before_connecting(lbs, name, message) -> None:
     inventory, _, connected = lbs
     with pytest.raises(InputError, match=message):
-        lb.drain(inventory, name)
+        lb_ops.drain(inventory, name)
     assert connected == []
 
 
 def test_drain_takes_the_host_out_everywhere_then_changes_nothing(lbs) -> None:
     inventory, machines, _ = lbs
-    results = lb.drain(inventory, "api1", wait=0)
+    results = lb_ops.drain(inventory, "api1", wait=0)
     assert [(r.lb, r.changed, r.upstreams, r.kept_in) for r in results] == [
         ("lb1", True, ("dify_api", "dify_websocket"), ("dify_plugin_daemon",)),
         ("lb2", True, ("dify_api", "dify_websocket"), ("dify_plugin_daemon",))]
@@ -513,7 +513,7 @@ def test_drain_takes_the_host_out_everywhere_then_changes_nothing(lbs) -> None:
     assert all(lb.publish_command(lb.LIVE) in m.commands for m in machines.values())
     for machine in machines.values():
         machine.commands.clear()
-    again = lb.drain(inventory, "api1", wait=0)
+    again = lb_ops.drain(inventory, "api1", wait=0)
     assert [(r.changed, r.upstreams) for r in again] == [
         (False, ("dify_api", "dify_websocket"))] * 2
     assert all(drained(m) == "api1\n" for m in machines.values())
@@ -524,7 +524,7 @@ def test_drain_refuses_to_empty_an_upstream(lbs) -> None:
     machines["lb2"].files[lb.DRAINED] = (b"api1\n", 0o644, "root", "root")
     with pytest.raises(DifyopsError, match="draining api2 would leave dify_api on lb2 with no "
                                            r"server in service \(api1 drained already\)"):
-        lb.drain(inventory, "api2", wait=0)
+        lb_ops.drain(inventory, "api2", wait=0)
     assert drained(machines["lb1"]) == "" and drained(machines["lb2"]) == "api1\n"
     assert not any(c.startswith("set -u") for m in machines.values() for c in m.commands)
 
@@ -534,7 +534,7 @@ def test_a_refused_publish_puts_the_drain_state_back(lbs) -> None:
     machines["lb2"].publish_exit = 1
     with pytest.raises(HostError, match=r"drain api2: lb2: lb2 \(root@10\.0\.1\.11:22\): cannot "
                                         r"publish the site: .*\[emerg\] boom \(done on lb1\)"):
-        lb.drain(inventory, "api2", wait=0)
+        lb_ops.drain(inventory, "api2", wait=0)
     assert drained(machines["lb1"]) == "api2\n" and drained(machines["lb2"]) == ""
 
 
@@ -543,7 +543,7 @@ def test_drain_waits_for_connections_to_the_host_to_close(lbs) -> None:
     busy = "0 0 10.0.1.10:40000 10.0.2.22:5001\n0 0 10.0.1.10:40002 10.0.2.99:5001\n"
     machines["lb1"].connections = [busy, busy, "0 0 10.0.1.10:40002 10.0.2.99:5001\n"]
     now = [0.0]
-    results = lb.drain(inventory, "api2", wait=30, clock=lambda: now[0],
+    results = lb_ops.drain(inventory, "api2", wait=30, clock=lambda: now[0],
                        pause=lambda s: now.__setitem__(0, now[0] + s))
     assert [(r.lb, r.open_connections, r.waited) for r in results] == [("lb1", 0, 1.0),
                                                                       ("lb2", 0, 0.0)]
@@ -555,7 +555,7 @@ def test_drain_fails_when_requests_are_still_in_flight_at_the_deadline(lbs) -> N
     now = [0.0]
     with pytest.raises(HostError, match=r"lb1: api2 is out of rotation but 1 connection\(s\) to "
                                         r"it are still open after 5 s"):
-        lb.drain(inventory, "api2", wait=5, clock=lambda: now[0],
+        lb_ops.drain(inventory, "api2", wait=5, clock=lambda: now[0],
                  pause=lambda s: now.__setitem__(0, now[0] + s))
 
 
@@ -563,7 +563,7 @@ def test_undrain_puts_the_host_back(lbs) -> None:
     inventory, machines, _ = lbs
     for machine in machines.values():
         machine.files[lb.DRAINED] = (b"web1\napi2\n", 0o644, "root", "root")
-    results = lb.undrain(inventory, "api2")
+    results = lb_ops.undrain(inventory, "api2")
     assert [r.upstreams for r in results] == [("dify_api", "dify_websocket")] * 2
     assert all(drained(m) == "web1\n" for m in machines.values())
 
@@ -574,7 +574,7 @@ def test_undrain_puts_the_host_back(lbs) -> None:
 def test_live_servers_name_hosts_and_drains(load, base) -> None:
     inventory = load(base)
     site = rendered(inventory).replace("; # host=api2", " down; # host=api2")
-    servers = lb.live_servers(site, inventory)
+    servers = lb_ops.live_servers(site, inventory)
     assert [(s.upstream, s.host, s.endpoint, s.down) for s in servers] == [
         ("dify_api", "api1", "10.0.2.21:5001", False),
         ("dify_api", "api2", "10.0.2.22:5001", True),
@@ -621,7 +621,7 @@ def test_check_names_who_answered_each_route(load, base) -> None:
     log += log_line("/", 502, "10.0.2.11:3000")  # web broken
     machine = CheckMachine(inventory.host("lb1"), {"/health": "200", **dict.fromkeys(paths, "404"),
                                                    "/e/difyops-check": "200", "/": "502"}, log)
-    probes = {p.path: p for p in lb.check_on(inventory, machine)}
+    probes = {p.path: p for p in lb_ops.check_on(inventory, machine)}
     assert probes["/health"].ok and probes["/v1/difyops-check"].answered_by == ("api2",)
     assert probes["/v1/difyops-check"].ok  # a 404 from the api: the route reached the api
     assert probes["/e/difyops-check"].answered_by == ("api1",)
@@ -633,12 +633,12 @@ def test_check_names_who_answered_each_route(load, base) -> None:
 
 def test_check_reads_retries_and_refuses_a_wrong_upstream(load, base) -> None:
     inventory = load(base)
-    match = lb.LOG_LINE.search(log_line("/v1/x?y=1", 200, "10.0.2.21:5001, 10.0.2.22:5001"))
+    match = lb_ops.LOG_LINE.search(log_line("/v1/x?y=1", 200, "10.0.2.21:5001, 10.0.2.22:5001"))
     assert match["path"] == "/v1/x?y=1" and match["status"] == "200"
     paths = [path for _, path, _ in lb.routes(inventory)]
     log = "".join(log_line(p, 200, "10.0.2.21:5001, 10.0.2.11:3000") for p in paths)
     machine = CheckMachine(inventory.host("lb1"), dict.fromkeys(["/health", *paths], "200"), log)
-    probes = {p.path: p for p in lb.check_on(inventory, machine)}
+    probes = {p.path: p for p in lb_ops.check_on(inventory, machine)}
     assert probes["/v1/difyops-check"].answered_by == ("api1", "web1")
     assert not probes["/v1/difyops-check"].ok  # answered by web: the route is wrong
     assert probes["/"].ok
@@ -646,7 +646,7 @@ def test_check_reads_retries_and_refuses_a_wrong_upstream(load, base) -> None:
 
 def test_draining_the_only_server_of_every_upstream_records_nothing(lbs) -> None:
     inventory, machines, _ = lbs
-    results = lb.drain(inventory, "web1", wait=0)
+    results = lb_ops.drain(inventory, "web1", wait=0)
     assert [(r.changed, r.upstreams, r.kept_in) for r in results] == [
         (False, (), ("dify_web",))] * 2
     assert all(drained(m) == "" for m in machines.values())
