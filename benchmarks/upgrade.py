@@ -146,9 +146,9 @@ def seed_files(app: App, version: str) -> None:
     """The release's compose file and environment on each api host (rendered by difyops for
     that release), with MIGRATION_ENABLED=true as the seed's environment has it."""
     from tasks.core.inventory import load_inventory
-    from tasks.core.release import with_release
     from tasks.core.render import Renderer
     from tasks.tiers import app as app_tier
+    from tasks.tiers.app_release import with_release
 
     os.environ["DIFY_SECRETS"] = app.env["DIFY_SECRETS"]  # the lab's secrets, for rendering
     inventory = with_release(load_inventory(app.inventory_file), version)

@@ -30,6 +30,7 @@ from pathlib import Path
 import pytest
 import requests
 
+from tasks.core.gates import poll
 from tasks.core.profiles import steps_between
 from tests.images import dify_source
 from tests.integration import dify_client
@@ -453,14 +454,13 @@ def _runs_again(real: RealApp, key: str, since: float, what: str, lab: Lab) -> N
     """Polls a streamed workflow run through nginx until one succeeds (240 s deadline); prints
     and records how long after ``since`` (the fault) the workflow did not run."""
     words = f"after the {what} {secrets.token_hex(4)}"
-    deadline = time.monotonic() + 240
-    last: dict = {}
-    while time.monotonic() < deadline:
-        last = _finished(real, key, words)
-        if last.get("status") == "succeeded":
-            break
-        time.sleep(0.5)  # a poll, as support.until does, keeping the last answer
-    assert last.get("status") == "succeeded", f"no successful run after the {what}: {last}"
+
+    def ran() -> tuple[bool, dict]:
+        finished = _finished(real, key, words)
+        return finished.get("status") == "succeeded", finished
+
+    passed, last = poll(ran, 240, 0.5)
+    assert passed, f"no successful run after the {what}: {last}"
     assert last["outputs"] == {"echoed": words}
     down = time.monotonic() - since
     lab.timings[f"real dify: no workflow run after the {what}"] = down
