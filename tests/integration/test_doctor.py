@@ -114,7 +114,25 @@ def test_all_healthy_exits_zero_and_posts_nothing(doc: DoctorLab) -> None:
     assert not HISTORY.exists()
 
 
-def test_stopped_services_are_restarted_once_and_reported(doc: DoctorLab) -> None:
+@dataclass
+class Visit:
+    """One doctor run of the story and the webhook posts it made."""
+
+    result: subprocess.CompletedProcess
+    posts: list[dict]
+
+
+def _visit(doc: DoctorLab) -> Visit:
+    """A doctor run with the posts it made (and only those)."""
+    doc.posts.clear()
+    result = doc.doctor()
+    return Visit(result, list(doc.posts))
+
+
+@pytest.fixture(scope="module")
+def restarted(doc: DoctorLab) -> Visit:
+    """Redis and PostgreSQL stopped behind doctor's back; a doctor refused by a deploy's lock
+    and a dry doctor first (both must leave them stopped), then the doctor that restarts them."""
     doc.host.exec("systemctl stop redis-server postgresql@15-main")
     assert not doc.redis_answers() and not doc.postgres_answers()
     # A deploy holds the lock (taken on another machine): doctor touches nothing.
@@ -132,23 +150,27 @@ def test_stopped_services_are_restarted_once_and_reported(doc: DoctorLab) -> Non
     assert "would restart redis-server" in dry.stdout
     assert "would restart postgresql@15-main" in dry.stdout
     assert not doc.redis_answers() and doc.posts == [] and not HISTORY.exists()
+    return _visit(doc)
 
-    result = doc.doctor()
+
+def test_stopped_services_are_restarted_once_and_reported(doc: DoctorLab,
+                                                          restarted: Visit) -> None:
+    result = restarted.result
     assert result.returncode == 0, result.stdout + result.stderr
     assert doc.redis_answers() and doc.postgres_answers()
     assert "redis on :6379 healthy again after restarting redis-server" in result.stdout
     # db first, then cache: the tiers' order
     assert result.stdout.index("restarting postgresql@15-main") < \
         result.stdout.index("restarting redis-server")
-    assert len(doc.posts) == 1
+    (post,) = restarted.posts
     did = {(f["host"], f["component"], f["state"], f["restart"])
-           for f in doc.posts[0]["difyops"]["did"]}
+           for f in post["difyops"]["did"]}
     assert did == {("dr1", "postgresql on :5432", "restarted", "postgresql@15-main"),
                    ("dr1", "redis on :6379", "restarted", "redis-server"),
                    # no restart of its own: it came back with the PostgreSQL restart
                    ("dr1", "primary accepts writes", "recovered", "")}
-    assert doc.posts[0]["difyops"]["needs_person"] == []
-    assert "restarted redis-server on dr1" in doc.posts[0]["text"]
+    assert post["difyops"]["needs_person"] == []
+    assert "restarted redis-server on dr1" in post["text"]
     # The restarts changed nothing a deploy manages.
     for tier in ("db", "cache"):
         again = doc.inv(f"{tier}.deploy")
@@ -156,46 +178,60 @@ def test_stopped_services_are_restarted_once_and_reported(doc: DoctorLab) -> Non
         assert summary_columns(again.stdout) == ["host", "unchanged"], again.stdout
 
 
-def test_a_redis_that_cannot_start_needs_a_person(doc: DoctorLab) -> None:
-    doc.posts.clear()
+@pytest.fixture(scope="module")
+def broken(doc: DoctorLab, restarted: Visit) -> Visit:
+    """After one restart of redis-server (of two allowed): a redis.conf it cannot start with,
+    Redis stopped, and doctor run."""
     doc.host.exec(f"echo '{BAD_LINE}' >> /etc/redis/redis.conf && systemctl stop redis-server")
     assert not doc.redis_answers()
-    result = doc.doctor()
+    return _visit(doc)
+
+
+def test_a_redis_that_cannot_start_needs_a_person(doc: DoctorLab, broken: Visit) -> None:
+    result = broken.result
     assert result.returncode == 1, result.stdout + result.stderr
     assert result.stdout.count("; restarting redis-server (") == 1  # tried once
     assert "restarting redis-server (restart 2 of 2" in result.stdout
     assert "needs a person: restarting redis-server failed" in result.stdout
     assert "redis on :6379 on dr1" in result.stderr
     assert not doc.redis_answers()
-    (post,) = doc.posts
+    (post,) = broken.posts
     assert [(f["host"], f["component"]) for f in post["difyops"]["needs_person"]] == [
         ("dr1", "redis on :6379")]
     assert post["status"] == "firing"
 
 
-def test_beyond_the_limit_doctor_no_longer_restarts(doc: DoctorLab) -> None:
-    doc.posts.clear()
+@pytest.fixture(scope="module")
+def beyond(doc: DoctorLab, broken: Visit) -> tuple[Visit, int]:
+    """Once systemd gave the broken Redis up: doctor run again (with the unit's start count
+    before it)."""
     # Debian's unit restarts Redis itself (Restart=always) until systemd's start limit stops it.
     until(lambda: doc.host.exec("systemctl is-failed --quiet redis-server")[0] == 0, 60,
           "redis-server given up by systemd")
     starts = doc.starts_of("redis-server")
-    result = doc.doctor()
+    return _visit(doc), starts
+
+
+def test_beyond_the_limit_doctor_no_longer_restarts(doc: DoctorLab,
+                                                    beyond: tuple[Visit, int]) -> None:
+    visit, starts = beyond
+    result = visit.result
     assert result.returncode == 1, result.stdout + result.stderr
     assert "not restarted: redis-server was restarted 2 time(s) within 3600 s" in result.stdout
     assert doc.starts_of("redis-server") == starts
     assert len(json.loads(HISTORY.read_text())["dr1/redis-server"]) == 2
-    assert [f["component"] for f in doc.posts[0]["difyops"]["needs_person"]] == [
+    assert [f["component"] for f in visit.posts[0]["difyops"]["needs_person"]] == [
         "redis on :6379"]
 
 
-def test_repaired_by_a_person_all_healthy_again(doc: DoctorLab) -> None:
-    doc.posts.clear()
+def test_repaired_by_a_person_all_healthy_again(doc: DoctorLab,
+                                                beyond: tuple[Visit, int]) -> None:
     doc.host.exec(f"sed -i '/^{BAD_LINE}$/d' /etc/redis/redis.conf && "
                   f"systemctl reset-failed redis-server; systemctl start redis-server")
     until(doc.redis_answers, 30, "redis answers after the repair")
-    result = doc.doctor()
-    assert result.returncode == 0, result.stdout + result.stderr
-    assert doc.posts == []
+    visit = _visit(doc)
+    assert visit.result.returncode == 0, visit.result.stdout + visit.result.stderr
+    assert visit.posts == []
 
 
 def test_an_unreachable_host_is_reported_not_acted_on(doc: DoctorLab) -> None:

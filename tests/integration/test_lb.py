@@ -106,7 +106,7 @@ class Lb:
         """Round robin reaches both upstream hosts again (after a drain, a stop, a failure)."""
         seen: set[str] = set()
         eventually(f"both api hosts answering {path}",
-              lambda: seen.add(self.who(path)) or seen == {"lbup1", "lbup2"}, timeout=30)
+                   lambda: seen.add(self.who(path)) or seen == {"lbup1", "lbup2"}, timeout=30)
 
 
 def install_standin(host: LabHost, roles: list[str]) -> None:
@@ -346,7 +346,7 @@ def test_with_one_api_stopped_gets_and_posts_still_succeed(env: Lb) -> None:
     # refused connections: nothing was sent, so even a POST may go on, once
     assert [a.status_code for a in answers] == [200] * 6 and received == 6
     eventually("the stand-in api back on lbup2",
-          lambda: requests.get(f"http://{env.up2.address}:5001/health", timeout=2).ok)
+               lambda: requests.get(f"http://{env.up2.address}:5001/health", timeout=2).ok)
     env.both_answer()
 
 

@@ -220,7 +220,7 @@ def test_lines_logged_while_the_store_is_down_arrive_later(lab_logging: Logging)
         # rsyslog holds the lines meanwhile (its own counters say so).
         eventually("lines waiting in ship1's queue", lambda: queued(env) > 0, timeout=40)
     docs = eventually(f"{marker} in the store after its restart", lambda: env.found(marker),
-                 timeout=90)
+                      timeout=90)
     assert len(docs) == 1 and docs[0]["host"] == "ship1"
 
 
@@ -245,7 +245,7 @@ def test_queued_lines_survive_a_restart_of_rsyslog(lab_logging: Logging) -> None
         code, out = env.shipper.exec(f"ls {tier.SPOOL}/{tier.QUEUE}.qi")
         assert code == 0, out  # the queue's state on disk
     docs = eventually(f"{behind} in the store after the restarts", lambda: env.found(behind),
-                 timeout=90)
+                      timeout=90)
     assert len(docs) == 1 and docs[0]["host"] == "ship1"
 
 

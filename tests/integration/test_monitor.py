@@ -123,17 +123,24 @@ def lab_monitor(lab: Lab, tmp_path_factory) -> Monitor:
     return monitor
 
 
-def test_deploy_scrapes_every_exporter(lab_monitor: Monitor) -> None:
-    monitor, mon, data = lab_monitor, lab_monitor.mon, lab_monitor.data
-    dry = monitor.inv("monitor.deploy", "--dry")
+@pytest.fixture(scope="module")
+def deployed(lab_monitor: Monitor) -> subprocess.CompletedProcess:
+    """The first `inv monitor.deploy`, after a dry run that must install nothing."""
+    dry = lab_monitor.inv("monitor.deploy", "--dry")
     assert dry.returncode == 0, dry.stdout + dry.stderr
-    assert mon.exec("test -e /usr/bin/prometheus")[0] != 0  # the dry run installed nothing
-    first = monitor.inv("monitor.deploy")
+    assert lab_monitor.mon.exec("test -e /usr/bin/prometheus")[0] != 0  # nothing installed
+    first = lab_monitor.inv("monitor.deploy")
     assert first.returncode == 0, first.stdout + first.stderr
-    assert "[monitor] mon1: health prometheus ready ... unchanged" in first.stdout
+    return first
+
+
+def test_deploy_scrapes_every_exporter(lab_monitor: Monitor,
+                                       deployed: subprocess.CompletedProcess) -> None:
+    monitor, data = lab_monitor, lab_monitor.data
+    assert "[monitor] mon1: health prometheus ready ... unchanged" in deployed.stdout
 
     targets = eventually("every target up", lambda: (lambda t: t if set(t.values()) == {"up"}
-                                                else None)(monitor.targets()))
+                                                     else None)(monitor.targets()))
     assert set(targets) == EXPECTED_TARGETS
     # Exporters listen on the host's inventory address only, where Prometheus reaches them.
     _, listening = data.exec("ss -Hltn")
@@ -162,7 +169,8 @@ def test_deploy_scrapes_every_exporter(lab_monitor: Monitor) -> None:
         "mdata1": {"unchanged"}, "mon1": {"unchanged"}}
 
 
-def test_every_alert_rule_passes_promtools_unit_tests(lab_monitor: Monitor, tmp_path) -> None:
+def test_every_alert_rule_passes_promtools_unit_tests(lab_monitor: Monitor, deployed,
+                                                      tmp_path) -> None:
     """The rules rendered for the production inventory, against promtool's rule tests."""
     env = {"DIFY_INVENTORY": str(ROOT / "config" / "inventories" / "production.yml"),
            "DIFY_SECRETS": str(tmp_path / "production.env")}
@@ -180,7 +188,8 @@ def test_every_alert_rule_passes_promtools_unit_tests(lab_monitor: Monitor, tmp_
     assert "SUCCESS" in out
 
 
-def test_a_broken_rule_is_refused_and_nothing_is_applied(lab_monitor: Monitor, tmp_path) -> None:
+def test_a_broken_rule_is_refused_and_nothing_is_applied(lab_monitor: Monitor, deployed,
+                                                         tmp_path) -> None:
     monitor, mon = lab_monitor, lab_monitor.mon
     before = mon.exec(f"find {LIVE} -type f | sort | xargs md5sum")[1]
     broken = tmp_path / "broken.yml"
@@ -223,7 +232,8 @@ def posted(monitor: Monitor, name: str) -> list[dict]:
             if alert["labels"]["alertname"] == name and alert["status"] == "firing"]
 
 
-def test_stopped_exporter_and_postgresql_fire_alerts_to_the_webhook(lab_monitor: Monitor) -> None:
+def test_stopped_exporter_and_postgresql_fire_alerts_to_the_webhook(lab_monitor: Monitor,
+                                                                   deployed) -> None:
     monitor, data = lab_monitor, lab_monitor.data
     code, out = data.exec("systemctl stop prometheus-redis-exporter")
     assert code == 0, out
@@ -249,7 +259,7 @@ def test_stopped_exporter_and_postgresql_fire_alerts_to_the_webhook(lab_monitor:
     assert code == 0, out
     eventually("PostgresDown firing", lambda: firing(monitor, "PostgresDown", host="mdata1"))
     eventually("PostgresDown posted to the webhook", lambda: posted(monitor, "PostgresDown"),
-          timeout=30)
+               timeout=30)
 
     status = monitor.inv("monitor.status")
     assert status.returncode == 1
@@ -263,5 +273,5 @@ def test_stopped_exporter_and_postgresql_fire_alerts_to_the_webhook(lab_monitor:
     assert repaired.returncode == 0, repaired.stdout + repaired.stderr
     assert "[monitor] mdata1: enable and start prometheus-redis-exporter ... changed" in \
         repaired.stdout
-    eventually("every target up again",
-          lambda: set(monitor.targets().values()) == {"up"} and not firing(monitor, "TargetDown"))
+    eventually("every target up again", lambda: set(monitor.targets().values()) == {"up"}
+               and not firing(monitor, "TargetDown"))
