@@ -60,6 +60,8 @@ from testcontainers.core.container import DockerContainer
 from tasks.core.hostkeys import KNOWN_HOSTS_ENV
 
 LOG = logging.getLogger("difyops.lab")
+EXEC_MARK = "difyops-lab-exec-status"  # ends what LabHost.exec prints: the command's status
+EXEC_REREADS = 5
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 HOST_IMAGE_DIR = REPO_ROOT / "tests" / "hosts" / "systemd-ssh"
@@ -464,10 +466,29 @@ class LabHost:
         return self.container.get_wrapped_container()
 
     def exec(self, command: str, user: str = "root") -> tuple[int, str]:
-        """Run ``bash -lc command`` in the container (docker exec); return (exit, output)."""
-        result = self._wrapped().exec_run(["bash", "-lc", command], user=user, demux=False)
-        output = result.output.decode("utf-8", errors="replace") if result.output else ""
-        return int(result.exit_code if result.exit_code is not None else -1), output
+        """Run ``bash -lc command`` in the container (docker exec); return (exit, output).
+
+        The engine sometimes loses the output of a short exec under load and still reports
+        exit 0 (moby/moby#27289, docker/docker-py#2042). So the command's output and status go
+        to a file in the container first, then are printed with an end mark; when the mark did
+        not arrive, the file is read again (a read can be repeated, the command cannot).
+        """
+        token = secrets.token_hex(8)
+        keep = f'd=/tmp/.difyops-exec-$(id -u); f="$d/{token}"'
+        show = f'cat "$f"; printf "\\n{EXEC_MARK} %s\\n" "$(cat "$f.rc")"'
+        run = (f'{keep}; mkdir -p -m 700 "$d" && find "$d" -type f -mmin +10 -delete; '
+               f'(\n{command}\n) > "$f" 2>&1; echo $? > "$f.rc"; {show}')
+        reread = f"{keep}; {show}"
+        wrapped = self._wrapped()
+        result = wrapped.exec_run(["bash", "-lc", run], user=user, demux=False)
+        for _ in range(EXEC_REREADS):
+            output = result.output.decode("utf-8", errors="replace") if result.output else ""
+            body, mark, status = output.rpartition(f"\n{EXEC_MARK} ")
+            if mark and status.strip().isdigit():
+                return int(status), body
+            result = wrapped.exec_run(["bash", "-c", reread], user=user, demux=False)
+        raise LabError(f"{self.name}: docker exec lost the output of {command[:80]!r} "
+                       f"{EXEC_REREADS} times (exit {result.exit_code})")
 
     def inventory_entry(self, roles: list[str], user: str = "root") -> dict[str, Any]:
         """Return this host as an entry of a difyops inventory."""
