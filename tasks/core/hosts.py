@@ -3,6 +3,9 @@
 A host runs commands (with sudo when the login is not root), reads files and installs files
 atomically (temporary file, then rename), reporting whether anything changed. Backends differ
 only in how a command is executed and how bytes reach the machine.
+
+Machines come from connect(), which asks one factory held here: the real one, or a stand-in
+installed with `using` (tests); no other module makes machines itself.
 """
 
 from __future__ import annotations
@@ -14,6 +17,8 @@ import os
 import shlex
 import subprocess
 import tempfile
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, BinaryIO
 
@@ -297,8 +302,12 @@ def ssh_connection(host: Host, connect_timeout: float,
     return connection
 
 
-def connect(host: Host, timeouts: dict[str, int] | None = None) -> Machine:
-    """The machine behind an inventory host, with the inventory's timeouts."""
+# Makes the machine behind a host, given the inventory's timeouts (None: the defaults).
+Factory = Callable[[Host, dict[str, int] | None], Machine]
+
+
+def _real_machine(host: Host, timeouts: dict[str, int] | None = None) -> Machine:
+    """The real machine behind an inventory host: this machine, a Windows host or an SSH host."""
     timeouts = timeouts or {"connect": 10, "command": 1800}
     if host.connection == "local":
         return LocalMachine(host, timeouts["command"])
@@ -307,3 +316,26 @@ def connect(host: Host, timeouts: dict[str, int] | None = None) -> Machine:
 
         return WindowsMachine(host, timeouts["command"], timeouts["connect"])
     return SshMachine(host, timeouts["command"], timeouts["connect"])
+
+
+# What connect() asks for a machine: the real one unless `using` installed another. A plain
+# module attribute, not a ContextVar: fleet.each_host's worker threads must see it too.
+_factory: Factory = _real_machine
+
+
+def connect(host: Host, timeouts: dict[str, int] | None = None) -> Machine:
+    """The machine behind an inventory host, with the inventory's timeouts: every part of
+    difyops obtains its machines here, from the installed factory."""
+    return _factory(host, timeouts)
+
+
+@contextmanager
+def using(factory: Factory) -> Iterator[Factory]:
+    """Make connect() hand out the factory's machines (in every module and thread) until the
+    block ends, then put the previous factory back: how tests stand in for hosts."""
+    global _factory
+    previous, _factory = _factory, factory
+    try:
+        yield factory
+    finally:
+        _factory = previous

@@ -1,10 +1,12 @@
-"""Unit-test helpers: inventories written to a temporary folder, with valid secrets."""
+"""Unit-test helpers: inventories written to a temporary folder, with valid secrets; fake
+machines standing in for hosts."""
 
 from __future__ import annotations
 
 import copy
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
@@ -12,7 +14,7 @@ import paramiko
 import pytest
 import yaml
 
-from tasks.core import secrets
+from tasks.core import hosts, secrets
 from tasks.core.hostkeys import KNOWN_HOSTS_ENV, SUFFIX, lookup_name
 from tasks.core.inventory import Inventory, load_inventory
 
@@ -38,6 +40,7 @@ BASE: dict[str, Any] = {
 }
 
 InventoryFactory = Callable[..., Path]
+UseMachines = Callable[[hosts.Factory], hosts.Factory]
 # The host key every unit-test host is recorded with (no connection is ever made).
 HOST_KEY = paramiko.ECDSAKey.generate()
 
@@ -100,3 +103,11 @@ def load(write_inventory: InventoryFactory) -> Callable[..., Inventory]:
         return load_inventory(write_inventory(data, secret_values, mode))
 
     return load_data
+
+
+@pytest.fixture
+def use_machines() -> Iterator[UseMachines]:
+    """Install a machine factory until the test ends (a later one replaces it): every module's
+    connect() hands out its machines instead of reaching a host."""
+    with ExitStack() as stack:
+        yield lambda factory: stack.enter_context(hosts.using(factory))

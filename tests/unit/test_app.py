@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 import yaml
 
-from tasks.core import apply, rollout
+from tasks.core import rollout
 from tasks.core.errors import DifyopsError, InputError
 from tasks.core.gates import CommandGate, HttpGate
 from tasks.core.hosts import LocalMachine, Result
@@ -184,7 +184,7 @@ def test_upgrades_go_forward_and_may_cross_releases() -> None:
     app_release.check_step("1.13.3", "1.16.1")  # the target's migration chain holds every revision
 
 
-def upgraded(load, base, monkeypatch, history: list[dict], answers=lambda c: 0):
+def upgraded(load, base, monkeypatch, use_machines, history: list[dict], answers=lambda c: 0):
     """app_release.upgrade to 1.16.1 with hosts replaced by fakes; returns (migration host's
     commands, history as last written, report text)."""
     base["dify"] = {"version": "1.13.3"}
@@ -195,7 +195,7 @@ def upgraded(load, base, monkeypatch, history: list[dict], answers=lambda c: 0):
     monkeypatch.setattr(app_release, "write_history",
                         lambda inv, h: written.append(copy.deepcopy(h)) or [])
     monkeypatch.setattr(app_release, "ensure_images", lambda *a: None)
-    monkeypatch.setattr(app_release, "connect", lambda host, timeouts=None: machine)
+    use_machines(lambda host, timeouts=None: machine)
     monkeypatch.setattr(app_release, "migrate", lambda target, report: app_release.Migration(
         "aaa", "bbb", "bbb", ran=True))
     monkeypatch.setattr(app_release, "replace", lambda *a: rollout.Outcome(replaced=["api1"]))
@@ -204,10 +204,11 @@ def upgraded(load, base, monkeypatch, history: list[dict], answers=lambda c: 0):
     return machine.commands, written[-1], out.getvalue()
 
 
-def test_an_upgrade_across_releases_runs_each_release_step_once(load, base, monkeypatch) -> None:
+def test_an_upgrade_across_releases_runs_each_release_step_once(load, base, monkeypatch,
+                                                                  use_machines) -> None:
     start = [{"version": "1.13.3", "images": {}, "alembic": "aaa", "action": "deployed",
               "backup": "", "at": "t0"}]
-    commands, history, text = upgraded(load, base, monkeypatch, start)
+    commands, history, text = upgraded(load, base, monkeypatch, use_machines, start)
     step = ("docker compose --project-directory /opt/dify/migration -p dify-migration run --rm "
             "-T --entrypoint flask migration backfill-plugin-auto-upgrade")
     assert commands == [step]
@@ -216,18 +217,18 @@ def test_an_upgrade_across_releases_runs_each_release_step_once(load, base, monk
     assert "release step of Dify 1.15.0: flask backfill-plugin-auto-upgrade" in text
     # A resumed upgrade (stopped after the step) does not run it again.
     resumed = [*start, {**history[-1], "complete": False}]
-    commands, history, _ = upgraded(load, base, monkeypatch, resumed)
+    commands, history, _ = upgraded(load, base, monkeypatch, use_machines, resumed)
     assert commands == [] and history[-1]["steps"] == ["1.15.0:backfill-plugin-auto-upgrade"]
 
 
-def test_a_failed_release_step_stops_before_any_host_is_replaced(load, base,
-                                                                   monkeypatch) -> None:
+def test_a_failed_release_step_stops_before_any_host_is_replaced(load, base, monkeypatch,
+                                                                   use_machines) -> None:
     start = [{"version": "1.14.2", "images": {}, "alembic": "aaa", "action": "deployed",
               "backup": "", "at": "t0"}]
     with pytest.raises(app_release.ReleaseError, match=r"release step backfill-plugin-auto-upgrade "
                                                    r"of Dify 1\.15\.0 failed.*no host was "
                                                    r"replaced yet"):
-        upgraded(load, base, monkeypatch, start, answers=lambda c: 1)
+        upgraded(load, base, monkeypatch, use_machines, start, answers=lambda c: 1)
 
 
 def test_a_target_version_must_satisfy_the_rules(load, base) -> None:
@@ -284,8 +285,8 @@ def rolling_plans(*names: str, content: str = "v2\n") -> list[HostPlan]:
     ]) for i, name in enumerate(names, start=1)]
 
 
-def rolled(monkeypatch, machines: dict[str, FakeMachine], plans: list[HostPlan], **kwargs):
-    monkeypatch.setattr(apply, "connect", lambda host, timeouts=None: machines[host.name])
+def rolled(use_machines, machines: dict[str, FakeMachine], plans: list[HostPlan], **kwargs):
+    use_machines(lambda host, timeouts=None: machines[host.name])
     events: list[str] = []
     for machine in machines.values():
         original = machine._execute
@@ -302,24 +303,24 @@ def rolled(monkeypatch, machines: dict[str, FakeMachine], plans: list[HostPlan],
     return outcome, events
 
 
-def test_hosts_are_replaced_one_at_a_time_behind_the_load_balancer(monkeypatch) -> None:
+def test_hosts_are_replaced_one_at_a_time_behind_the_load_balancer(use_machines) -> None:
     plans = rolling_plans("api1", "api2", "api3")
     machines = {p.host.name: FakeMachine(p.host) for p in plans}
     machines["api2"].files["/opt/dify/compose.yml"] = (b"v2\n", 0o644, "root", "root")
-    outcome, events = rolled(monkeypatch, machines, plans)
+    outcome, events = rolled(use_machines, machines, plans)
     assert events == ["drain api1", "up api1", "undrain api1",
                       "drain api3", "up api3", "undrain api3"]
     assert outcome.ok and outcome.replaced == ["api1", "api3"] and outcome.unchanged == ["api2"]
 
 
-def test_a_host_that_fails_stops_the_rollout_and_gets_its_release_back(monkeypatch) -> None:
+def test_a_host_that_fails_stops_the_rollout_and_gets_its_release_back(use_machines) -> None:
     plans = rolling_plans("api1", "api2", "api3")
     machines = {p.host.name: FakeMachine(p.host) for p in plans}
     machines["api2"] = FakeMachine(plans[1].host, answers=lambda c: 1 if "--wait" in c else 0)
     back = rolling_plans("api2", content="v1\n")[0]
     back.steps[1] = RunCommand("compose up dify", "docker compose up -d",
                                on_change=("/opt/dify/compose.yml",))
-    outcome, events = rolled(monkeypatch, machines, plans, restore=lambda host: back)
+    outcome, events = rolled(use_machines, machines, plans, restore=lambda host: back)
     assert events == ["drain api1", "up api1", "undrain api1",
                       "drain api2", "up api2", "up api2", "undrain api2"]
     assert outcome.failed == "api2" and "compose up dify" in outcome.reason
@@ -328,11 +329,11 @@ def test_a_host_that_fails_stops_the_rollout_and_gets_its_release_back(monkeypat
     assert "/opt/dify/compose.yml" not in machines["api3"].files
 
 
-def test_a_failed_host_without_a_way_back_stays_drained(monkeypatch) -> None:
+def test_a_failed_host_without_a_way_back_stays_drained(use_machines) -> None:
     plans = rolling_plans("web1", "web2")
     machines = {p.host.name: FakeMachine(p.host, answers=lambda c: 1 if "--wait" in c else 0)
                 for p in plans}
-    outcome, events = rolled(monkeypatch, machines, plans)
+    outcome, events = rolled(use_machines, machines, plans)
     assert events == ["drain web1", "up web1"]
     assert outcome.left_drained and outcome.untouched == ["web2"] and not outcome.restored
     text = app_release.describe(outcome, *[type("I", (), {"profile": type("P", (), {
@@ -341,17 +342,17 @@ def test_a_failed_host_without_a_way_back_stays_drained(monkeypatch) -> None:
     assert "web1 is out of the load balancer" in text
 
 
-def test_workers_are_not_drained(monkeypatch) -> None:
+def test_workers_are_not_drained(use_machines) -> None:
     plans = rolling_plans("worker1")
     machines = {"worker1": FakeMachine(plans[0].host)}
-    _, events = rolled(monkeypatch, machines, plans, behind_lb=lambda host: False)
+    _, events = rolled(use_machines, machines, plans, behind_lb=lambda host: False)
     assert events == ["up worker1"]
 
 
-def test_a_drain_that_fails_touches_nothing(monkeypatch) -> None:
+def test_a_drain_that_fails_touches_nothing(use_machines) -> None:
     plans = rolling_plans("api1")
     machines = {"api1": FakeMachine(plans[0].host)}
-    monkeypatch.setattr(apply, "connect", lambda host, timeouts=None: machines[host.name])
+    use_machines(lambda host, timeouts=None: machines[host.name])
 
     def drain(name: str) -> None:
         raise DifyopsError("nginx on lb1 did not reload")
@@ -555,12 +556,12 @@ def test_a_compose_wait_that_times_out_names_each_unhealthy_service(tmp_path) ->
         'last log line: worker: cannot reach the broker')
 
 
-def test_a_restore_that_fails_too_is_reported(monkeypatch) -> None:
+def test_a_restore_that_fails_too_is_reported(use_machines) -> None:
     plans = rolling_plans("api1", "api2")
     machines = {p.host.name: FakeMachine(p.host, answers=lambda c: 1 if "--wait" in c else 0)
                 for p in plans}
     back = rolling_plans("api1", content="v1\n")[0]
-    outcome, events = rolled(monkeypatch, machines, plans, restore=lambda host: back)
+    outcome, events = rolled(use_machines, machines, plans, restore=lambda host: back)
     assert events == ["drain api1", "up api1", "up api1"]  # never undrained, api2 untouched
     assert outcome.failed == "api1" and not outcome.restored and outcome.left_drained
     assert "compose up dify" in outcome.restore_error and outcome.untouched == ["api2"]

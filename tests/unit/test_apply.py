@@ -6,12 +6,12 @@ import io
 
 import pytest
 
-from tasks.core import apply
 from tasks.core.apply import Executor
 from tasks.core.gates import CommandGate
 from tasks.core.inventory import Host
 from tasks.core.plan import HostPlan, RunCommand, TierPlan, WaitFor, WriteFile
 from tasks.core.report import CHANGED, FAILED, NOT_RUN, UNCHANGED, WOULD_CHANGE, Report
+from tests.unit.conftest import UseMachines
 from tests.unit.fakes import FakeMachine
 
 CONF = "/etc/app.conf"
@@ -33,9 +33,9 @@ def plan_for(*names: str, content: str = "a = 1\n") -> TierPlan:
 class Lab:
     """Fake machines by host name, wired into an executor."""
 
-    def __init__(self, monkeypatch: pytest.MonkeyPatch, **machines: FakeMachine) -> None:
+    def __init__(self, use_machines: UseMachines, **machines: FakeMachine) -> None:
         self.machines = machines
-        monkeypatch.setattr(apply, "connect", lambda h, timeouts=None: self.machines[h.name])
+        use_machines(lambda h, timeouts=None: self.machines[h.name])
 
     def run(self, *tiers: TierPlan, dry: bool = False) -> Report:
         return Executor(Report(out=io.StringIO()), dry=dry).run(list(tiers))
@@ -49,9 +49,9 @@ def not_installed(command: str) -> int:
     return 1 if command == "dpkg -s app" else 0
 
 
-def test_first_apply_changes_and_second_changes_nothing(monkeypatch) -> None:
+def test_first_apply_changes_and_second_changes_nothing(use_machines) -> None:
     machine = FakeMachine(host("a"), answers=not_installed)
-    lab = Lab(monkeypatch, a=machine)
+    lab = Lab(use_machines, a=machine)
     first = lab.run(plan_for("a"))
     assert statuses(first, "a") == [(f"file {CONF}", CHANGED), ("install app", CHANGED),
                                     ("restart app", CHANGED), ("health app", UNCHANGED)]
@@ -61,9 +61,9 @@ def test_first_apply_changes_and_second_changes_nothing(monkeypatch) -> None:
     assert "systemctl restart app" not in machine.commands[len(machine.commands) // 2:]
 
 
-def test_restart_runs_only_when_its_file_changed(monkeypatch) -> None:
+def test_restart_runs_only_when_its_file_changed(use_machines) -> None:
     machine = FakeMachine(host("a"))
-    lab = Lab(monkeypatch, a=machine)
+    lab = Lab(use_machines, a=machine)
     lab.run(plan_for("a"))
     machine.commands.clear()
     lab.run(plan_for("a", content="a = 2\n"))
@@ -73,10 +73,10 @@ def test_restart_runs_only_when_its_file_changed(monkeypatch) -> None:
     assert "systemctl restart app" not in machine.commands
 
 
-def test_dry_run_touches_nothing_and_shows_a_diff(monkeypatch) -> None:
+def test_dry_run_touches_nothing_and_shows_a_diff(use_machines) -> None:
     machine = FakeMachine(host("a"), answers=not_installed)
     machine.files[CONF] = (b"a = 0\n", 0o644, "root", "root")
-    lab = Lab(monkeypatch, a=machine)
+    lab = Lab(use_machines, a=machine)
     report = lab.run(plan_for("a"), dry=True)
     assert machine.files[CONF][0] == b"a = 0\n"
     assert not any(c.startswith(("apt-get", "systemctl")) for c in machine.commands)
@@ -88,18 +88,18 @@ def test_dry_run_touches_nothing_and_shows_a_diff(monkeypatch) -> None:
     assert "-a = 0" in diff and "+a = 1" in diff
 
 
-def test_dry_run_hides_secret_content(monkeypatch) -> None:
+def test_dry_run_hides_secret_content(use_machines) -> None:
     machine = FakeMachine(host("a"))
     machine.files["/s"] = (b"PASSWORD=old\n", 0o600, "root", "root")
-    lab = Lab(monkeypatch, a=machine)
+    lab = Lab(use_machines, a=machine)
     tier = TierPlan("demo", [HostPlan(host("a"), [WriteFile("/s", "PASSWORD=new\n", mode=0o600,
                                                             secret=True)])])
     detail = lab.run(tier, dry=True).results[0].detail
     assert detail == "content differs (secret: not shown)"
 
 
-def test_a_failing_host_stops_its_own_steps_only(monkeypatch) -> None:
-    lab = Lab(monkeypatch, a=FakeMachine(host("a"), answers=not_installed),
+def test_a_failing_host_stops_its_own_steps_only(use_machines) -> None:
+    lab = Lab(use_machines, a=FakeMachine(host("a"), answers=not_installed),
               b=FakeMachine(host("b"), answers=lambda c: 1 if c.startswith(("dpkg", "apt"))
                             else 0))
     report = lab.run(plan_for("a", "b"))
@@ -110,8 +110,8 @@ def test_a_failing_host_stops_its_own_steps_only(monkeypatch) -> None:
     assert "stopped after install app failed" in report.results[-1].detail
 
 
-def test_unreachable_host_fails_cleanly_and_others_finish(monkeypatch) -> None:
-    lab = Lab(monkeypatch, a=FakeMachine(host("a")),
+def test_unreachable_host_fails_cleanly_and_others_finish(use_machines) -> None:
+    lab = Lab(use_machines, a=FakeMachine(host("a")),
               b=FakeMachine(host("b"), unreachable=True))
     report = lab.run(plan_for("a", "b"))
     assert all(status != FAILED for _, status in statuses(report, "a"))
@@ -119,8 +119,8 @@ def test_unreachable_host_fails_cleanly_and_others_finish(monkeypatch) -> None:
     assert "cannot connect to b (root@10.9.0.1:22)" in failure.detail
 
 
-def test_dependent_tiers_do_not_run_after_a_failure(monkeypatch) -> None:
-    lab = Lab(monkeypatch, a=FakeMachine(host("a"), unreachable=True), b=FakeMachine(host("b")))
+def test_dependent_tiers_do_not_run_after_a_failure(use_machines) -> None:
+    lab = Lab(use_machines, a=FakeMachine(host("a"), unreachable=True), b=FakeMachine(host("b")))
     first = plan_for("a")
     second = TierPlan("after", plan_for("b").hosts, depends_on=("demo",))
     report = lab.run(first, second)
@@ -129,9 +129,9 @@ def test_dependent_tiers_do_not_run_after_a_failure(monkeypatch) -> None:
     assert after[0].detail == "depends on demo, which failed"
 
 
-def test_a_restart_owed_by_a_failed_run_runs_on_the_rerun(monkeypatch) -> None:
+def test_a_restart_owed_by_a_failed_run_runs_on_the_rerun(use_machines) -> None:
     machine = FakeMachine(host("a"), answers=lambda c: 1 if c == "systemctl restart app" else 0)
-    lab = Lab(monkeypatch, a=machine)
+    lab = Lab(use_machines, a=machine)
     lab.run(plan_for("a"))  # file written, restart failed
     assert machine.markers
     machine.answers = lambda c: 0
@@ -141,8 +141,8 @@ def test_a_restart_owed_by_a_failed_run_runs_on_the_rerun(monkeypatch) -> None:
     assert machine.markers == set()
 
 
-def test_summary_has_a_line_per_host(monkeypatch) -> None:
-    lab = Lab(monkeypatch, a=FakeMachine(host("a")), bb=FakeMachine(host("bb"), unreachable=True))
+def test_summary_has_a_line_per_host(use_machines) -> None:
+    lab = Lab(use_machines, a=FakeMachine(host("a")), bb=FakeMachine(host("bb"), unreachable=True))
     summary = lab.run(plan_for("a", "bb")).summary()
     lines = summary.splitlines()
     assert lines[0].split() == ["host", "changed", "unchanged", "failed", "not", "run"]
@@ -151,7 +151,7 @@ def test_summary_has_a_line_per_host(monkeypatch) -> None:
     assert "cannot connect to bb" in lines[2]
 
 
-def test_parallel_limits_how_many_hosts_of_a_tier_run_at_once(monkeypatch) -> None:
+def test_parallel_limits_how_many_hosts_of_a_tier_run_at_once(use_machines) -> None:
     import threading
 
     names = ("a", "b", "c")
@@ -168,7 +168,7 @@ def test_parallel_limits_how_many_hosts_of_a_tier_run_at_once(monkeypatch) -> No
             return 0
         return FakeMachine(host(name), answers=answers)
 
-    lab = Lab(monkeypatch, **{n: machine(n, everyone_at_once) for n in names})
+    lab = Lab(use_machines, **{n: machine(n, everyone_at_once) for n in names})
     report = Executor(Report(out=io.StringIO())).run([plan_for(*names)])
     assert report.failed == [] and set(order) == set(names)
 
@@ -202,9 +202,9 @@ class SudoUser(FakeMachine):
         return None
 
 
-def test_a_dry_run_where_sudo_is_refused_fails_instead_of_reporting_changes(monkeypatch) -> None:
+def test_a_dry_run_where_sudo_is_refused_fails_instead_of_reporting_changes(use_machines) -> None:
     machine = SudoUser("a", sudo_works=False)
-    report = Lab(monkeypatch, a=machine).run(
+    report = Lab(use_machines, a=machine).run(
         TierPlan("demo", [HostPlan(host("a"), [
             RunCommand("install app", "apt-get install app", unless="dpkg -s app")])]),
         dry=True)
@@ -214,22 +214,22 @@ def test_a_dry_run_where_sudo_is_refused_fails_instead_of_reporting_changes(monk
 
 
 @pytest.mark.parametrize("exited", [124, 126, 255])
-def test_a_probe_that_cannot_run_is_an_error_not_a_missing_thing(monkeypatch, exited) -> None:
+def test_a_probe_that_cannot_run_is_an_error_not_a_missing_thing(use_machines, exited) -> None:
     machine = FakeMachine(host("a"), answers=lambda c: exited if c == "dpkg -s app" else 0)
-    report = Lab(monkeypatch, a=machine).run(plan_for("a"), dry=True)
+    report = Lab(use_machines, a=machine).run(plan_for("a"), dry=True)
     failed = [r for r in report.results if r.status == FAILED]
     assert [r.step for r in failed] == ["install app"]
     assert f"the probe `dpkg -s app` could not run (exit {exited})" in failed[0].detail
     assert "apt-get install app" not in machine.commands
 
 
-def test_a_dry_run_does_not_probe_with_a_file_it_would_install_first(monkeypatch) -> None:
+def test_a_dry_run_does_not_probe_with_a_file_it_would_install_first(use_machines) -> None:
     helper = "/usr/local/sbin/helper"
     machine = FakeMachine(host("a"), answers=lambda c: 126 if c.startswith(helper) else 0)
     plan = TierPlan("demo", [HostPlan(host("a"), [
         WriteFile(helper, "#!/bin/sh\n"),
         RunCommand("configure", f"{helper} apply", unless=f"{helper} is-configured")])])
-    report = Lab(monkeypatch, a=machine).run(plan, dry=True)
+    report = Lab(use_machines, a=machine).run(plan, dry=True)
     assert statuses(report, "a") == [(f"file {helper}", WOULD_CHANGE),
                                      ("configure", WOULD_CHANGE)]
     assert not any(c.startswith(helper) for c in machine.commands)

@@ -17,7 +17,7 @@ from tasks.backups.store import MANIFEST, Store, write_json
 from tasks.core import secrets
 from tasks.core.errors import InputError
 from tasks.core.inventory import Host, Inventory
-from tests.unit.conftest import good_secrets
+from tests.unit.conftest import UseMachines, good_secrets
 from tests.unit.fakes import FakeMachine
 
 # --- settings -------------------------------------------------------------------------------
@@ -211,8 +211,8 @@ def test_archives_are_read_to_the_end(tmp_path: Path) -> None:
 
 
 @pytest.fixture
-def hosts_log(monkeypatch: pytest.MonkeyPatch) -> dict[str, list[str]]:
-    """engine.connect gives fake machines; every command is logged per host."""
+def hosts_log(use_machines: UseMachines) -> dict[str, list[str]]:
+    """connect() gives fake machines; every command is logged per host."""
     log: dict[str, list[str]] = {}
     answers: dict[str, Callable[[str], int]] = {}
 
@@ -221,7 +221,7 @@ def hosts_log(monkeypatch: pytest.MonkeyPatch) -> dict[str, list[str]]:
         machine.commands = log.setdefault(host.name, [])
         return machine
 
-    monkeypatch.setattr(engine, "connect", fake_connect)
+    use_machines(fake_connect)
     log["__answers__"] = answers  # type: ignore[assignment]
     return log
 
@@ -345,7 +345,8 @@ def test_s3_failure_says_which_command(load, base, tmp_path) -> None:
         copy.aws(inventory, ["s3", "rm", "s3://b/x"], runner)
 
 
-def test_success_is_recorded_for_the_monitor_hosts(load, base, monkeypatch) -> None:
+def test_success_is_recorded_for_the_monitor_hosts(load, base, monkeypatch,
+                                                   use_machines) -> None:
     from tasks.backups import engine as backup_engine
     from tests.unit.fakes import FakeMachine
 
@@ -354,7 +355,7 @@ def test_success_is_recorded_for_the_monitor_hosts(load, base, monkeypatch) -> N
     def fake_connect(host, timeouts=None):
         return machines.setdefault(host.name, FakeMachine(host))
 
-    monkeypatch.setattr(backup_engine, "connect", fake_connect)
+    use_machines(fake_connect)
     monkeypatch.setattr(backup_engine.time, "time", lambda: 1767225600.5)
     backup_engine.record_success(load(base), out=lambda text: None)
     assert list(machines) == ["monitor1"]

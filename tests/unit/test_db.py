@@ -11,7 +11,6 @@ from pathlib import Path
 import pytest
 from dotenv import dotenv_values
 
-from tasks.core import apply
 from tasks.core.errors import DifyopsError
 from tasks.core.inventory import Inventory
 from tasks.core.plan import RunCommand, WaitFor, WriteFile
@@ -262,7 +261,7 @@ def test_choose_the_standby_that_received_most(load, base) -> None:
         db_ops.choose(inventory, nodes, "api1")
 
 
-def test_failover_fences_promotes_and_repoints(load, base, monkeypatch) -> None:
+def test_failover_fences_promotes_and_repoints(load, base, monkeypatch, use_machines) -> None:
     inventory = load(base)
     before = healthy(inventory)
     before[0].running = False                         # the primary's PostgreSQL died
@@ -272,8 +271,7 @@ def test_failover_fences_promotes_and_repoints(load, base, monkeypatch) -> None:
         return machines.setdefault(host.name, FakeMachine(host))
 
     monkeypatch.setattr(db_ops, "survey", lambda inv: before)
-    monkeypatch.setattr(db_ops, "connect", machine)
-    monkeypatch.setattr(apply, "connect", machine)
+    use_machines(machine)
     printed: list[str] = []
     after = db_ops.failover(inventory, None, out=printed.append,
                             report=Report(out=io.StringIO()))
@@ -292,16 +290,14 @@ def test_failover_fences_promotes_and_repoints(load, base, monkeypatch) -> None:
     assert "db1: fenced" in text
 
 
-def test_failover_fences_nothing_when_the_standby_cannot_be_promoted(load, base,
-                                                                    monkeypatch) -> None:
+def test_failover_fences_nothing_when_the_standby_cannot_be_promoted(load, base, monkeypatch,
+                                                                    use_machines) -> None:
     inventory = load(base)
     nodes = healthy(inventory)
     nodes[2].error = "cannot connect to db3"
     machines: dict[str, FakeMachine] = {}
     monkeypatch.setattr(db_ops, "survey", lambda inv: nodes)
-    monkeypatch.setattr(db_ops, "connect",
-                        lambda host, timeouts=None: machines.setdefault(host.name,
-                                                                        FakeMachine(host)))
+    use_machines(lambda host, timeouts=None: machines.setdefault(host.name, FakeMachine(host)))
     with pytest.raises(DifyopsError, match="cannot promote db3: cannot connect to db3; nothing "
                                            "was fenced"):
         db_ops.failover(inventory, "db3", out=lambda text: None)

@@ -14,7 +14,6 @@ from invoke import Context
 from invoke.exceptions import Exit
 
 from tasks import dev
-from tasks.core import apply
 from tasks.core.apply import Executor
 from tasks.core.errors import InputError
 from tasks.core.plan import RunCommand, Step, WaitFor, WriteFile
@@ -328,14 +327,14 @@ def test_windows_frontend_commands(load) -> None:
             assert (step.mode, step.owner, step.group) == (0o644, "root", "root")
 
 
-def test_windows_plan_runs_without_posix_commands(load, monkeypatch) -> None:
+def test_windows_plan_runs_without_posix_commands(load, use_machines) -> None:
     """The executor issues only the plan's own commands to a Windows host (no marker files)."""
     inventory = load(windows_lab())
     plan = dev_frontend.TIER.plan(inventory)
     no_checkout = "Test-Path -LiteralPath 'C:\\src\\dify\\web\\package.json'"
     machine = FakeMachine(inventory.host("workstation"),
                           answers=lambda command: 1 if no_checkout in command else 0)
-    monkeypatch.setattr(apply, "connect", lambda host, timeouts=None: machine)
+    use_machines(lambda host, timeouts=None: machine)
     plan.hosts[0].steps = [s for s in plan.hosts[0].steps if not isinstance(s, WaitFor)]
     report = Executor(Report(out=io.StringIO())).run([plan])
     assert [r.step for r in report.failed] == ["C:\\src\\dify\\web holds Dify's web"]
@@ -415,7 +414,7 @@ def test_dev_server_refuses_a_home_server_without_the_base_roles(write_inventory
         dev.server(Context())
 
 
-def test_dry_runs_touch_nothing(write_inventory, monkeypatch, capsys) -> None:
+def test_dry_runs_touch_nothing(write_inventory, monkeypatch, capsys, use_machines) -> None:
     """--dry of each task plans every step; the fake hosts answer 'not there yet'."""
     data = lab()
     monkeypatch.setenv("DIFY_INVENTORY", str(write_inventory(data)))
@@ -424,7 +423,7 @@ def test_dry_runs_touch_nothing(write_inventory, monkeypatch, capsys) -> None:
     def connect(host, timeouts=None):
         return machines.setdefault(host.name, FakeMachine(host, answers=lambda command: 1))
 
-    monkeypatch.setattr(apply, "connect", connect)
+    use_machines(connect)
     dev.backend(Context(), dry=True)
     out = capsys.readouterr().out
     assert "[dev_backend] ubuntu-vm: migrate the database (flask upgrade-db) ... would change" \

@@ -11,13 +11,15 @@ from invoke import Context
 from invoke.exceptions import Exit
 
 from tasks import deploy
-from tasks.core import doctor, fleet
+from tasks.core import doctor
 from tasks.core.gates import CommandGate
+from tasks.core.hosts import using
 from tasks.core.inventory import Host
 from tasks.core.lock import deploy_lock
 from tasks.core.plan import HostPlan, Restart, TierPlan, WaitFor
 from tasks.core.tiers import build
 from tasks.tiers import TIERS
+from tests.unit.conftest import UseMachines
 from tests.unit.fakes import FakeMachine
 
 REDIS = Restart("redis-server", "systemctl restart redis-server")
@@ -64,9 +66,9 @@ def plans(*hosts: str, steps: list[WaitFor] | None = None) -> list[TierPlan]:
 
 
 @pytest.fixture
-def world(monkeypatch: pytest.MonkeyPatch) -> World:
+def world(use_machines: UseMachines) -> World:
     made = World({})
-    monkeypatch.setattr(fleet, "connect", made.connect)
+    use_machines(made.connect)
     return made
 
 
@@ -162,12 +164,8 @@ def test_a_gate_without_restart_waits_for_restarts_elsewhere_else_needs_a_person
             world.down["c2"].discard("link")
         return world.connect(host, timeouts)
 
-    fleet_connect = fleet.connect
-    fleet.connect = heal_link
-    try:
+    with using(heal_link):
         found = doctor.run(plans("c1", "c2", steps=steps), restart_log(tmp_path), say=quiet)
-    finally:
-        fleet.connect = fleet_connect
     states = {(f.host, f.component): f.state for f in found}
     assert states[("c2", "replication link up")] == doctor.RECOVERED
     assert not any(c.startswith("systemctl") for c in world.commands("c2"))
@@ -345,7 +343,7 @@ def test_schedule_cron_line(load, base) -> None:
 
 
 def test_schedule_refuses_a_bad_interval_and_a_machine_without_scheduler(
-        load, base, monkeypatch) -> None:
+        load, base, use_machines) -> None:
     from tasks.core import doctor_schedule
     from tasks.core.errors import DifyopsError, InputError
     from tasks.core.schedule import CONTROL
@@ -356,7 +354,7 @@ def test_schedule_refuses_a_bad_interval_and_a_machine_without_scheduler(
     base["doctor"] = {"every": 5}
     inventory = load(base)
     machine = FakeMachine(CONTROL, lambda command: 1)  # no systemd, no cron
-    monkeypatch.setattr(doctor_schedule, "connect", lambda host, timeouts=None: machine)
+    use_machines(lambda host, timeouts=None: machine)
     with pytest.raises(DifyopsError, match="neither systemd nor cron") as caught:
         doctor_schedule.install(inventory)
     assert "-m invoke deploy.doctor" in str(caught.value)

@@ -8,9 +8,9 @@ from tasks.core.inventory import Host
 from tests.unit.fakes import FakeMachine
 
 
-def test_outcomes_in_order_with_errors_kept(monkeypatch) -> None:
+def test_outcomes_in_order_with_errors_kept(use_machines) -> None:
     hosts = [Host(name=n, address=f"10.0.0.{i}") for i, n in enumerate(["a", "b", "c"], 1)]
-    monkeypatch.setattr(fleet, "connect", lambda host, timeouts=None: FakeMachine(host))
+    use_machines(lambda host, timeouts=None: FakeMachine(host))
 
     def action(machine: FakeMachine) -> str:
         if machine.host.name == "b":

@@ -12,7 +12,6 @@ from pathlib import Path
 import pytest
 from dotenv import dotenv_values
 
-from tasks.core import fleet
 from tasks.core.errors import DifyopsError, HostError, InputError
 from tasks.core.hosts import Result
 from tasks.core.inventory import Inventory
@@ -475,7 +474,7 @@ class LbMachine(FakeMachine):
 
 
 @pytest.fixture
-def lbs(load, base, monkeypatch):
+def lbs(load, base, use_machines):
     base["hosts"].insert(1, {"name": "lb2", "address": "10.0.1.11", "roles": ["lb"]})
     inventory = load(base)
     machines = {h.name: LbMachine(h) for h in inventory.with_role("lb")}
@@ -485,7 +484,7 @@ def lbs(load, base, monkeypatch):
         connected.append(host.name)
         return machines[host.name]
 
-    monkeypatch.setattr(fleet, "connect", connect)
+    use_machines(connect)
     return inventory, machines, connected
 
 

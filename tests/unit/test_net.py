@@ -241,7 +241,7 @@ def test_the_guard_script_is_valid_sh_and_checks_before_loading(load, base,
 
 
 class Connections:
-    """Stands in for `connect`: hands out fake machines, some unreachable."""
+    """A machine factory: hands out fake machines, some unreachable."""
 
     def __init__(self, answers=None, unreachable: int = 0) -> None:
         self.opened: list[FakeMachine] = []
@@ -254,10 +254,10 @@ class Connections:
         return machine
 
 
-def test_confirmation_needs_a_new_connection(monkeypatch) -> None:
+def test_confirmation_needs_a_new_connection(use_machines) -> None:
     host = Host(name="db1", address="10.0.3.11")
     connections = Connections(unreachable=2)
-    monkeypatch.setattr(firewall, "connect", connections)
+    use_machines(connections)
     gate = firewall.NewConnectionGate("confirm", timeout=10, interval=1, command="confirm-it")
     clock = iter(range(100))
     answer = wait(gate, FakeMachine(host), clock=lambda: next(clock), pause=lambda s: None)
@@ -266,10 +266,10 @@ def test_confirmation_needs_a_new_connection(monkeypatch) -> None:
     assert answer == "exit 0"
 
 
-def test_a_confirmation_refused_by_the_host_is_final(monkeypatch) -> None:
+def test_a_confirmation_refused_by_the_host_is_final(use_machines) -> None:
     host = Host(name="db1", address="10.0.3.11")
     connections = Connections(answers=lambda command: 1)
-    monkeypatch.setattr(firewall, "connect", connections)
+    use_machines(connections)
     gate = firewall.NewConnectionGate("confirm", timeout=10, command="confirm-it")
     with pytest.raises(HostError, match=firewall.REFUSED):
         wait(gate, FakeMachine(host), pause=lambda s: None)

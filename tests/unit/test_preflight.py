@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from tasks.core import fleet, preflight
+from tasks.core import preflight
 from tasks.core.hosts import Result
 from tasks.core.inventory import Inventory
 from tasks.core.preflight import INFO, OK, REFUSE, WARN, Facts, Listener
@@ -243,7 +243,7 @@ def test_reach_probes_listening_peers_and_notes_the_others(load, base) -> None:
     assert found.status == INFO
 
 
-def test_the_whole_preflight_in_parallel_with_a_refusal(load, base, monkeypatch,
+def test_the_whole_preflight_in_parallel_with_a_refusal(load, base, use_machines,
                                                        capsys) -> None:
     inventory = load(base)
     hosts = [inventory.host("lb1"), inventory.host("db1")]
@@ -259,7 +259,7 @@ def test_the_whole_preflight_in_parallel_with_a_refusal(load, base, monkeypatch,
         def _execute(self, command: str, timeout: float) -> Result:
             return answers(command)
 
-    monkeypatch.setattr(fleet, "connect", lambda host, timeouts=None: Machine(host))
+    use_machines(lambda host, timeouts=None: Machine(host))
     with pytest.raises(preflight.PreflightRefused) as caught:
         preflight.check(inventory, hosts)
     printed = capsys.readouterr().out
@@ -279,7 +279,7 @@ def test_docker_is_only_asked_where_a_compose_tier_runs(load, base) -> None:
         inventory, inventory.host("vector1"), facts(docker="missing"))}
 
 
-def test_a_windows_workstation_gets_a_warning_not_a_refusal(load, monkeypatch) -> None:
+def test_a_windows_workstation_gets_a_warning_not_a_refusal(load, use_machines) -> None:
     inventory = load({"name": "lab", "cache": {"mode": "standalone"},
                       "vector": {"store": "pgvector"},
                       "preflight": {"sizes": {"db_primary": {"cpu": 1, "memory_gb": 1,
@@ -300,7 +300,7 @@ def test_a_windows_workstation_gets_a_warning_not_a_refusal(load, monkeypatch) -
                 return Result(0, f"{time.time():.3f}\n", "")
             return Result(0, "", "")
 
-    monkeypatch.setattr(fleet, "connect", lambda host, timeouts=None: Machine(host))
+    use_machines(lambda host, timeouts=None: Machine(host))
     rows = preflight.check(inventory, inventory.hosts, out=lambda *a, **k: None)
     (win,) = [r for r in rows if r.host == "win"]
     assert win.check == "os" and win.status == WARN
