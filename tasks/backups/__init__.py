@@ -4,7 +4,7 @@
 - retention.py: which backups prune keeps (pure arithmetic)
 - settings.py: the inventory's backup settings checked before any host is touched
 - stream.py: binary streams from and into commands on hosts (pg_dump out, pg_restore in)
-- crypto.py: encryption of files with the backup passphrase (openssl)
+- crypto.py: authenticated encryption of files with the backup passphrase (AES-256-GCM)
 - postgres.py: consistent dumps with row counts, restores, scratch databases
 - engine.py: run, verify, restore (the task module tasks/backup.py stays thin)
 - copy.py: the second place (SSH host or S3-compatible bucket)

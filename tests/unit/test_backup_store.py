@@ -9,7 +9,6 @@ from pathlib import Path
 
 import pytest
 
-from tasks.backups import crypto
 from tasks.backups.store import (
     MANIFEST,
     Store,
@@ -134,33 +133,3 @@ def test_json_is_written_atomically_with_mode_0600(tmp_path: Path) -> None:
     assert stat.S_IMODE(path.stat().st_mode) == 0o600
     assert read_json(tmp_path / "missing.json") is None
     assert os.listdir(tmp_path) == ["x.json"]
-
-
-def test_plain_files_are_0600(tmp_path: Path) -> None:
-    with crypto.writer(tmp_path / "plain", None) as handle:
-        handle.write(b"data")
-    assert stat.S_IMODE((tmp_path / "plain").stat().st_mode) == 0o600
-    with crypto.reader(tmp_path / "plain", None) as handle:
-        assert handle.read() == b"data"
-
-
-def test_encryption_round_trip_and_wrong_passphrase(tmp_path: Path) -> None:
-    secret = b"SECRET_KEY=sk-not-a-real-key\n" * 1000
-    with crypto.writer(tmp_path / "c.enc", "the-right-passphrase-123") as handle:
-        handle.write(secret)
-    stored = (tmp_path / "c.enc").read_bytes()
-    assert b"SECRET_KEY" not in stored and stored.startswith(b"Salted__")
-    assert stat.S_IMODE((tmp_path / "c.enc").stat().st_mode) == 0o600
-    with crypto.reader(tmp_path / "c.enc", "the-right-passphrase-123") as handle:
-        assert handle.read() == secret
-    with pytest.raises(crypto.CryptoError, match="wrong BACKUP_PASSPHRASE"):
-        crypto.check_readable(tmp_path / "c.enc", "a-wrong-passphrase-4567")
-    crypto.decrypt_file(tmp_path / "c.enc", tmp_path / "c", "the-right-passphrase-123")
-    assert (tmp_path / "c").read_bytes() == secret
-
-
-def test_an_existing_file_is_never_overwritten(tmp_path: Path) -> None:
-    (tmp_path / "f").write_bytes(b"old")
-    with pytest.raises(FileExistsError), crypto.writer(tmp_path / "f", None):
-        pass
-    assert (tmp_path / "f").read_bytes() == b"old"
