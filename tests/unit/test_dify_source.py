@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import os
+import re
 import subprocess
 import sys
 from collections.abc import Callable
@@ -86,6 +87,17 @@ def test_queues_and_celery_app_are_the_entrypoints(release, version: str) -> Non
     source, profile = release(version), load_profile(version)
     assert profile.queues == source.queues
     assert profile.celery_app == source.celery_app
+
+
+@pytest.mark.parametrize("version", SOURCED)
+def test_the_api_keeps_gunicorns_idle_timeout(release, version: str) -> None:
+    """The balancer closes idle upstream connections after 1 s because the api's gunicorn
+    closes them after its default 2 s: no release sets another (nginx/dify.conf.j2)."""
+    source = release(version)
+    entrypoint = source.read("api/docker/entrypoint.sh")
+    assert "exec gunicorn" in entrypoint
+    for text in (entrypoint, source.read("api/Dockerfile"), source.read("api/gunicorn.conf.py")):
+        assert not re.search(r"keep-alive|keepalive|GUNICORN_CMD_ARGS", text), version
 
 
 @pytest.mark.parametrize("version", SOURCED)

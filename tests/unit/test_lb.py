@@ -150,6 +150,8 @@ def test_keepalive_and_failover_that_never_replays_a_post(load, base) -> None:
     assert "non_idempotent" not in retry and {"error", "timeout"} <= set(retry)
     for name, body in blocks(site, "upstream "):
         assert re.search(r"^\s*keepalive \d+;", body, re.M), name
+        # Below the api's own idle timeout (gunicorn's default 2 s: test_dify_source).
+        assert re.search(r"^\s*keepalive_timeout 1s;", body, re.M), name
         assert all("max_fails=5 fail_timeout=9s;" in line
                    for line in body.splitlines() if line.strip().startswith("server ")), name
 
