@@ -1,13 +1,16 @@
-"""Build the REAL dify-api image of a Dify release from the release's source, for the lab.
+"""Build REAL images of a Dify release from the release's source, for the lab.
 
-The image (tests/images/dify-api-real/Dockerfile) is built FROM the lab's Debian 12 base image
-with this machine's Python 3.12 copied in and the release's dependencies installed by its own
-``uv sync`` command from PyPI (the machine's CA bundle is given to the build, and removed
-after). It is tagged ``difyops-test/dify-api-real:<hash of its inputs>`` (which keeps the cache)
-and under the name the version profile gives behind a registry mirror prefix of the caller's
-(``difyops-real/langgenius/dify-api:<version>``; never the stand-ins' prefix, whose names the
-stand-in tests build and own): an inventory with that ``dify.registry_mirror`` then deploys
-the real api, worker and beat. A second run rebuilds nothing.
+Two recipes, one builder: API (the dify-api image: api, worker and beat; Dockerfile template
+tests/images/dify-api-real/) and AGENT_BACKEND (1.16.1's dify-agent-backend image, from the
+release's dify-agent/ folder; template tests/images/dify-agent-backend-real/). Each image is
+built FROM the lab's Debian 12 base image with this machine's Python 3.12 copied in and the
+dependencies installed by the ``uv sync`` command of the release's own Dockerfile for that
+folder, from PyPI (the machine's CA bundle is given to the build, and removed after). It is
+tagged ``difyops-test/<template folder>:<hash of its inputs>`` (which keeps the cache) and
+under the name the version profile gives its component behind a registry mirror prefix of the
+caller's (e.g. ``difyops-real/langgenius/dify-api:<version>``; never the stand-ins' prefix,
+whose names the stand-in tests build and own): an inventory with that ``dify.registry_mirror``
+then deploys the real component. A second run rebuilds nothing.
 
 Python 3.12: ``DIFYOPS_PYTHON312`` (an interpreter) when set, else ``python3.12`` on the PATH,
 else ``pyenv prefix 3.12``; the interpreter's ``sys.base_prefix`` is copied to /usr/local.
@@ -34,8 +37,7 @@ from tests.images import dify_source, standin
 from tests.integration.lab import build_lock
 
 HERE = Path(__file__).resolve().parent
-CONTEXT = HERE / "dify-api-real"
-REPO = "difyops-test/dify-api-real"
+REPO_OWNER = "difyops-test"
 LABEL = "difyops.real.inputs"
 PYTHON_ENV = "DIFYOPS_PYTHON312"
 CA_BUNDLE = Path("/etc/ssl/certs/ca-certificates.crt")
@@ -52,8 +54,28 @@ class Python312:
 
 
 @dataclass(frozen=True)
+class Recipe:
+    """One real image of a release: the profile's component it serves, the release's folder it
+    is built from (which holds its Dockerfile, pyproject.toml and uv.lock) and the folder of
+    its Dockerfile template here (whose name is also the image's repository and build lock)."""
+
+    component: str
+    folder: str
+    context: Path
+
+    @property
+    def repo(self) -> str:
+        """The repository of the image's cache tags."""
+        return f"{REPO_OWNER}/{self.context.name}"
+
+
+API = Recipe("api", "api", HERE / "dify-api-real")
+AGENT_BACKEND = Recipe("agent_backend", "dify-agent", HERE / "dify-agent-backend-real")
+
+
+@dataclass(frozen=True)
 class Built:
-    """The real api image of a release: its names and what the build cost (0 when cached)."""
+    """A real image of a release: its names and what the build cost (0 when cached)."""
 
     tag: str
     name: str
@@ -93,7 +115,7 @@ def find_python312() -> Python312:
             return found
     raise dify_source.Unavailable(
         f"no Python 3.12 on this machine (tried {PYTHON_ENV}, python3.12 on the PATH, "
-        "pyenv prefix 3.12): Dify's api needs exactly 3.12")
+        "pyenv prefix 3.12): the images of Dify need exactly 3.12")
 
 
 def _python_digest(python: Python312) -> str:
@@ -125,20 +147,20 @@ def _copy_python(python: Python312, into: Path) -> None:
     shutil.copytree(python.prefix / "lib", into / "lib", symlinks=True, ignore=ignore)
 
 
-def dockerfile(root: Path) -> str:
-    """The Dockerfile of the release: the template with the production stage's ENV."""
-    env = dify_source.production_env(root)
+def dockerfile(root: Path, recipe: Recipe) -> str:
+    """The Dockerfile of the release's image: the template with the production stage's ENV."""
+    env = dify_source.production_env(root, recipe.folder)
     lines = "ENV " + " \\\n    ".join(f"{k}={json.dumps(v)}" for k, v in sorted(env.items()))
-    template = (CONTEXT / "Dockerfile").read_text(encoding="utf-8")
+    template = (recipe.context / "Dockerfile").read_text(encoding="utf-8")
     marker = next(line for line in template.splitlines() if line.startswith("# RELEASE_ENV"))
     return template.replace(marker, lines)
 
 
-def _inputs(base_id: str, source: Path, python: Python312) -> str:
+def _inputs(recipe: Recipe, base_id: str, source: Path, python: Python312) -> str:
     """The hash of everything that goes into the image (its cache key)."""
-    template = (CONTEXT / "Dockerfile").read_bytes()
-    return standin.digest("dify-api-real-v1", base_id, template, dify_source.digest_of(source),
-                          _python_digest(python))
+    template = (recipe.context / "Dockerfile").read_bytes()
+    return standin.digest(f"{recipe.context.name}-v1", base_id, template,
+                          dify_source.digest_of(source, recipe.folder), _python_digest(python))
 
 
 def _cached(client: docker.DockerClient, tag: str, wanted: str) -> bool:
@@ -149,42 +171,53 @@ def _cached(client: docker.DockerClient, tag: str, wanted: str) -> bool:
         return False
 
 
-def _build(root: Path, python: Python312, base_id: str, tag: str, inputs: str) -> None:
-    """docker build of the release's api image in a temporary context."""
+def _build(root: Path, recipe: Recipe, python: Python312, base_id: str, tag: str,
+           inputs: str) -> None:
+    """docker build of the release's image in a temporary context (the template's Dockerfile,
+    the interpreter, the CA bundle and the release's folder under its own name)."""
     with tempfile.TemporaryDirectory(prefix="difyops-real-ctx-") as scratch:
         ctx = Path(scratch)
-        (ctx / "Dockerfile").write_text(dockerfile(root), encoding="utf-8")
+        (ctx / "Dockerfile").write_text(dockerfile(root, recipe), encoding="utf-8")
         bundle = CA_BUNDLE.read_bytes() if CA_BUNDLE.is_file() else b""
         (ctx / "build-ca.crt").write_bytes(bundle)
         _copy_python(python, ctx / "python")
-        shutil.copytree(root / "api", ctx / "api", symlinks=True,
+        shutil.copytree(root / recipe.folder, ctx / recipe.folder, symlinks=True,
                         ignore=shutil.ignore_patterns(".venv", ".env", "__pycache__"))
-        args = {"BASE_IMAGE": base_id, "UV_VERSION": dify_source.uv_version(root),
-                "UV_SYNC": dify_source.uv_sync_command(root)}
+        args = {"BASE_IMAGE": base_id,
+                "UV_VERSION": dify_source.uv_version(root, recipe.folder),
+                "UV_SYNC": dify_source.uv_sync_command(root, recipe.folder)}
         standin.build_folder(scratch, tag, args, labels={LABEL: inputs}, timeout=3600)
 
 
-def ensure_api_image(client: docker.DockerClient, base_image: str, version: str,
-                     prefix: str) -> Built:
-    """The real api image of Dify ``version``, built once per set of inputs and tagged under
-    the profile's name behind ``prefix``; Unavailable without source or Python."""
+def ensure_image(client: docker.DockerClient, base_image: str, version: str, prefix: str,
+                 recipe: Recipe) -> Built:
+    """The real image of ``recipe`` of Dify ``version``, built once per set of inputs and
+    tagged under the profile's name of its component behind ``prefix``; Unavailable without
+    the source (or the release's folder), the component in the profile, or Python."""
     source = dify_source.source_for(version)
+    images = load_profile(version).images
+    if recipe.component not in images:
+        raise dify_source.Unavailable(f"Dify {version} has no {recipe.component}")
     python = find_python312()
     base_id = client.images.get(base_image).id
-    inputs = _inputs(base_id, source, python)
-    tag = f"{REPO}:{inputs}"
-    name = prefix + load_profile(version).images["api"]
+    inputs = _inputs(recipe, base_id, source, python)
+    tag = f"{recipe.repo}:{inputs}"
+    name = prefix + images[recipe.component]
     started = time.monotonic()
     built = False
-    with build_lock("dify-api-real"):  # another run may be building the same image
+    with build_lock(recipe.context.name):  # another run may be building the same image
         if not _cached(client, tag, inputs):
             built = True
             with tempfile.TemporaryDirectory(prefix="difyops-real-src-") as unpacked:
                 root = dify_source.unpack(source, Path(unpacked))
-                if dify_source.version_of(root) != version:
+                if not (root / recipe.folder / "Dockerfile").is_file():
                     raise dify_source.Unavailable(
-                        f"{source} is Dify {dify_source.version_of(root)}, not {version}")
-                _build(root, python, base_id, tag, inputs)
+                        f"{source} holds no {recipe.folder}/ folder with its Dockerfile")
+                found = dify_source.version_of(root, recipe.folder)
+                if found != version:
+                    raise dify_source.Unavailable(
+                        f"{source}: {recipe.folder}/ is Dify {found}, not {version}")
+                _build(root, recipe, python, base_id, tag, inputs)
     seconds = time.monotonic() - started if built else 0.0
     image = client.images.get(tag)
     if name not in image.tags:

@@ -7,7 +7,9 @@ copied into this repository: it is unpacked into a temporary folder when a test 
 
 Facts about a release are read from its files by code: the worker's default queue list from
 ``api/docker/entrypoint.sh``, the production image's environment and its ``uv sync`` command
-from ``api/Dockerfile``, the version from ``api/pyproject.toml``.
+from ``api/Dockerfile``, the version from ``api/pyproject.toml``. An image of another folder of
+the release with its own Dockerfile and pyproject.toml (1.16.1's ``dify-agent/``) is read the
+same way: the functions that read those files take the folder (``api`` unless told).
 """
 
 from __future__ import annotations
@@ -68,23 +70,24 @@ def unpack(source: Path, into: Path) -> Path:
     return root
 
 
-def digest_of(source: Path) -> str:
-    """A sha256 of the source: the tarball's bytes, or every file under a checkout's api/."""
+def digest_of(source: Path, folder: str = "api") -> str:
+    """A sha256 of the source: the tarball's bytes, or every file under a checkout's
+    ``folder``."""
     h = hashlib.sha256()
     if source.is_file():
         with source.open("rb") as handle:
             for block in iter(lambda: handle.read(1 << 20), b""):
                 h.update(block)
         return h.hexdigest()
-    api = source / "api"
-    for path in sorted(p for p in api.rglob("*") if p.is_file() and ".venv" not in p.parts):
-        h.update(str(path.relative_to(api)).encode() + b"\0" + path.read_bytes())
+    top = source / folder
+    for path in sorted(p for p in top.rglob("*") if p.is_file() and ".venv" not in p.parts):
+        h.update(str(path.relative_to(top)).encode() + b"\0" + path.read_bytes())
     return h.hexdigest()
 
 
-def version_of(root: Path) -> str:
-    """The release's version, from ``api/pyproject.toml``."""
-    data = tomllib.loads((root / "api" / "pyproject.toml").read_text(encoding="utf-8"))
+def version_of(root: Path, folder: str = "api") -> str:
+    """The release's version, from ``<folder>/pyproject.toml``."""
+    data = tomllib.loads((root / folder / "pyproject.toml").read_text(encoding="utf-8"))
     return str(data["project"]["version"])
 
 
@@ -106,10 +109,10 @@ def _production_stage(dockerfile: str) -> str:
     return stages[-1]
 
 
-def production_env(root: Path) -> dict[str, str]:
-    """The ENV of the release's production image (``ENV K=V`` and ``ENV K V`` lines of its
-    last stage), without the ones that name paths of its build (``${...}``)."""
-    stage = _production_stage((root / "api" / "Dockerfile").read_text(encoding="utf-8"))
+def production_env(root: Path, folder: str = "api") -> dict[str, str]:
+    """The ENV of the production image of ``<folder>/Dockerfile`` (``ENV K=V`` and ``ENV K V``
+    lines of its last stage), without the ones that name paths of its build (``${...}``)."""
+    stage = _production_stage((root / folder / "Dockerfile").read_text(encoding="utf-8"))
     env: dict[str, str] = {}
     for line in stage.replace("\\\n", " ").splitlines():
         match = re.match(r"^ENV\s+(.*)$", line.strip())
@@ -125,19 +128,19 @@ def production_env(root: Path) -> dict[str, str]:
     return env
 
 
-def uv_sync_command(root: Path) -> str:
-    """The ``uv sync ...`` command the release's Dockerfile runs (e.g. ``--frozen --no-dev``)."""
-    text = (root / "api" / "Dockerfile").read_text(encoding="utf-8")
+def uv_sync_command(root: Path, folder: str = "api") -> str:
+    """The ``uv sync ...`` command ``<folder>/Dockerfile`` runs (e.g. ``--frozen --no-dev``)."""
+    text = (root / folder / "Dockerfile").read_text(encoding="utf-8")
     match = re.search(r"^RUN\s+(uv sync[^\n\\&;]*)", text, flags=re.MULTILINE)
     return match.group(1).strip() if match else "uv sync --frozen --no-dev"
 
 
-def uv_version(root: Path) -> str:
-    """The uv version the release's Dockerfile installs (``ENV UV_VERSION=...``)."""
-    text = (root / "api" / "Dockerfile").read_text(encoding="utf-8")
+def uv_version(root: Path, folder: str = "api") -> str:
+    """The uv version ``<folder>/Dockerfile`` installs (``ENV UV_VERSION=...``)."""
+    text = (root / folder / "Dockerfile").read_text(encoding="utf-8")
     match = re.search(r"UV_VERSION=([0-9][\w.]*)", text)
     if not match:
-        raise Unavailable("api/Dockerfile names no UV_VERSION")
+        raise Unavailable(f"{folder}/Dockerfile names no UV_VERSION")
     return match.group(1)
 
 

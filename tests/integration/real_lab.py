@@ -88,11 +88,9 @@ def ensure_release(lab: Lab, version: str, root: Path) -> Release:
     client: docker.DockerClient = lab.client
     base = ensure_base_image(client)
     others = standin.ensure_images(client, base, (version,), roles=OTHERS)[version]
-    for name in others.values():
-        client.images.get(name).tag(*(MIRROR + name.removeprefix(standin.PREFIX))
-                                    .rsplit(":", 1))
+    standin.mirror(client, others.values(), MIRROR)
     haproxy_image.ensure_haproxy(client, base, MIRROR)
-    built = dify_real.ensure_api_image(client, base, version, MIRROR)
+    built = dify_real.ensure_image(client, base, version, MIRROR, dify_real.API)
     if built.seconds:
         lab.timings[f"real dify: api image {version} built"] = built.seconds
     return Release(version, root, built)
