@@ -7,7 +7,7 @@ from invoke.exceptions import Exit
 
 from tasks.core.cli import load, reported, run_tiers
 from tasks.core.fleet import table
-from tasks.core.inventory import Inventory
+from tasks.core.inventory import Inventory, endpoint
 from tasks.core.project import display
 from tasks.tiers import TIERS, dev_backend, dev_frontend
 from tasks.tiers.dev_common import check, server_tiers
@@ -25,19 +25,22 @@ def connection_rows(inventory: Inventory, show_secrets: bool) -> list[tuple[str,
     primary = inventory.with_role("db_primary")[0]
     cache = inventory.with_role("cache")[0]
     rows = [
-        ("PostgreSQL", f"{primary.address}:{settings['db']['port']}",
+        ("PostgreSQL", endpoint(primary.address, settings['db']['port']),
          f"user dify, databases dify and dify_plugin, password {secret('DB_PASSWORD')}"),
-        ("Redis", f"{cache.address}:{settings['cache']['port']}",
+        ("Redis", endpoint(cache.address, settings['cache']['port']),
          f"password {secret('REDIS_PASSWORD')}"),
     ]
     if settings["vector"]["store"] == "weaviate":
         vector = inventory.with_role("vector")[0]
-        rows.append(("Weaviate", f"http://{vector.address}:8080 (gRPC {vector.address}:50051)",
+        rows.append(("Weaviate", f"http://{endpoint(vector.address, 8080)} "
+                                   f"(gRPC {endpoint(vector.address, 50051)})",
                      f"API key {secret('WEAVIATE_API_KEY')}"))
     for backend in inventory.with_role("dev_backend"):
-        rows.append(("Dify api (dev)", f"http://{backend.address}:5001", f"on {backend.name}"))
+        rows.append(("Dify api (dev)", f"http://{endpoint(backend.address, 5001)}",
+                     f"on {backend.name}"))
     for frontend in inventory.with_role("dev_frontend"):
-        rows.append(("Dify web (dev)", f"http://{frontend.address}:3000", f"on {frontend.name}"))
+        rows.append(("Dify web (dev)", f"http://{endpoint(frontend.address, 3000)}",
+                     f"on {frontend.name}"))
     return rows
 
 

@@ -12,7 +12,7 @@ from tasks.core import trust as trust_engine
 from tasks.core.cli import load, reported
 from tasks.core.errors import DifyopsError, InputError, Problem
 from tasks.core.fleet import table
-from tasks.core.inventory import Host, Inventory
+from tasks.core.inventory import Host, Inventory, endpoint
 from tasks.core.project import display
 
 
@@ -31,7 +31,7 @@ def targets(inventory: Inventory, name: str) -> list[Host]:
 
 def address(host: Host) -> str:
     """Where the host is reached, for the tables."""
-    return "local" if host.connection == "local" else f"{host.address}:{host.ssh.port}"
+    return "local" if host.connection == "local" else endpoint(host.address, host.ssh.port)
 
 
 @task(help={"host": "only this host (a host name of the inventory, or backup-copy)",

@@ -16,7 +16,7 @@ from invoke.exceptions import Exit
 from tasks.core import hostkeys
 from tasks.core.apply import MAX_PARALLEL, execute
 from tasks.core.errors import DifyopsError, InputError, Problem
-from tasks.core.inventory import Inventory, load_inventory
+from tasks.core.inventory import Inventory, endpoint, load_inventory
 from tasks.core.lock import audit, deploy_lock
 from tasks.core.plan import TierPlan
 from tasks.core.project import display, inventory_path
@@ -86,7 +86,8 @@ def refuse_unrecorded(plans: list[TierPlan]) -> None:
     missing = hostkeys.unrecorded(hosts.values())
     if missing:
         raise InputError([Problem(display(path), host.name,
-                                  f"no SSH host key recorded for {host.address}:{host.ssh.port}",
+                                  f"no SSH host key recorded for "
+                                  f"{endpoint(host.address, host.ssh.port)}",
                                   f"check the host's fingerprint, then run `inv hosts.trust "
                                   f"--host {host.name}`") for host, path in missing])
 

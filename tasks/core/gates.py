@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, TypeVar
 
 from tasks.core.errors import GateTimeout
+from tasks.core.inventory import endpoint
 
 if TYPE_CHECKING:
     from tasks.core.hosts import Machine
@@ -77,9 +78,9 @@ class TcpGate(Gate):
     def probe(self, machine: Machine) -> tuple[bool, str]:
         try:
             with socket.create_connection((self.address, self.port), timeout=3):
-                return True, f"{self.address}:{self.port} accepts connections"
+                return True, f"{endpoint(self.address, self.port)} accepts connections"
         except OSError as exc:
-            return False, f"{self.address}:{self.port}: {exc}"
+            return False, f"{endpoint(self.address, self.port)}: {exc}"
 
 
 @dataclass(frozen=True)

@@ -86,7 +86,7 @@ class Host:
         """How the operator recognises the host in messages: name and address."""
         if self.connection == "local":
             return f"{self.name} (local)"
-        return f"{self.name} ({self.ssh.user}@{self.address}:{self.ssh.port})"
+        return f"{self.name} ({self.ssh.user}@{endpoint(self.address, self.ssh.port)})"
 
 
 @dataclass
@@ -399,6 +399,20 @@ def valid_address(address: Any) -> bool:
     if address.replace(".", "").isdigit():
         return False  # looks like a mistyped IPv4 address, e.g. 10.0.0.300
     return len(address) <= 253 and all(DNS_LABEL.match(part) for part in address.split("."))
+
+
+def is_ipv6(address: str) -> bool:
+    """Whether an address is an IPv6 address (not an IPv4 address, not a DNS name)."""
+    try:
+        return ipaddress.ip_address(address).version == 6
+    except ValueError:
+        return False
+
+
+def endpoint(address: str, port: int) -> str:
+    """address:port as URLs, compose port bindings, nginx, HAProxy and ss write it: an IPv6
+    address in brackets ([fd00::1]:5001), an IPv4 address or a DNS name as it is."""
+    return f"[{address}]:{port}" if is_ipv6(address) else f"{address}:{port}"
 
 
 def unknown_key(shown: str, path: str, key: Any, known: dict) -> Problem:

@@ -18,7 +18,7 @@ from jinja2 import Environment, FileSystemLoader, StrictUndefined, TemplateError
 
 from tasks.core import placement
 from tasks.core.errors import DifyopsError
-from tasks.core.inventory import Host, Inventory
+from tasks.core.inventory import Host, Inventory, endpoint
 from tasks.core.plan import TierPlan
 from tasks.core.project import ROOT
 
@@ -44,6 +44,7 @@ class Renderer:
         environment.filters["redis_quote"] = redis_quote
         environment.filters["pgpass_field"] = pgpass_field
         environment.globals["resp_hex"] = resp_hex
+        environment.globals["endpoint"] = endpoint
         return environment
 
     def context(self, host: Host | None, extra: dict[str, Any]) -> dict[str, Any]:
@@ -96,7 +97,7 @@ def squid_word(value: Any) -> str:
 def redis_url(address: str, scheme: str, password: str, port: int, db: int) -> str:
     """A redis:// or sentinel:// URL (Celery's broker) with the password percent-encoded, so
     that `@`, `:`, `/` or `%` in it cannot change where the URL points."""
-    return f"{scheme}://:{quote(str(password), safe='')}@{address}:{port}/{db}"
+    return f"{scheme}://:{quote(str(password), safe='')}@{endpoint(address, port)}/{db}"
 
 
 def resp_hex(*words: str) -> str:

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from tasks.core import netplan, placement
 from tasks.core.errors import Problem
-from tasks.core.inventory import APP_ROLES, Inventory, valid_address
+from tasks.core.inventory import APP_ROLES, Inventory, is_ipv6, valid_address
 from tasks.core.profiles import version_key
 from tasks.core.project import display
 
@@ -160,6 +160,25 @@ def broker_not_on_cluster(inventory: Inventory, shown: str) -> Iterator[Problem]
         yield Problem(shown, "cache.mode", f"Sentinel needs 3 or more cache hosts to reach a "
                       f"quorum, the inventory has {len(hosts)}",
                       "add cache hosts, or set cache.mode to standalone on a single host")
+
+
+def redis_lists_ipv4(inventory: Inventory, shown: str) -> Iterator[Problem]:
+    """In sentinel and cluster mode Dify reads its Redis nodes from REDIS_SENTINELS or
+    REDIS_CLUSTERS, host:port pairs it splits on ':' (api/extensions/ext_redis.py:
+    `node.split(":")[0], int(node.split(":")[1])`): an IPv6 address cannot be listed there,
+    bracketed or not."""
+    mode = inventory.settings["cache"]["mode"]
+    if mode not in ("sentinel", "cluster"):
+        return
+    setting = "REDIS_SENTINELS" if mode == "sentinel" else "REDIS_CLUSTERS"
+    for host in inventory.with_role("cache"):
+        if is_ipv6(host.address):
+            yield Problem(shown, f"hosts[{index_of(inventory, host.name)}].address",
+                          f"{host.name} is a cache host with the IPv6 address {host.address}: "
+                          f"with cache.mode {mode}, Dify reads the cache hosts from {setting}, "
+                          f"which it splits on ':' into host and port, so it cannot reach an "
+                          f"IPv6 address", f"give {host.name}'s IPv4 address, or a DNS name "
+                          f"that resolves to it")
 
 
 # Free strings that reach paths, shells, SQL identifiers or nginx: the shape each must have.
@@ -517,6 +536,6 @@ def index_of(inventory: Inventory, name: str) -> int:
 
 
 RULES: tuple[Rule, ...] = (free_strings, image_names, role_presence, websocket_port, queue_coverage,
-                           broker_not_on_cluster, dev_release, vector_store, shared_storage,
-                           connection_budget, tls_settings, monitor_settings, netplan.check,
-                           logging_settings)
+                           broker_not_on_cluster, redis_lists_ipv4, dev_release, vector_store,
+                           shared_storage, connection_budget, tls_settings, monitor_settings,
+                           netplan.check, logging_settings)

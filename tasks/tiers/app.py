@@ -21,7 +21,7 @@ import shlex
 from tasks.core import placement
 from tasks.core.errors import InputError, Problem
 from tasks.core.gates import CommandGate, HttpGate
-from tasks.core.inventory import APP_ROLES, Host, Inventory
+from tasks.core.inventory import APP_ROLES, Host, Inventory, endpoint
 from tasks.core.plan import RunCommand, Step, WaitFor, WriteFile
 from tasks.core.project import display
 from tasks.core.render import Renderer
@@ -198,7 +198,7 @@ def migrate_step(inventory: Inventory) -> RunCommand:
 
 def reachable(name: str, address: str, port: int, timeout: float) -> WaitFor:
     """A TCP port answering from the app host itself (not from the control machine)."""
-    return WaitFor(CommandGate(f"{name} reachable at {address}:{port}", timeout=timeout,
+    return WaitFor(CommandGate(f"{name} reachable at {endpoint(address, port)}", timeout=timeout,
                                interval=2,
                                command=f"timeout 3 bash -c '</dev/tcp/{address}/{port}'"))
 
@@ -289,10 +289,10 @@ def steps(inventory: Inventory, renderer: Renderer, host: Host, *,
     else:
         plan.append(WaitFor(HttpGate(
             f"{migrator.name} api /console/api/setup (database migrated)", timeout=timeout,
-            interval=2, url=f"http://{migrator.address}:5001/console/api/setup")))
+            interval=2, url=f"http://{endpoint(migrator.address, 5001)}/console/api/setup")))
     if host.has("api") or agent:  # agent_backend calls the plugin daemon too
         plan += [WaitFor(HttpGate(f"plugin daemon on {pd.name}", timeout=timeout, interval=2,
-                                  url=f"http://{pd.address}:5002/health/check"))
+                                  url=f"http://{endpoint(pd.address, 5002)}/health/check"))
                  for pd in daemons]
     plan.append(compose_up(directory, PROJECT, *triggers, wait_timeout=timeout))
     plan += gates(inventory, host)
@@ -314,7 +314,8 @@ def gates(inventory: Inventory, host: Host) -> list[WaitFor]:
               ("agent_backend", placement.AGENT_PORT, placement.AGENT_HEALTH_PATH, "", agent)]
     directory = deploy_dir(inventory)
     found = [WaitFor(HttpGate(f"{service} {path}", timeout=timeout, interval=1,
-                              contains=contains, url=f"http://{host.address}:{port}{path}"),
+                              contains=contains,
+                              url=f"http://{endpoint(host.address, port)}{path}"),
                      restart=restart_compose(directory, PROJECT, service))
              for service, port, path, contains, runs in probes if runs]
     if agent:

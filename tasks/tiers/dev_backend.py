@@ -15,7 +15,7 @@ import re
 import shlex
 
 from tasks.core.gates import CommandGate, HttpGate
-from tasks.core.inventory import Host, Inventory
+from tasks.core.inventory import Host, Inventory, endpoint
 from tasks.core.plan import RunCommand, Step, WaitFor, WriteFile
 from tasks.core.render import Renderer
 from tasks.core.tiers import Tier
@@ -94,11 +94,11 @@ def parse_env(text: str) -> dict[str, str]:
 def api_env(inventory: Inventory, renderer: Renderer, host: Host) -> str:
     """api/.env: the production environment's values, development URLs and services on top."""
     production = parse_env(renderer.render("config/env/dify.env.j2", host))
-    web_urls = [f"http://{frontend.address}:{WEB_PORT}"
+    web_urls = [f"http://{endpoint(frontend.address, WEB_PORT)}"
                 for frontend in inventory.with_role("dev_frontend")] or [
         f"http://localhost:{WEB_PORT}"]
     development = parse_env(renderer.render("config/dev/api.env.j2", host,
-                                            api_url=f"http://{host.address}:{API_PORT}",
+                                            api_url=f"http://{endpoint(host.address, API_PORT)}",
                                             web_urls=web_urls))
     merged = {key: value for key, value in production.items() if key not in COMPOSE_ONLY}
     merged.update(development)
@@ -182,10 +182,10 @@ def steps(inventory: Inventory, renderer: Renderer, host: Host) -> list[Step]:
         RunCommand("restart the api and worker", f"systemctl daemon-reload && systemctl restart "
                    f"{API_UNIT} {WORKER_UNIT}", on_change=(env_file, *units.values())),
         WaitFor(HttpGate("api /health", timeout=120, interval=1,
-                         url=f"http://{host.address}:{API_PORT}/health", contains='"ok"'),
+                         url=f"http://{endpoint(host.address, API_PORT)}/health", contains='"ok"'),
                 restart=restart_unit(API_UNIT)),
         WaitFor(HttpGate("api /console/api/setup (reads the database)", timeout=60, interval=1,
-                         url=f"http://{host.address}:{API_PORT}/console/api/setup",
+                         url=f"http://{endpoint(host.address, API_PORT)}/console/api/setup",
                          contains='"step"')),
         WaitFor(CommandGate(f"worker consumes the {len(inventory.profile.queues)} queues of "
                             f"Dify {inventory.profile.version}", timeout=300, interval=2,

@@ -10,7 +10,7 @@ from __future__ import annotations
 import shlex
 
 from tasks.core.gates import CommandGate, HttpGate
-from tasks.core.inventory import Host, Inventory
+from tasks.core.inventory import Host, Inventory, endpoint
 from tasks.core.plan import RunCommand, Step, WaitFor, WriteFile
 from tasks.core.render import Renderer
 from tasks.core.tiers import Tier
@@ -99,7 +99,7 @@ def linux_steps(inventory: Inventory, renderer: Renderer, host: Host) -> list[St
                    f"systemctl daemon-reload && systemctl restart {WEB_UNIT}",
                    on_change=(env_file, unit)),
         WaitFor(HttpGate("web dev server /", timeout=300, interval=2,
-                         url=f"http://{host.address}:{WEB_PORT}/"),
+                         url=f"http://{endpoint(host.address, WEB_PORT)}/"),
                 restart=restart_unit(WEB_UNIT)),
     ]
     return plan

@@ -18,7 +18,7 @@ from pathlib import Path
 from tasks.core import placement
 from tasks.core.errors import InputError, Problem
 from tasks.core.gates import HttpGate
-from tasks.core.inventory import Host, Inventory
+from tasks.core.inventory import Host, Inventory, endpoint
 from tasks.core.plan import RunCommand, Step, WaitFor, WriteFile
 from tasks.core.project import display
 from tasks.core.render import Renderer
@@ -67,16 +67,6 @@ class Upstream:
     def drainable(self) -> bool:
         """Whether its members can be drained (the only member of an upstream never is)."""
         return len(self.members) > 1
-
-
-def endpoint(address: str, port: int) -> str:
-    """address:port as nginx and ss write it ([v6]:port)."""
-    try:
-        if ipaddress.ip_address(address).version == 6:
-            return f"[{address}]:{port}"
-    except ValueError:
-        pass
-    return f"{address}:{port}"
 
 
 def upstream_table(inventory: Inventory) -> list[tuple[str, str, int]]:
@@ -325,7 +315,8 @@ def steps(inventory: Inventory, renderer: Renderer, host: Host) -> list[Step]:
                                acme_command(domain, inventory.settings["tls"]["acme_email"]),
                                unless=f"cmp -s /etc/letsencrypt/live/{domain}/fullchain.pem "
                                       f"{CERT}"))
-    plan.append(WaitFor(HttpGate("nginx /health", timeout=30, url=f"http://{host.address}/health"),
+    plan.append(WaitFor(HttpGate("nginx /health", timeout=30,
+                                 url=f"http://{endpoint(host.address, 80)}/health"),
                         restart=restart_unit("nginx")))
     return plan
 

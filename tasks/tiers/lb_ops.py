@@ -18,7 +18,7 @@ from tasks.core.errors import DifyopsError, HostError, InputError, Problem
 from tasks.core.fleet import Outcome, each_host
 from tasks.core.gates import poll
 from tasks.core.hosts import Machine
-from tasks.core.inventory import Inventory
+from tasks.core.inventory import Inventory, endpoint
 from tasks.core.project import display
 from tasks.tiers.lb import (
     AVAILABLE,
@@ -26,7 +26,6 @@ from tasks.tiers.lb import (
     LIVE,
     UPSTREAMS,
     Upstream,
-    endpoint,
     generate_command,
     is_ip,
     publish_command,

@@ -26,7 +26,7 @@ from typing import Any
 from tasks.core.errors import HostError
 from tasks.core.gates import CommandGate
 from tasks.core.hosts import Machine
-from tasks.core.inventory import ROLES, Host, Inventory
+from tasks.core.inventory import ROLES, Host, Inventory, endpoint
 from tasks.core.netplan import runs_compose
 from tasks.core.plan import RunCommand, Step, WaitFor, WriteFile
 from tasks.core.render import Renderer, env_quote
@@ -71,11 +71,6 @@ def shippers(inventory: Inventory) -> list[Host]:
 def ships_docker(inventory: Inventory, host: Host) -> bool:
     """Whether the host's containers' logs are shipped: where a tier runs Docker."""
     return inventory.settings["logging"]["ship_docker"] and runs_compose(inventory, host)
-
-
-def endpoint(address: str, port: int) -> str:
-    """address:port, with an IPv6 address in brackets."""
-    return f"[{address}]:{port}" if ":" in address else f"{address}:{port}"
 
 
 def images(inventory: Inventory) -> dict[str, str]:
@@ -152,8 +147,7 @@ def store_env(inventory: Inventory) -> str:
 
 def publisher(host: Host) -> Callable[[int, int], str]:
     """A compose `ports:` entry that publishes on the host's own address only."""
-    address = f"[{host.address}]" if ":" in host.address else host.address
-    return lambda port, target: f"{address}:{port}:{target}"
+    return lambda port, target: f"{endpoint(host.address, port)}:{target}"
 
 
 def store_steps(inventory: Inventory, renderer: Renderer, host: Host) -> list[Step]:
@@ -257,7 +251,6 @@ def shipper_steps(inventory: Inventory, renderer: Renderer, host: Host) -> list[
     assert target is not None
     config = renderer.render(
         "config/logging/rsyslog-elasticsearch.conf.j2", host, store=target,
-        endpoint=endpoint(target.address, logging["es_port"]),
         password=inventory.secrets["LOGS_WRITER_PASSWORD"], journal=logging["ship_journal"],
         docker=ships_docker(inventory, host), stats_interval=STATS_INTERVAL,
         stats_file=STATS_FILE, error_file=ERROR_FILE, spool=SPOOL)

@@ -26,7 +26,7 @@ import yaml
 
 from tasks.core.errors import HostError
 from tasks.core.gates import CommandGate, HttpGate
-from tasks.core.inventory import ROLES, Host, Inventory
+from tasks.core.inventory import ROLES, Host, Inventory, endpoint
 from tasks.core.plan import RunCommand, Step, WaitFor, WriteFile
 from tasks.core.project import CONFIG_DIR
 from tasks.core.render import Renderer
@@ -58,11 +58,6 @@ DURATION_PART = re.compile(r"(\d+)(ms|s|m|h|d|w|y)")
 SECONDS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800, "y": 31536000}
 
 
-def endpoint(address: str, port: int) -> str:
-    """address:port, with an IPv6 address in brackets."""
-    return f"[{address}]:{port}" if ":" in address else f"{address}:{port}"
-
-
 def duration_seconds(text: str) -> int:
     """A Prometheus duration (26h, 1h30m) in seconds."""
     return int(sum(int(n) * SECONDS[unit] for n, unit in DURATION_PART.findall(text)))
@@ -91,7 +86,7 @@ def writable_postgres(inventory: Inventory, host: Host) -> bool:
 
 def context(inventory: Inventory) -> dict[str, Any]:
     """Names the monitor templates use besides the renderer's own."""
-    return {"endpoint": endpoint, "ports": PORTS, "duration_seconds": duration_seconds,
+    return {"ports": PORTS, "duration_seconds": duration_seconds,
             "watched": watched(inventory), "postgres_hosts": postgres_hosts(inventory),
             "nginx_status_port": NGINX_STATUS_PORT}
 

@@ -18,7 +18,7 @@ from typing import Any
 from tasks.core.errors import HostError
 from tasks.core.gates import HttpGate
 from tasks.core.hosts import Machine
-from tasks.core.inventory import Host, Inventory
+from tasks.core.inventory import Host, Inventory, endpoint
 from tasks.core.plan import RunCommand, Step, WaitFor, WriteFile
 from tasks.core.render import Renderer
 from tasks.core.tiers import Tier
@@ -49,7 +49,7 @@ def steps(inventory: Inventory, renderer: Renderer, host: Host) -> list[Step]:
         compose_up(DIRECTORY, "dify-vector", *(step.path for step in files),
                    wait_timeout=READY_TIMEOUT),
         WaitFor(HttpGate("weaviate ready", timeout=READY_TIMEOUT, interval=2,
-                         url=f"http://{host.address}:{REST_PORT}/v1/.well-known/ready"),
+                         url=f"http://{endpoint(host.address, REST_PORT)}/v1/.well-known/ready"),
                 restart=restart_compose(DIRECTORY, "dify-vector", "weaviate")),
     ]
 
@@ -149,7 +149,7 @@ def weaviate_state(inventory: Inventory, host: Host, get: Getter | None = None) 
     import requests
 
     get = get or requests.get
-    base = f"http://{host.address}:{REST_PORT}/v1"
+    base = f"http://{endpoint(host.address, REST_PORT)}/v1"
     headers = {"Authorization": f"Bearer {inventory.secrets['WEAVIATE_API_KEY']}"}
     try:
         ready = get(f"{base}/.well-known/ready", timeout=5).status_code == 200

@@ -498,8 +498,6 @@ def test_status_task_fails_on_a_down_target_or_firing_alert(load, base, write_in
 
 
 def test_helpers() -> None:
-    assert tier.endpoint("10.0.0.1", 9100) == "10.0.0.1:9100"
-    assert tier.endpoint("fd00::1", 9100) == "[fd00::1]:9100"
     assert tier.duration_seconds("26h") == 93600
     assert tier.duration_seconds("1h30m") == 5400
 
