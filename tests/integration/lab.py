@@ -469,16 +469,19 @@ class LabHost:
         """Run ``bash -lc command`` in the container (docker exec); return (exit, output).
 
         The engine sometimes loses the output of a short exec under load and still reports
-        exit 0 (moby/moby#27289, docker/docker-py#2042). So the command's output and status go
-        to a file in the container first, then are printed with an end mark; when the mark did
-        not arrive, the file is read again (a read can be repeated, the command cannot).
+        exit 0 (moby/moby#27289, docker/docker-py#2042). So the command's output is also kept in
+        a file in the container (tee: the command runs and prints even where the file cannot
+        be written) and its status follows it with an end mark; when the mark did not arrive,
+        the kept copy is read again (a read can be repeated, the command cannot). The copy is
+        under /var/tmp, which nothing empties while a host boots.
         """
         token = secrets.token_hex(8)
-        keep = f'd=/tmp/.difyops-exec-$(id -u); f="$d/{token}"'
-        show = f'cat "$f"; printf "\\n{EXEC_MARK} %s\\n" "$(cat "$f.rc")"'
-        run = (f'{keep}; mkdir -p -m 700 "$d" && find "$d" -type f -mmin +10 -delete; '
-               f'(\n{command}\n) > "$f" 2>&1; echo $? > "$f.rc"; {show}')
-        reread = f"{keep}; {show}"
+        keep = f'd=/var/tmp/.difyops-exec-$(id -u); f="$d/{token}"'
+        run = (f'{keep}; {{ mkdir -p -m 700 "$d" && find "$d" -type f -mmin +10 -delete; }} '
+               f'2>/dev/null; (\n{command}\n) 2>&1 | tee "$f" 2>/dev/null; '
+               f'rc=${{PIPESTATUS[0]}}; echo $rc 2>/dev/null > "$f.rc"; '
+               f'printf "\\n{EXEC_MARK} %s\\n" "$rc"')
+        reread = f'{keep}; cat "$f"; printf "\\n{EXEC_MARK} %s\\n" "$(cat "$f.rc")"'
         wrapped = self._wrapped()
         result = wrapped.exec_run(["bash", "-lc", run], user=user, demux=False)
         for _ in range(EXEC_REREADS):
