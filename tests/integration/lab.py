@@ -60,8 +60,6 @@ from testcontainers.core.container import DockerContainer
 from tasks.core.hostkeys import KNOWN_HOSTS_ENV
 
 LOG = logging.getLogger("difyops.lab")
-EXEC_MARK = "difyops-lab-exec-status"  # ends what LabHost.exec prints: the command's status
-EXEC_REREADS = 5
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 HOST_IMAGE_DIR = REPO_ROOT / "tests" / "hosts" / "systemd-ssh"
@@ -466,32 +464,10 @@ class LabHost:
         return self.container.get_wrapped_container()
 
     def exec(self, command: str, user: str = "root") -> tuple[int, str]:
-        """Run ``bash -lc command`` in the container (docker exec); return (exit, output).
-
-        The engine sometimes loses the output of a short exec under load and still reports
-        exit 0 (moby/moby#27289, docker/docker-py#2042). So the command's output is also kept in
-        a file in the container (tee: the command runs and prints even where the file cannot
-        be written) and its status follows it with an end mark; when the mark did not arrive,
-        the kept copy is read again (a read can be repeated, the command cannot). The copy is
-        under /var/tmp, which nothing empties while a host boots.
-        """
-        token = secrets.token_hex(8)
-        keep = f'd=/var/tmp/.difyops-exec-$(id -u); f="$d/{token}"'
-        run = (f'{keep}; {{ mkdir -p -m 700 "$d" && find "$d" -type f -mmin +10 -delete; }} '
-               f'2>/dev/null; (\n{command}\n) 2>&1 | tee "$f" 2>/dev/null; '
-               f'rc=${{PIPESTATUS[0]}}; echo $rc 2>/dev/null > "$f.rc"; '
-               f'printf "\\n{EXEC_MARK} %s\\n" "$rc"')
-        reread = f'{keep}; cat "$f"; printf "\\n{EXEC_MARK} %s\\n" "$(cat "$f.rc")"'
-        wrapped = self._wrapped()
-        result = wrapped.exec_run(["bash", "-lc", run], user=user, demux=False)
-        for _ in range(EXEC_REREADS):
-            output = result.output.decode("utf-8", errors="replace") if result.output else ""
-            body, mark, status = output.rpartition(f"\n{EXEC_MARK} ")
-            if mark and status.strip().isdigit():
-                return int(status), body
-            result = wrapped.exec_run(["bash", "-c", reread], user=user, demux=False)
-        raise LabError(f"{self.name}: docker exec lost the output of {command[:80]!r} "
-                       f"{EXEC_REREADS} times (exit {result.exit_code})")
+        """Run ``bash -lc command`` in the container (docker exec); return (exit, output)."""
+        result = self._wrapped().exec_run(["bash", "-lc", command], user=user, demux=False)
+        output = result.output.decode("utf-8", errors="replace") if result.output else ""
+        return int(result.exit_code if result.exit_code is not None else -1), output
 
     def inventory_entry(self, roles: list[str], user: str = "root") -> dict[str, Any]:
         """Return this host as an entry of a difyops inventory."""
