@@ -33,7 +33,7 @@ RUNNABLE = ("1.14.2", "1.13.3")  # releases whose api runs here, newest first
 VERSION_ENV = "DIFYOPS_REAL_DIFY_VERSION"  # the target release instead of the newest runnable
 OTHERS = ("web", "plugin_daemon", "sandbox", "ssrf_proxy")
 # The inventory's registry mirror: the images of this lab under names of their own, so that
-# stand-in builds of another test session on the same engine cannot take the api's name over.
+# stand-in builds of another test run on the same engine cannot take the api's name over.
 MIRROR = "difyops-real/"
 ADMIN = {"email": "admin@dify.lab", "name": "Lab Admin", "password": "difyops-Lab-2026"}
 APIS = ("app-api1", "app-api2")

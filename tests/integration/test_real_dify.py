@@ -140,7 +140,7 @@ def test_images_sync_ships_the_real_api_over_ssh(real: RealApp, first: Release, 
     for host in APIS:
         assert re.search(rf"{host}\s+{name}\s+shipped", shipped), shipped
     again = _shipped(real, first, lab)  # the real api travels once (stand-ins may be
-    # retagged meanwhile by another test session on this machine: only the api rows count)
+    # retagged meanwhile by another test run on this machine: only the api rows count)
     for host in APIS:
         assert re.search(rf"{host}\s+{name}\s+present", again), again
 
