@@ -144,6 +144,13 @@ class RealApp(App):
         assert code == 0 and out.strip(), f"{service}: {out}"
         return out.split()[0]
 
+    def logs(self, service: str, host: str = "app-api1", tail: int = 60) -> str:
+        """The last lines a compose service logged on an app host (for a failure's message)."""
+        code, out = self.hosts[host].exec(
+            f"docker logs --tail {tail} $(docker ps -aq --filter label=com.docker.compose."
+            f"project=dify --filter label=com.docker.compose.service={service} | head -n1) 2>&1")
+        return f"--- {host} {service} (exit {code}) ---\n{out}"
+
 
 def start_real(lab: Lab, tmp: Path, version: str) -> RealApp:
     """The five hosts started; PostgreSQL (primary and standby), Redis with Sentinel and nginx

@@ -211,10 +211,12 @@ def workflow(real: RealApp, first: Release, console: dify_client.Console) -> dic
     return _make_app(real, first, console, "difyops echo")
 
 
-def _finished(real: RealApp, key: str, words: str) -> dict:
-    """One streamed workflow run through nginx: its workflow_finished data, or why not."""
+def _finished(real: RealApp, key: str, words: str, timeout: float = 60) -> dict:
+    """One streamed workflow run through nginx: its workflow_finished data, or why not (the
+    stream silent for ``timeout`` seconds)."""
     try:
-        for event in dify_client.run_streaming(real.balancer, key, {"words": words}, timeout=60):
+        for event in dify_client.run_streaming(real.balancer, key, {"words": words},
+                                               timeout=timeout):
             if event.get("event") == "workflow_finished":
                 return event["data"]
     except (requests.RequestException, AssertionError, ValueError) as exc:
@@ -452,15 +454,23 @@ def test_an_app_deletion_is_carried_out_by_the_worker(
 
 def _runs_again(real: RealApp, key: str, since: float, what: str, lab: Lab) -> None:
     """Polls a streamed workflow run through nginx until one succeeds (240 s deadline); prints
-    and records how long after ``since`` (the fault) the workflow did not run."""
+    and records how long after ``since`` (the fault) the workflow did not run.
+
+    Dify streams a run's events over Redis pub/sub, which is at-most-once: events the worker
+    publishes while a failover moves the proxies lose their subscriber, whose stream then stays
+    silent. An echo run answers in well under a second, so each try waits 15 s, not the 60 s of
+    a first run: a lost run costs one try, not a quarter of the deadline."""
     words = f"after the {what} {secrets.token_hex(4)}"
 
     def ran() -> tuple[bool, dict]:
-        finished = _finished(real, key, words)
+        finished = _finished(real, key, words, timeout=15)
         return finished.get("status") == "succeeded", finished
 
     passed, last = poll(ran, 240, 0.5)
-    assert passed, f"no successful run after the {what}: {last}"
+    assert passed, "\n".join([f"no successful run after the {what}: {last}",
+                               *(real.logs(service, host) for host, service in (
+                                   ("app-api1", "worker_all"), ("app-api1", "api"),
+                                   ("app-api2", "api"), ("app-api1", "redis_proxy")))])
     assert last["outputs"] == {"echoed": words}
     down = time.monotonic() - since
     lab.timings[f"real dify: no workflow run after the {what}"] = down
