@@ -201,17 +201,22 @@ def port_collisions(inventory: Inventory, shown: str) -> Iterator[Problem]:
                               + "), or put the roles on different hosts")
 
 
+def address_blocks(entries: list, key: str, shown: str, example: str) -> Iterator[Problem]:
+    """Each entry of an inventory list of addresses is an address or a CIDR block."""
+    for index, entry in enumerate(entries):
+        try:
+            ipaddress.ip_network(entry if isinstance(entry, str) else None, strict=False)
+        except (TypeError, ValueError):
+            yield Problem(shown, f"{key}[{index}]", f"{entry!r} is not an address or a CIDR block",
+                          f"write addresses or networks, e.g. `{example}`")
+
+
 def check(inventory: Inventory, shown: str) -> Iterator[Problem]:
     """Rule: the network and preflight settings make sense."""
     yield from port_collisions(inventory, shown)
     net, preflight = inventory.settings["net"], inventory.settings["preflight"]
-    for index, entry in enumerate(net["management"]):
-        try:
-            ipaddress.ip_network(entry if isinstance(entry, str) else None, strict=False)
-        except (TypeError, ValueError):
-            yield Problem(shown, f"net.management[{index}]",
-                          f"{entry!r} is not an address or a CIDR block",
-                          "write addresses or networks, e.g. `management: [10.0.4.0/24]`")
+    yield from address_blocks(net["management"], "net.management", shown,
+                              "management: [10.0.4.0/24]")
     if not 10 <= net["rollback_seconds"] <= 3600:
         yield Problem(shown, "net.rollback_seconds",
                       f"{net['rollback_seconds']} is outside 10..3600",

@@ -242,6 +242,12 @@ def free_strings(inventory: Inventory, shown: str) -> Iterator[Problem]:
         yield Problem(shown, "lb.frame_options",
                       f"{settings['lb']['frame_options']!r} is not DENY, SAMEORIGIN or \"\"",
                       "SAMEORIGIN (the default), DENY, or \"\" to let other sites embed Dify")
+    if settings["lb"]["sign_in_rate_per_minute"] < 0:
+        yield Problem(shown, "lb.sign_in_rate_per_minute",
+                      f"{settings['lb']['sign_in_rate_per_minute']} is below 0",
+                      "sign-in POSTs per minute per client address: 10 (the default), 0 for none")
+    yield from netplan.address_blocks(settings["lb"]["trusted_proxies"], "lb.trusted_proxies",
+                                      shown, "trusted_proxies: [203.0.113.0/24]")
     if settings["upload_limit_mb"] <= 0:
         yield Problem(shown, "upload_limit_mb",
                       f"{settings['upload_limit_mb']} removes nginx's upload limit and breaks "

@@ -38,6 +38,11 @@ ACME_WEBROOT = "/var/www/acme"
 UPSTREAMS = (("dify_api", "api", 5001), ("dify_web", "web", 3000),
              ("dify_plugin_daemon", "plugin_daemon", 5002))
 WEBSOCKET = "dify_websocket"
+# The api's sign-in, sign-up, password and setup routes, under /console/api and /api (every
+# release's controllers register them: tests/unit/test_lb.py reads the sources): their POSTs are
+# rate limited per client address (lb.sign_in_rate_per_minute).
+SIGN_IN_ROUTES = ("login", "setup", "init", "forgot-password", "email-code-login",
+                  "email-register", "reset-password", "activate")
 
 
 # --- the upstreams ------------------------------------------------------------------------------
@@ -300,7 +305,8 @@ def steps(inventory: Inventory, renderer: Renderer, host: Host) -> list[Step]:
                    unless="test ! -e /etc/nginx/sites-enabled/default"),
         *tls_steps(inventory),
         WriteFile(AVAILABLE, renderer.render("nginx/dify.conf.j2", host,
-                                             upstreams=upstreams(inventory))),
+                                             upstreams=upstreams(inventory),
+                                             sign_in_routes=SIGN_IN_ROUTES)),
         RunCommand("publish the site (drained hosts stay down) if nginx -t accepts it",
                    publish_command(), on_change=(AVAILABLE,)),
         RunCommand("validate with nginx -t", "nginx -t -q", changes=False),

@@ -436,6 +436,25 @@ def test_tls_certificate_from_files(env: Lb, tmp_path: Path) -> None:
     assert env.get("/v1/whoami").json()["role"] == "api"
 
 
+def test_a_client_can_neither_pose_as_another_nor_hammer_the_sign_in(env: Lb) -> None:
+    answer = env.get("/v1/whoami", headers={"X-Forwarded-For": "203.0.113.9"})
+    assert answer.headers["Server"] == "nginx"  # no version
+    seen = answer.json()["headers"]
+    assert seen["X-Forwarded-For"] == seen["X-Real-IP"] != "203.0.113.9", seen
+
+    def received() -> int:
+        return posts(env.up1, "/console/api/login") + posts(env.up2, "/console/api/login")
+
+    before = received()
+    # 10 a minute per client with a burst of 10: the first 11 pass, the rest get 429 at once
+    codes = [requests.post(f"{env.url}/console/api/login", json={}, timeout=15).status_code
+             for _ in range(20)]
+    assert 429 not in codes[:11] and codes[-5:] == [429] * 5, codes
+    assert received() - before == 20 - codes.count(429)
+    # the setup status a health check reads is a GET: never limited
+    assert [env.get("/console/api/setup").status_code for _ in range(15)].count(429) == 0
+
+
 def tls_handshake(address: str, version: ssl.TLSVersion) -> str:
     """The protocol a handshake at exactly that version agreed, or the error it ended with."""
     with warnings.catch_warnings():

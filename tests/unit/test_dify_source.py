@@ -24,6 +24,7 @@ from tasks.core.inventory import Inventory
 from tasks.core.profiles import available_versions, load_profile
 from tasks.core.project import ROOT
 from tasks.core.render import Renderer
+from tasks.tiers import lb
 from tests.unit.conftest import BASE
 
 SHARED = ROOT.parent / "shared" / "dify"
@@ -109,6 +110,14 @@ def test_services_and_images_are_the_compose_files(release, version: str) -> Non
     for name in shipped:
         assert profile.images[IMAGE_OF.get(name, name)] == source.services[name].image, name
     assert profile.images["weaviate"] == source.services["weaviate"].image
+
+
+@pytest.mark.parametrize("version", SOURCED)
+def test_every_rate_limited_sign_in_route_is_one_the_api_registers(release, version: str) -> None:
+    controllers = release(version).root / "api" / "controllers"
+    registered = {route for path in controllers.rglob("*.py")
+                  for route in re.findall(r'"/([a-z-]+)[/"]', path.read_text())}
+    assert [route for route in lb.SIGN_IN_ROUTES if route not in registered] == []
 
 
 @pytest.mark.parametrize("version", SOURCED)

@@ -77,7 +77,7 @@ def test_every_route_goes_to_its_upstream_with_websocket(load, base) -> None:
              for prefix, body in locations(main_server(site)).items()
              if "proxy_pass" in body}
     assert found == {**dict.fromkeys(("/console/api", "/api", "/v1", "/files", "/mcp",
-                                      "/triggers", "/openapi"), "dify_api"),
+                                      "/triggers", "/openapi", SIGN_IN), "dify_api"),
                      "/socket.io/": "dify_websocket",
                      "/e/": "dify_plugin_daemon",
                      **dict.fromkeys(("/_next/static/", "/explore", "/"), "dify_web")}
@@ -93,6 +93,43 @@ def test_every_route_goes_to_its_upstream_with_websocket(load, base) -> None:
     assert websocket.index("hash $remote_addr consistent;") < websocket.index("server ")
     assert websocket.index("server ") < websocket.index("keepalive 32;")
     assert "hash " not in upstream_blocks(site)["dify_api"]
+
+
+SIGN_IN = ("^/(console/)?api/(login|setup|init|forgot-password|email-code-login|email-register|"
+           "reset-password|activate)(/|$)")
+
+
+def test_sign_in_posts_are_limited_per_client_and_other_methods_are_not(load, base) -> None:
+    site = rendered(load(base))
+    assert ("map $request_method $dify_sign_in_client {\n    POST    $binary_remote_addr;\n"
+            '    default "";\n}') in site
+    assert "limit_req_zone $dify_sign_in_client zone=dify_sign_in:10m rate=10r/m;" in site
+    assert site.index("limit_req_zone") < site.index("server {")
+    limited = locations(main_server(site))[SIGN_IN]
+    assert "limit_req zone=dify_sign_in burst=10 nodelay;" in limited
+    assert "limit_req_status 429;" in limited
+    assert [p for p, body in locations(main_server(site)).items() if "limit_req" in body] \
+        == [SIGN_IN]
+    base["lb"] = {"sign_in_rate_per_minute": 0}
+    assert "limit_req" not in rendered(load(base))
+
+
+def test_nginx_names_no_version_and_replaces_a_client_forwarded_for(load, base) -> None:
+    site = rendered(load(base))
+    server = main_server(site)
+    assert "server_tokens off;" in server_level(server)
+    assert "$proxy_add_x_forwarded_for" not in site
+    assert site.count("proxy_set_header X-Forwarded-For $remote_addr;") == \
+        site.count("proxy_set_header X-Real-IP $remote_addr;") >= 2
+    assert "real_ip_header" not in site
+
+
+def test_behind_trusted_proxies_the_client_is_the_address_they_name(load, base) -> None:
+    base["lb"] = {"trusted_proxies": ["203.0.113.0/24", "198.51.100.7"]}
+    server = server_level(main_server(rendered(load(base))))
+    assert re.findall(r"set_real_ip_from (\S+);", server) == ["203.0.113.0/24",
+                                                               "198.51.100.7/32"]
+    assert "real_ip_header X-Forwarded-For;" in server and "real_ip_recursive on;" in server
 
 
 def test_one_websocket_host_is_not_hashed_and_the_port_is_a_setting(load, base) -> None:

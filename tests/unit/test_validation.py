@@ -97,6 +97,16 @@ def test_frame_options_is_one_of_its_values(load: Loader, base: dict) -> None:
         in refusal(load, base)
 
 
+def test_the_sign_in_limit_and_trusted_proxies_are_checked(load: Loader, base: dict) -> None:
+    base["lb"] = {"sign_in_rate_per_minute": -1,
+                  "trusted_proxies": ["10.0.9.0/24", "10.0.9.1; allow all"]}
+    message = refusal(load, base)
+    assert "lb.sign_in_rate_per_minute: -1 is below 0" in message
+    assert "lb.trusted_proxies[1]: '10.0.9.1; allow all' is not an address or a CIDR block" \
+        in message
+    assert "lb.trusted_proxies[0]" not in message
+
+
 def test_ports_out_of_range_or_colliding_on_a_host(load: Loader, base: dict) -> None:
     base["db"] = {"max_connections": 400, "port": 70000}
     assert "db.port: 70000 is not a port (1-65535)" in refusal(load, base)
