@@ -76,8 +76,8 @@ UNQUOTE = r"""sed 's/^"//; s/"$//; s/\\n/ /g; s/ *$//; s/\\"/"/g'"""
 
 def wait_bounded(compose: str, up: str, timeout: float, *services: str) -> str:
     """`up ... --wait` given up after `timeout` seconds; when it fails, its last line says which
-    service is not healthy, its state and the last answer of its healthcheck (or its last log
-    line when it has none), e.g. `api (running unhealthy) last health check: "...503..."`."""
+    service is not healthy, its state, the last answer of its healthcheck and its last log lines,
+    e.g. `api (running unhealthy) last health check: "...503...", last log lines: a | b`."""
     seconds = max(int(timeout), 1)
     names = "".join(f" {shlex.quote(s)}" for s in services)
     return (f"{up} --wait-timeout {seconds} || {{ why=''; "
@@ -87,9 +87,10 @@ def wait_bounded(compose: str, up: str, timeout: float, *services: str) -> str:
             f"service=$(docker inspect -f '{SERVICE}' \"$id\"); "
             f"last=$(docker inspect -f '{CHECKS}' \"$id\" | sed '/^$/d' | tail -n 1 | {UNQUOTE} "
             f"| cut -c1-300); "
-            f"if [ -n \"$last\" ]; then last=\"last health check: $last\"; else "
-            f"last=\"last log line: $(docker logs --tail 1 \"$id\" 2>&1 | cut -c1-300)\"; fi; "
-            f"why=\"$why${{why:+; }}$service ($state) $last\"; done; "
+            f"logs=$(docker logs --tail 3 \"$id\" 2>&1 | awk 'NF {{ printf \"%s%s\", s, $0; "
+            f"s=\" | \" }}' | cut -c1-400); "
+            f"why=\"$why${{why:+; }}$service ($state) ${{last:+last health check: $last, }}"
+            f"last log lines: $logs\"; done; "
             f"printf '%s\\n' \"not healthy after {seconds} s: ${{why:-see the output above}}\" "
             f">&2; "
             f"exit 1; }}")

@@ -519,6 +519,7 @@ FAKE_DOCKER = """#!/bin/sh
 case "$*" in
   *" up -d --wait"*) echo "application not healthy after 30s" >&2; exit 1 ;;
   *" ps -aq"*) printf 'c-api\\nc-web\\nc-worker\\n' ;;
+  "logs --tail 3 c-api") printf 'booting\\n\\nstill booting\\n' ;;
   logs*) echo "worker: cannot reach the broker" ;;
   inspect*)
     case "$3" in
@@ -552,8 +553,8 @@ def test_a_compose_wait_that_times_out_names_each_unhealthy_service(tmp_path) ->
     assert result.returncode == 1
     assert Result(1, result.stdout, result.stderr).answer == (
         'not healthy after 30 s: api (running starting) last health check: curl: (22) '
-        'error: 503 {"problems": ["database: no driver"]}; worker (restarting) '
-        'last log line: worker: cannot reach the broker')
+        'error: 503 {"problems": ["database: no driver"]}, last log lines: booting | still '
+        'booting; worker (restarting) last log lines: worker: cannot reach the broker')
 
 
 def test_a_restore_that_fails_too_is_reported(use_machines) -> None:
