@@ -35,7 +35,17 @@ def namespace() -> Collection:
                    net, hosts):
         root.add_collection(Collection.from_module(module))
     root.add_collection(Collection.from_module(logs, name="logging"))  # (a file avoids that name)
+    _long_flags_only(root)
     return root
+
+
+def _long_flags_only(collection: Collection) -> None:
+    """Every flag long only: Invoke's automatic short flags take first letters in turn, so
+    `--parallel` became `-a` because `--preflight` held `-p`."""
+    for task in collection.tasks.values():
+        task.auto_shortflags = False
+    for child in collection.collections.values():
+        _long_flags_only(child)
 
 
 def __getattr__(name: str) -> Collection:

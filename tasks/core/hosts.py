@@ -13,6 +13,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import io
+import logging
 import os
 import shlex
 import subprocess
@@ -28,6 +29,11 @@ from invoke.exceptions import CommandTimedOut
 from tasks.core import hostkeys
 from tasks.core.errors import HostError
 from tasks.core.inventory import Host
+
+# paramiko logs a transport's failure, traceback included, to stderr through Python's last-resort
+# handler (dozens of raw lines when hosts do not answer). Its failures reach the operator once,
+# in difyops' own words: connect_error().
+logging.getLogger("paramiko").addHandler(logging.NullHandler())
 
 # Exit statuses that say a command could not run at all (timed out, not executable, the SSH
 # session failed), as opposed to an answer. Not 127: `command -v` answers "absent" with it.
@@ -241,9 +247,9 @@ class SshMachine(Machine):
                 connection.client.close()
                 raise
             except (TimeoutError, OSError, NoValidConnectionsError, SSHException) as exc:
+                error = connect_error(self.host, connection, exc, self.connect_timeout)
                 connection.client.close()
-                raise HostError(f"cannot connect to {self.host.target}: "
-                                f"{exc or type(exc).__name__}") from exc
+                raise error from exc
             self._connection = connection
         return self._connection
 
@@ -286,6 +292,20 @@ class SshMachine(Machine):
     def close(self) -> None:
         if self._connection is not None:
             self._connection.close()
+
+
+def connect_error(host: Host, connection: fabric.Connection, exc: BaseException,
+                  connect_timeout: float) -> HostError:
+    """Why an SSH connection could not be opened, naming the host. paramiko says "No existing
+    session" when the port accepted the connection but no SSH greeting came in time."""
+    transport = connection.client.get_transport()
+    if str(exc) == "No existing session" and transport is not None \
+            and not transport.remote_version:
+        why = (f"no SSH greeting within {connect_timeout:g} s: the port accepts connections "
+               f"but is not answering as an SSH server")
+    else:
+        why = str(exc) or type(exc).__name__
+    return HostError(f"cannot connect to {host.target}: {why}")
 
 
 def ssh_connection(host: Host, connect_timeout: float,

@@ -16,8 +16,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from tasks.core import hostkeys
-from tasks.core.errors import DifyopsError, HostError
-from tasks.core.hosts import ssh_connection
+from tasks.core.errors import DifyopsError
+from tasks.core.hosts import connect_error, ssh_connection
 from tasks.core.inventory import Host
 
 if TYPE_CHECKING:
@@ -107,8 +107,7 @@ def offered_key(host: Host, connect_timeout: float) -> Offer:
     except BadHostKeyException as exc:
         return Offer(name, exc.key)
     except (TimeoutError, OSError, NoValidConnectionsError, SSHException) as exc:
-        raise HostError(f"cannot connect to {host.target}: "
-                        f"{exc or type(exc).__name__}") from exc
+        raise connect_error(host, connection, exc, connect_timeout) from exc
     finally:
         connection.client.close()
 

@@ -49,6 +49,14 @@ def test_every_flag_has_help() -> None:
         assert task.__doc__ or task.body.__doc__, task.name
         missing = [p.name for p in params if not p.help]
         assert missing == [], f"{task.name}: flags without help: {missing}"
+        short = [name for p in params for name in p.names if len(name) == 1]
+        assert short == [], f"{task.name}: short flags {short} (every flag is long only)"
+
+
+def test_help_names_each_flag_once_and_in_full() -> None:
+    shown = inv("--help", "deploy.all")
+    assert shown.returncode == 0, shown.stderr
+    assert "  --parallel=INT " in shown.stdout and "-a INT" not in shown.stdout
 
 
 @pytest.mark.parametrize("name", ["local", "production", "homelab"])

@@ -352,3 +352,24 @@ def test_a_deploy_refuses_hosts_without_a_recorded_key_before_touching_any(
         cli.run_tiers(Context(), [cache.TIER], dry=True)
     assert "db2: no SSH host key recorded for 10.0.3.12:22" in str(refused.value)
     assert "inv hosts.trust --host db2" in str(refused.value)
+
+
+def test_a_port_that_accepts_but_never_speaks_ssh_is_named_as_such(tmp_path: Path) -> None:
+    import socket
+    import threading
+
+    listener = socket.create_server(("127.0.0.1", 0))
+    accepted: list[socket.socket] = []
+    threading.Thread(target=lambda: accepted.append(listener.accept()[0]), daemon=True).start()
+    known = tmp_path / "known_hosts"
+    known.write_text("")
+    silent = host("quiet", "127.0.0.1", listener.getsockname()[1], known)
+    try:
+        with pytest.raises(HostError) as caught:
+            trust.offered_key(silent, connect_timeout=1)
+    finally:
+        for each in (*accepted, listener):
+            each.close()
+    assert str(caught.value) == (
+        f"cannot connect to {silent.target}: no SSH greeting within 1 s: the port accepts "
+        "connections but is not answering as an SSH server")
