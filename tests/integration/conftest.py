@@ -30,6 +30,7 @@ DOCKER_SKIP_REASON = "no Docker engine: run scripts/setup"
 LAB_FIXTURES = frozenset({"lab", "ssh_hosts"})
 _LAB_KEY = pytest.StashKey["Lab"]()
 _KEPT_KEY = pytest.StashKey[str]()
+_MODULE_KEY = pytest.StashKey[str]()  # the integration module running now
 _DOCKER_STATE: dict[str, bool] = {}
 
 
@@ -84,6 +85,27 @@ def pytest_runtest_setup(item: pytest.Item) -> None:
     """Apply the Docker skip/fail rule to every test marked ``docker``."""
     if item.get_closest_marker("docker") is not None:
         require_docker()
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_protocol(item: pytest.Item, nextitem: pytest.Item | None) -> None:
+    """Under -q the lab's tests are tens of minutes of dots: a line names each module as its
+    first test starts (outside output capture), with the first sentence of its docstring."""
+    module = item.nodeid.split("::")[0]
+    if item.config.stash.get(_MODULE_KEY, "") == module:
+        return
+    first = _MODULE_KEY not in item.config.stash
+    item.config.stash[_MODULE_KEY] = module
+    reporter = item.config.pluginmanager.get_plugin("terminalreporter")
+    if reporter is None:
+        return
+    reporter.ensure_newline()
+    if first:
+        reporter.write_line("integration tests: each module deploys to its own lab of container "
+                            "hosts over SSH (about 45 minutes in all on two cores)")
+    paragraph = " ".join((getattr(item.module, "__doc__", None) or "").split("\n\n")[0].split())
+    summary = paragraph.split(". ")[0].rstrip(".")[:120]
+    reporter.write_line(f"[lab] {module}" + (f": {summary}" if summary else ""))
 
 
 def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
