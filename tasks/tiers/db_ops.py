@@ -24,7 +24,7 @@ from tasks.core.hosts import Machine, connect
 from tasks.core.inventory import Host, Inventory
 from tasks.core.project import display
 from tasks.core.report import Report
-from tasks.tiers.db import FENCE, HELPER, TIER, psql, slot_name, unit, writable_gate
+from tasks.tiers.db import FENCE, HELPER, TIER, conf_dir, psql, slot_name, unit, writable_gate
 
 Out = Callable[[str], None]
 
@@ -56,6 +56,7 @@ class Node:
 
     host: Host
     error: str = ""                 # unreachable, or a command failed
+    deployed: bool = True           # False: no cluster of db.version on the host (never deployed)
     running: bool = False
     fenced: str = ""                # the fence note, when db.failover or db.fence stopped it
     in_recovery: bool = False
@@ -77,6 +78,8 @@ class Node:
         """One word for the table."""
         if self.error:
             return "unreachable"
+        if not self.deployed:
+            return "not deployed"
         if self.fenced:
             return "fenced"
         if not self.running:
@@ -104,6 +107,9 @@ def probe(inventory: Inventory) -> Callable[[Machine], Node]:
     def read(machine: Machine) -> Node:
         node = Node(machine.host)
         node.fenced = machine.run(f"cat {FENCE} 2>/dev/null").stdout.strip()
+        node.deployed = bool(node.fenced) or machine.probe(f"test -d {conf_dir(inventory)}")
+        if not node.deployed:
+            return node
         node.running = machine.run(f"systemctl is-active --quiet {unit(inventory)}").ok and \
             machine.run(f"pg_isready -q -p {inventory.settings['db']['port']}").ok
         if not node.running:
@@ -158,9 +164,14 @@ def problems(inventory: Inventory, nodes: list[Node]) -> list[str]:
     found: list[str] = []
     named = inventory.with_role("db_primary")[0]
     primaries = [node for node in nodes if node.is_primary]
+    if not any(node.deployed or node.error for node in nodes):
+        return ["nothing deployed on the db hosts yet: run `inv deploy.all` (or `inv db.deploy`)"]
     for node in nodes:
         if node.error:
             found.append(f"{node.host.name}: {node.error}")
+        elif not node.deployed:
+            found.append(f"{node.host.name}: nothing deployed on this host yet: run "
+                         f"`inv db.deploy`")
         elif node.fenced:
             fix = ("give db_primary to the new primary in the inventory"
                    if node.host.has("db_primary")

@@ -12,7 +12,7 @@ import pytest
 from dotenv import dotenv_values
 
 from tasks.core.errors import DifyopsError
-from tasks.core.inventory import Inventory
+from tasks.core.inventory import Host, Inventory
 from tasks.core.plan import RunCommand, WaitFor, WriteFile
 from tasks.core.report import Report
 from tasks.core.tiers import build
@@ -225,6 +225,35 @@ def test_each_problem_is_named(load, base, breakage, expected) -> None:
     breakage(nodes)
     assert any(expected in problem for problem in problems(inventory, nodes)), \
         problems(inventory, nodes)
+
+
+def test_db_hosts_where_nothing_was_deployed_say_so(load, base, use_machines) -> None:
+    inventory = load(base)
+    never = {"db2", "db3"}  # no cluster folder there; db1's PostgreSQL is deployed, stopped
+
+    def answer(host: Host, command: str) -> int:
+        if command.startswith("test -d /etc/postgresql/"):
+            return int(host.name in never)
+        return 3 if command.startswith("systemctl is-active") else 0
+
+    use_machines(lambda host, timeouts=None: FakeMachine(host, lambda c: answer(host, c)))
+    nodes = db_ops.survey(inventory)
+    assert [node.state for node in nodes] == ["stopped", "not deployed", "not deployed"]
+    found = problems(inventory, nodes)
+    assert "db2: nothing deployed on this host yet: run `inv db.deploy`" in found
+    never.add("db1")
+    nodes = db_ops.survey(inventory)
+    assert problems(inventory, nodes) == [
+        "nothing deployed on the db hosts yet: run `inv deploy.all` (or `inv db.deploy`)"]
+
+
+def test_a_probe_that_cannot_run_is_an_error_not_never_deployed(load, base,
+                                                                use_machines) -> None:
+    inventory = load(base)
+    use_machines(lambda host, timeouts=None: FakeMachine(host, answers=lambda command: 255 * int(
+        command.startswith("test -d /etc/postgresql/"))))
+    nodes = db_ops.survey(inventory)
+    assert all(node.state == "unreachable" and "could not run" in node.error for node in nodes)
 
 
 def test_status_fails_when_anything_is_wrong(load, base, monkeypatch) -> None:
