@@ -4,7 +4,9 @@ machines standing in for hosts."""
 from __future__ import annotations
 
 import copy
+import ipaddress
 import os
+import socket
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack
 from pathlib import Path
@@ -17,6 +19,34 @@ import yaml
 from tasks.core import hosts, secrets
 from tasks.core.hostkeys import KNOWN_HOSTS_ENV, SUFFIX, lookup_name
 from tasks.core.inventory import Inventory, load_inventory
+
+
+@pytest.fixture(autouse=True)
+def only_loopback_traffic(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """Unit tests never reach another machine: a connection to any address but loopback is
+    refused and fails the test (also where the code under test swallows the error, e.g. a
+    health probe of an inventory address)."""
+    refused: list[str] = []
+    connect = socket.socket.connect
+
+    def loopback_only(self: socket.socket, address: Any) -> None:
+        if isinstance(address, tuple) and not _is_loopback(str(address[0])):
+            refused.append(str(address))
+            raise ConnectionRefusedError(f"unit tests connect to loopback only, not {address}")
+        return connect(self, address)
+
+    monkeypatch.setattr(socket.socket, "connect", loopback_only)
+    yield
+    assert not refused, f"the test tried to connect to {refused}"
+
+
+def _is_loopback(host: str) -> bool:
+    """Whether a connect address is this machine (an IP literal; a name only if localhost)."""
+    try:
+        return ipaddress.ip_address(host.split("%")[0]).is_loopback
+    except ValueError:
+        return host == "localhost"
+
 
 # A valid multi-host inventory every test starts from and breaks in one place.
 BASE: dict[str, Any] = {

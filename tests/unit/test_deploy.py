@@ -116,3 +116,23 @@ def test_unknown_schedule_host_is_refused_before_any_host(calls, installed) -> N
     with pytest.raises(Exit, match=r"backup\.schedule_on: 'api9' is neither none, control nor a"):
         deploy.all.body(Context())
     assert "run" not in calls and "preflight" not in calls and installed == []
+
+
+def test_status_says_where_nothing_was_deployed_instead_of_probing(load, base,
+                                                                   use_machines) -> None:
+    from tasks.core.health import NOT_DEPLOYED, probe_all
+    from tasks.core.tiers import build, select
+    from tasks.tiers import TIERS
+    from tests.unit.fakes import FakeMachine
+
+    inventory = load(base)
+    plans = build(select(TIERS, "db"), inventory)  # gates run on the hosts: no HTTP from here
+    machines = {host.name: FakeMachine(host) for host in inventory.with_role("db_primary",
+                                                                           "db_replica")}
+    written = next(plan for tier in plans for plan in tier.hosts if plan.host.name == "db1")
+    machines["db1"].files[written.files()[-1].path] = (b"x", 0o644, "root", "root")
+    use_machines(lambda host, timeouts=None: machines[host.name])
+    answers = {p.host: p.answer for p in probe_all(plans)}
+    assert answers["db2"] == answers["db3"] == NOT_DEPLOYED
+    assert answers["db1"] != NOT_DEPLOYED and machines["db1"].commands  # its gates were asked
+    assert machines["db2"].commands == []  # none asked where nothing of the tier was written
