@@ -11,7 +11,14 @@ from tasks.core import doctor as medic
 from tasks.core import doctor_schedule
 from tasks.core import preflight as checks
 from tasks.core.apply import MAX_PARALLEL
-from tasks.core.cli import load, reported, run_tiers
+from tasks.core.cli import (
+    DIFF_HELP,
+    DRY_HELP,
+    load,
+    refuse_diff_without_dry,
+    reported,
+    run_tiers,
+)
 from tasks.core.errors import InputError, Problem
 from tasks.core.fleet import table
 from tasks.core.health import probe_all
@@ -25,15 +32,16 @@ from tasks.tiers.images import ImageError, sync
 IMAGE_TIERS = ("app", "vector")  # the tiers whose hosts run images (tasks/tiers/images.py)
 
 
-@task(help={"dry": "print the plan with a diff of every file; touch nothing (no preflight)",
+@task(help={"dry": f"{DRY_HELP} (no preflight)", "diff": DIFF_HELP,
             "only": "comma-separated tiers to run, e.g. db,cache (default: all, in order)",
             "preflight": "check the hosts first and stop on a refusal (--no-preflight: skip)",
             "parallel": f"hosts of one tier deployed at once (default {MAX_PARALLEL}; 1: one "
                         f"host after the other, in inventory order)"})
 @reported
 def all(ctx: Context, dry: bool = False, only: str = "", preflight: bool = True,
-        parallel: int = MAX_PARALLEL) -> None:
+        parallel: int = MAX_PARALLEL, diff: bool = False) -> None:
     """Deploy every tier in dependency order, then the backup schedule (or only some tiers)."""
+    refuse_diff_without_dry(dry, diff)
     if parallel < 1:
         raise InputError([Problem("--parallel", str(parallel), "must be at least 1",
                                   "give how many hosts of a tier to deploy at once, e.g. 1")])
@@ -48,7 +56,7 @@ def all(ctx: Context, dry: bool = False, only: str = "", preflight: bool = True,
     if schedule_on == "none":  # said first: the per-host summary stays the last thing printed
         print("backups: not scheduled by deploy.all (backup.schedule_on: none): run "
               "`inv backup.schedule` on the machine that keeps them", flush=True)
-    run_tiers(ctx, list(TIERS), dry=dry, only=only, parallel=parallel)
+    run_tiers(ctx, list(TIERS), dry=dry, only=only, parallel=parallel, diff=diff)
     if schedule_on and schedule_on != "none":
         backup_schedule.install(inventory, dry=dry,
                                 host_name="" if schedule_on == "control" else schedule_on)

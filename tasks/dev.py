@@ -5,14 +5,12 @@ from __future__ import annotations
 from invoke import Context, task
 from invoke.exceptions import Exit
 
-from tasks.core.cli import load, reported, run_tiers
+from tasks.core.cli import DIFF_HELP, DRY_HELP, load, reported, run_tiers
 from tasks.core.fleet import table
 from tasks.core.inventory import Inventory, endpoint
 from tasks.core.project import display
 from tasks.tiers import TIERS, dev_backend, dev_frontend
 from tasks.tiers.dev_common import check, server_tiers
-
-DRY_HELP = "print the plan with a diff of every file; touch nothing"
 
 
 def connection_rows(inventory: Inventory, show_secrets: bool) -> list[tuple[str, str, str]]:
@@ -65,36 +63,36 @@ def require(inventory: Inventory, role: str, task_name: str) -> None:
                    f"is for a home-lab inventory such as config/inventories/homelab.yml", code=1)
 
 
-@task(help={"dry": DRY_HELP,
+@task(help={"dry": DRY_HELP, "diff": DIFF_HELP,
             "only": "comma-separated base tiers to deploy, e.g. db,cache (default: all of db, "
                     "cache, vector, monitor)"})
 @reported
-def server(ctx: Context, dry: bool = False, only: str = "") -> None:
+def server(ctx: Context, dry: bool = False, only: str = "", diff: bool = False) -> None:
     """Deploy the home server's base services (PostgreSQL, Redis, vector store, monitoring)."""
     inventory = load(ctx)
     require(inventory, "dev_server", "dev.server")
     check(inventory, server=True)
-    run_tiers(ctx, server_tiers(TIERS), dry=dry, only=only)
+    run_tiers(ctx, server_tiers(TIERS), dry=dry, only=only, diff=diff)
     if not dry:
         print()
         info(ctx)
 
 
-@task(help={"dry": DRY_HELP})
+@task(help={"dry": DRY_HELP, "diff": DIFF_HELP})
 @reported
-def backend(ctx: Context, dry: bool = False) -> None:
+def backend(ctx: Context, dry: bool = False, diff: bool = False) -> None:
     """Run Dify's api (flask --debug) and worker from a checkout on the development VM."""
     inventory = load(ctx)
     require(inventory, "dev_backend", "dev.backend")
     check(inventory)
-    run_tiers(ctx, [dev_backend.TIER], dry=dry)
+    run_tiers(ctx, [dev_backend.TIER], dry=dry, diff=diff)
 
 
-@task(help={"dry": DRY_HELP})
+@task(help={"dry": DRY_HELP, "diff": DIFF_HELP})
 @reported
-def frontend(ctx: Context, dry: bool = False) -> None:
+def frontend(ctx: Context, dry: bool = False, diff: bool = False) -> None:
     """Run Dify's web dev server (pnpm dev) on the workstation (Linux or Windows)."""
     inventory = load(ctx)
     require(inventory, "dev_frontend", "dev.frontend")
     check(inventory)
-    run_tiers(ctx, [dev_frontend.TIER], dry=dry)
+    run_tiers(ctx, [dev_frontend.TIER], dry=dry, diff=diff)

@@ -37,12 +37,13 @@ MAX_PARALLEL = 16
 class Executor:
     """Runs plans against hosts, reusing one connection per host for the whole run."""
 
-    def __init__(self, report: Report, *, dry: bool = False,
+    def __init__(self, report: Report, *, dry: bool = False, show_diff: bool = False,
                  timeouts: dict[str, int] | None = None, parallel: int = MAX_PARALLEL) -> None:
         if parallel < 1:
             raise ValueError(f"parallel must be at least 1, not {parallel}")
         self.report = report
         self.dry = dry
+        self.show_diff = show_diff  # a dry run prints whole new files and diffs, not their sizes
         self.timeouts = timeouts
         self.parallel = parallel  # hosts of one tier at a time (1: one host after the other)
         self.machines: dict[str, Machine] = {}
@@ -164,10 +165,15 @@ class Executor:
             machine.run(f"rm -f {marker(step)}")
 
     def diff(self, machine: Machine, step: WriteFile, content: bytes) -> str | None:
-        """What applying the file would change (None: nothing); secret contents stay hidden."""
+        """What applying the file would change (None: nothing): its size, or with show_diff the
+        whole new file or the unified diff; secret contents stay hidden."""
         state = machine.file_state(step.path)
         if state is None:
-            return "new file" if step.secret else "new file\n" + indent(step.content)
+            if step.secret:
+                return "new file"
+            if not self.show_diff:
+                return f"new file, {len(step.content.splitlines())} lines, {len(content)} bytes"
+            return "new file\n" + indent(step.content)
         notes = []
         if (state.mode, state.owner, state.group) != (step.mode, step.owner, step.group):
             notes.append(f"mode/owner {state.mode:04o} {state.owner}:{state.group} -> "
@@ -177,10 +183,16 @@ class Executor:
                 notes.append("content differs (secret: not shown)")
             else:
                 current = (machine.read_file(step.path) or b"").decode(errors="replace")
-                lines = difflib.unified_diff(current.splitlines(), step.content.splitlines(),
-                                             f"{machine.host.name}:{step.path}", "planned",
-                                             lineterm="")
-                notes.append("\n" + indent("\n".join(lines)))
+                lines = list(difflib.unified_diff(current.splitlines(),
+                                                  step.content.splitlines(),
+                                                  f"{machine.host.name}:{step.path}", "planned",
+                                                  lineterm=""))
+                if self.show_diff:
+                    notes.append("\n" + indent("\n".join(lines)))
+                else:
+                    added = sum(1 for line in lines[2:] if line.startswith("+"))
+                    removed = sum(1 for line in lines[2:] if line.startswith("-"))
+                    notes.append(f"content differs: +{added} -{removed} lines (--diff shows them)")
         return " ".join(notes) if notes else None
 
 
@@ -195,10 +207,12 @@ def indent(text: str) -> str:
     return "\n".join(f"      {line}" for line in text.splitlines())
 
 
-def execute(tiers: list[TierPlan], *, dry: bool = False, report: Report | None = None,
-            timeouts: dict[str, int] | None = None, parallel: int = MAX_PARALLEL) -> Report:
+def execute(tiers: list[TierPlan], *, dry: bool = False, show_diff: bool = False,
+            report: Report | None = None, timeouts: dict[str, int] | None = None,
+            parallel: int = MAX_PARALLEL) -> Report:
     """Run the tiers and close every connection; the report holds the outcome."""
-    executor = Executor(report or Report(), dry=dry, timeouts=timeouts, parallel=parallel)
+    executor = Executor(report or Report(), dry=dry, show_diff=show_diff, timeouts=timeouts,
+                        parallel=parallel)
     try:
         executor.run(tiers)
     finally:

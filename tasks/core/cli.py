@@ -47,11 +47,13 @@ def reported(task_body: Callable[..., Any]) -> Callable[..., Any]:
 
 
 def run_tiers(ctx: Context, tiers: list[Tier], *, dry: bool, only: str | None = None,
-              parallel: int = MAX_PARALLEL) -> Report:
+              parallel: int = MAX_PARALLEL, diff: bool = False) -> Report:
     """Validate, plan and apply (or dry-run) tiers; exit non-zero when any step failed.
 
     parallel: how many hosts of one tier are deployed at once (1: one host after the other).
+    diff: a dry run shows every file in full (new) or as a diff (changed), not their sizes.
     """
+    refuse_diff_without_dry(dry, diff)
     inventory = load(ctx)
     chosen = select(tiers, only)
     action = "dry run of" if dry else "applying"
@@ -62,7 +64,7 @@ def run_tiers(ctx: Context, tiers: list[Tier], *, dry: bool, only: str | None = 
                    inventory.secrets.values())
     refuse_unrecorded(plans)
     if dry:
-        report = execute(plans, dry=True, timeouts=inventory.settings["timeouts"],
+        report = execute(plans, dry=True, show_diff=diff, timeouts=inventory.settings["timeouts"],
                          parallel=parallel)
     else:
         with deploy_lock(inventory.name) as me:
@@ -77,6 +79,13 @@ def run_tiers(ctx: Context, tiers: list[Tier], *, dry: bool, only: str | None = 
         raise Exit(f"error: {len(report.failed)} step(s) failed; see the summary above. "
                    f"Fix the cause and run the same command again: it resumes.", code=1)
     return report
+
+
+def refuse_diff_without_dry(dry: bool, diff: bool) -> None:
+    """--diff only shows what a dry run would change: refused alone, before any host."""
+    if diff and not dry:
+        raise InputError([Problem("--diff", "without --dry", "shows what a dry run would change",
+                                  "add --dry (a deploy applies the files; --diff shows them)")])
 
 
 def refuse_unrecorded(plans: list[TierPlan]) -> None:
@@ -110,6 +119,10 @@ def refuse_invalid(plans: list[TierPlan], secrets: Iterable[str] = ()) -> None:
                            + "\n    fix: correct the inventory setting or template named above")
 
 
+DRY_HELP = "print the plan: each file that would change, with its size; change nothing"
+DIFF_HELP = "with --dry: show each new file in full and each changed one as a diff"
+
+
 class TierTask(Task):
     """A task built for one tier. Invoke takes tasks with the same name and function body for
     one task and runs it once, which would drop `cache.deploy` from `inv db.deploy cache.deploy`."""
@@ -123,9 +136,8 @@ class TierTask(Task):
 def deploy_task(tier: Tier) -> Task:
     """The `<tier>.deploy` task: the tier alone through the same plan/apply machinery."""
 
-    def deploy(ctx: Context, dry: bool = False) -> None:
-        run_tiers(ctx, [tier], dry=dry)
+    def deploy(ctx: Context, dry: bool = False, diff: bool = False) -> None:
+        run_tiers(ctx, [tier], dry=dry, diff=diff)
 
     deploy.__doc__ = f"Deploy the {tier.summary} (--dry: show the plan, touch nothing)."
-    return task(reported(deploy), klass=TierTask,
-                help={"dry": "print the plan with file diffs; change nothing"})
+    return task(reported(deploy), klass=TierTask, help={"dry": DRY_HELP, "diff": DIFF_HELP})

@@ -37,8 +37,8 @@ class Lab:
         self.machines = machines
         use_machines(lambda h, timeouts=None: self.machines[h.name])
 
-    def run(self, *tiers: TierPlan, dry: bool = False) -> Report:
-        return Executor(Report(out=io.StringIO()), dry=dry).run(list(tiers))
+    def run(self, *tiers: TierPlan, dry: bool = False, show_diff: bool = False) -> Report:
+        return Executor(Report(out=io.StringIO()), dry=dry, show_diff=show_diff).run(list(tiers))
 
 
 def statuses(report: Report, name: str) -> list[tuple[str, str]]:
@@ -84,8 +84,17 @@ def test_dry_run_touches_nothing_and_shows_a_diff(use_machines) -> None:
     assert statuses(report, "a")[:3] == [(f"file {CONF}", WOULD_CHANGE),
                                          ("install app", WOULD_CHANGE),
                                          ("restart app", WOULD_CHANGE)]
-    diff = report.results[0].detail
+    assert report.results[0].detail == "content differs: +1 -1 lines (--diff shows them)"
+    diff = lab.run(plan_for("a"), dry=True, show_diff=True).results[0].detail
     assert "-a = 0" in diff and "+a = 1" in diff
+
+
+def test_a_dry_run_lists_new_files_by_size_and_shows_them_with_diff(use_machines) -> None:
+    lab = Lab(use_machines, a=FakeMachine(host("a"), answers=not_installed))
+    tier = TierPlan("demo", [HostPlan(host("a"), [WriteFile("/etc/new.conf", "x = 1\ny = 2\n")])])
+    assert lab.run(tier, dry=True).results[0].detail == "new file, 2 lines, 12 bytes"
+    assert lab.run(tier, dry=True, show_diff=True).results[0].detail == \
+        "new file\n      x = 1\n      y = 2"
 
 
 def test_dry_run_hides_secret_content(use_machines) -> None:

@@ -127,6 +127,14 @@ def test_unknown_tier_in_only_is_refused(tmp_path: Path) -> None:
     assert "--only: nginx: unknown tier" in result.stderr
 
 
+def test_diff_without_dry_is_refused_before_any_host() -> None:
+    for command in ("deploy.all", "db.deploy"):
+        result = inv(command, "--diff")
+        assert result.returncode == 1, result.stdout
+        assert "--diff: without --dry: shows what a dry run would change" in result.stderr
+        assert "fix: add --dry" in result.stderr and "preflight" not in result.stdout
+
+
 def test_chained_tier_deploys_each_run(tmp_path: Path) -> None:
     env = {"DIFY_SECRETS": str(tmp_path / "l.env")}
     assert inv("config.secrets", env=env).returncode == 0
