@@ -7,6 +7,7 @@ import json
 from invoke import Context, task
 from invoke.exceptions import Exit
 
+from tasks.core import hooks
 from tasks.core.cli import deploy_task, load, reported
 from tasks.core.fleet import each_host, table
 from tasks.core.hosts import Machine
@@ -42,7 +43,9 @@ def upgrade(ctx: Context, version: str) -> None:
     inventory = load(ctx)
     report = Report()
     print(f"upgrading Dify to {version} on inventory {inventory.name}", flush=True)
-    outcome = app_release.upgrade(inventory, version, report)
+    with hooks.around("upgrade", inventory, command="app.upgrade", tiers=["app"],
+                      version=version):
+        outcome = app_release.upgrade(inventory, version, report)
     print(f"\nupgraded to Dify {version}: replaced {', '.join(outcome.replaced) or 'none'}"
           + (f"; already there: {', '.join(outcome.unchanged)}" if outcome.unchanged else ""))
     note = app_release.reminder(inventory, version)

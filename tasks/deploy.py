@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+from contextlib import nullcontext
+
 from invoke import Context, task
 from invoke.exceptions import Exit
 
 from tasks.backups import schedule as backup_schedule
 from tasks.backups import settings as backup_settings
 from tasks.core import doctor as medic
-from tasks.core import doctor_schedule
+from tasks.core import doctor_schedule, hooks
 from tasks.core import preflight as checks
 from tasks.core.apply import MAX_PARALLEL
 from tasks.core.cli import (
@@ -49,6 +51,16 @@ def all(ctx: Context, dry: bool = False, only: str = "", preflight: bool = True,
     schedule_on = "" if only else inventory.settings["backup"]["schedule_on"]
     if schedule_on and schedule_on != "none":
         backup_settings.check(inventory)  # before any host is touched
+    tiers = [tier.name for tier in select(TIERS, only)]
+    with nullcontext() if dry else hooks.around("deploy", inventory, command="deploy.all",
+                                                 tiers=tiers):
+        deploy_everything(ctx, inventory, dry=dry, only=only, preflight=preflight,
+                          parallel=parallel, diff=diff, schedule_on=schedule_on)
+
+
+def deploy_everything(ctx: Context, inventory: Inventory, *, dry: bool, only: str,
+                      preflight: bool, parallel: int, diff: bool, schedule_on: str) -> None:
+    """deploy.all's work between its hooks: preflight, images, the tiers, the backup schedule."""
     if preflight and not dry:
         checks.check(inventory, preflight_hosts(inventory, only))
     if not dry:

@@ -13,7 +13,7 @@ from typing import Any
 from invoke import Context, Task, task
 from invoke.exceptions import Exit
 
-from tasks.core import hostkeys
+from tasks.core import hooks, hostkeys
 from tasks.core.apply import MAX_PARALLEL, execute
 from tasks.core.errors import DifyopsError, InputError, Problem
 from tasks.core.inventory import Inventory, endpoint, load_inventory
@@ -137,7 +137,13 @@ def deploy_task(tier: Tier) -> Task:
     """The `<tier>.deploy` task: the tier alone through the same plan/apply machinery."""
 
     def deploy(ctx: Context, dry: bool = False, diff: bool = False) -> None:
-        run_tiers(ctx, [tier], dry=dry, diff=diff)
+        if dry:
+            run_tiers(ctx, [tier], dry=True, diff=diff)
+            return
+        refuse_diff_without_dry(dry, diff)
+        with hooks.around("deploy", load(ctx), command=f"{tier.name}.deploy",
+                          tiers=[tier.name]):
+            run_tiers(ctx, [tier], dry=False)
 
     deploy.__doc__ = f"Deploy the {tier.summary} (--dry: show the plan, touch nothing)."
     return task(reported(deploy), klass=TierTask, help={"dry": DRY_HELP, "diff": DIFF_HELP})

@@ -16,7 +16,7 @@ import paramiko
 import pytest
 import yaml
 
-from tasks.core import hosts, secrets
+from tasks.core import hooks, hosts, secrets
 from tasks.core.hostkeys import KNOWN_HOSTS_ENV, SUFFIX, lookup_name
 from tasks.core.inventory import Inventory, load_inventory
 
@@ -38,6 +38,15 @@ def only_loopback_traffic(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     monkeypatch.setattr(socket.socket, "connect", loopback_only)
     yield
     assert not refused, f"the test tried to connect to {refused}"
+
+
+@pytest.fixture(autouse=True)
+def no_operator_hooks(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Path:
+    """An empty hooks folder: hooks an operator keeps in hooks/ never run from a unit test."""
+    folder = tmp_path / "hooks"
+    folder.mkdir()
+    monkeypatch.setenv(hooks.HOOKS_ENV, str(folder))
+    return folder
 
 
 def _is_loopback(host: str) -> bool:

@@ -38,7 +38,7 @@ def calls(monkeypatch, load, base) -> dict:
 
 def test_parallel_reaches_the_executor_and_defaults_to_the_engines_limit(calls) -> None:
     deploy.all.body(Context(), parallel=1)
-    assert calls["run"] == {"dry": False, "only": "", "parallel": 1}
+    assert calls["run"] == {"dry": False, "only": "", "parallel": 1, "diff": False}
     deploy.all.body(Context())
     assert calls["run"]["parallel"] == deploy.MAX_PARALLEL
 
