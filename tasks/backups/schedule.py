@@ -121,8 +121,9 @@ def install(inventory: Inventory, *, host_name: str = "", dry: bool = False,
     kind = "script only" if nothing_runs_it else "cron line" if use_cron else "systemd timer"
     print(f"{'dry run of' if dry else 'installing'} the {kind} {unit_name(inventory)} on "
           f"{host.target}: daily at {inventory.settings['backup']['time']}", flush=True)
+    # A dry run shows the few small files of the schedule in full.
     report = execute(plan(inventory, host, cron=use_cron, wrapper_only=nothing_runs_it),
-                     dry=dry, timeouts=inventory.settings["timeouts"])
+                     dry=dry, show_diff=True, timeouts=inventory.settings["timeouts"])
     if report.failed:
         raise DifyopsError("the schedule was not installed completely; see the summary above, "
                            "fix the cause and run the same command again")

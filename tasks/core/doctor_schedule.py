@@ -144,8 +144,9 @@ def install(inventory: Inventory, *, dry: bool = False, only: str = "") -> Repor
     print(f"{'dry run of' if dry else 'installing'} the {kind} {name(inventory)} on this "
           f"machine: deploy.doctor every {minutes} min", flush=True)
     plan = steps(inventory, use_cron=use_cron, only=only)
+    # A dry run shows the few small files of the schedule in full.
     report = execute([TierPlan("doctor", [HostPlan(CONTROL, plan)])],
-                     dry=dry, timeouts=inventory.settings["timeouts"])
+                     dry=dry, show_diff=True, timeouts=inventory.settings["timeouts"])
     if report.failed:
         raise DifyopsError("the schedule was not installed completely; see the summary above, "
                            "fix the cause and run the same command again")

@@ -38,8 +38,8 @@ def demo_plan(hosts: list[Host], version: int = 1) -> list[TierPlan]:
     ]) for host in hosts])]
 
 
-def run(plan: list[TierPlan], dry: bool = False) -> Report:
-    return execute(plan, dry=dry, report=Report(out=io.StringIO()),
+def run(plan: list[TierPlan], dry: bool = False, show_diff: bool = False) -> Report:
+    return execute(plan, dry=dry, show_diff=show_diff, report=Report(out=io.StringIO()),
                    timeouts={"connect": 5, "command": 120})
 
 
@@ -81,7 +81,7 @@ def test_dry_run_changes_nothing_on_the_hosts(hosts: list[Host],
                                               ssh_hosts: list[LabHost]) -> None:
     run(demo_plan(hosts))
     before = [h.exec(f"stat -c '%Y %s' {CONF}; md5sum {CONF}")[1] for h in ssh_hosts]
-    report = run(demo_plan(hosts, version=2), dry=True)
+    report = run(demo_plan(hosts, version=2), dry=True, show_diff=True)
     after = [h.exec(f"stat -c '%Y %s' {CONF}; md5sum {CONF}")[1] for h in ssh_hosts]
     assert before == after
     assert [restarts(h) for h in ssh_hosts] == [1, 1, 1]
@@ -139,6 +139,10 @@ def test_inv_deploys_a_real_tier_over_ssh(ssh_hosts: list[LabHost], tmp_path: Pa
     dry = inv("cache.deploy", "--dry")
     assert dry.returncode == 0, dry.stdout + dry.stderr
     assert h1.exec("test -e /etc/redis/redis.conf")[0] != 0  # the dry run installed nothing
+    assert "new file, " in dry.stdout and "requirepass" not in dry.stdout  # sizes, not contents
+    fresh = inv("deploy.status", "--only", "cache")
+    assert fresh.returncode == 1
+    assert "nothing deployed on this host yet: run `inv deploy.all`" in fresh.stdout
     first = inv("cache.deploy")
     assert first.returncode == 0, first.stdout + first.stderr
     assert "[cache] h1: health redis on :6379 ... unchanged: " in first.stdout
