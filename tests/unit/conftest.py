@@ -41,10 +41,11 @@ def only_loopback_traffic(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
 
 
 @pytest.fixture(autouse=True)
-def no_operator_hooks(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Path:
-    """An empty hooks folder: hooks an operator keeps in hooks/ never run from a unit test."""
-    folder = tmp_path / "hooks"
-    folder.mkdir()
+def no_operator_hooks(monkeypatch: pytest.MonkeyPatch,
+                      tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An empty hooks folder (outside the test's tmp_path): hooks an operator keeps in hooks/
+    never run from a unit test."""
+    folder = tmp_path_factory.mktemp("hooks")
     monkeypatch.setenv(hooks.HOOKS_ENV, str(folder))
     return folder
 
