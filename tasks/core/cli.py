@@ -6,6 +6,7 @@ import functools
 import os
 import tempfile
 from collections.abc import Callable, Iterable
+from contextlib import nullcontext
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -137,13 +138,11 @@ def deploy_task(tier: Tier) -> Task:
     """The `<tier>.deploy` task: the tier alone through the same plan/apply machinery."""
 
     def deploy(ctx: Context, dry: bool = False, diff: bool = False) -> None:
-        if dry:
-            run_tiers(ctx, [tier], dry=True, diff=diff)
-            return
         refuse_diff_without_dry(dry, diff)
-        with hooks.around("deploy", load(ctx), command=f"{tier.name}.deploy",
-                          tiers=[tier.name]):
-            run_tiers(ctx, [tier], dry=False)
+        with nullcontext() if dry else hooks.around("deploy", load(ctx),
+                                                     command=f"{tier.name}.deploy",
+                                                     tiers=[tier.name]):
+            run_tiers(ctx, [tier], dry=dry, diff=diff)
 
     deploy.__doc__ = f"Deploy the {tier.summary} (--dry: show the plan, touch nothing)."
     return task(reported(deploy), klass=TierTask, help={"dry": DRY_HELP, "diff": DIFF_HELP})
