@@ -99,7 +99,8 @@ def pytest_runtest_protocol(item: pytest.Item, nextitem: pytest.Item | None) -> 
     reporter = item.config.pluginmanager.get_plugin("terminalreporter")
     if reporter is None:
         return
-    reporter.ensure_newline()
+    if not first:
+        reporter.write("\n")  # end the previous module's line of dots
     if first:
         reporter.write_line("integration tests: each module deploys to its own lab of container "
                             "hosts over SSH (about 45 minutes in all on two cores)")
