@@ -30,7 +30,9 @@ def apply(ctx: Context, dry: bool = False) -> None:
     print(f"{action} the host firewall on inventory {inventory.name} ({len(hosts)} host(s); "
           f"rollback after {inventory.settings['net']['rollback_seconds']} s unless confirmed)",
           flush=True)
-    report = execute(build([firewall.tier(control)], inventory), dry=dry, timeouts=timeouts)
+    # A dry run shows the rules in full: what a firewall would let through is the point of it.
+    report = execute(build([firewall.tier(control)], inventory), dry=dry, show_diff=True,
+                     timeouts=timeouts)
     if not report.failed:
         return
     confirms = {f"health {firewall.CONFIRM_FIREWALL}", f"health {firewall.CONFIRM_SSHD}"}
