@@ -2,11 +2,12 @@
 
 A release is a folder (a Dify checkout, or a release tarball unpacked) holding `api/` and
 `docker/`. Everything here is read from the files the release ships, by code: the worker's queue
-list and Celery app from `api/docker/entrypoint.sh`, services and images from
-`docker/docker-compose.yaml`, routes from the nginx template, the environment keys the api reads
-from its settings classes (`api/configs/`) and its own `os.environ` reads, published default
-secrets from the example env files and the compose file's `${VAR:-default}` defaults, and flask
-commands from `api/commands/`. Used by the profile test and by `inv config.profile-draft`.
+list and Celery app from `api/docker/entrypoint.sh`, the api's gunicorn from `api/uv.lock`,
+services and images from `docker/docker-compose.yaml`, routes from the nginx template, the
+environment keys the api reads from its settings classes (`api/configs/`) and its own
+`os.environ` reads, published default secrets from the example env files and the compose file's
+`${VAR:-default}` defaults, and flask commands from `api/commands/`. Used by the profile test and
+by `inv config.profile-draft`.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ SHELL_VAR = re.compile(r"\$\{([A-Z][A-Z0-9_]+)")
 COMPOSE_DEFAULT = re.compile(r"\$\{([A-Z][A-Z0-9_]+):-([^}$]*)\}")
 CLICK_COMMAND = re.compile(r'@click\.command\(\s*"([a-z0-9-]+)"')
 VERSION = re.compile(r'^version\s*=\s*"([^"]+)"', re.M)
+LOCKED_GUNICORN = re.compile(r'^\[\[package\]\]\nname = "gunicorn"\nversion = "([^"]+)"', re.M)
 # Keys whose published values are secrets (a deployment must never keep them).
 SECRET_NAME = re.compile(r"(SECRET|PASSWORD|_KEY$|API_KEY|TOKEN$|ALLOWED_KEYS)")
 
@@ -99,6 +101,14 @@ class DifySource:
         found = CELERY_WORKER.search(self.read("api/docker/entrypoint.sh"))
         if not found:
             raise SourceError(f"{self.root}: no `celery -A ... worker` in the entrypoint")
+        return found.group(1)
+
+    @cached_property
+    def gunicorn(self) -> str:
+        """The gunicorn version the api image installs (api/uv.lock)."""
+        found = LOCKED_GUNICORN.search(self.read("api/uv.lock"))
+        if not found:
+            raise SourceError(f"{self.root}: no gunicorn package in api/uv.lock")
         return found.group(1)
 
     @cached_property
@@ -219,7 +229,7 @@ def open_source(path: Path, scratch: Path) -> DifySource:
 
 def draft_profile(source: DifySource) -> dict:
     """A profile's facts as the release states them (images of the services difyops runs,
-    queues, Celery app, routes): a maintainer reviews and completes it."""
+    queues, Celery app, gunicorn, routes): a maintainer reviews and completes it."""
     services = source.services
     images = {name: services[name].image for name in
               ("api", "web", "plugin_daemon", "sandbox", "ssrf_proxy", "agent_backend",
@@ -230,6 +240,7 @@ def draft_profile(source: DifySource) -> dict:
         "images": images,
         "queues": list(source.queues),
         "celery_app": source.celery_app,
+        "gunicorn": source.gunicorn,
         "services": [name for name in services if name in SERVICE_NAMES] + ["migration"],
         "routes": {
             "api": list(routes.get("api", ())),

@@ -14,6 +14,10 @@ import yaml
 
 from tasks.core.project import PROFILE_DIR
 
+# gunicorn 25.1.0 added a control socket served by a thread of the arbiter; the release notes and
+# `--no-control-socket` (gunicorn's own settings reference) date it.
+GUNICORN_CONTROL_SOCKET = (25, 1, 0)
+
 
 @dataclass(frozen=True)
 class UpgradeStep:
@@ -40,10 +44,16 @@ class VersionProfile:
     upgrade_steps: tuple[UpgradeStep, ...] = ()
     min_compose: str = ""
     min_kernel: dict[str, str] = field(default_factory=dict)
+    gunicorn: str = ""
 
     def has(self, service: str) -> bool:
         """Whether this release has the named service (e.g. api_websocket)."""
         return service in self.services
+
+    @property
+    def gunicorn_control_socket(self) -> bool:
+        """Whether the api's gunicorn opens a control socket unless told not to (25.1.0+)."""
+        return bool(self.gunicorn) and version_key(self.gunicorn) >= GUNICORN_CONTROL_SOCKET
 
 
 def available_versions(folder: Path = PROFILE_DIR) -> list[str]:
@@ -69,6 +79,7 @@ def load_profile(version: str, folder: Path = PROFILE_DIR) -> VersionProfile:
                             for step in data.get("upgrade_steps", ())),
         min_compose=str(data.get("min_compose", "")),
         min_kernel={str(k): str(v) for k, v in data.get("min_kernel", {}).items()},
+        gunicorn=str(data.get("gunicorn", "")),
     )
 
 

@@ -104,9 +104,11 @@ def through_proxy(cache: CacheLab, proxy: LabHost, command: str) -> str:
 
 
 def run_id(answer: str) -> str:
-    """run_id from an INFO server answer."""
-    return next(line.split(":", 1)[1].strip() for line in answer.splitlines()
-                if line.startswith("run_id:"))
+    """run_id from an INFO server answer; "" from any other answer (the proxy closes a client's
+    connection while no node answers role:master, as it does between the fault and Sentinel's
+    election)."""
+    return next((line.split(":", 1)[1].strip() for line in answer.splitlines()
+                 if line.startswith("run_id:")), "")
 
 
 def sentinel_views(cache: CacheLab, client: str) -> set[str]:
@@ -149,7 +151,7 @@ def test_the_redis_proxy_reaches_the_master(sentinel: CacheLab, redis_proxy: Lab
     until(lambda: "role:master" in through_proxy(sentinel, redis_proxy, "info replication"),
           15, "the proxy forwards to a master")
     assert run_id(through_proxy(sentinel, redis_proxy, "info server")) == \
-        run_id(sentinel.redis("r1", "info server"))
+        run_id(sentinel.redis("r1", "info server")) != ""
     assert through_proxy(sentinel, redis_proxy, "set via-proxy yes") == "OK"
 
 
@@ -183,7 +185,7 @@ def test_the_redis_proxy_follows_the_failover(sentinel: CacheLab, redis_proxy: L
     new = celery_style_master(sentinel, "r3")
     name = next(n for n in ("r2", "r3") if sentinel.address(n) == new)
     took = until(lambda: run_id(through_proxy(sentinel, redis_proxy, "info server"))
-                 == run_id(sentinel.redis(name, "info server")), 15,
+                 == run_id(sentinel.redis(name, "info server")) != "", 15,
                  "the proxy forwards to the new master")
     print(f"\nthe Redis proxy reached the new master {took:.1f} s after Sentinel named it")
     assert through_proxy(sentinel, redis_proxy, "get via-proxy") == "yes"

@@ -21,7 +21,7 @@ import yaml
 from tasks.core import secrets
 from tasks.core.dify_source import SERVICE_NAMES, DifySource, draft_profile, open_source
 from tasks.core.inventory import Inventory
-from tasks.core.profiles import available_versions, load_profile
+from tasks.core.profiles import available_versions, load_profile, version_key
 from tasks.core.project import ROOT
 from tasks.core.render import Renderer
 from tasks.tiers import lb
@@ -36,6 +36,7 @@ READ_ELSEWHERE = {
     "DIFY_AGENT_SERVER_SECRET_KEY": "docker compose interpolation: agent_backend's environment",
     "DIFY_AGENT_SHELLCTL_AUTH_TOKEN": "docker compose interpolation: agent_backend, local_sandbox",
     "DIFY_AGENT_REDIS_URL": "docker compose interpolation: agent_backend's environment",
+    "GUNICORN_CMD_ARGS": "gunicorn itself, which the api's entrypoint runs",
 }
 # The api's own service names in Dify's compose file, and the profile image each one runs.
 IMAGE_OF = {"worker": "api", "worker_beat": "api", "api_websocket": "api"}
@@ -88,6 +89,20 @@ def test_queues_and_celery_app_are_the_entrypoints(release, version: str) -> Non
     source, profile = release(version), load_profile(version)
     assert profile.queues == source.queues
     assert profile.celery_app == source.celery_app
+
+
+@pytest.mark.parametrize("version", SOURCED)
+def test_the_api_env_turns_off_the_control_socket_of_the_releases_gunicorn(
+        release, load, version: str) -> None:
+    """gunicorn 25.1.0+ forks workers beside its control-socket thread (a worker can hang at
+    boot); an older gunicorn would refuse the unknown flag."""
+    source, profile = release(version), load_profile(version)
+    assert profile.gunicorn == source.gunicorn
+    inventory = inventory_for(load, version)
+    env = Renderer(inventory).render("config/env/dify.env.j2", inventory.host("api1"))
+    has_socket = version_key(source.gunicorn) >= (25, 1, 0)
+    assert ("GUNICORN_CMD_ARGS=--no-control-socket" in env.splitlines()) == has_socket
+    assert "GUNICORN_CMD_ARGS=" not in source.read("api/docker/entrypoint.sh")
 
 
 @pytest.mark.parametrize("version", SOURCED)
@@ -169,6 +184,7 @@ def test_a_draft_from_the_source_matches_the_profile(release, version: str) -> N
     draft, profile = draft_profile(release(version)), load_profile(version)
     assert draft["version"] == profile.version
     assert draft["queues"] == list(profile.queues)
+    assert draft["gunicorn"] == profile.gunicorn
     assert set(draft["services"]) == set(profile.services)
     assert {k: set(v) for k, v in draft["routes"].items()} == \
         {k: set(v) for k, v in profile.routes.items()}

@@ -37,6 +37,14 @@ def test_env_has_every_key_the_version_requires(load, base) -> None:
     assert env["DB_HOST"] == "10.0.3.11"
 
 
+def test_only_a_gunicorn_with_a_control_socket_is_told_to_leave_it_off(load, base) -> None:
+    """1.5.1's profile names no gunicorn (no source of it is kept): its api gets no flag an
+    older gunicorn would refuse."""
+    assert env_of(load(base), "api1")["GUNICORN_CMD_ARGS"] == "--no-control-socket"
+    base["dify"] = {"version": "1.5.1"}
+    assert "GUNICORN_CMD_ARGS" not in env_of(load(base), "api1")
+
+
 def test_env_pairs_match_across_the_daemon_and_sandbox(load, base) -> None:
     inventory = load(base)
     env = env_of(inventory, "api2")
