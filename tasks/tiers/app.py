@@ -44,6 +44,21 @@ ROLE_COMPONENTS = {
 }
 LIMITED = ("api", "worker", "beat", "plugin_daemon", "web", "sandbox", "ssrf_proxy",
            "api_websocket", *placement.AGENT_SERVICES)
+# A Celery ping of the worker of a container, from inside it, by the broker settings of its
+# environment (Celery alone, not Dify: about a second). A worker whose ack failed while Redis
+# failed over keeps that message counted as in flight, so at its prefetch limit it never asks the
+# broker again; its control loop died with the same connection, so it no longer answers pings.
+CELERY_PING = """\
+import os, socket, sys
+from celery import Celery
+env = os.environ
+app = Celery(broker=env["CELERY_BROKER_URL"])
+if env.get("CELERY_USE_SENTINEL", "").lower() == "true":
+    app.conf.broker_transport_options = {
+        "master_name": env["CELERY_SENTINEL_MASTER_NAME"],
+        "sentinel_kwargs": {"password": env.get("CELERY_SENTINEL_PASSWORD") or None}}
+sys.exit(0 if app.control.ping(["celery@" + socket.gethostname()], timeout=3) else 1)
+"""
 CPUS = re.compile(r"^\d+(\.\d+)?$")
 MEMORY = re.compile(r"^\d+(\.\d+)?[kmgKMG]?[bB]?$")
 
@@ -95,22 +110,26 @@ def host_images(inventory: Inventory, host: Host) -> dict[str, str]:
 
 def compose_file(inventory: Inventory, renderer: Renderer, host: Host) -> str:
     """The host's compose project (its components decide which services it holds)."""
-    return renderer.render("compose/app.yml.j2", host,
+    return renderer.render("compose/app.yml.j2", host, celery_ping=CELERY_PING,
                            components=host_images(inventory, host))
+
+
+def worker_services(inventory: Inventory, host: Host) -> list[str]:
+    """The compose services of the worker groups this host runs (worker_<group>)."""
+    if not host.has("worker"):
+        return []
+    groups = [g["name"] for g in inventory.settings["app"]["worker_groups"]]
+    return [f"worker_{name}" for name in groups if name in (host.worker_groups or groups)]
 
 
 def services_of(inventory: Inventory, host: Host) -> list[str]:
     """The compose services this host runs (what `inv app.status` expects to find)."""
-    groups = inventory.settings["app"]["worker_groups"]
-    names = [g["name"] for g in groups if g["name"] in (host.worker_groups or
-                                                         [g["name"] for g in groups])]
     found = []
     if host.has("api"):
         found.append("api")
         if placement.websocket_enabled(inventory):
             found.append("api_websocket")
-    if host.has("worker"):
-        found += [f"worker_{name}" for name in names]
+    found += worker_services(inventory, host)
     if host.has("beat"):
         found.append("worker_beat")
     if host.has("web"):
@@ -301,7 +320,8 @@ def steps(inventory: Inventory, renderer: Renderer, host: Host, *,
 
 def gates(inventory: Inventory, host: Host) -> list[WaitFor]:
     """The health answers of the services this host serves (probed from the control machine);
-    local_sandbox, which only agent_backend reaches, by its healthcheck on the host."""
+    each worker by a Celery ping and local_sandbox, which only agent_backend reaches, by its
+    healthcheck, both on the host."""
     timeout = inventory.settings["app"]["health_timeout"]
     api, agent = host.has("api"), placement.runs_agent(inventory, host)
     websocket = api and placement.websocket_enabled(inventory)
@@ -318,6 +338,11 @@ def gates(inventory: Inventory, host: Host) -> list[WaitFor]:
                               url=f"http://{endpoint(host.address, port)}{path}"),
                      restart=restart_compose(directory, PROJECT, service))
              for service, port, path, contains, runs in probes if runs]
+    found += [WaitFor(CommandGate(f"{service} answers a Celery ping", timeout=timeout, interval=2,
+                                  command=f"{compose(directory)} exec -T {service} python -c "
+                                          f"{shlex.quote(CELERY_PING)}"),
+                      restart=restart_compose(directory, PROJECT, service))
+              for service in worker_services(inventory, host)]
     if agent:
         found.append(WaitFor(CommandGate(
             f"local_sandbox healthy (:{placement.SHELLCTL_PORT}/healthz)", timeout=timeout,

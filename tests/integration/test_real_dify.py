@@ -8,7 +8,8 @@ end; `inv app.upgrade` to the target release (1.14.2) runs real migrations under
 through nginx and `inv app.rollback` refuses to cross them; on the target: the worker's queues,
 the workflow made on the start release, the inner API key, the plugin daemon's key, a deploy
 that changes nothing, an app deletion done by the worker; then a PostgreSQL failover and a Redis
-failover, each followed by the workflow running again.
+failover, each followed by the workflow running again (after the Redis failover, `inv
+deploy.doctor` restarts a worker that stopped consuming).
 
 What a release itself says is read from its source, by code: the alembic head of its migration
 scripts, the worker's queue list in its entrypoint, its Celery app, its DSL version, its upgrade
@@ -174,6 +175,18 @@ def test_deploy_migrates_to_the_release_head_and_serves_through_nginx(
     setup = requests.get(f"{real.balancer}/console/api/setup", timeout=10)
     assert setup.status_code == 200, setup.text
     assert setup.json()["step"] in ("not_started", "finished")  # (the console set it up)
+
+
+def test_the_apis_gunicorn_forks_its_workers_from_a_single_thread(real: RealApp,
+                                                                    deployed: str) -> None:
+    """gunicorn 25.1.0+ serves a control socket from a second thread of its arbiter; a worker
+    forked while that thread holds the log stream's lock never boots. The env turns it off."""
+    for host in APIS:
+        code, out = real.hosts[host].exec(
+            f"docker exec {real.container('api', host)} ls /proc/1/task")
+        assert code == 0, out
+        assert len(out.split()) == 1, (host, out, real.logs("api", host))
+        assert not re.search(r"Control (socket|server)", real.logs("api", host))
 
 
 @pytest.fixture(scope="module")
@@ -514,4 +527,13 @@ def test_workflows_run_again_after_a_redis_failover(real: RealApp, workflow: dic
     assert code == 0, out
     since = time.monotonic()
     until(lambda: _sentinel_master(real) not in ("", old), 90, "Sentinel electing a new master")
+    # What doctor's timer runs every doctor.every minutes: a worker whose ack failed in the
+    # failover stopped consuming and answering pings (tasks/tiers/app.py CELERY_PING) and is
+    # restarted; a worker that reconnected answers and is left alone.
+    doctor = real.ok("deploy.doctor", "--only", "app")
+    print(f"doctor after the Redis failover:\n{doctor.stdout}")
+    if "UNHEALTHY" in doctor.stdout:
+        assert "worker_all answers a Celery ping healthy again after restarting dify/worker_all" \
+            in doctor.stdout, doctor.stdout
     _runs_again(real, workflow["key"], since, "Redis failover", lab)
+

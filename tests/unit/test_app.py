@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import io
+import shlex
 from typing import Any
 
 import pytest
@@ -71,7 +72,10 @@ def test_healthchecks_where_an_endpoint_exists_restart_everywhere(load, base) ->
               if "healthcheck" in s}
     # Dify 1.16.1: api_websocket on the api hosts, the agent services on the first api host.
     assert set(probes) == {"api", "api_websocket", "plugin_daemon", "sandbox", "web",
-                           "agent_backend", "local_sandbox"}
+                           "agent_backend", "local_sandbox", "worker_default"}
+    assert services["worker_default"]["healthcheck"]["test"] == ["CMD", "python", "-c",
+                                                             tier.CELERY_PING]
+    assert services["worker_default"]["healthcheck"]["interval"] == "30s"
     assert "http://127.0.0.1:5001/health" in probes["api"]
     assert "http://127.0.0.1:5001/health" in probes["api_websocket"]
     assert "http://127.0.0.1:5050/openapi.json" in probes["agent_backend"]
@@ -84,6 +88,27 @@ def test_healthchecks_where_an_endpoint_exists_restart_everywhere(load, base) ->
                                            "labels": "com.docker.compose.service"}
                for s in services.values())
     assert services["api"]["depends_on"]["plugin_daemon"] == {"condition": "service_healthy"}
+
+
+def test_each_worker_is_pinged_on_its_host_and_restarted_by_doctor(load, base) -> None:
+    base["app"] = {"worker_groups": [{"name": "fast", "queues": "all", "concurrency": 2},
+                                     {"name": "slow", "queues": ["dataset"], "concurrency": 1}]}
+    base["hosts"][4]["worker_groups"] = ["slow"]
+    base["hosts"][3].update(roles=["api", "worker"], worker_groups=["fast"])
+    inventory = load(base)
+    pings = [s for s in tier.gates(inventory, inventory.host("worker1"))
+             if isinstance(s.gate, CommandGate)]
+    assert [s.gate.name for s in pings] == ["worker_slow answers a Celery ping"]
+    assert pings[0].gate.command == (
+        "docker compose --project-directory /opt/dify -p dify exec -T worker_slow python -c "
+        + shlex.quote(tier.CELERY_PING))
+    assert pings[0].restart.what == "dify/worker_slow"
+    assert "Celery(broker=env[\"CELERY_BROKER_URL\"])" in tier.CELERY_PING
+    assert "$" not in tier.CELERY_PING  # compose would interpolate it in the healthcheck
+    assert [s.gate.name for s in tier.gates(inventory, inventory.host("api2"))
+            if isinstance(s.gate, CommandGate)] == ["worker_fast answers a Celery ping"]
+    assert not [s for s in tier.gates(inventory, inventory.host("api1"))
+                if "Celery" in s.gate.name]
 
 
 def test_only_the_one_off_container_migrates(load, base) -> None:
