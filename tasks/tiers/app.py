@@ -48,6 +48,7 @@ LIMITED = ("api", "worker", "beat", "plugin_daemon", "web", "sandbox", "ssrf_pro
 # environment (Celery alone, not Dify: about a second). A worker whose ack failed while Redis
 # failed over keeps that message counted as in flight, so at its prefetch limit it never asks the
 # broker again; its control loop died with the same connection, so it no longer answers pings.
+# Three pings of 3 s: a worker still reconnecting after a failover (a few seconds) answers one.
 CELERY_PING = """\
 import os, socket, sys
 from celery import Celery
@@ -57,7 +58,8 @@ if env.get("CELERY_USE_SENTINEL", "").lower() == "true":
     app.conf.broker_transport_options = {
         "master_name": env["CELERY_SENTINEL_MASTER_NAME"],
         "sentinel_kwargs": {"password": env.get("CELERY_SENTINEL_PASSWORD") or None}}
-sys.exit(0 if app.control.ping(["celery@" + socket.gethostname()], timeout=3) else 1)
+me = ["celery@" + socket.gethostname()]
+sys.exit(0 if any(app.control.ping(me, timeout=3) for _ in range(3)) else 1)
 """
 CPUS = re.compile(r"^\d+(\.\d+)?$")
 MEMORY = re.compile(r"^\d+(\.\d+)?[kmgKMG]?[bB]?$")
