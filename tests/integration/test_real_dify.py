@@ -536,4 +536,3 @@ def test_workflows_run_again_after_a_redis_failover(real: RealApp, workflow: dic
         assert "worker_all answers a Celery ping healthy again after restarting dify/worker_all" \
             in doctor.stdout, doctor.stdout
     _runs_again(real, workflow["key"], since, "Redis failover", lab)
-
