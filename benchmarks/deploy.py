@@ -6,7 +6,8 @@ Each figure comes from a fresh lab of the layout the integration test deploys
 primary + Redis and a standby): the same inventory, deployed from nothing with
 `inv deploy.all` (hosts of a tier in parallel) or `inv deploy.all --parallel 1` (one host after
 the other, image shipping included). Then `inv deploy.all` again on the same hosts: nothing to
-change. Times include the preflight, shipping the stand-in images and every tier's health gates.
+change. Times include the preflight, shipping the images (the real api image of the newest
+release that runs here, stand-ins for web and the plugin daemon) and every tier's health gates.
 
 Runs on container hosts of the test lab (needs the Docker engine, like the integration tests).
 Run: python benchmarks/deploy.py [--modes parallel,serial]
@@ -40,8 +41,8 @@ def timed(stack: stack_lab.Stack, *args: str) -> float:
     return seconds
 
 
-def measure(lab: Lab, folder: Path, mode: str) -> tuple[float, float]:
-    """(first deploy, second deploy) on a fresh lab, in seconds."""
+def measure(lab: Lab, folder: Path, mode: str) -> tuple[str, float, float]:
+    """(Dify version, first deploy, second deploy) on a fresh lab, in seconds."""
     folder.mkdir(parents=True)
     stack = stack_lab.start(lab, folder, prefix=f"b{mode[0]}-")
     try:
@@ -53,7 +54,7 @@ def measure(lab: Lab, folder: Path, mode: str) -> tuple[float, float]:
         for host in stack.hosts.values():
             host.remove()
             lab.hosts.pop(host.name, None)
-    return first, second
+    return stack.version, first, second
 
 
 def main() -> None:
@@ -71,13 +72,14 @@ def main() -> None:
         for mode in modes:
             figures[mode] = measure(lab, Path(scratch) / mode, mode)
     hosts = len(stack_lab.LAYOUT)
-    print(f"\nwhole stack, {hosts} hosts, Dify {stack_lab.VERSION} stand-ins, from nothing:")
-    for mode, (first, second) in figures.items():
+    versions = " and ".join(sorted({version for version, *_ in figures.values()}))
+    print(f"\nwhole stack, {hosts} hosts, the real api of Dify {versions}, from nothing:")
+    for mode, (_, first, second) in figures.items():
         label = "hosts of a tier in parallel" if mode == "parallel" else "one host at a time"
         print(f"  first deploy.all, {label:28} {first:7.1f} s   second (no change) "
               f"{second:6.1f} s = {second / first:.0%} of the first")
     if {"parallel", "serial"} <= figures.keys():
-        print(f"  one host at a time takes {figures['serial'][0] / figures['parallel'][0]:.2f}x "
+        print(f"  one host at a time takes {figures['serial'][1] / figures['parallel'][1]:.2f}x "
               f"the parallel deploy")
 
 

@@ -3,18 +3,20 @@
 from __future__ import annotations
 
 import json
+import sys
 
 from invoke import Context, task
 from invoke.exceptions import Exit
 
 from tasks.core import hooks
-from tasks.core.cli import deploy_task, load, reported
+from tasks.core.cli import deploy_task, load, reported, words_after_dashes
+from tasks.core.errors import DifyopsError
 from tasks.core.fleet import each_host, table
 from tasks.core.hosts import Machine
-from tasks.core.inventory import APP_ROLES
+from tasks.core.inventory import APP_ROLES, Inventory
 from tasks.core.report import Report
 from tasks.tiers import app as app_tier
-from tasks.tiers import app_release
+from tasks.tiers import app_logs, app_ops, app_release, lb_maintenance
 from tasks.tiers.app import PROJECT, TIER, compose, deploy_dir, migration_host
 
 deploy = deploy_task(TIER)
@@ -36,21 +38,44 @@ def migrate(ctx: Context, version: str = "") -> None:
 
 
 @task(help={"version": "the Dify version to upgrade to (a config/profiles/<version>.yml must "
-                       "exist; its images are shipped with inv images.sync --version V)"})
+                       "exist; its images are shipped with inv images.sync --version V)",
+            "maintenance": "the balancers answer 503 and a maintenance page for the whole "
+                           "upgrade (inv lb.maintenance), for a release that cannot be "
+                           "upgraded online; turned off once it succeeded"})
 @reported
-def upgrade(ctx: Context, version: str) -> None:
+def upgrade(ctx: Context, version: str, maintenance: bool = False) -> None:
     """Upgrade Dify: backup, one migration, api/web hosts one at a time, then the workers."""
     inventory = load(ctx)
     report = Report()
     print(f"upgrading Dify to {version} on inventory {inventory.name}", flush=True)
     with hooks.around("upgrade", inventory, command="app.upgrade", tiers=["app"],
                       version=version):
-        outcome = app_release.upgrade(inventory, version, report)
+        if maintenance:
+            _maintenance(inventory, "on", f"Dify is being upgraded to {version} and will be "
+                                          f"back shortly.")
+        try:
+            outcome = app_release.upgrade(inventory, version, report)
+        except DifyopsError as exc:
+            if maintenance:
+                raise DifyopsError(f"{exc}\nThe balancers stay in maintenance: once Dify "
+                                   f"serves again, run inv lb.maintenance off") from None
+            raise
+        if maintenance:
+            _maintenance(inventory, "off")
     print(f"\nupgraded to Dify {version}: replaced {', '.join(outcome.replaced) or 'none'}"
           + (f"; already there: {', '.join(outcome.unchanged)}" if outcome.unchanged else ""))
     note = app_release.reminder(inventory, version)
     if note:
         print(f"note: {note}")
+
+
+def _maintenance(inventory: Inventory, state: str, message: str = "") -> None:
+    """Turn maintenance on or off on every balancer, or stop naming those that failed."""
+    failed = [f"{o.host.name}: {o.error}" for o in lb_maintenance.switch(inventory, state, message)
+              if not o.ok]
+    if failed:
+        raise DifyopsError(f"maintenance could not be turned {state}: " + "; ".join(failed))
+    print(f"[lb] maintenance {state} on every balancer", flush=True)
 
 
 @task
@@ -114,3 +139,56 @@ def status(ctx: Context) -> None:
     bad = [r for r in rows if r[3] != "running" or r[4] not in ("healthy", "-")]
     if bad:
         raise Exit(f"error: {len(bad)} container(s) not running and healthy; see above", code=1)
+
+
+ONE_OFF_HELP = {
+    "host": "the host to run it on (default: the first host that runs the service)",
+    "interactive": "a terminal of its own, with this one's input (a shell, a prompt)",
+    "force": "run even while a deploy of the inventory holds its lock",
+}
+
+
+@task(name="exec", help={**ONE_OFF_HELP, "service": "the compose service whose release, "
+                                                    "environment and networks to use"})
+@reported
+def exec_(ctx: Context, host: str = "", service: str = "api", interactive: bool = False,
+          force: bool = False) -> None:
+    """Run a command in a fresh container of an app service, removed after: inv app.exec -- CMD"""
+    code = app_ops.run_one_off(load(ctx), words_after_dashes(), service=service, host=host,
+                               interactive=interactive, force=force)
+    if code:
+        raise Exit(code=code)
+
+
+@task(help=ONE_OFF_HELP)
+@reported
+def flask(ctx: Context, host: str = "", interactive: bool = False, force: bool = False) -> None:
+    """Run one of Dify's flask commands in a fresh api container: inv app.flask -- reset-password
+    --email E ... (inv app.flask -- --help lists them)"""
+    code = app_ops.run_one_off(load(ctx), ["flask", *words_after_dashes()], host=host,
+                               interactive=interactive, force=force)
+    if code:
+        raise Exit(code=code)
+
+
+@task(help={"service": "one compose service (api, worker_<group>, worker_beat, web, ...; "
+                       "default: every service)",
+            "host": "one host (default: every app host)",
+            "since": "from this long ago (10m, 2h, 1h30m) or this time (2026-12-07T09:00:00Z)",
+            "grep": "only the lines that contain this text",
+            "follow": "stream new lines as they come, until Ctrl-C"})
+@reported
+def logs(ctx: Context, service: str = "", host: str = "", since: str = "10m", grep: str = "",
+         follow: bool = False) -> None:
+    """The containers' logs of every host that runs a service, each line prefixed with host
+    and service, merged in time order (or followed)."""
+    inventory = load(ctx)
+    chosen = app_logs.sources(inventory, service, host)
+    if not follow:
+        lines = app_logs.read(inventory, chosen, since, grep)
+        print("\n".join(lines) if lines else f"no log lines since {since or 'the start'}")
+        return
+    try:
+        app_logs.follow(inventory, chosen, since, grep)
+    except KeyboardInterrupt:
+        print("", file=sys.stderr)  # after the ^C the terminal echoed

@@ -28,7 +28,7 @@ from tasks.core.inventory import Host, Inventory
 from tasks.core.lock import Locked
 from tasks.core.tiers import build, select
 from tasks.images import show
-from tasks.tiers import TIERS
+from tasks.tiers import TIERS, lb_maintenance
 from tasks.tiers.images import ImageError, sync
 
 IMAGE_TIERS = ("app", "vector")  # the tiers whose hosts run images (tasks/tiers/images.py)
@@ -105,6 +105,10 @@ def status(ctx: Context, only: str = "") -> None:
                 [(p.host, p.tier, p.component, "healthy" if p.healthy else "UNHEALTHY",
                   p.answer[:100]) for p in probes]))
     print(f"Dify {inventory.profile.version}, inventory {inventory.name}")
+    if any(tier.name == "lb" for tier in select(TIERS, only)):
+        for mode in lb_maintenance.states(inventory):
+            if not mode.ok or mode.value != "off":
+                print(f"maintenance on {mode.host.name}: {mode.value or mode.error}")
     unhealthy = [p for p in probes if not p.healthy]
     if unhealthy:
         raise Exit(f"error: {len(unhealthy)} component(s) unhealthy: "

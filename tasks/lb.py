@@ -7,7 +7,7 @@ from invoke.exceptions import Exit
 
 from tasks.core.cli import deploy_task, load, reported
 from tasks.core.fleet import table
-from tasks.tiers import lb_ops
+from tasks.tiers import lb_maintenance, lb_ops
 from tasks.tiers.lb import TIER
 
 deploy = deploy_task(TIER)
@@ -19,17 +19,19 @@ def status(ctx: Context) -> None:
     """Show each lb host: nginx, config test, published site, /health, upstreams and drains."""
     inventory = load(ctx)
     outcomes = lb_ops.status(inventory)
+    modes = {o.host.name: o.value if o.ok else o.error for o in lb_maintenance.states(inventory)}
     rows, members = [], []
     for outcome in outcomes:
         if not outcome.ok or outcome.value is None:
-            rows.append([outcome.host.name, "unreachable", "-", "-", outcome.error])
+            rows.append([outcome.host.name, "unreachable", "-", "-", "-", outcome.error])
             continue
         state = outcome.value
-        rows.append([state.lb, state.nginx, state.health, state.published, state.config])
+        rows.append([state.lb, state.nginx, state.health, state.published,
+                     modes.get(state.lb, "?"), state.config])
         for server in state.servers:
             members.append([state.lb, server.upstream, server.host, server.endpoint,
                             "drained (down)" if server.down else "in service"])
-    print(table(["lb", "nginx", "/health", "published", "nginx -t"], rows))
+    print(table(["lb", "nginx", "/health", "published", "maintenance", "nginx -t"], rows))
     if members:
         print()
         print(table(["lb", "upstream", "host", "server", "state"], members))
@@ -90,3 +92,20 @@ def undrain(ctx: Context, host: str) -> None:
     """Put HOST back into every upstream on every lb host (graceful reload)."""
     inventory = load(ctx)
     _print_moves(lb_ops.undrain(inventory, host), host, "back in")
+
+
+@task(help={"state": "on: answer 503 and a maintenance page; off: serve again",
+            "message": f"the page's text (default: {lb_maintenance.DEFAULT_MESSAGE!r})"})
+@reported
+def maintenance(ctx: Context, state: str, message: str = "") -> None:
+    """Every balancer answers 503 with a maintenance page (on), or serves again (off); requests
+    from net.management and /health still pass. Kept across deploys until turned off."""
+    inventory = load(ctx)
+    outcomes = lb_maintenance.switch(inventory, state, message)
+    print(table(["lb", "maintenance", "changed"],
+                [(o.host.name, state if o.ok else "UNKNOWN", "yes" if o.value else o.error or "no")
+                 for o in outcomes]))
+    failed = [o.host.name for o in outcomes if not o.ok]
+    if failed:
+        raise Exit(f"error: maintenance could not be turned {state} on {', '.join(failed)}; "
+                   f"run the command again", code=1)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import os
+import sys
 import tempfile
 from collections.abc import Callable, Iterable
 from contextlib import nullcontext
@@ -32,6 +33,13 @@ def load(ctx: Context, *, check_secrets: bool = True) -> Inventory:
     configured = (ctx.config.get("difyops") or {}).get("inventory")
     return load_inventory(inventory_path(os.environ.get("DIFY_INVENTORY") or configured),
                           check_secrets=check_secrets)
+
+
+def words_after_dashes(argv: list[str] | None = None) -> list[str]:
+    """The words after a bare `--` on the command line, as the shell passed them (Invoke keeps
+    only a copy joined by spaces, which loses their quoting); [] without one."""
+    argv = sys.argv if argv is None else argv
+    return argv[argv.index("--") + 1:] if "--" in argv else []
 
 
 def reported(task_body: Callable[..., Any]) -> Callable[..., Any]:

@@ -21,7 +21,7 @@ import tempfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, BinaryIO
+from typing import TYPE_CHECKING, BinaryIO, TextIO
 
 from invoke import Context
 from invoke.exceptions import CommandTimedOut
@@ -98,6 +98,13 @@ class Machine:
         """Run a command whose standard input is the bytes of source."""
         raise NotImplementedError
 
+    def _attach(self, command: str, pty: bool, stdin: bool, out: TextIO | None) -> int:
+        """Run a command whose output is written as it comes (to ``out``, else this process's
+        own); with a terminal of its own when pty, reading this process's input when stdin.
+        Returns its exit status."""
+        raise HostError(f"{self.host.target}: commands cannot be attached to this terminal "
+                        f"on this kind of host")
+
     def close(self) -> None:
         """Release the connection, if any."""
 
@@ -116,6 +123,14 @@ class Machine:
         """Run a command that reads its standard input from source until its end, streamed
         (e.g. `docker save ... | <host> docker load`); as root like run()."""
         return self._feed(self.as_root(command, sudo), source, timeout or self.command_timeout)
+
+    def attach(self, command: str, *, interactive: bool = False, hangup: bool = False,
+               out: TextIO | None = None, sudo: bool = True) -> int:
+        """Run a shell command as run() does, but attached (no timeout: the operator ends it):
+        output as it comes, to ``out`` or this process's own; interactive: a terminal of its
+        own and this process's input; hangup: a terminal without input, so that closing the
+        connection ends the command (the terminal hangs up on it)."""
+        return self._attach(self.as_root(command, sudo), interactive or hangup, interactive, out)
 
     def probe(self, command: str) -> bool:
         """A read-only question to the host: True (exit 0) or False (another answer). A probe
@@ -198,6 +213,11 @@ class LocalMachine(Machine):
             return Result(124, "", f"timed out after {timeout:g} s")
         return Result(result.exited, result.stdout, result.stderr)
 
+    def _attach(self, command: str, pty: bool, stdin: bool, out: TextIO | None) -> int:
+        result = self.context.run(command, pty=pty, warn=True, hide=False, out_stream=out,
+                                  err_stream=out, in_stream=None if stdin else False)
+        return result.exited
+
     def _feed(self, command: str, source: BinaryIO, timeout: float) -> Result:
         try:
             result = subprocess.run(["sh", "-c", command], stdin=source, capture_output=True,
@@ -266,6 +286,15 @@ class SshMachine(Machine):
         except (OSError, EOFError) as exc:
             raise HostError(f"lost the connection to {self.host.target}: {exc}") from exc
         return Result(result.exited, result.stdout, result.stderr)
+
+    def _attach(self, command: str, pty: bool, stdin: bool, out: TextIO | None) -> int:
+        try:
+            result = self.connection.run(command, pty=pty, warn=True, hide=False,
+                                         out_stream=out, err_stream=out,
+                                         in_stream=None if stdin else False)
+        except (OSError, EOFError) as exc:
+            raise HostError(f"lost the connection to {self.host.target}: {exc}") from exc
+        return result.exited
 
     def _feed(self, command: str, source: BinaryIO, timeout: float) -> Result:
         try:

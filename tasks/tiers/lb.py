@@ -33,6 +33,10 @@ DRAINED = f"{STATE_DIR}/drained"
 CERT = "/etc/nginx/tls/dify.crt"
 KEY = "/etc/nginx/tls/dify.key"
 ACME_WEBROOT = "/var/www/acme"
+# `inv lb.maintenance`'s pages (tasks/tiers/lb_ops.py): the HTML one's existence is the switch
+# nginx checks on every request. Outside the deploy's files, so a deploy keeps the mode.
+MAINTENANCE = {"dir": "/var/www/difyops-maintenance", "html": "maintenance.html",
+               "json": "maintenance.json"}
 
 # (upstream, role, port): who serves what behind the balancer.
 UPSTREAMS = (("dify_api", "api", 5001), ("dify_web", "web", 3000),
@@ -306,7 +310,8 @@ def steps(inventory: Inventory, renderer: Renderer, host: Host) -> list[Step]:
         *tls_steps(inventory),
         WriteFile(AVAILABLE, renderer.render("nginx/dify.conf.j2", host,
                                              upstreams=upstreams(inventory),
-                                             sign_in_routes=SIGN_IN_ROUTES)),
+                                             sign_in_routes=SIGN_IN_ROUTES,
+                                             maintenance=MAINTENANCE)),
         RunCommand("publish the site (drained hosts stay down) if nginx -t accepts it",
                    publish_command(), on_change=(AVAILABLE,)),
         RunCommand("validate with nginx -t", "nginx -t -q", changes=False),

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import yaml
 
+from tasks.tiers.cache import AUTHED
 from tests.images import standin
 from tests.integration.lab import Lab, LabHost, ensure_base_image
 
@@ -83,9 +84,9 @@ class App:
         return out.strip()
 
     def redis(self, *args: str, db: int = 1) -> str:
-        """A redis-cli command on the cache host (db 1: the broker, db 0: the cache)."""
-        command = ("REDISCLI_AUTH=$(sed -n 's/^requirepass //p' /etc/redis/redis.conf) "
-                   f"redis-cli -n {db} --no-auth-warning " + " ".join(args))
+        """A redis-cli command on the cache host app-db (db 1: the broker, db 0: the cache),
+        authenticated as the cache tier's own helper is."""
+        command = f"{AUTHED} redis-cli -n {db} --no-auth-warning " + " ".join(args)
         code, out = self.hosts["app-db"].exec(command)
         assert code == 0, out
         return out.strip()

@@ -53,9 +53,10 @@ class Release:
     image: dify_real.Built
 
 
-def pick_releases(unpack_into: Path) -> list[tuple[str, Path]]:
-    """(version, unpacked source) of the target release and, when one is runnable, of the
-    release before it: newest first. Raises Unrunnable when no target can run."""
+def pick_releases(unpack_into: Path, count: int = 2) -> list[tuple[str, Path]]:
+    """(version, unpacked source) of the target release and, when ``count`` is 2 and one is
+    runnable, of the release before it: newest first. Raises Unrunnable when no target can
+    run."""
     profiles = set(available_versions())
     wanted = os.environ.get(VERSION_ENV, "").strip()
     candidates = [wanted, *(v for v in RUNNABLE if version_key(v) < version_key(wanted))] \
@@ -63,7 +64,7 @@ def pick_releases(unpack_into: Path) -> list[tuple[str, Path]]:
     found: list[tuple[str, Path]] = []
     reasons: list[str] = []
     for version in candidates:
-        if len(found) == 2:
+        if len(found) == count:
             break
         if version not in profiles:
             reasons.append(f"no profile {version}")

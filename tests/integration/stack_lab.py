@@ -9,10 +9,13 @@
 | db1 | db_primary, cache | Debian 13: PostgreSQL 17 with pgvector, Redis |
 | db2 | db_replica | Debian 13: a streaming standby |
 
-The db hosts run Debian 13 because only it ships pgvector (postgresql-17-pgvector). The Dify
-images are the stand-ins of tests/images, shipped to the Docker hosts by deploy.all itself
-(`dify.sync_images: true`, no registry here). Lab hosts are far smaller than the planned sizes,
-so the inventory lowers `preflight.sizes` (the preflight itself still runs).
+The db hosts run Debian 13 because only it ships pgvector (postgresql-17-pgvector). The api,
+worker, beat and migration run the REAL api image of the newest release that runs here, built
+from its source (tests/integration/real_lab.py: 1.14.2, or the release
+``DIFYOPS_REAL_DIFY_VERSION`` names); web and the plugin daemon are the stand-ins of
+tests/images. deploy.all itself ships them to the Docker hosts (`dify.sync_images: true`, no
+registry here). Lab hosts are far smaller than the planned sizes, so the inventory lowers
+`preflight.sizes` (the preflight itself still runs).
 """
 
 from __future__ import annotations
@@ -25,11 +28,10 @@ from pathlib import Path
 
 import yaml
 
-from tests.images import standin
-from tests.integration.lab import Lab, LabHost, ensure_base_image
+from tests.integration.lab import Lab, LabHost
+from tests.integration.real_lab import MIRROR, ensure_release, pick_releases
 
 ROOT = Path(__file__).resolve().parents[2]
-VERSION = "1.13.3"
 LAYOUT = {  # host -> roles (the prefix is added per lab)
     "lb": ["lb", "monitor"],
     "api1": ["api", "web", "plugin_daemon"],
@@ -46,8 +48,10 @@ SMALL = {"cpu": 1, "memory_gb": 1, "disk_gb": 5}
 class Stack:
     """Hosts of one lab layout, its inventory file and `inv` against it."""
 
-    def __init__(self, hosts: dict[str, LabHost], folder: Path, prefix: str) -> None:
+    def __init__(self, hosts: dict[str, LabHost], folder: Path, prefix: str,
+                 version: str) -> None:
         self.hosts = hosts  # by short name (lb, api1, ...)
+        self.version = version  # the Dify release deployed
         self.prefix = prefix
         self.folder = folder
         self.name = f"{prefix}stack"
@@ -63,14 +67,14 @@ class Stack:
         inventory = {
             "name": self.name,
             "domain": "dify.lab",
-            "dify": {"version": VERSION, "registry_mirror": standin.PREFIX,
-                     "sync_images": True},
-            "db": {"version": 17},
+            "dify": {"version": self.version, "registry_mirror": MIRROR, "sync_images": True},
+            # Two api hosts, each with api and api_websocket, need more than the default 200.
+            "db": {"version": 17, "max_connections": 300},
             "storage": {"type": "shared-fs", "path": "/srv/dify/storage"},
             "cache": {"mode": "standalone"},
             "vector": {"store": "pgvector"},
             "timeouts": {"connect": 5, "command": 600},
-            "app": {"health_timeout": 120},
+            "app": {"health_timeout": 300},
             "monitor": {"grafana": False, "scrape_interval": "5s",
                         "evaluation_interval": "5s"},
             "backup": {"dir": str(self.folder / "backups")},
@@ -100,20 +104,24 @@ class Stack:
 
 
 def start(lab: Lab, folder: Path, prefix: str = "st-") -> Stack:
-    """Stand-in images built (once), the six hosts started, inventory and secrets written."""
+    """The images of the newest runnable release built (once; real_lab.Unrunnable or
+    dify_source.Unavailable when none can be), the six hosts started, inventory and secrets
+    written."""
     started = time.monotonic()
-    standin.ensure_images(lab.client, ensure_base_image(lab.client), (VERSION,))
-    lab.timings[f"{prefix}stack: stand-in images"] = time.monotonic() - started
+    ((version, root),) = pick_releases(folder / "dify-source", count=1)
+    ensure_release(lab, version, root)
+    lab.timings[f"{prefix}stack: images of Dify {version}"] = time.monotonic() - started
     names = {short: f"{prefix}{short}" for short in LAYOUT}
     # SYS_PTRACE: root on a real server sees which process holds a port (`ss -p` reads other
     # users' /proc/<pid>/fd); without it the preflight of a second deploy finds PostgreSQL,
     # Redis and Prometheus on their ports and cannot tell they are ours. (Docker hosts have it.)
     seeing = ("SYS_PTRACE",)
     hosts = dict(zip(["lb"], lab.start([names["lb"]], cap_add=seeing), strict=True))
-    hosts.update(zip(DOCKER, lab.start([names[s] for s in DOCKER], docker=True), strict=True))
+    hosts.update(zip(DOCKER, lab.start([names[s] for s in DOCKER], docker=True, overlay2=True),
+                     strict=True))
     hosts.update(zip(TRIXIE, lab.start([names[s] for s in TRIXIE], cap_add=seeing,
                                        suite="trixie"), strict=True))
-    stack = Stack(hosts, folder, prefix)
+    stack = Stack(hosts, folder, prefix, version)
     stack.write_inventory()
     stack.ok("config.secrets")
     return stack

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import base64
 import os
+import re
 import shutil
 import socket
 import ssl
@@ -235,7 +236,7 @@ def test_status_and_check(env: Lb) -> None:
     assert status.returncode == 0, status.stdout + status.stderr
     lb_row = next(line.split() for line in status.stdout.splitlines()
                   if line.startswith("lbx ") and "active" in line)
-    assert lb_row[:5] == ["lbx", "active", "200", "yes", "ok"]
+    assert lb_row[:6] == ["lbx", "active", "200", "yes", "off", "ok"]
     rows = {tuple(line.split()[1:3]): line for line in status.stdout.splitlines()
             if line.startswith("lbx ") and "dify_" in line}
     assert set(rows) == {("dify_api", "lbup1"), ("dify_api", "lbup2"), ("dify_web", "lbup1"),
@@ -470,3 +471,40 @@ def tls_handshake(address: str, version: ssl.TLSVersion) -> str:
             return tls.version() or ""
     except (ssl.SSLError, OSError) as exc:
         return repr(exc)
+
+
+def test_maintenance_answers_503_and_its_page_except_to_management_until_off(env: Lb) -> None:
+    env.write_inventory(net={"management": [env.up1.address]})
+    try:
+        env.deploy()
+        on = env.inv("lb.maintenance", "on", "--message", "Back at 10:00 <UTC> & later")
+        assert on.returncode == 0, on.stdout + on.stderr
+        page = env.get("/apps")
+        assert page.status_code == 503 and page.headers["Retry-After"] == "300", page.headers
+        assert page.headers["Content-Type"].startswith("text/html")
+        assert "<p>Back at 10:00 &lt;UTC&gt; &amp; later</p>" in page.text, page.text
+        answer = env.get("/v1/whoami")
+        assert answer.status_code == 503
+        assert answer.headers["Content-Type"].startswith("application/json")
+        assert answer.json() == {"code": "maintenance", "status": 503,
+                                 "message": "Back at 10:00 <UTC> & later"}
+        assert env.get("/health").status_code == 200  # the balancer itself is up
+        curl = "curl -s -o /dev/null -w '%{http_code}' " + f"{env.url}/v1/whoami"
+        assert env.up1.exec(curl)[1] == "200"  # net.management gets through
+        assert env.up2.exec(curl)[1] == "503"
+        # A deploy keeps the mode, and the status shows it.
+        env.deploy()
+        assert env.get("/v1/whoami").status_code == 503
+        status = env.inv("lb.status")
+        assert re.search(r"^lbx\s.*\bon since 20\d\d-", status.stdout, re.M), status.stdout
+        off = env.inv("lb.maintenance", "off")
+        assert off.returncode == 0 and re.search(r"^lbx\s+off\s+yes$", off.stdout, re.M), \
+            off.stdout + off.stderr
+        env.both_answer()
+        status = env.inv("lb.status")
+        assert re.search(r"^lbx\s+active\s+200\s+yes\s+off\s+ok$", status.stdout, re.M), \
+            status.stdout
+    finally:
+        env.inv("lb.maintenance", "off")
+        env.write_inventory()
+        env.deploy()

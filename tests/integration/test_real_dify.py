@@ -23,6 +23,10 @@ import hashlib
 import json
 import re
 import secrets
+import signal
+import subprocess
+import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -35,6 +39,7 @@ from tasks.core.gates import poll
 from tasks.core.profiles import steps_between
 from tests.images import dify_source
 from tests.integration import dify_client
+from tests.integration.app_lab import ROOT
 from tests.integration.lab import Lab
 from tests.integration.real_lab import (
     ADMIN,
@@ -265,6 +270,56 @@ def _runs_of(real: RealApp, app_id: str) -> int:
     return int(real.sql(f"SELECT count(*) FROM workflow_runs WHERE app_id = '{app_id}'"))
 
 
+def _target(releases: list[Release]) -> tuple[Release, Release]:
+    """(target, start) of an upgrade; skips the test when the lab starts on the target."""
+    if len(releases) < 2:
+        pytest.skip("no runnable release before the target to upgrade from")
+    target, start = releases
+    return target, start
+
+
+def test_a_deploy_of_another_release_is_refused_without_touching_a_host(
+        real: RealApp, releases: list[Release], deployed: str) -> None:
+    target, start = _target(releases)
+    before = {host: real.images(host) for host in APIS}
+    real.write_inventory(version=target.version)
+    try:
+        result = real.inv("app.deploy")
+    finally:
+        real.write_inventory()
+    assert result.returncode == 1, result.stdout
+    assert f"app-api1 runs Dify {start.version}" in result.stdout, result.stdout
+    assert f"inv app.upgrade --version {target.version}" in result.stdout, result.stdout
+    assert {host: real.images(host) for host in APIS} == before
+
+
+@pytest.fixture(scope="module")
+def target_shipped(real: RealApp, releases: list[Release], lab: Lab) -> Release:
+    """The target release's images on every host that runs Dify (`inv images.sync`)."""
+    target, _ = _target(releases)
+    _shipped(real, target, lab)
+    return target
+
+
+def test_an_upgrade_stops_before_any_api_when_dify_skips_its_migration(
+        real: RealApp, releases: list[Release], target_shipped: Release) -> None:
+    target, start = _target(releases)
+    before = {host: real.images(host) for host in APIS}
+    # Another migration holds the release's own lock (its upgrade-db command, in the cache
+    # database): Dify says it skipped and exits 0; difyops must see the head was not reached.
+    real.redis("SET", "db_upgrade_lock", "someone-else", "EX", "600", db=0)
+    try:
+        result = real.inv("app.upgrade", "--version", target.version, timeout=1800)
+    finally:
+        real.redis("DEL", "db_upgrade_lock", db=0)
+    assert result.returncode == 1, result.stdout
+    assert "Database migration skipped" in result.stderr, result.stderr
+    assert f"expects its head {_head(target)}" in result.stderr, result.stderr
+    assert real.sql("SELECT version_num FROM alembic_version") == _head(start)
+    assert {host: real.images(host) for host in APIS} == before
+    assert "compose up" not in result.stdout, result.stdout
+
+
 @dataclass
 class Upgrade:
     """What `inv app.upgrade` from the start release to the target did."""
@@ -287,7 +342,7 @@ def upgraded(real: RealApp, releases: list[Release], workflow: dict[str, str],
     target, start = releases
     _streams_to_its_end(real, workflow["key"])
     runs = _runs_of(real, workflow["app_id"])
-    _shipped(real, target, lab)
+    _shipped(real, target, lab)  # again: nothing to ship after target_shipped
     with SteadyLoad(f"{real.balancer}/console/api/setup", rate=10) as load:
         result = real.inv("app.upgrade", "--version", target.version, timeout=1800)
     assert result.returncode == 0, result.stdout + result.stderr
@@ -318,7 +373,14 @@ def test_upgrade_migrates_under_steady_requests_and_keeps_the_data(
         health = requests.get(f"http://{real.hosts[host].address}:5001/health",
                               timeout=10).json()
         assert health["version"] == target.version, (host, health)
+    # A verified backup came first; each api host left the balancer while it was replaced, one
+    # after the other; the run ends with the inventory edit to make.
+    assert re.search(r"\[app\] backup \d{8}T\d{6}Z taken", upgraded.output), upgraded.output
     assert "app-api1: drained" in upgraded.output and "app-api2: drained" in upgraded.output
+    replaced = [line.split()[1] for line in upgraded.output.splitlines()
+                if "compose up dify ... changed" in line]
+    assert replaced == ["app-api1:", "app-api2:"], upgraded.output
+    assert f'set `dify.version: "{target.version}"`' in upgraded.output, upgraded.output
     # The release steps of every release crossed ran once, oldest first, and are recorded.
     expected = [f"{version}:{step.name}"
                 for version, step in steps_between(start.version, target.version)]
@@ -447,6 +509,75 @@ def test_a_second_deploy_changes_nothing(real: RealApp, on_target: None) -> None
     counts = summary_counts(again.stdout)
     assert counts and all(c.get("changed", 0) == 0 for c in counts.values()), again.stdout
 
+
+def test_a_one_off_command_runs_in_a_fresh_container_of_the_release(real: RealApp,
+                                                                     on_target: None) -> None:
+    ran = real.inv("app.exec", "--host", "app-api2", "--", "sh", "-c", "id -u; echo $DB_HOST")
+    assert ran.returncode == 0, ran.stdout + ran.stderr
+    # The image's user and the host's rendered environment; the container is gone after.
+    assert ran.stdout.split() == ["1001", real.dify_env("app-api2")["DB_HOST"]], ran.stdout
+    assert "app-api2: `sh` in a fresh api container" in ran.stderr, ran.stderr
+    code, left = real.hosts["app-api2"].exec(
+        "docker ps -aq --filter label=com.docker.compose.oneoff=True")
+    assert (code, left.strip()) == (0, ""), left
+    failed = real.inv("app.exec", "--", "sh", "-c", "exit 7")
+    assert failed.returncode == 7, failed.stdout + failed.stderr
+
+
+def test_dify_s_reset_password_runs_through_app_flask(real: RealApp, on_target: None) -> None:
+    new = f"difyops-Reset-{secrets.token_hex(4)}"
+
+    def reset(password: str) -> str:
+        result = real.inv("app.flask", "--", "reset-password", "--email", ADMIN["email"],
+                          "--new-password", password, "--password-confirm", password)
+        assert result.returncode == 0, result.stdout + result.stderr
+        return result.stdout
+
+    try:
+        assert "Password reset successfully." in reset(new)
+        logged = dify_client.Console(real.balancer).login(ADMIN["email"], new)
+        assert logged.status_code == 200 and logged.json()["result"] == "success", logged.text
+        old = dify_client.Console(real.balancer).login(ADMIN["email"], ADMIN["password"])
+        assert old.status_code != 200, old.text
+    finally:
+        reset(ADMIN["password"])
+
+
+def test_app_logs_merges_the_api_hosts_in_time_order(real: RealApp, on_target: None) -> None:
+    shown = real.ok("app.logs", "--service", "api", "--since", "3h", "--grep",
+                    "Booting worker").stdout.splitlines()
+    # gunicorn's line at each start of a worker, from both hosts, oldest first.
+    assert {line.split(" |")[0] for line in shown} == {"app-api1 api", "app-api2 api"}, shown
+    assert all("Booting worker" in line for line in shown), shown
+    stamps = [line.split(" | ")[1].split()[0] for line in shown]
+    assert stamps == sorted(stamps), shown
+
+
+def test_app_logs_follows_a_worker_until_interrupted(real: RealApp, workflow: dict[str, str],
+                                                     on_target: None) -> None:
+    host = real.hosts["app-api1"]
+    # ([c]: the pattern must not match the shell that runs pgrep)
+    streaming = "pgrep -f '[c]ompose .*logs --no-color.* --follow worker_all'"
+    follower = subprocess.Popen(
+        [sys.executable, "-m", "invoke", "app.logs", "--follow", "--service", "worker_all",
+         "--since", "1s"], cwd=ROOT, env=real.env, text=True, stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT)
+    lines: list[str] = []
+    reader = threading.Thread(target=lambda: lines.extend(follower.stdout), daemon=True)
+    reader.start()
+    try:
+        until(lambda: host.exec(streaming)[0] == 0, 30, "docker compose logs --follow on "
+                                                        "app-api1")
+        assert _finished(real, workflow["key"], "followed").get("status") == "succeeded"
+        until(lambda: any("received" in line for line in list(lines)), 30,
+              "the worker's line for the run's task, streamed")
+    finally:
+        follower.send_signal(signal.SIGINT)
+        follower.wait(timeout=30)
+    reader.join(timeout=10)
+    assert all(line.startswith("app-api1 worker_all | ") for line in lines if line.strip()), lines
+    # Interrupted, it ended its streams: nothing is left following on the host.
+    until(lambda: host.exec(streaming)[0] == 1, 15, "no docker compose logs left on app-api1")
 
 
 def test_an_app_deletion_is_carried_out_by_the_worker(

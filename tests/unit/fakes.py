@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Callable
+from typing import TextIO
 
 from tasks.core.errors import HostError
 from tasks.core.hosts import FileState, Machine, Result
@@ -40,6 +41,9 @@ class FakeMachine(Machine):
             return Result(0, "", "")
         exited = self.answers(command)
         return Result(exited, "", "" if exited == 0 else f"{command} failed")
+
+    def _attach(self, command: str, pty: bool, stdin: bool, out: TextIO | None) -> int:
+        return self._execute(command, 0).exited
 
     def file_state(self, path: str) -> FileState | None:
         if self.unreachable:
