@@ -4,16 +4,16 @@ from __future__ import annotations
 
 import json
 import sys
+from contextlib import nullcontext
 
 from invoke import Context, task
 from invoke.exceptions import Exit
 
 from tasks.core import hooks
 from tasks.core.cli import deploy_task, load, reported, words_after_dashes
-from tasks.core.errors import DifyopsError
 from tasks.core.fleet import each_host, table
 from tasks.core.hosts import Machine
-from tasks.core.inventory import APP_ROLES, Inventory
+from tasks.core.inventory import APP_ROLES
 from tasks.core.report import Report
 from tasks.tiers import app as app_tier
 from tasks.tiers import app_logs, app_ops, app_release, lb_maintenance
@@ -50,32 +50,15 @@ def upgrade(ctx: Context, version: str, maintenance: bool = False) -> None:
     print(f"upgrading Dify to {version} on inventory {inventory.name}", flush=True)
     with hooks.around("upgrade", inventory, command="app.upgrade", tiers=["app"],
                       version=version):
-        if maintenance:
-            _maintenance(inventory, "on", f"Dify is being upgraded to {version} and will be "
-                                          f"back shortly.")
-        try:
+        window = lb_maintenance.held_during(
+            inventory, f"Dify is being upgraded to {version} and will be back shortly.")
+        with window if maintenance else nullcontext():
             outcome = app_release.upgrade(inventory, version, report)
-        except DifyopsError as exc:
-            if maintenance:
-                raise DifyopsError(f"{exc}\nThe balancers stay in maintenance: once Dify "
-                                   f"serves again, run inv lb.maintenance off") from None
-            raise
-        if maintenance:
-            _maintenance(inventory, "off")
     print(f"\nupgraded to Dify {version}: replaced {', '.join(outcome.replaced) or 'none'}"
           + (f"; already there: {', '.join(outcome.unchanged)}" if outcome.unchanged else ""))
     note = app_release.reminder(inventory, version)
     if note:
         print(f"note: {note}")
-
-
-def _maintenance(inventory: Inventory, state: str, message: str = "") -> None:
-    """Turn maintenance on or off on every balancer, or stop naming those that failed."""
-    failed = [f"{o.host.name}: {o.error}" for o in lb_maintenance.switch(inventory, state, message)
-              if not o.ok]
-    if failed:
-        raise DifyopsError(f"maintenance could not be turned {state}: " + "; ".join(failed))
-    print(f"[lb] maintenance {state} on every balancer", flush=True)
 
 
 @task

@@ -72,7 +72,10 @@ def generate_secrets(ctx: Context) -> None:
     inventory = load(ctx, check_secrets=False)
     written = secrets.generate(inventory)
     where = display(inventory.secrets_file)
-    if written:
+    if secrets.from_command(inventory):
+        print("secrets come from secrets.command: nothing is generated or written here; "
+              "checking what it prints")
+    elif written:
         print(f"generated {', '.join(written)} in {where} (mode 0600)")
     else:
         print(f"{where}: every secret this inventory needs is already set; nothing changed")

@@ -40,6 +40,7 @@ from tasks.backups.store import (
     write_json,
 )
 from tasks.backups.stream import download, last_line, upload
+from tasks.core import secrets
 from tasks.core.errors import DifyopsError
 from tasks.core.fleet import table
 from tasks.core.hosts import Machine, connect
@@ -294,7 +295,8 @@ def config_archive(plan: Plan, folder: Path, out: Say) -> Item:
             archive.addfile(info, io.BytesIO(content))
             members.append(name)
 
-        add("secrets.env", inventory.secrets_file.read_bytes(), 0o600)
+        if not secrets.from_command(inventory):  # else the vault keeps them, not a backup
+            add("secrets.env", inventory.secrets_file.read_bytes(), 0o600)
         add("inventory.yml", inventory.file.read_bytes(), 0o644)
         for host in inventory.with_role(*APP_ROLES):
             machine = plan.connect(host)
@@ -311,7 +313,9 @@ def config_archive(plan: Plan, folder: Path, out: Say) -> Item:
     with crypto.writer(folder / name, plan.key(secret=True)) as sink:
         sink.write(buffer.getvalue())
     state = "encrypted" if plan.encrypts(secret=True) else "mode 0600, not encrypted"
-    out(f"  config: secrets file, inventory and {len(members) - 2} rendered file(s) ({state})")
+    kept = "secrets file, " if "secrets.env" in members else "(secrets kept by secrets.command) "
+    rendered = [member for member in members if member.startswith("hosts/")]
+    out(f"  config: {kept}inventory and {len(rendered)} rendered file(s) ({state})")
     return Item(name, {"host": "control", "secrets_file": str(inventory.secrets_file),
                        "inventory_file": str(inventory.file), "members": members},
                 encrypted=plan.encrypts(secret=True), extra={"content": "tar"})

@@ -126,6 +126,14 @@ def queue_coverage(inventory: Inventory, shown: str) -> Iterator[Problem]:
                       "`queues: all` or `queues: rest` on one group")
 
 
+def secrets_source(inventory: Inventory, shown: str) -> Iterator[Problem]:
+    """Secrets come from the file or from a command (tasks/core/secrets.py)."""
+    source = inventory.settings["secrets"]["source"]
+    if source not in ("file", "command"):
+        yield Problem(shown, "secrets.source", f"unknown source {source!r}",
+                      "use file (the secrets file) or command (secrets.command)")
+
+
 def broker_not_on_cluster(inventory: Inventory, shown: str) -> Iterator[Problem]:
     """Celery and the plugin daemon cannot use Redis Cluster: a cluster needs broker hosts."""
     cache = inventory.settings["cache"]
@@ -544,4 +552,4 @@ def index_of(inventory: Inventory, name: str) -> int:
 RULES: tuple[Rule, ...] = (free_strings, image_names, role_presence, websocket_port, queue_coverage,
                            broker_not_on_cluster, redis_lists_ipv4, dev_release, vector_store,
                            shared_storage, connection_budget, tls_settings, monitor_settings,
-                           netplan.check, logging_settings)
+                           netplan.check, logging_settings, secrets_source)

@@ -1,16 +1,21 @@
 """Secrets: which an inventory needs, reading them, refusing published ones, generating the rest.
 
-Secrets live in a python-dotenv file outside version control, mode 0600. They are generated
-with the `secrets` module, never overwritten, never printed.
+Secrets live in a python-dotenv file outside version control, mode 0600, generated with the
+`secrets` module, never overwritten, never printed; or (`secrets.source: command`) they come
+from the operator's own command (a vault's CLI), run once per run on this machine, held in
+memory only. Either way every value is checked the same.
 """
 
 from __future__ import annotations
 
 import base64
+import io
 import os
 import re
 import secrets as random
+import shlex
 import stat
+import subprocess
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -132,8 +137,45 @@ def needed(inventory: Inventory) -> list[SecretSpec]:
     return [spec for spec in SPECS if spec.needed(inventory)]
 
 
+COMMAND_TIMEOUT = 60  # seconds one run of secrets.command may take
+
+
+def from_command(inventory: Inventory) -> bool:
+    """Whether the secrets come from secrets.command rather than the secrets file."""
+    return inventory.settings["secrets"]["source"] == "command"
+
+
 def read(inventory: Inventory) -> tuple[dict[str, str], list[Problem]]:
-    """The secrets file's values and every problem with them (missing, weak, published, mode)."""
+    """The secrets' values and every problem with them (missing, weak, published; the file's
+    mode; a command that failed)."""
+    if from_command(inventory):
+        values, problems = fetch(inventory)
+        shown = f"{display(inventory.file)}: secrets.command"
+    else:
+        values, problems = read_file(inventory)
+        shown = display(inventory.secrets_file)
+        if not inventory.secrets_file.is_file():
+            return values, problems
+    for spec in needed(inventory):
+        problem = weakness(spec, values.get(spec.name))
+        if problem:
+            problems.append(Problem(shown, spec.name, problem, remedy(inventory, spec, values)))
+    return values, problems
+
+
+def remedy(inventory: Inventory, spec: SecretSpec, values: dict[str, str]) -> str:
+    """How to fix a secret that is missing or unusable, for where secrets come from."""
+    if from_command(inventory):
+        return (f"store a value of your own (16+ random characters) as {spec.name} where "
+                f"secrets.command reads it")
+    if spec.generated and spec.name not in values:
+        return "run `inv config.secrets` to generate it"
+    return (f"set {spec.name} to a value of your own"
+            + (" (or delete the line and run `inv config.secrets`)" if spec.generated else ""))
+
+
+def read_file(inventory: Inventory) -> tuple[dict[str, str], list[Problem]]:
+    """The secrets file's values, and its own problems (missing, readable by others)."""
     path, shown = inventory.secrets_file, display(inventory.secrets_file)
     if not path.is_file():
         return {}, [Problem(shown, "(file)", "the secrets file does not exist",
@@ -143,17 +185,51 @@ def read(inventory: Inventory) -> tuple[dict[str, str], list[Problem]]:
     if mode & 0o077:
         problems.append(Problem(shown, "(file)", f"readable by others (mode {mode:04o})",
                                 f"run `chmod 600 {shown}` (or `inv config.secrets`)"))
-    values = {key: value or "" for key, value in dotenv_values(path).items()}
+    return {key: value or "" for key, value in dotenv_values(path).items()}, problems
+
+
+def fetch(inventory: Inventory) -> tuple[dict[str, str], list[Problem]]:
+    """The secrets as secrets.command prints them: dotenv lines from one run, or with `{name}`
+    one run per needed secret. A failure names the secret and the command's last words on
+    stderr, never what it printed on stdout."""
+    command = inventory.settings["secrets"]["command"]
+    shown = display(inventory.file)
+    if not command.strip():
+        return {}, [Problem(shown, "secrets.command", "is empty, and secrets.source is command",
+                            "set the command that prints the secrets (README: \"Secrets from "
+                            "a vault\"), or set secrets.source to file")]
+    if "{name}" not in command:
+        printed, failure = run_secret_command(command)
+        if failure:
+            return {}, [Problem(shown, "secrets.command", failure, COMMAND_FIX)]
+        return {key: value or "" for key, value in
+                dotenv_values(stream=io.StringIO(printed)).items()}, []
+    values, problems = {}, []
     for spec in needed(inventory):
-        problem = weakness(spec, values.get(spec.name))
-        if problem:
-            fix = ("run `inv config.secrets` to generate it" if spec.generated and
-                   spec.name not in values else
-                   f"set {spec.name} to a value of your own"
-                   + (" (or delete the line and run `inv config.secrets`)"
-                      if spec.generated else ""))
-            problems.append(Problem(shown, spec.name, problem, fix))
+        printed, failure = run_secret_command(command.replace("{name}", shlex.quote(spec.name)))
+        if failure:
+            problems.append(Problem(shown, f"secrets.command ({spec.name})", failure,
+                                    COMMAND_FIX))
+        else:
+            values[spec.name] = printed.rstrip("\r\n")
     return values, problems
+
+
+COMMAND_FIX = ("run the command yourself to see why (signed in to the vault? the item there?), "
+               "then run this again")
+
+
+def run_secret_command(command: str) -> tuple[str, str]:
+    """(what the command printed, "") or ("", why it failed) for one run of secrets.command."""
+    try:
+        result = subprocess.run(["sh", "-c", command], capture_output=True, text=True,
+                                stdin=subprocess.DEVNULL, timeout=COMMAND_TIMEOUT, check=False)
+    except subprocess.TimeoutExpired:
+        return "", f"did not finish within {COMMAND_TIMEOUT} s"
+    if result.returncode:
+        said = (result.stderr.strip().splitlines() or [""])[-1][:200]
+        return "", f"failed (exit {result.returncode})" + (f": {said}" if said else "")
+    return result.stdout, ""
 
 
 def weakness(spec: SecretSpec, value: str | None) -> str | None:
@@ -175,7 +251,10 @@ def weakness(spec: SecretSpec, value: str | None) -> str | None:
 
 
 def generate(inventory: Inventory) -> list[str]:
-    """Append every missing generatable secret to the file (0600); return the names written."""
+    """Append every missing generatable secret to the file (0600); return the names written.
+    With secrets from a command nothing is written here: the vault is where they go."""
+    if from_command(inventory):
+        return []
     path = inventory.secrets_file
     path.parent.mkdir(parents=True, exist_ok=True)
     present = dotenv_values(path) if path.is_file() else {}

@@ -12,9 +12,11 @@ from __future__ import annotations
 import html
 import json
 import shlex
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import UTC, datetime
 
-from tasks.core.errors import InputError, Problem
+from tasks.core.errors import DifyopsError, HostError, InputError, Problem
 from tasks.core.fleet import Outcome, each_host
 from tasks.core.hosts import Machine
 from tasks.core.inventory import Inventory
@@ -74,6 +76,27 @@ def switch(inventory: Inventory, state: str, message: str = "") -> list[Outcome[
         return switch_on(machine, text) if state == "on" else switch_off(machine)
 
     return each_host(inventory.with_role("lb"), one, inventory.settings["timeouts"])
+
+
+def ensure(inventory: Inventory, state: str, message: str = "") -> None:
+    """Turn the mode on or off on every lb host, or stop, naming the hosts that failed."""
+    failed = [f"{o.host.name}: {o.error}" for o in switch(inventory, state, message) if not o.ok]
+    if failed:
+        raise HostError(f"maintenance could not be turned {state}: " + "; ".join(failed))
+    print(f"[lb] maintenance {state} on every balancer", flush=True)
+
+
+@contextmanager
+def held_during(inventory: Inventory, message: str) -> Iterator[None]:
+    """The mode on for the block and off once it succeeded; left on when it failed (the
+    release may be half replaced), which the error then says."""
+    ensure(inventory, "on", message)
+    try:
+        yield
+    except DifyopsError as exc:
+        raise DifyopsError(f"{exc}\nThe balancers stay in maintenance: once Dify serves "
+                           f"again, run inv lb.maintenance off") from None
+    ensure(inventory, "off")
 
 
 def state_of(machine: Machine) -> str:

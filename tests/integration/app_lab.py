@@ -41,11 +41,15 @@ class App:
         self.env = {**os.environ, "DIFY_INVENTORY": str(self.inventory_file),
                     "DIFY_SECRETS": str(tmp / "app-lab.env")}
 
-    def write_inventory(self, version: str = A, health_timeout: int = 90) -> None:
+    def write_inventory(self, version: str = A, health_timeout: int = 90,
+                        secrets_command: str = "") -> None:
+        """The lab's inventory; with secrets_command, the secrets come from that command."""
         h = self.hosts
         inventory = {
             "name": "app-lab",
             "domain": "dify.lab",
+            **({"secrets": {"source": "command", "command": secrets_command}}
+               if secrets_command else {}),
             "dify": {"version": version, "registry_mirror": standin.PREFIX},
             "storage": {"type": "shared-fs", "path": "/srv/dify/storage"},
             "cache": {"mode": "standalone"},

@@ -15,12 +15,15 @@ from __future__ import annotations
 
 import json
 import re
+import shlex
 import threading
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 import requests
+from dotenv import dotenv_values
 
 from tests.images import standin
 from tests.integration.app_lab import DEPLOY, A, App, B, start_app
@@ -95,6 +98,35 @@ def test_deploy_starts_every_service_healthy_then_changes_nothing(app: App) -> N
     counts = summary_counts(second.stdout)
     assert set(counts) == {"app-api1", "app-api2", "app-work"}
     assert all(c.get("changed", 0) == 0 for c in counts.values()), second.stdout
+
+
+def test_secrets_from_a_vault_command_deploy_the_same_values(app: App) -> None:
+    secrets_file = Path(app.env["DIFY_SECRETS"])
+    values = {k: v for k, v in dotenv_values(secrets_file).items() if v}
+    vault = app.tmp / "vault"
+    vault.mkdir(exist_ok=True)
+    for name, value in values.items():
+        (vault / name).write_text(value + "\n")
+    aside = secrets_file.rename(secrets_file.with_suffix(".aside"))  # the file is not read
+    try:
+        app.write_inventory(secrets_command=f"cat {shlex.quote(str(vault))}/{{name}}")
+        same = app.ok("app.deploy")
+        counts = summary_counts(same.stdout)
+        assert all(c.get("changed", 0) == 0 for c in counts.values()), same.stdout
+        assert not secrets_file.exists()  # nothing written on the control machine
+        env = app.hosts["app-api1"].exec(f"cat {DEPLOY}/.env")[1]
+        assert f"DB_PASSWORD={values['DB_PASSWORD']}" in env
+        # A secret the vault does not hold stops the run before any host, naming it.
+        (vault / "REDIS_PASSWORD").unlink()
+        missing = app.inv("app.deploy")
+        assert missing.returncode == 1, missing.stdout
+        assert "secrets.command (REDIS_PASSWORD): failed (exit 1)" in missing.stdout + \
+            missing.stderr
+        assert "[app]" not in missing.stdout
+        assert values["REDIS_PASSWORD"] not in missing.stdout + missing.stderr
+    finally:
+        aside.rename(secrets_file)
+        app.write_inventory()
 
 
 def test_rolling_upgrade_keeps_an_api_answering(app: App) -> None:

@@ -8,7 +8,7 @@ import re
 
 import pytest
 
-from tasks.core.errors import InputError
+from tasks.core.errors import DifyopsError, HostError, InputError
 from tasks.core.hosts import Result
 from tasks.tiers import lb_maintenance
 from tests.unit.fakes import FakeMachine
@@ -99,3 +99,19 @@ def test_on_writes_both_pages_once_and_off_removes_them(load, base, use_machines
     assert made["lb1"].files == {}
     assert [o.value for o in lb_maintenance.switch(inventory, "off")] == [False]
     assert [o.value for o in lb_maintenance.states(inventory)] == ["off"]
+
+
+def test_an_upgrade_in_maintenance_turns_it_off_only_once_it_succeeded(load, base,
+                                                                       use_machines) -> None:
+    inventory = load(base)
+    made: dict[str, Balancer] = {}
+    use_machines(lambda host, timeouts=None: made.setdefault(host.name, Balancer(host)))
+    with lb_maintenance.held_during(inventory, "upgrading"):
+        assert lb_maintenance.HTML_PATH in made["lb1"].files
+    assert made["lb1"].files == {}
+    with pytest.raises(DifyopsError) as failed, \
+            lb_maintenance.held_during(inventory, "upgrading"):
+        raise HostError("api2: not healthy within 300 s")
+    assert str(failed.value) == ("api2: not healthy within 300 s\nThe balancers stay in "
+                                 "maintenance: once Dify serves again, run inv lb.maintenance off")
+    assert lb_maintenance.HTML_PATH in made["lb1"].files
