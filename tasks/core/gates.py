@@ -65,7 +65,7 @@ class HttpGate(Gate):
         except requests.RequestException as exc:
             return False, f"{type(exc).__name__} for {self.url}"
         passed = response.status_code == self.status and self.contains in response.text
-        return passed, f"HTTP {response.status_code} {response.text[:120]!r}"
+        return passed, f"HTTP {response.status_code}: {one_line(response.text[:120])}"
 
 
 @dataclass(frozen=True)
@@ -109,3 +109,9 @@ def wait(gate: Gate, machine: Machine, *, clock: Callable[[], float] = time.mono
         raise GateTimeout(f"{gate.name} on {machine.host.target} not healthy after "
                           f"{gate.timeout:g} s; last answer: {answer}")
     return answer
+
+
+def one_line(text: str) -> str:
+    """An answer's text as it reads, on one line: whitespace runs as one space, other control
+    characters as '?' (a body can neither break a message's lines nor drive the terminal)."""
+    return "".join(c if c.isprintable() else "?" for c in " ".join(text.split()))

@@ -103,7 +103,7 @@ def pytest_runtest_protocol(item: pytest.Item, nextitem: pytest.Item | None) -> 
         reporter.write("\n")  # end the previous module's line of dots
     if first:
         reporter.write_line("integration tests: each module deploys to its own lab of container "
-                            "hosts over SSH (about 45 minutes in all on two cores)")
+                            "hosts over SSH (about 50 minutes in all on two cores)")
     paragraph = " ".join((getattr(item.module, "__doc__", None) or "").split("\n\n")[0].split())
     summary = paragraph.split(". ")[0].rstrip(".")[:120]
     reporter.write_line(f"[lab] {module}" + (f": {summary}" if summary else ""))

@@ -70,8 +70,10 @@ def test_poll_returns_the_last_answer_and_cuts_its_last_pause_at_the_deadline() 
 def test_http_and_tcp_gates_against_a_real_server() -> None:
     class Handler(http.server.BaseHTTPRequestHandler):
         def do_GET(self) -> None:
-            body = b'{"status": "ok"}' if self.path == "/health" else b"missing"
+            body = b'{"status": "ok"}' if self.path == "/health" else \
+                b"missing: 'x'\n\x1b[2J  \"y\""
             self.send_response(200 if self.path == "/health" else 404)
+            self.send_header("Content-Type", "text/plain; charset=utf-8")
             self.end_headers()
             self.wfile.write(body)
 
@@ -86,7 +88,7 @@ def test_http_and_tcp_gates_against_a_real_server() -> None:
         assert good.probe(MACHINE)[0] is True
         bad = HttpGate("api", url=f"http://127.0.0.1:{port}/other")
         passed, answer = bad.probe(MACHINE)
-        assert (passed, answer.startswith("HTTP 404")) == (False, True)
+        assert (passed, answer) == (False, "HTTP 404: missing: 'x' ?[2J \"y\"")
         assert TcpGate("api", address="127.0.0.1", port=port).probe(MACHINE)[0] is True
     finally:
         server.shutdown()
