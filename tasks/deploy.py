@@ -108,7 +108,7 @@ def status(ctx: Context, only: str = "") -> None:
     if any(tier.name == "lb" for tier in select(TIERS, only)):
         for mode in lb_maintenance.states(inventory):
             if not mode.ok or mode.value != "off":
-                print(f"maintenance on {mode.host.name}: {mode.value or mode.error}")
+                print(f"{mode.host.name}: maintenance {mode.value or 'unknown: ' + mode.error}")
     unhealthy = [p for p in probes if not p.healthy]
     if unhealthy:
         raise Exit(f"error: {len(unhealthy)} component(s) unhealthy: "

@@ -497,6 +497,9 @@ def test_maintenance_answers_503_and_its_page_except_to_management_until_off(env
         assert env.get("/v1/whoami").status_code == 503
         status = env.inv("lb.status")
         assert re.search(r"^lbx\s.*\bon since 20\d\d-", status.stdout, re.M), status.stdout
+        overall = env.inv("deploy.status", "--only", "lb")
+        assert re.search(r"^lbx: maintenance on since 20\d\d-", overall.stdout, re.M), \
+            overall.stdout + overall.stderr
         off = env.inv("lb.maintenance", "off")
         assert off.returncode == 0 and re.search(r"^lbx\s+off\s+yes$", off.stdout, re.M), \
             off.stdout + off.stderr
