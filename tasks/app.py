@@ -50,9 +50,8 @@ def upgrade(ctx: Context, version: str, maintenance: bool = False) -> None:
     print(f"upgrading Dify to {version} on inventory {inventory.name}", flush=True)
     with hooks.around("upgrade", inventory, command="app.upgrade", tiers=["app"],
                       version=version):
-        window = lb_maintenance.held_during(
-            inventory, f"Dify is being upgraded to {version} and will be back shortly.")
-        with window if maintenance else nullcontext():
+        message = f"Dify is being upgraded to {version} and will be back shortly."
+        with lb_maintenance.held_during(inventory, message) if maintenance else nullcontext():
             outcome = app_release.upgrade(inventory, version, report)
     print(f"\nupgraded to Dify {version}: replaced {', '.join(outcome.replaced) or 'none'}"
           + (f"; already there: {', '.join(outcome.unchanged)}" if outcome.unchanged else ""))

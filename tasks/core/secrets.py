@@ -138,6 +138,8 @@ def needed(inventory: Inventory) -> list[SecretSpec]:
 
 
 COMMAND_TIMEOUT = 60  # seconds one run of secrets.command may take
+COMMAND_FIX = ("run the command yourself to see why (signed in to the vault? the item there?), "
+               "then run this again")
 
 
 def from_command(inventory: Inventory) -> bool:
@@ -213,10 +215,6 @@ def fetch(inventory: Inventory) -> tuple[dict[str, str], list[Problem]]:
         else:
             values[spec.name] = printed.rstrip("\r\n")
     return values, problems
-
-
-COMMAND_FIX = ("run the command yourself to see why (signed in to the vault? the item there?), "
-               "then run this again")
 
 
 def run_secret_command(command: str) -> tuple[str, str]:
