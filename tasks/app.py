@@ -10,7 +10,7 @@ from invoke import Context, task
 from invoke.exceptions import Exit
 
 from tasks.core import hooks
-from tasks.core.cli import deploy_task, load, reported, words_after_dashes
+from tasks.core.cli import ShortFlagged, deploy_task, load, reported, words_after_dashes
 from tasks.core.fleet import each_host, table
 from tasks.core.hosts import Machine
 from tasks.core.inventory import APP_ROLES
@@ -130,8 +130,9 @@ ONE_OFF_HELP = {
 }
 
 
-@task(name="exec", help={**ONE_OFF_HELP, "service": "the compose service whose release, "
-                                                    "environment and networks to use"})
+@task(name="exec", klass=ShortFlagged, short_flags={"interactive": "i"},
+      help={**ONE_OFF_HELP, "service": "the compose service whose release, environment and "
+                                       "networks to use"})
 @reported
 def exec_(ctx: Context, host: str = "", service: str = "api", interactive: bool = False,
           force: bool = False) -> None:
@@ -142,7 +143,7 @@ def exec_(ctx: Context, host: str = "", service: str = "api", interactive: bool 
         raise Exit(code=code)
 
 
-@task(help=ONE_OFF_HELP)
+@task(klass=ShortFlagged, short_flags={"interactive": "i"}, help=ONE_OFF_HELP)
 @reported
 def flask(ctx: Context, host: str = "", interactive: bool = False, force: bool = False) -> None:
     """Run one of Dify's flask commands in a fresh api container: inv app.flask -- reset-password
@@ -153,8 +154,8 @@ def flask(ctx: Context, host: str = "", interactive: bool = False, force: bool =
         raise Exit(code=code)
 
 
-@task(help={"service": "one compose service (api, worker_<group>, worker_beat, web, ...; "
-                       "default: every service)",
+@task(help={"service": "one compose service (api, worker_<group>, worker_beat, web, ...) or "
+                       "home-lab unit (api, worker, web); default: every service",
             "host": "one host (default: every app host)",
             "since": "from this long ago (10m, 2h, 1h30m) or this time (2026-12-07T09:00:00Z)",
             "grep": "only the lines that contain this text",
@@ -162,9 +163,11 @@ def flask(ctx: Context, host: str = "", interactive: bool = False, force: bool =
 @reported
 def logs(ctx: Context, service: str = "", host: str = "", since: str = "10m", grep: str = "",
          follow: bool = False) -> None:
-    """The containers' logs of every host that runs a service, each line prefixed with host
-    and service, merged in time order (or followed)."""
+    """The logs of every host that runs a service (containers, or the home lab's systemd
+    units), each line prefixed with host and service, merged in time order (or followed)."""
     inventory = load(ctx)
+    for note in app_logs.unread(inventory, service, host):
+        print(note, file=sys.stderr)
     chosen = app_logs.sources(inventory, service, host)
     if not follow:
         lines = app_logs.read(inventory, chosen, since, grep)

@@ -35,6 +35,23 @@ def load(ctx: Context, *, check_secrets: bool = True) -> Inventory:
                           check_secrets=check_secrets)
 
 
+class ShortFlagged(Task):
+    """A task whose flags are long only (see tasks/__init__.py) but for the short ones it names,
+    such as ``-i`` for ``--interactive`` as ``docker run -i`` has it:
+    ``@task(klass=ShortFlagged, short_flags={"interactive": "i"})``."""
+
+    def __init__(self, *args: Any, short_flags: dict[str, str] | None = None,
+                 **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.short_flags = short_flags or {}
+
+    def arg_opts(self, name: str, default: str, taken_names: set[str]) -> dict[str, Any]:
+        opts = super().arg_opts(name, default, taken_names)
+        if name in self.short_flags:
+            opts["names"] = [*opts["names"], self.short_flags[name]]
+        return opts
+
+
 def words_after_dashes(argv: list[str] | None = None) -> list[str]:
     """The words after a bare `--` on the command line, as the shell passed them (Invoke keeps
     only a copy joined by spaces, which loses their quoting); [] without one."""

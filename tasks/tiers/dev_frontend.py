@@ -35,6 +35,7 @@ INSTALL_STAMP = "node_modules/.difyops-installed"
 # Windows: where the start script, its log and stamps live, and the scheduled task's name.
 WINDOWS_STATE = r"C:\ProgramData\difyops"
 TASK_NAME = "dify-web-dev"
+WINDOWS_LOG = f"{WINDOWS_STATE}\\{TASK_NAME}.log"
 
 
 def env_local(inventory: Inventory, renderer: Renderer, host: Host) -> str:
@@ -114,7 +115,6 @@ def windows_steps(inventory: Inventory, renderer: Renderer, host: Host) -> list[
     npm_env = f"$env:npm_config_registry = {ps_quote(registry)}; " if registry else ""
     env_file = windows_join(web_dir, ".env.local")
     script = windows_join(WINDOWS_STATE, f"{TASK_NAME}.ps1")
-    log = windows_join(WINDOWS_STATE, f"{TASK_NAME}.log")
     started = ps_quote(windows_join(WINDOWS_STATE, f"{TASK_NAME}.started"))
     task = ps_quote(TASK_NAME)
     installed = ("(Get-FileHash -LiteralPath package.json, pnpm-lock.yaml "
@@ -155,8 +155,8 @@ def windows_steps(inventory: Inventory, renderer: Renderer, host: Host) -> list[
                           f"{stamp} -ErrorAction SilentlyContinue)\" -ne ({installed})) "
                           f"{{ exit 1 }}"),
         WriteFile(script, renderer.render("config/dev/dify-web-dev.ps1.j2", host,
-                                          task_name=TASK_NAME, log=log, web_port=WEB_PORT,
-                                          web_dir_literal=web, log_literal=ps_quote(log))),
+                                          task_name=TASK_NAME, log=WINDOWS_LOG, web_port=WEB_PORT,
+                                          web_dir_literal=web, log_literal=ps_quote(WINDOWS_LOG))),
         RunCommand(f"register the scheduled task {TASK_NAME}",
                    f"$action = New-ScheduledTaskAction -Execute 'powershell.exe' "
                    f"-Argument {arguments}; "

@@ -11,6 +11,8 @@ whatever name an inventory of a module has.
 
 Every test that uses them is marked ``docker``. Without a Docker engine such tests are skipped
 ("no Docker engine: run scripts/setup"), except in CI (``CI=true``) where that is a failure.
+So is a skipped test marked ``real_dify`` (no release source, no Python 3.12, an image that did
+not build): CI passes only when the real Dify ran.
 """
 
 from __future__ import annotations
@@ -85,6 +87,18 @@ def pytest_runtest_setup(item: pytest.Item) -> None:
     """Apply the Docker skip/fail rule to every test marked ``docker``."""
     if item.get_closest_marker("docker") is not None:
         require_docker()
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo) -> Iterator[None]:
+    """In CI (CI=true), a skipped ``real_dify`` test is reported as failed, with its reason."""
+    outcome = yield
+    report = outcome.get_result()
+    if report.skipped and _truthy("CI") and item.get_closest_marker("real_dify") is not None:
+        reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else report.longrepr
+        report.outcome = "failed"
+        report.longrepr = (f"{reason}\n(CI=true: a real_dify test that does not run is a "
+                           "failure, not a skip)")
 
 
 @pytest.hookimpl(tryfirst=True)

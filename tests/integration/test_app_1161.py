@@ -150,6 +150,7 @@ def test_every_new_container_is_healthy_on_its_host(svc: Services) -> None:
     assert "missing" not in status.stdout
 
 
+@pytest.mark.real_dify
 def test_agent_backend_is_the_real_release(lab: Lab, svc: Services) -> None:
     """The agent host runs the image built from the release's source, healthy, and the real
     server works with what difyops renders: its token guards /runs and its Redis answers."""

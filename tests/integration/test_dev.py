@@ -22,6 +22,8 @@ What is real and what is not:
   available here), and is not deployed: Debian 12 has no pgvector. The api connects to its vector
   store only when a dataset is used, so the setup endpoint and the worker answer without it. The
   home server has no monitor role (the monitor tier is tested on its own).
+
+Marked ``real_dify`` (deselect with ``-m "not real_dify"``).
 """
 
 from __future__ import annotations
@@ -31,10 +33,12 @@ import io
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
 import tarfile
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -52,6 +56,7 @@ from tests.integration.lab import Lab, LabHost
 from tests.integration.support import eventually
 
 ROOT = Path(__file__).resolve().parents[2]
+pytestmark = pytest.mark.real_dify
 # The home server's vector store is not deployed here: pgvector has no Debian 12 package and the
 # Weaviate image cannot be obtained (tests/integration/test_vector.py covers both as far as this
 # machine allows). PostgreSQL and Redis, which the backend needs, are deployed for real.
@@ -188,12 +193,15 @@ class Lab3:
         self.timings: list[tuple[str, float]] = []
         self.source: DifySource | None = None
 
+    def env(self, inventory: Path | None = None) -> dict[str, str]:
+        return {**os.environ, "DIFY_INVENTORY": str(inventory or self.path),
+                "DIFY_SECRETS": str(self.secrets_file)}
+
     def inv(self, *args: str, inventory: Path | None = None) -> subprocess.CompletedProcess:
-        env = {**os.environ, "DIFY_INVENTORY": str(inventory or self.path),
-               "DIFY_SECRETS": str(self.secrets_file)}
         started = time.monotonic()
         result = subprocess.run([sys.executable, "-m", "invoke", *args], cwd=ROOT, text=True,
-                                capture_output=True, env=env, timeout=1500, check=False)
+                                capture_output=True, env=self.env(inventory), timeout=1500,
+                                check=False)
         self.timings.append((" ".join(args), time.monotonic() - started))
         return result
 
@@ -341,6 +349,48 @@ def test_frontend_serves_pages_pointing_at_the_vm_api(devlab: Lab3) -> None:
         f"systemctl show -p User --value dify-web-dev; stat -c %U {CHECKOUT}/web/node_modules "
         f"{CHECKOUT}/web/.env.local; command -v pnpm")
     assert out.split() == ["deploy", "deploy", "deploy", "/usr/local/bin/pnpm"], out
+
+
+def test_app_logs_merges_the_units_of_both_machines_in_time_order(devlab: Lab3) -> None:
+    shown = devlab.inv("app.logs", "--since", "2h")
+    assert shown.returncode == 0, shown.stdout + shown.stderr
+    lines = shown.stdout.splitlines()
+    by_source: dict[str, list[str]] = {}
+    for line in lines:
+        by_source.setdefault(line.split(" | ")[0], []).append(line)
+    assert set(by_source) == {"ubuntu-vm api", "ubuntu-vm worker", "workstation web"}, lines
+    assert any("Debugger is active" in line for line in by_source["ubuntu-vm api"])
+    assert any("dify-dev@ubuntu-vm ready." in line for line in by_source["ubuntu-vm worker"])
+    stamps = [line.split(" | ")[1].split()[0] for line in lines]
+    assert stamps == sorted(stamps), lines
+
+
+def test_app_logs_follows_the_api_unit_until_interrupted(devlab: Lab3) -> None:
+    # ([j]: the pattern must not match the shell that runs pgrep)
+    streaming = "pgrep -f '[j]ournalctl .*--unit dify-api-dev.service.*--follow'"
+    follower = subprocess.Popen(
+        [sys.executable, "-m", "invoke", "app.logs", "--follow", "--service", "api",
+         "--since", "1s"], cwd=ROOT, env=devlab.env(), text=True, stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT)
+    lines: list[str] = []
+    reader = threading.Thread(target=lambda: lines.extend(follower.stdout), daemon=True)
+    reader.start()
+    try:
+        eventually("journalctl --follow on ubuntu-vm",
+                   lambda: devlab.vm.exec(streaming)[0] == 0, timeout=30)
+        assert requests.get(devlab.api_url("/console/api/setup?followed"),
+                            timeout=10).status_code == 200
+        eventually("the api's line for the request, streamed",
+                   lambda: any("/console/api/setup?followed" in line for line in list(lines)),
+                   timeout=30)
+    finally:
+        follower.send_signal(signal.SIGINT)
+        follower.wait(timeout=30)
+    reader.join(timeout=10)
+    assert all(line.startswith("ubuntu-vm api | ") for line in lines if line.strip()), lines
+    # Interrupted, it ended its stream: nothing is left following on the VM.
+    eventually("no journalctl left on ubuntu-vm",
+               lambda: devlab.vm.exec(streaming)[0] == 1, timeout=15)
 
 
 def test_second_run_changes_nothing_and_restarts_nothing(devlab: Lab3) -> None:
