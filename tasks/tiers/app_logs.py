@@ -126,12 +126,14 @@ def logs_command(inventory: Inventory, source: Source, since: str, follow: bool)
 
 
 def journal_since(since: str) -> str:
-    """A --since for journalctl: a duration counted back on the host's clock (as Docker does),
-    a date as seconds since the epoch (a date without a zone is UTC, as Docker reads it)."""
+    """A --since for journalctl that means what Docker's does on the same host: a duration
+    counted back on the host's clock; a time with a zone as seconds since the epoch; one
+    without a zone in the host's local time."""
     if since[-1] in "smh":
         return f"-{since}"
     moment = datetime.fromisoformat(since)
-    moment = moment if moment.tzinfo else moment.replace(tzinfo=UTC)
+    if moment.tzinfo is None:
+        return f"{moment:%Y-%m-%d %H:%M:%S}"
     return f"@{int(moment.timestamp())}"
 
 

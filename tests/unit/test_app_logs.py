@@ -81,7 +81,8 @@ def test_the_home_lab_s_units_are_sources_and_its_windows_front_end_is_named_unr
 
 @pytest.mark.parametrize(("since", "journal"), [
     ("10m", "-10m"), ("1h30m", "-1h30m"), ("2026-12-07T09:00:00Z", "@1796634000"),
-    ("2026-12-07T10:00:00+01:00", "@1796634000"), ("2026-12-07", "@1796601600")])
+    ("2026-12-07T10:00:00+01:00", "@1796634000"), ("2026-12-07", "'2026-12-07 00:00:00'"),
+    ("2026-12-07T09:30", "'2026-12-07 09:30:00'")])
 def test_a_unit_is_read_by_journalctl_in_json_from_the_same_moment(since, journal) -> None:
     api = homelab_sources("api")[0]
     assert app_logs.logs_command(homelab(), api, since, follow=False) == (
