@@ -94,6 +94,20 @@ def runs_redis_proxy(inventory: Inventory, host: Host) -> bool:
                  or placement.runs_agent(inventory, host)))
 
 
+# Services whose compose definition reads nothing of the host's .env (no env_file, no ${...}).
+WITHOUT_DIFY_ENV = frozenset({"web", "ssrf_proxy", "redis_proxy"})
+
+
+def environment(inventory: Inventory, renderer: Renderer, host: Host) -> str:
+    """The host's .env: Dify's whole environment where a service reads it; a host that runs
+    only services that read none of it (a web host) gets none of its secrets."""
+    if set(services_of(inventory, host)) <= WITHOUT_DIFY_ENV:
+        return (f"# Managed by difyops (app tier) for {host.name}: its services "
+                f"({', '.join(services_of(inventory, host))}) read none of Dify's environment, "
+                "so none of its secrets is kept here.\n")
+    return renderer.render("config/env/dify.env.j2", host)
+
+
 def host_roles(inventory: Inventory, host: Host) -> tuple[str, ...]:
     """The host's app roles that run something with this release (`agent` only where the
     release has the agent services)."""
@@ -247,7 +261,7 @@ def steps(inventory: Inventory, renderer: Renderer, host: Host, *,
     agent = placement.runs_agent(inventory, host)
     directory = deploy_dir(inventory)
     timeout = inventory.settings["app"]["health_timeout"]
-    env = renderer.render("config/env/dify.env.j2", host)
+    env = environment(inventory, renderer, host)
     files = [
         WriteFile(f"{directory}/.env", env, mode=0o600, secret=True),
         WriteFile(f"{directory}/compose.yml", compose_file(inventory, renderer, host)),

@@ -195,6 +195,19 @@ def test_the_release_check_names_the_way_to_change_releases(load, base) -> None:
     assert "release check" not in labels(plan_of(load(base), "api2", release_guard=False))
 
 
+def test_a_web_host_keeps_none_of_dify_s_secrets(load, base) -> None:
+    inventory = load(base)
+    web_env = file_of(inventory, "web1", "/opt/dify/.env")
+    values = [v for v in inventory.secrets.values() if v]
+    assert values and not [v for v in values if v in web_env]
+    assert web_env.startswith("# Managed by difyops") and len(web_env.splitlines()) == 1
+    # What makes that safe: nothing of web1's compose file reads the .env.
+    text = file_of(inventory, "web1", "/opt/dify/compose.yml")
+    assert "${" not in text and "env_file" not in text
+    assert f"SECRET_KEY={inventory.secrets['SECRET_KEY']}" in file_of(inventory, "api1",
+                                                                      "/opt/dify/.env")
+
+
 def test_release_json_holds_the_version_and_images(load, base) -> None:
     record = yaml.safe_load(file_of(load(base), "web1", "/opt/dify/release.json"))
     assert record == {"version": "1.16.1", "images": {"web": "langgenius/dify-web:1.16.1"}}
