@@ -101,10 +101,11 @@ WITHOUT_DIFY_ENV = frozenset({"web", "ssrf_proxy", "redis_proxy"})
 def environment(inventory: Inventory, renderer: Renderer, host: Host) -> str:
     """The host's .env: Dify's whole environment where a service reads it; a host that runs
     only services that read none of it (a web host) gets none of its secrets."""
-    if set(services_of(inventory, host)) <= WITHOUT_DIFY_ENV:
+    services = services_of(inventory, host)
+    if set(services) <= WITHOUT_DIFY_ENV:
         return (f"# Managed by difyops (app tier) for {host.name}: its services "
-                f"({', '.join(services_of(inventory, host))}) read none of Dify's environment, "
-                "so none of its secrets is kept here.\n")
+                f"({', '.join(services)}) read none of Dify's environment, so none of its "
+                "secrets is kept here.\n")
     return renderer.render("config/env/dify.env.j2", host)
 
 

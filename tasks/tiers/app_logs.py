@@ -31,7 +31,8 @@ from tasks.tiers.app import compose, deploy_dir, services_of
 from tasks.tiers.dev_backend import API_UNIT, WORKER_UNIT
 from tasks.tiers.dev_frontend import WEB_UNIT, WINDOWS_LOG
 
-# What `docker logs --since` takes: a duration (10m, 1h30m, 45s) or a date and time.
+# What --since takes (Docker's forms; journal_since turns them into journalctl's): a duration
+# (10m, 1h30m, 45s) or a date and time.
 SINCE = re.compile(r"^(\d+[smh])+$"
                    r"|^\d{4}-\d{2}-\d{2}(T\d{2}:\d{2}(:\d{2}(\.\d+)?)?(Z|[+-]\d{2}:\d{2})?)?$")
 # The home-lab layout's services, each a systemd unit of the role's host.
