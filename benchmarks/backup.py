@@ -65,6 +65,7 @@ class Bench:
         data = {"name": "bench", "cache": {"mode": "standalone"}, "vector": {"store": "pgvector"},
                 "backup": {"dir": str(self.backups), "encrypt": encrypt,
                            "dump_compression": compression},
+                "net": {"firewall": "off"},
                 "hosts": [db.inventory_entry(["db_primary", "cache"]),
                           app.inventory_entry(["api", "worker", "beat", "web", "plugin_daemon",
                                                "lb"])]}

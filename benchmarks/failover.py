@@ -62,6 +62,7 @@ def postgres(lab: Lab, folder: Path, runs: int) -> list[float]:
     names = [host.name for host in hosts]
     inventory = Inventory(folder, "bench-db", {
         "name": "bench-db", "cache": {"mode": "standalone"}, "vector": {"store": "pgvector"},
+        "net": {"firewall": "off"},
         "hosts": [hosts[0].inventory_entry(["db_primary", "cache", "dev_backend"]),
                   *(host.inventory_entry(["db_replica"]) for host in hosts[1:])]})
     inventory.inv("db.deploy")
@@ -93,6 +94,7 @@ def redis(lab: Lab, folder: Path, runs: int) -> list[float]:
     by_address = {host.address: host for host in hosts}
     inventory = Inventory(folder, "bench-cache", {
         "name": "bench-cache", "cache": {"mode": "sentinel"}, "vector": {"store": "pgvector"},
+        "net": {"firewall": "off"},
         "hosts": [hosts[0].inventory_entry(["cache", "db_primary", "dev_backend"]),
                   *(host.inventory_entry(["cache"]) for host in hosts[1:])]})
     inventory.inv("cache.deploy")

@@ -10,7 +10,7 @@ from invoke.exceptions import Exit
 from tasks.backups import schedule as backup_schedule
 from tasks.backups import settings as backup_settings
 from tasks.core import doctor as medic
-from tasks.core import doctor_schedule, hooks
+from tasks.core import doctor_schedule, hooks, netplan
 from tasks.core import preflight as checks
 from tasks.core.apply import MAX_PARALLEL
 from tasks.core.cli import (
@@ -28,21 +28,25 @@ from tasks.core.inventory import Host, Inventory
 from tasks.core.lock import Locked
 from tasks.core.tiers import build, select
 from tasks.images import show
-from tasks.tiers import TIERS, lb_maintenance
+from tasks.net import apply_firewall
+from tasks.tiers import TIERS, firewall, lb_maintenance
 from tasks.tiers.images import ImageError, sync
 
 IMAGE_TIERS = ("app", "vector")  # the tiers whose hosts run images (tasks/tiers/images.py)
+# deploy.all's tiers: the host firewall first (net.firewall), before any service listens.
+DEPLOYED = (firewall.TIER, *TIERS)
 
 
 @task(help={"dry": f"{DRY_HELP} (no preflight)", "diff": DIFF_HELP,
-            "only": "comma-separated tiers to run, e.g. db,cache (default: all, in order)",
+            "only": "comma-separated tiers to run, e.g. net,db,cache (default: all, in order)",
             "preflight": "check the hosts first and stop on a refusal (--no-preflight: skip)",
             "parallel": f"hosts of one tier deployed at once (default {MAX_PARALLEL}; 1: one "
                         f"host after the other, in inventory order)"})
 @reported
 def all(ctx: Context, dry: bool = False, only: str = "", preflight: bool = True,
         parallel: int = MAX_PARALLEL, diff: bool = False) -> None:
-    """Deploy every tier in dependency order, then the backup schedule (or only some tiers)."""
+    """Deploy the firewall and every tier in dependency order, then the backup schedule (or
+    only some tiers)."""
     refuse_diff_without_dry(dry, diff)
     if parallel < 1:
         raise InputError([Problem("--parallel", str(parallel), "must be at least 1",
@@ -51,7 +55,7 @@ def all(ctx: Context, dry: bool = False, only: str = "", preflight: bool = True,
     schedule_on = "" if only else inventory.settings["backup"]["schedule_on"]
     if schedule_on and schedule_on != "none":
         backup_settings.check(inventory)  # before any host is touched
-    tiers = [tier.name for tier in select(TIERS, only)]
+    tiers = [tier.name for tier in select(DEPLOYED, only)]
     with nullcontext() if dry else hooks.around("deploy", inventory, command="deploy.all",
                                                  tiers=tiers):
         deploy_everything(ctx, inventory, dry=dry, only=only, preflight=preflight,
@@ -60,18 +64,37 @@ def all(ctx: Context, dry: bool = False, only: str = "", preflight: bool = True,
 
 def deploy_everything(ctx: Context, inventory: Inventory, *, dry: bool, only: str,
                       preflight: bool, parallel: int, diff: bool, schedule_on: str) -> None:
-    """deploy.all's work between its hooks: preflight, images, the tiers, the backup schedule."""
+    """deploy.all's work between its hooks: preflight, the firewall, images, the tiers, the
+    backup schedule."""
+    chosen = select(DEPLOYED, only)
     if preflight and not dry:
         checks.check(inventory, preflight_hosts(inventory, only))
+    if firewall.TIER in chosen:
+        if netplan.firewall_on(inventory):
+            apply_firewall(inventory, dry=dry, show_diff=diff)
+        else:
+            print(firewall_off(inventory), flush=True)
     if not dry:
         sync_images_first(inventory, only, parallel)
     if schedule_on == "none":  # said first: the per-host summary stays the last thing printed
         print("backups: not scheduled by deploy.all (backup.schedule_on: none): run "
               "`inv backup.schedule` on the machine that keeps them", flush=True)
-    run_tiers(ctx, list(TIERS), dry=dry, only=only, parallel=parallel, diff=diff)
+    tiers = [tier for tier in chosen if tier is not firewall.TIER]
+    if tiers:
+        run_tiers(ctx, tiers, dry=dry, parallel=parallel, diff=diff)
     if schedule_on and schedule_on != "none":
         backup_schedule.install(inventory, dry=dry,
                                 host_name="" if schedule_on == "control" else schedule_on)
+
+
+def firewall_off(inventory: Inventory) -> str:
+    """What deploy.all says when it leaves the host firewall out, and what that exposes."""
+    if inventory.settings["net"]["firewall"] == "auto":
+        return ("net: no host firewall (one host, net.firewall: auto); set net.firewall: \"on\" "
+                "to apply it")
+    return ("net: no host firewall (net.firewall: \"off\"): SSH and every port below are open "
+            "to whoever reaches the hosts: " + "; ".join(netplan.exposed(inventory))
+            + ". Set net.firewall: auto (and net.management), or run `inv net.apply`")
 
 
 def sync_images_first(inventory: Inventory, only: str, parallel: int = 4) -> None:
@@ -128,7 +151,7 @@ def preflight_hosts(inventory: Inventory, only: str) -> list[Host]:
     """Every host, or the hosts of the tiers named in --only (unknown names refused)."""
     if not only:
         return list(inventory.hosts)
-    roles = [role for tier in select(TIERS, only) for role in tier.roles]
+    roles = [role for tier in select(DEPLOYED, only) for role in tier.roles]
     return inventory.with_role(*roles)
 
 

@@ -16,11 +16,18 @@ from tasks.core.tiers import build
 from tasks.tiers import firewall
 
 
+# A dry run shows the rules in full: what a firewall would let through is the point of it.
 @task(help={"dry": "print the plan with a diff of every file (the rules too); change nothing"})
 @reported
 def apply(ctx: Context, dry: bool = False) -> None:
     """Apply the host firewall (and SSH hardening when set); rolled back unless confirmed."""
-    inventory = load(ctx)
+    apply_firewall(load(ctx), dry=dry, show_diff=True)
+
+
+def apply_firewall(inventory: Inventory, *, dry: bool, show_diff: bool) -> None:
+    """net.apply's work, also deploy.all's first tier: the rules planned with each host's view
+    of this machine, applied (or dry-run); after a failed confirmation, wait for the hosts'
+    rollback timers and say what happened."""
     timeouts = inventory.settings["timeouts"]
     hosts = inventory.with_role(*firewall.FIREWALLED_ROLES)
     # Each host's view of this machine's address: SSH from it stays allowed.
@@ -30,8 +37,7 @@ def apply(ctx: Context, dry: bool = False) -> None:
     print(f"{action} the host firewall on inventory {inventory.name} ({len(hosts)} host(s); "
           f"rollback after {inventory.settings['net']['rollback_seconds']} s unless confirmed)",
           flush=True)
-    # A dry run shows the rules in full: what a firewall would let through is the point of it.
-    report = execute(build([firewall.tier(control)], inventory), dry=dry, show_diff=True,
+    report = execute(build([firewall.tier(control)], inventory), dry=dry, show_diff=show_diff,
                      timeouts=timeouts)
     if not report.failed:
         return

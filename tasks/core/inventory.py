@@ -246,9 +246,12 @@ def merge(value: Any, default: Any, path: str, shown: str, problems: list[Proble
     if path == "app.worker_groups":
         return check_worker_groups(value, shown, problems)
     if not same_type(value, default):
-        problems.append(Problem(shown, path,
-                                f"must be {type_name(default)}, not {type_name(value)} "
-                                f"({value!r})", f"set it like the default: {default!r}"))
+        quoted = isinstance(value, bool) and isinstance(default, str)
+        fix = (f"set it like the default: {default!r}" if not quoted else
+               f"write the word in quotes, as in `{path.rsplit('.', 1)[-1]}: \"off\"`: YAML "
+               f"reads on, off, yes and no unquoted as true or false")
+        problems.append(Problem(shown, path, f"must be {type_name(default)}, not "
+                                f"{type_name(value)} ({value!r})", fix))
         return default
     return value
 

@@ -211,12 +211,51 @@ def address_blocks(entries: list, key: str, shown: str, example: str) -> Iterato
                           f"write addresses or networks, e.g. `{example}`")
 
 
+FIREWALL_MODES = ("auto", "on", "off")
+
+
+def firewall_on(inventory: Inventory) -> bool:
+    """Whether deploy.all applies the host firewall: net.firewall on, or auto with more than
+    one host."""
+    mode = inventory.settings["net"]["firewall"]
+    return mode == "on" or (mode == "auto" and len(inventory.hosts) > 1)
+
+
+def exposed(inventory: Inventory) -> list[str]:
+    """What a host firewall would keep from strangers: `service port (hosts)` for every
+    service of the plan that only some clients may reach."""
+    found = []
+    for service in services(inventory):
+        hosts = [host.name for host in inventory.with_role(*service.servers)]
+        if hosts and PUBLIC not in service.clients:
+            found.append(f"{service.name} {service.port} ({', '.join(hosts)})")
+    return found
+
+
+def firewall_mode(inventory: Inventory, shown: str) -> Iterator[Problem]:
+    """net.firewall is a known mode; while it is on, net.management says who may manage."""
+    net = inventory.settings["net"]
+    if net["firewall"] not in FIREWALL_MODES:
+        yield Problem(shown, "net.firewall", f"unknown mode {net['firewall']!r}",
+                      "use auto (on for more than one host), \"on\" or \"off\"")
+    elif firewall_on(inventory) and not net["management"]:
+        why = ("net.firewall: auto and more than one host" if net["firewall"] == "auto"
+               else "net.firewall: on")
+        yield Problem(shown, "net.management",
+                      f"empty while the host firewall is on ({why}): nobody could be allowed to "
+                      f"SSH to the hosts or open the monitoring UIs",
+                      "list the addresses or networks operators work from, e.g. `management: "
+                      "[10.0.4.0/24]`; or set `firewall: \"off\"` under net, which leaves every "
+                      "port of every host open to whoever reaches it")
+
+
 def check(inventory: Inventory, shown: str) -> Iterator[Problem]:
     """Rule: the network and preflight settings make sense."""
     yield from port_collisions(inventory, shown)
     net, preflight = inventory.settings["net"], inventory.settings["preflight"]
     yield from address_blocks(net["management"], "net.management", shown,
                               "management: [10.0.4.0/24]")
+    yield from firewall_mode(inventory, shown)
     if not 10 <= net["rollback_seconds"] <= 3600:
         yield Problem(shown, "net.rollback_seconds",
                       f"{net['rollback_seconds']} is outside 10..3600",

@@ -61,6 +61,7 @@ class App:
                     "worker_groups": [
                         {"name": "docs", "queues": ["dataset"], "concurrency": 1},
                         {"name": "rest", "queues": "all", "concurrency": 1}]},
+            "net": {"firewall": "off"},
             "hosts": [h["app-db"].inventory_entry(["db_primary", "cache", "lb"]),
                       h["app-api1"].inventory_entry(["api", "plugin_daemon"]),
                       h["app-api2"].inventory_entry(["api"], user="deploy"),

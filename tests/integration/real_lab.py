@@ -120,6 +120,7 @@ class RealApp(App):
             "backup": {"dir": str(self.tmp / "backups")},
             "app": {"health_timeout": health_timeout,
                     "worker_groups": [{"name": "all", "queues": "all", "concurrency": 1}]},
+            "net": {"firewall": "off"},
             "hosts": [h["app-db"].inventory_entry([*db_roles["app-db"], "cache", "lb"]),
                       h["app-r2"].inventory_entry([*db_roles["app-r2"], "cache"]),
                       h["app-r3"].inventory_entry(["cache"]),

@@ -81,6 +81,7 @@ class Stack:
             "preflight": {"sizes": {role: dict(SMALL) for roles in LAYOUT.values()
                                     for role in roles},
                           "min_free_disk_gb": 2},
+            "net": {"firewall": "off"},
             "hosts": [self.hosts[short].inventory_entry(roles)
                       for short, roles in LAYOUT.items()],
             **overrides,

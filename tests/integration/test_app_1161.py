@@ -58,6 +58,7 @@ class Services(App):
             "app": {"health_timeout": health_timeout, "websocket_port": WEBSOCKET_PORT,
                     "api": {"db_pool_size": 10, "db_max_overflow": 5},
                     "worker_groups": [{"name": "all", "queues": "all", "concurrency": 1}]},
+            "net": {"firewall": "off"},
             "hosts": [h["svc-db"].inventory_entry(["db_primary", "cache", "lb"]),
                       h["svc-api1"].inventory_entry(["api", "plugin_daemon", "worker", "beat",
                                                      "web"]),

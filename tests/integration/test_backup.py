@@ -50,6 +50,7 @@ class Env:
             "backup": {"dir": str(self.backups), "encrypt": "secrets",
                        "copy": {"type": "ssh", "address": copy.address, "user": "deploy",
                                 "key": str(copy.key_file), "path": COPY_DIR}},
+            "net": {"firewall": "off"},
             "hosts": [db.inventory_entry(["db_primary", "cache"]),
                       app.inventory_entry(APP_ROLES, user="deploy")],
         }

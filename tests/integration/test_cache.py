@@ -58,6 +58,7 @@ def make_lab(lab: Lab, folder: Path, mode: str, roles: dict[str, list[str]]) -> 
     inventory = folder / f"cache-{mode}.yml"
     inventory.write_text(yaml.safe_dump({
         "name": f"cache-{mode}", "cache": {"mode": mode}, "vector": {"store": "pgvector"},
+        "net": {"firewall": "off"},
         "hosts": [hosts[name].inventory_entry(host_roles, user="deploy" if name == "r3"
                                               else "root")
                   for name, host_roles in roles.items()],

@@ -77,6 +77,7 @@ def db(lab: Lab, tmp_path_factory: pytest.TempPathFactory) -> Iterator[DbLab]:
         "name": "db-lab",
         "cache": {"mode": "standalone"},
         "vector": {"store": "pgvector"},
+        "net": {"firewall": "off"},
         "hosts": [hosts["db1"].inventory_entry(["db_primary"]),
                   hosts["db2"].inventory_entry(["db_replica"]),
                   hosts["db3"].inventory_entry(["db_replica"], user="deploy"),

@@ -177,6 +177,7 @@ class Lab3:
             "cache": {"mode": "standalone"},
             "vector": {"store": "pgvector"},
             "dev": {"network": subnet, "dify_source": CHECKOUT, "python": VM_PYTHON},
+            "net": {"firewall": "off"},
             "hosts": [self.server.inventory_entry(["dev_server", "db_primary", "cache"]),
                       self.vm.inventory_entry(["dev_backend"], user="deploy"),
                       self.workstation.inventory_entry(["dev_frontend"], user="deploy")],

@@ -121,6 +121,7 @@ def test_inv_deploys_a_real_tier_over_ssh(ssh_hosts: list[LabHost], tmp_path: Pa
         "name": "engine-lab",
         "cache": {"mode": "standalone"},
         "vector": {"store": "pgvector"},
+        "net": {"firewall": "off"},
         "hosts": [h1.inventory_entry(["db_primary", "cache"]),
                   h2.inventory_entry(["dev_backend"], user="deploy")],
     }

@@ -38,6 +38,7 @@ class Operator:
         first, second = pair
         inventory = {"name": "keys-lab", "cache": {"mode": "standalone"},
                      "vector": {"store": "pgvector"},
+                     "net": {"firewall": "off"},
                      "hosts": [first.inventory_entry(["db_primary", "cache"]),
                                second.inventory_entry(["dev_backend"], user="deploy")]}
         path = folder / "keys-lab.yml"

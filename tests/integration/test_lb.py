@@ -69,6 +69,7 @@ class Lb:
             "upload_limit_mb": 100,
             # failures never take a stand-in out for long; retries stay deterministic
             "lb": {"max_fails": 10, "fail_timeout": 2, "drain_wait": 30},
+            "net": {"firewall": "off"},
             **settings,
             "hosts": [
                 self.lb.inventory_entry(["lb"], user="deploy"),  # through sudo
@@ -474,7 +475,7 @@ def tls_handshake(address: str, version: ssl.TLSVersion) -> str:
 
 
 def test_maintenance_answers_503_and_its_page_except_to_management_until_off(env: Lb) -> None:
-    env.write_inventory(net={"management": [env.up1.address]})
+    env.write_inventory(net={"firewall": "off", "management": [env.up1.address]})
     try:
         env.deploy()
         on = env.inv("lb.maintenance", "on", "--message", "Back at 10:00 <UTC> & later")

@@ -56,6 +56,7 @@ class Logging:
             "cache": {"mode": "standalone"},
             "vector": {"store": "pgvector"},
             "logging": settings,
+            "net": {"firewall": "off"},
             "hosts": [self.store.inventory_entry(["logging"]),
                       self.shipper.inventory_entry(["db_primary", "cache", "dev_backend"],
                                                    user="deploy")],

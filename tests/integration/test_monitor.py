@@ -68,6 +68,7 @@ class Monitor:
             "cache": {"mode": "standalone"},
             "vector": {"store": "pgvector"},
             "monitor": settings,
+            "net": {"firewall": "off"},
             "hosts": [self.data.inventory_entry(["db_primary", "cache", "lb"]),
                       self.mon.inventory_entry(["monitor", "dev_backend"], user="deploy")],
         }, sort_keys=False))

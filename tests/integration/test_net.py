@@ -99,7 +99,8 @@ def inv(net_hosts: dict[str, LabHost], tmp_path_factory: pytest.TempPathFactory)
         "timeouts": {"connect": 5, "command": 300},
         "preflight": {"sizes": {role: small for role in ROLES}, "probe_timeout": 2},
         # Long enough for a loaded machine to confirm in time (the confirmation gets half).
-        "net": {"rollback_seconds": 20},
+        # SSH from a documentation range (nobody) and from this machine (net.allow_control).
+        "net": {"rollback_seconds": 20, "management": ["192.0.2.0/24"]},
         "hosts": [net_hosts["lb"].inventory_entry(["lb"]),
                   net_hosts["app"].inventory_entry(APP, user="deploy"),
                   net_hosts["db"].inventory_entry(["db_primary", "cache"])],
@@ -191,8 +192,10 @@ def test_firewall_allows_the_plan_and_drops_the_rest(inv: Inv,
         assert "tcp dport 5432 accept" in dry.stdout
         assert db.exec("nft list table inet difyops")[0] != 0  # the dry run loaded nothing
 
-        first = inv("net.apply")
+        # deploy.all applies it first (net.firewall: auto, three hosts), after its preflight.
+        first = inv("deploy.all", "--only", "net")
         assert first.returncode == 0, first.stdout + first.stderr
+        assert first.stdout.index("preflight") < first.stdout.index("applying the host firewall")
         assert ("net-db: health new SSH connection confirming the firewall ... unchanged: "
                 "confirmed over a new connection") in first.stdout
         assert probe(app, db, 5432)[0] == 0          # api host -> PostgreSQL: accepted

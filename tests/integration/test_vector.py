@@ -69,6 +69,7 @@ def pg_lab(pg_hosts, tmp_path_factory) -> dict[str, str]:
         "db": {"version": 17},
         "cache": {"mode": "standalone"},
         "vector": {"store": "pgvector"},
+        "net": {"firewall": "off"},
         "hosts": [vec1.inventory_entry(["db_primary", "cache"]),
                   vecapp.inventory_entry(["dev_backend"], user="deploy")],
     }
@@ -195,6 +196,7 @@ WEAVIATE_HOSTS = [{"name": f"vector{i}", "address": f"10.0.3.{20 + i}", "roles":
 def weaviate_inventory(tmp: Path, name: str, **vector) -> dict[str, str]:
     return write_inventory(tmp, {
         "name": name, "cache": {"mode": "standalone"}, "vector": vector,
+        "net": {"firewall": "off"},
         "hosts": [{"name": "home", "address": "10.0.3.10",
                    "roles": ["db_primary", "cache", "dev_backend"]}, *WEAVIATE_HOSTS]})
 
@@ -230,6 +232,7 @@ def test_weaviate_compose_passes_compose_and_our_checks(tmp_path) -> None:
 def test_weaviate_refusals_before_any_host(tmp_path, vector, hosts, message) -> None:
     env = write_inventory(tmp_path, {
         "name": "weaviate-bad", "cache": {"mode": "standalone"}, "vector": vector,
+        "net": {"firewall": "off"},
         "hosts": [{"name": "home", "address": "10.0.3.10",
                    "roles": ["db_primary", "cache", "dev_backend"]}, *WEAVIATE_HOSTS[:hosts]]})
     result = inv(env, "vector.deploy", "--dry")

@@ -65,6 +65,7 @@ BASE: dict[str, Any] = {
     "storage": {"type": "shared-fs"},
     "db": {"max_connections": 400},
     "cache": {"mode": "sentinel"},
+    "net": {"management": ["10.0.4.0/24"]},
     "hosts": [
         {"name": "lb1", "address": "10.0.1.10", "roles": ["lb"]},
         {"name": "web1", "address": "10.0.2.11", "roles": ["web"]},

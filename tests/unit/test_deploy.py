@@ -31,16 +31,66 @@ def calls(monkeypatch, load, base) -> dict:
         return [Row("api1", "langgenius/dify-api:1.13.3", "shipped")]
 
     monkeypatch.setattr(deploy, "sync", fake_sync)
-    monkeypatch.setattr(deploy, "run_tiers", lambda ctx, tiers, **kw: seen.update(run=kw))
+    monkeypatch.setattr(deploy, "apply_firewall",
+                        lambda inventory, **kw: seen.setdefault("firewall", []).append(kw))
+    monkeypatch.setattr(deploy, "run_tiers", lambda ctx, tiers, **kw: seen.update(
+        run=kw, tiers=[tier.name for tier in tiers]))
     seen["inventory"] = state
     return seen
 
 
 def test_parallel_reaches_the_executor_and_defaults_to_the_engines_limit(calls) -> None:
     deploy.all.body(Context(), parallel=1)
-    assert calls["run"] == {"dry": False, "only": "", "parallel": 1, "diff": False}
+    assert calls["run"] == {"dry": False, "parallel": 1, "diff": False}
     deploy.all.body(Context())
     assert calls["run"]["parallel"] == deploy.MAX_PARALLEL
+
+
+def test_the_firewall_comes_first_and_the_tiers_run_without_it(calls, monkeypatch) -> None:
+    events: list[str] = []
+    monkeypatch.setattr(deploy.checks, "check", lambda inventory, hosts: events.append("preflight"))
+    monkeypatch.setattr(deploy, "apply_firewall",
+                        lambda inventory, **kw: events.append(f"firewall {kw}"))
+    monkeypatch.setattr(deploy, "sync_images_first", lambda *a: events.append("images"))
+    monkeypatch.setattr(deploy, "run_tiers", lambda ctx, tiers, **kw: events.append(
+        "tiers " + ",".join(tier.name for tier in tiers)))
+    deploy.all.body(Context())
+    assert events == ["preflight", "firewall {'dry': False, 'show_diff': False}", "images",
+                      "tiers db,cache,vector,app,lb,monitor,logging,dev_backend,dev_frontend"]
+    events.clear()
+    deploy.all.body(Context(), dry=True, diff=True)
+    assert events == ["firewall {'dry': True, 'show_diff': True}", "tiers " + ",".join(
+        tier.name for tier in deploy.TIERS)]
+    events.clear()
+    deploy.all.body(Context(), only="db,cache")
+    assert events == ["preflight", "images", "tiers db,cache"]
+    events.clear()
+    deploy.all.body(Context(), only="net")
+    assert events == ["preflight", "firewall {'dry': False, 'show_diff': False}", "images"]
+
+
+def test_with_the_firewall_off_deploy_all_says_what_is_open(calls, capsys) -> None:
+    calls["inventory"]["data"]["net"] = {"firewall": "off", "management": []}
+    deploy.all.body(Context())
+    out = capsys.readouterr().out
+    assert "firewall" not in calls and calls["tiers"][0] == "db"
+    assert 'net: no host firewall (net.firewall: "off"): SSH and every port below' in out
+    assert "postgresql 5432 (db1, db2, db3); redis 6379 (db1, db2, db3)" in out
+    assert "alertmanager 9093 (monitor1)" in out and "http 80" not in out
+
+
+def test_one_host_gets_no_firewall_unless_asked(calls, capsys) -> None:
+    one = {"name": "one", "storage": {"type": "local"}, "cache": {"mode": "standalone"},
+           "hosts": [{"name": "solo", "address": "10.0.2.5",
+                      "roles": ["db_primary", "cache", "vector", "api", "worker", "beat", "web",
+                                "plugin_daemon", "lb"]}]}
+    calls["inventory"]["data"] = one
+    deploy.all.body(Context())
+    assert "firewall" not in calls
+    assert "net: no host firewall (one host, net.firewall: auto)" in capsys.readouterr().out
+    one["net"] = {"firewall": "on", "management": ["10.0.4.0/24"]}
+    deploy.all.body(Context())
+    assert calls["firewall"] == [{"dry": False, "show_diff": False}]
 
 
 def test_parallel_below_one_is_refused_before_any_host(calls) -> None:

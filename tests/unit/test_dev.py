@@ -12,6 +12,7 @@ HOMELAB = {
     "name": "lab",
     "cache": {"mode": "standalone"},
     "dev": {"network": "192.168.1.0/24"},
+    "net": {"management": ["192.168.1.0/24"]},
     "hosts": [
         {"name": "home-server", "address": "192.168.1.100",
          "roles": ["dev_server", "db_primary", "cache", "vector", "monitor"]},

@@ -29,6 +29,7 @@ LAB: dict[str, Any] = {
     "name": "lab",
     "cache": {"mode": "standalone"},
     "dev": {"network": "192.168.1.0/24", "dify_source": "/home/dev/dify"},
+    "net": {"management": ["192.168.1.0/24"]},
     "hosts": [
         {"name": "home-server", "address": "192.168.1.100",
          "roles": ["dev_server", "db_primary", "cache", "vector", "monitor"]},

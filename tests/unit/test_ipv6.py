@@ -139,6 +139,7 @@ def test_haproxy_servers_bracket_ipv6(load, base) -> None:
 def test_dev_env_files_bracket_ipv6(load, v6) -> None:
     data = lab()
     data["dev"]["network"] = "fd00::/64"
+    data["net"]["management"] = ["fd00::/64"]
     for host, address in zip(data["hosts"], ("fd00::100", "fd00::101", "fd00::102"), strict=True):
         host["address"] = address
     written = files(load(data))

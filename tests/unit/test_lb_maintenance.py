@@ -40,6 +40,7 @@ def test_the_site_answers_503_from_the_page_while_it_exists_but_not_to_managemen
 
 
 def test_without_management_addresses_everyone_gets_the_page(load, base) -> None:
+    base["net"] = {"firewall": "off", "management": []}
     geo = re.search(r"geo \$dify_management \{(.*?)\}", rendered(load(base)), re.S).group(1)
     assert geo.split() == ["default", "0;"]
 

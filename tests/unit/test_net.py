@@ -96,7 +96,8 @@ def test_published_compose_ports_are_also_guarded_on_the_forward_hook(load, base
     assert any('iifname "br-*"' in line for line in accepted(text, 5001))
 
 
-def test_ssh_from_anywhere_by_default(load, base) -> None:
+def test_ssh_from_anywhere_with_the_firewall_off_and_no_management_range(load, base) -> None:
+    base["net"] = {"firewall": "off", "management": []}
     text = rules_of(load(base), "db1")
     assert accepted(text, 22) == ['tcp dport 22 accept comment "ssh from anywhere"']
 
@@ -135,6 +136,7 @@ def test_weaviate_cluster_ports_between_vector_nodes(load, base) -> None:
 def test_the_home_lab_network_reaches_the_dev_backend(load) -> None:
     inventory = load({"name": "lab", "cache": {"mode": "standalone"},
                       "dev": {"network": "192.168.1.0/24"},
+                      "net": {"management": ["192.168.1.0/24"]},
                       "hosts": [{"name": "server", "address": "192.168.1.100",
                                  "roles": ["dev_server", "db_primary", "cache", "vector"]},
                                 {"name": "vm", "address": "192.168.1.101",
@@ -208,7 +210,7 @@ def test_steps_load_the_rules_then_confirm_over_a_new_connection(load, base) -> 
 
 
 def test_ssh_hardening_steps_when_asked(load, base) -> None:
-    base["net"] = {"ssh_hardening": True, "rollback_seconds": 20}
+    base["net"].update(ssh_hardening=True, rollback_seconds=20)
     plan = steps(load(base), "db1")
     dropin = next(s for s in plan if isinstance(s, WriteFile) and s.path == firewall.SSHD_STAGED)
     settings = dict(line.split(None, 1) for line in dropin.content.splitlines()
@@ -277,6 +279,7 @@ def test_a_confirmation_refused_by_the_host_is_final(use_machines) -> None:
 
 
 def test_status_compares_the_rules_in_force_with_the_plan(load, base) -> None:
+    base["net"] = {"firewall": "off", "management": []}
     inventory = load(base)
     host = inventory.host("db1")
     planned = rules_of(inventory, "db1", control=None)
@@ -324,3 +327,46 @@ def test_services_list_the_plans_ports(load, base) -> None:
         ("vector1", 50051)}
     assert ("lb1", 80) not in {(p.name, s.port) for p, s in netplan.needed_peers(inventory,
                                                                                  api1)}
+
+
+ALL_IN_ONE = ["db_primary", "cache", "vector", "api", "worker", "beat", "web", "plugin_daemon",
+              "lb"]
+
+
+def first_hosts(base: dict, count: int) -> dict:
+    """The base inventory cut to its first hosts, the first one running everything."""
+    if count < len(base["hosts"]):
+        base["hosts"] = base["hosts"][:count]
+        base["hosts"][0]["roles"] = ALL_IN_ONE
+        base["cache"] = {"mode": "standalone"}
+    return base
+
+
+@pytest.mark.parametrize(("net", "hosts", "key", "message"), [
+    ({}, 10, "net.management", "empty while the host firewall is on (net.firewall: auto and more "
+                               "than one host)"),
+    ({"firewall": "on"}, 1, "net.management", "empty while the host firewall is on "
+                                              "(net.firewall: on)"),
+    ({"firewall": "maybe"}, 10, "net.firewall", "unknown mode 'maybe'"),
+    ({"firewall": False}, 10, "net.firewall", "must be a string, not a boolean (False)"),
+])
+def test_a_firewall_without_a_management_range_is_refused(load, base, net, hosts, key,
+                                                          message) -> None:
+    base["net"] = {"management": [], **net}
+    with pytest.raises(InputError) as refused:
+        load(first_hosts(base, hosts))
+    (problem,) = refused.value.problems
+    assert (problem.key, problem.message[:len(message)]) == (key, message)
+    if net.get("firewall") is False:
+        assert 'write the word in quotes, as in `firewall: "off"`' in problem.fix
+    elif key == "net.management":
+        assert 'e.g. `management: [10.0.4.0/24]`; or set `firewall: "off"`' in problem.fix
+
+
+@pytest.mark.parametrize(("net", "hosts", "on"), [
+    ({}, 1, False), ({"management": ["10.0.4.0/24"]}, 2, True),
+    ({"firewall": "off"}, 10, False), ({"firewall": "on", "management": ["10.0.4.7"]}, 1, True)])
+def test_the_firewall_is_on_for_more_than_one_host_unless_set(load, base, net, hosts,
+                                                              on) -> None:
+    base["net"] = net
+    assert netplan.firewall_on(load(first_hosts(base, hosts))) is on

@@ -281,7 +281,7 @@ def test_docker_is_only_asked_where_a_compose_tier_runs(load, base) -> None:
 
 def test_a_windows_workstation_gets_a_warning_not_a_refusal(load, use_machines) -> None:
     inventory = load({"name": "lab", "cache": {"mode": "standalone"},
-                      "vector": {"store": "pgvector"},
+                      "vector": {"store": "pgvector"}, "net": {"management": ["192.168.1.0/24"]},
                       "preflight": {"sizes": {"db_primary": {"cpu": 1, "memory_gb": 1,
                                                              "disk_gb": 1}}},
                       "hosts": [{"name": "server", "address": "192.168.1.100",
