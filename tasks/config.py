@@ -77,6 +77,8 @@ def generate_secrets(ctx: Context) -> None:
               "checking what it prints")
     elif written:
         print(f"generated {', '.join(written)} in {where} (mode 0600)")
+        if "BACKUP_PASSPHRASE" in written:
+            print(f"note: {secrets.BACKUP_PASSPHRASE_NOTE}")
     else:
         print(f"{where}: every secret this inventory needs is already set; nothing changed")
     _, problems = secrets.read(inventory)

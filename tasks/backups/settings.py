@@ -12,7 +12,6 @@ from tasks.core.project import display
 ENCRYPT_MODES = ("none", "secrets", "all")
 COPY_TYPES = ("none", "ssh", "s3")
 TIME = re.compile(r"^([01]\d|2[0-3]):([0-5]\d)$")
-MIN_PASSPHRASE = 16
 
 
 def problems(inventory: Inventory) -> list[Problem]:
@@ -35,13 +34,6 @@ def problems(inventory: Inventory) -> list[Problem]:
     if backup["encrypt"] not in ENCRYPT_MODES:
         found.append(Problem(shown, "backup.encrypt", f"unknown mode {backup['encrypt']!r}",
                              f"use one of: {', '.join(ENCRYPT_MODES)}"))
-    elif backup["encrypt"] != "none":
-        passphrase = inventory.secrets.get("BACKUP_PASSPHRASE", "")
-        if passphrase and len(passphrase) < MIN_PASSPHRASE:
-            found.append(Problem(display(inventory.secrets_file), "BACKUP_PASSPHRASE",
-                                 f"shorter than {MIN_PASSPHRASE} characters",
-                                 "set a longer passphrase (and keep a copy away from this "
-                                 "machine)"))
     if not TIME.match(backup["time"]):
         found.append(Problem(shown, "backup.time", f"{backup['time']!r} is not HH:MM",
                              "write the daily time as two-digit hours and minutes, e.g. 03:00"))

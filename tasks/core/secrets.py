@@ -121,15 +121,21 @@ SPECS: tuple[SecretSpec, ...] = (
                lambda inv: inv.settings["storage"]["type"] == "s3", generated=False),
     SecretSpec("S3_SECRET_KEY", "the S3-compatible storage",
                lambda inv: inv.settings["storage"]["type"] == "s3", generated=False),
-    # Not generated: the operator keeps a copy outside the control machine, or the encrypted
-    # secrets in a backup cannot be read after losing that machine.
+    # Generated like the rest, so backups are sealed from the first one; `inv config.secrets`
+    # asks the operator to keep a copy away from this machine (BACKUP_PASSPHRASE_NOTE).
     SecretSpec("BACKUP_PASSPHRASE", "encrypts backups (keep a copy away from this machine)",
-               lambda inv: inv.settings["backup"]["encrypt"] != "none", generated=False),
+               lambda inv: inv.settings["backup"]["encrypt"] != "none"),
     SecretSpec("BACKUP_S3_ACCESS_KEY", "the bucket that receives backup copies",
                lambda inv: inv.settings["backup"]["copy"]["type"] == "s3", generated=False),
     SecretSpec("BACKUP_S3_SECRET_KEY", "the bucket that receives backup copies",
                lambda inv: inv.settings["backup"]["copy"]["type"] == "s3", generated=False),
 )
+
+
+BACKUP_PASSPHRASE_NOTE = ("BACKUP_PASSPHRASE seals the config and secrets part of every backup "
+                          "(backup.encrypt): copy it from the secrets file to a place away from "
+                          "this machine (a password manager, a vault), or the secrets in a "
+                          "backup cannot be read once this machine is lost")
 
 
 def needed(inventory: Inventory) -> list[SecretSpec]:

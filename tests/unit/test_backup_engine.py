@@ -61,20 +61,23 @@ def test_copy_targets_need_their_fields(load, base) -> None:
         "backup.copy.s3_bucket: required when backup.copy.type is s3"]
 
 
-def test_encryption_needs_a_passphrase_of_the_operators_own(load, base) -> None:
-    base["backup"] = {"encrypt": "secrets"}
+def test_encryption_is_on_by_default_with_a_generated_passphrase(load, base) -> None:
     values = good_secrets()
     del values["BACKUP_PASSPHRASE"]
-    with pytest.raises(InputError, match=r"BACKUP_PASSPHRASE: missing .*\n.*set "
-                                         r"BACKUP_PASSPHRASE to a value of your own"):
+    with pytest.raises(InputError, match=r"BACKUP_PASSPHRASE: missing .*\n.*fix: run `inv "
+                                         r"config.secrets` to generate it"):
         load(base, values)
     values["BACKUP_PASSPHRASE"] = "short"
-    assert messages(load(base, values)) == ["BACKUP_PASSPHRASE: shorter than 16 characters"]
+    with pytest.raises(InputError, match="BACKUP_PASSPHRASE: shorter than 16 characters"):
+        load(base, values)
+    values["BACKUP_PASSPHRASE"] = "x" * 16
+    assert settings.passphrase(load(base, values)) == "x" * 16
     spec = next(s for s in secrets.SPECS if s.name == "BACKUP_PASSPHRASE")
-    assert spec.generated is False  # kept by the operator away from this machine
+    assert spec.generated is True
 
 
 def test_no_passphrase_needed_without_encryption(load, base) -> None:
+    base["backup"] = {"encrypt": "none"}
     values = good_secrets()
     del values["BACKUP_PASSPHRASE"]
     inventory = load(base, values)
@@ -264,7 +267,7 @@ def test_restore_refuses_another_secret_key_unless_told(load, base, tmp_path,
 
 def test_restore_refuses_an_encrypted_backup_without_passphrase(load, base, tmp_path,
                                                                 hosts_log) -> None:
-    base["backup"] = {"dir": str(tmp_path / "backups")}
+    base["backup"] = {"dir": str(tmp_path / "backups"), "encrypt": "none"}
     values = good_secrets()
     del values["BACKUP_PASSPHRASE"]
     inventory = load(base, values)

@@ -70,6 +70,12 @@ def test_task_prints_names_not_values(write_inventory, base, tmp_path, capsys,
     values = dotenv_values(tmp_path / "secrets.env").values()
     assert "SECRET_KEY" in out
     assert not any(value in out for value in values)
+    # Backups are sealed by default: the passphrase is generated, and the operator told to keep
+    # a copy elsewhere, once.
+    assert "BACKUP_PASSPHRASE" in dotenv_values(tmp_path / "secrets.env")
+    assert f"note: {secrets.BACKUP_PASSPHRASE_NOTE}" in out
+    config.generate_secrets(Context())
+    assert "note:" not in capsys.readouterr().out
 
 
 def test_loose_mode_is_tightened(write_inventory, base, tmp_path: Path) -> None:
