@@ -12,6 +12,7 @@ from __future__ import annotations
 import copy
 import os
 import re
+import shlex
 import subprocess
 import sys
 import time
@@ -72,13 +73,35 @@ def probe(source: LabHost, target: LabHost, port: int) -> tuple[int, float]:
     return code, time.monotonic() - started
 
 
+# Every port the network plan knows (its defaults), and SSH.
+PLANNED_PORTS = (22, 80, 443, 3000, 5001, 5002, 5006, 5050, 5432, 6379, 26379, 8080, 50051, 9100,
+                 9113, 9121, 9187, 9090, 9093, 3001, 9200, 5601)
+
+
+def reached(source: LabHost, targets: dict[str, LabHost]) -> set[tuple[str, int]]:
+    """(target, port) of every planned port a host's TCP connection gets an answer from (a
+    connection or a refusal) rather than silence, all probed at once."""
+    probes = " ".join(f"{name},{host.address},{port}" for name, host in targets.items()
+                      for port in PLANNED_PORTS)
+    script = (f"for p in {probes}; do IFS=, read -r n a port <<< \"$p\"; "
+              "( timeout 3 bash -c \"exec 3<>/dev/tcp/$a/$port\" 2>/dev/null; "
+              "echo \"$n $port $?\" ) & done; wait")
+    code, out = source.exec(f"bash -c {shlex.quote(script)}")
+    assert code == 0, out
+    answers = [line.split() for line in out.splitlines()]
+    assert len(answers) == len(targets) * len(PLANNED_PORTS), out
+    return {(name, int(port)) for name, port, status in answers if status != "124"}
+
+
 def live_rules(host: LabHost) -> str:
     return host.exec("nft -s list table inet difyops")[1]
 
 
 @pytest.fixture(scope="module")
 def net_hosts(lab: Lab) -> dict[str, LabHost]:
-    lb, app, db = lab.start(["net-lb", "net-app", "net-db"], cap_add=("NET_ADMIN",))
+    # With two machines that are not inventory hosts (see outsiders), started at the same time.
+    lb, app, db, *_ = lab.start(["net-lb", "net-app", "net-db", "net-admin", "net-stranger"],
+                                cap_add=("NET_ADMIN",))
     code, out = app.exec(f"cat > /usr/local/bin/docker <<'EOF'\n{DOCKER_SHIM}EOF\n"
                          "chmod 755 /usr/local/bin/docker")
     assert code == 0, out
@@ -88,7 +111,15 @@ def net_hosts(lab: Lab) -> dict[str, LabHost]:
 
 
 @pytest.fixture(scope="module")
-def inv(net_hosts: dict[str, LabHost], tmp_path_factory: pytest.TempPathFactory) -> Inv:
+def outsiders(lab: Lab, net_hosts: dict[str, LabHost]) -> dict[str, LabHost]:
+    """Two machines on the lab network that are not inventory hosts: an operator's machine in
+    net.management, and a stranger."""
+    return {"admin": lab.host("net-admin"), "stranger": lab.host("net-stranger")}
+
+
+@pytest.fixture(scope="module")
+def inv(net_hosts: dict[str, LabHost], outsiders: dict[str, LabHost],
+        tmp_path_factory: pytest.TempPathFactory) -> Inv:
     """Run `inv` on an inventory of the three hosts, with settings merged in for one call."""
     folder = tmp_path_factory.mktemp("net")
     small = {"cpu": 1, "memory_gb": 1, "disk_gb": 5}
@@ -99,8 +130,9 @@ def inv(net_hosts: dict[str, LabHost], tmp_path_factory: pytest.TempPathFactory)
         "timeouts": {"connect": 5, "command": 300},
         "preflight": {"sizes": {role: small for role in ROLES}, "probe_timeout": 2},
         # Long enough for a loaded machine to confirm in time (the confirmation gets half).
-        # SSH from a documentation range (nobody) and from this machine (net.allow_control).
-        "net": {"rollback_seconds": 20, "management": ["192.0.2.0/24"]},
+        # SSH (and the monitoring UIs) from the operator's machine and from this machine
+        # (net.allow_control).
+        "net": {"rollback_seconds": 20, "management": [outsiders["admin"].address]},
         "hosts": [net_hosts["lb"].inventory_entry(["lb"]),
                   net_hosts["app"].inventory_entry(APP, user="deploy"),
                   net_hosts["db"].inventory_entry(["db_primary", "cache"])],
@@ -221,6 +253,14 @@ def test_firewall_allows_the_plan_and_drops_the_rest(inv: Inv,
     finally:
         stop(db, "stand-in-other")
         stop(lb, "stand-in-nginx")
+
+
+def test_a_stranger_reaches_only_the_web_and_the_operator_also_ssh(
+        inv: Inv, net_hosts: dict[str, LabHost], outsiders: dict[str, LabHost]) -> None:
+    assert inv("net.apply").returncode == 0
+    web = {("lb", 80), ("lb", 443)}
+    assert reached(outsiders["stranger"], net_hosts) == web
+    assert reached(outsiders["admin"], net_hosts) == web | {(name, 22) for name in net_hosts}
 
 
 def test_a_hand_made_rule_is_reported_and_repaired(inv: Inv,
