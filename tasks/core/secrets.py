@@ -75,6 +75,14 @@ def runs_agent(inventory: Inventory) -> bool:
     return placement.agent_host(inventory) is not None
 
 
+def one_word(value: str) -> str | None:
+    """The database password: the plugin daemon writes it unquoted into a libpq connection
+    string (`password=...`), where a space would end it."""
+    if any(character.isspace() for character in value):
+        return "holds a space, which the plugin daemon's database connection string cuts at"
+    return None
+
+
 def base64url_32(value: str) -> str | None:
     """The agent backend's server secret: unpadded base64url of exactly 32 bytes (it refuses to
     start otherwise)."""
@@ -88,7 +96,7 @@ def base64url_32(value: str) -> str | None:
 
 SPECS: tuple[SecretSpec, ...] = (
     SecretSpec("SECRET_KEY", "signs sessions and encrypts stored credentials", always),
-    SecretSpec("DB_PASSWORD", "the dify database role", always),
+    SecretSpec("DB_PASSWORD", "the dify database role", always, shape=one_word),
     SecretSpec("DB_REPLICATION_PASSWORD", "the streaming replication role",
                lambda inv: bool(inv.with_role("db_replica"))),
     SecretSpec("REDIS_PASSWORD", "Redis, Sentinel and the Celery broker", always),

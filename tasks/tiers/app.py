@@ -87,10 +87,10 @@ def migration_host(inventory: Inventory) -> Host:
 
 def runs_redis_proxy(inventory: Inventory, host: Host) -> bool:
     """Whether a host runs redis_proxy: in Sentinel mode, wherever a container reads Redis from
-    REDIS_HOST:REDIS_PORT (Dify's pub/sub, the plugin daemon) or a redis:// URL (the agent
-    backend), which cannot follow Sentinel."""
+    REDIS_HOST:REDIS_PORT (Dify's pub/sub) or a redis:// URL (the agent backend), which cannot
+    follow Sentinel. The plugin daemon asks the sentinels itself."""
     return (inventory.settings["cache"]["mode"] == "sentinel"
-            and (host.has("api", "worker", "beat", "plugin_daemon")
+            and (host.has("api", "worker", "beat")
                  or placement.runs_agent(inventory, host)))
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import io
+import re
 import shlex
 from typing import Any
 
@@ -51,6 +52,30 @@ def test_resource_limits_come_from_the_inventory(load, base) -> None:
     assert services["api"]["deploy"]["resources"]["limits"] == {"cpus": "2", "memory": "4g"}
     assert services["sandbox"]["deploy"]["resources"]["limits"] == {"memory": "512m"}
     assert "deploy" not in services["plugin_daemon"]
+
+
+def test_the_plugin_daemon_gets_only_what_it_reads(load, base) -> None:
+    inventory = load(base)
+    daemon = compose_of(inventory, "api1")["services"]["plugin_daemon"]
+    assert "env_file" not in daemon  # every plugin it runs inherits its environment
+    environment = daemon["environment"]
+    assert set(environment) == {
+        "DB_HOST", "DB_PORT", "DB_USERNAME", "DB_PASSWORD", "DB_DATABASE", "DB_MAX_OPEN_CONNS",
+        "REDIS_HOST", "REDIS_PORT", "REDIS_PASSWORD", "REDIS_DB", "REDIS_USE_SENTINEL",
+        "REDIS_SENTINELS", "REDIS_SENTINEL_SERVICE_NAME", "REDIS_SENTINEL_PASSWORD",
+        "SERVER_PORT", "SERVER_KEY", "DIFY_INNER_API_URL", "DIFY_INNER_API_KEY",
+        "PLUGIN_WORKING_PATH", "PLUGIN_REMOTE_INSTALLING_ENABLED", "LOG_LEVEL"}
+    # Without a host and port for it, remote installing (on by default) stops the daemon.
+    assert environment["PLUGIN_REMOTE_INSTALLING_ENABLED"] == "false"
+    # Secrets only by reference to .env names that exist there; no value is written here.
+    env = dict(line.split("=", 1) for line in file_of(inventory, "api1", "/opt/dify/.env")
+               .splitlines() if line and not line.startswith("#"))
+    references = {name: re.fullmatch(r"\$\{(\w+):\?\}", value)
+                  for name, value in environment.items()}
+    assert all(match.group(1) in env for match in references.values() if match)
+    assert not set(environment.values()) & set(inventory.secrets.values())
+    assert {"DB_PASSWORD", "REDIS_PASSWORD", "SERVER_KEY", "DIFY_INNER_API_KEY"} <= {
+        name for name, match in references.items() if match}
 
 
 @pytest.mark.parametrize(("key", "value", "message"), [

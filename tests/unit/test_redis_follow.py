@@ -25,8 +25,8 @@ def env_of(text: str) -> dict[str, str]:
                 if line and not line.startswith("#"))
 
 
-def test_pubsub_and_plugin_daemon_reach_redis_through_the_proxy_in_sentinel_mode(load,
-                                                                               base) -> None:
+def test_pubsub_reaches_redis_through_the_proxy_and_the_daemon_asks_sentinel(load,
+                                                                            base) -> None:
     inventory = load(base)  # Sentinel on db1, db2, db3
     files = files_of(inventory, "api1")
     env = env_of(files["/opt/dify/.env"])
@@ -36,9 +36,13 @@ def test_pubsub_and_plugin_daemon_reach_redis_through_the_proxy_in_sentinel_mode
     assert (env["REDIS_HOST"], env["REDIS_PORT"]) == ("redis_proxy", "6379")
     compose = yaml.safe_load(files["/opt/dify/compose.yml"])["services"]
     assert compose["redis_proxy"]["image"] == "haproxy:2.8"
-    for service in ("api", "plugin_daemon", "worker_default"):
-        if service in compose:
-            assert "redis_proxy" in compose[service]["depends_on"], service
+    assert "redis_proxy" in compose["api"]["depends_on"]
+    # The plugin daemon (every release reads REDIS_USE_SENTINEL) finds the master itself.
+    daemon = compose["plugin_daemon"]
+    assert "depends_on" not in daemon
+    assert daemon["environment"]["REDIS_USE_SENTINEL"] == "true"
+    assert daemon["environment"]["REDIS_SENTINELS"] == "${REDIS_SENTINELS:?}"
+    assert env["REDIS_SENTINELS"] == "10.0.3.11:26379,10.0.3.12:26379,10.0.3.13:26379"
     config = files["/opt/dify/redis-proxy.cfg"]
     servers = re.findall(r"^\s+server (\S+) (\S+) check .*on-marked-down shutdown-sessions$",
                          config, re.M)

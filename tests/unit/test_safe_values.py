@@ -36,6 +36,13 @@ def test_secrets_that_no_file_can_hold_as_they_are_are_refused_without_printing_
     assert "line-one-of-the-value" not in message and "long-enough-password" not in message
 
 
+def test_a_database_password_with_a_space_is_refused(load, base) -> None:
+    # The plugin daemon writes it unquoted into its libpq connection string.
+    message = refusal(load, base, {**good_secrets(), "DB_PASSWORD": "two words-long-password"})
+    assert "DB_PASSWORD: holds a space, which the plugin daemon's database connection" in message
+    assert "long-password" not in message
+
+
 def test_each_target_escapes_for_itself() -> None:
     assert sql_literal("a'b\"$c") == "'a''b\"$c'"
     assert redis_quote("plain-value_1") == "plain-value_1"
@@ -48,11 +55,12 @@ def test_each_target_escapes_for_itself() -> None:
 
 def test_sql_and_redis_files_carry_the_secret_whole(load, base) -> None:
     password = 'Aa1"$ {x} ;--long-password'
-    inventory = load(base, {**good_secrets(), "DB_PASSWORD": password,
+    db_password = 'Aa1"$x;--{long}-password'  # a space is refused there (see below)
+    inventory = load(base, {**good_secrets(), "DB_PASSWORD": db_password,
                             "REDIS_PASSWORD": password})
     renderer = Renderer(inventory)
     roles = renderer.render("config/postgres/roles.sql.j2", inventory.host("db1"), slots=[])
-    assert f"ALTER ROLE dify WITH LOGIN PASSWORD '{password}';" in roles
+    assert f"ALTER ROLE dify WITH LOGIN PASSWORD '{db_password}';" in roles
     conf = renderer.render("config/redis/redis.conf.j2", inventory.host("db1"), port=6379,
                            data_dir="/var/lib/redis", log_file="/var/log/redis/r.log",
                            pid_file="", maxmemory=0, cluster=False)

@@ -15,7 +15,9 @@ image's alembic head, which `flask db heads` prints).
   Redis named in the environment answer; GET /console/api/setup needs a migrated database.
 - `flask upgrade-db` takes the Redis lock db_upgrade_lock as Dify does and, like Dify, exits 0
   when another process holds it ("Database migration skipped") or when the migration fails.
-- web :3000 (GET /), plugin_daemon :5002 (GET /health/check: its own database and Redis;
+- web :3000 (GET /), plugin_daemon :5002 (refuses to start, as the real one, while remote
+  installing is on without PLUGIN_REMOTE_INSTALLING_HOST and _PORT; GET /health/check: its own
+  database and Redis;
   /plugin/... only with X-Api-Key equal to SERVER_KEY, as the real daemon; an empty plugin list;
   POST /standin/inner/<route> makes the call the real daemon makes back to the api: POST
   DIFY_INNER_API_URL/inner/api/<route> with X-Inner-Api-Key: DIFY_INNER_API_KEY, and answers
@@ -540,6 +542,14 @@ def storage_writable() -> None:
             sys.exit(1)
 
 
+def remote_installing_unset() -> bool:
+    """The real daemon's rule: remote installing is on unless PLUGIN_REMOTE_INSTALLING_ENABLED
+    says false, and then needs its host and port."""
+    enabled = os.environ.get("PLUGIN_REMOTE_INSTALLING_ENABLED", "true").lower() != "false"
+    return enabled and not (os.environ.get("PLUGIN_REMOTE_INSTALLING_HOST")
+                            and os.environ.get("PLUGIN_REMOTE_INSTALLING_PORT"))
+
+
 def main(argv: list[str]) -> int:
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     if argv[:1] == ["flask"]:
@@ -547,6 +557,9 @@ def main(argv: list[str]) -> int:
     missing = [name for name in REQUIRED.get(ROLE, []) if not os.environ.get(name)]
     if missing:
         log(f"missing environment: {', '.join(missing)}")
+        return 1
+    if ROLE == "plugin_daemon" and remote_installing_unset():
+        log("plugin remote installing host is empty")  # the real daemon's Validate()
         return 1
     if ROLE == "api":
         mode = os.environ.get("MODE", "api")
