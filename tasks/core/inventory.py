@@ -1,6 +1,7 @@
 """The inventory: what should exist and where, read from YAML and checked against the schema.
 
-config/defaults.yml is both the defaults and the schema of the settings. Hosts are checked here
+config/defaults.yml is both the defaults and the schema of the settings (its value types are read
+by tasks/core/schema.py). Hosts are checked here
 (shape, names, addresses, roles); the rules that relate settings to each other live in
 tasks/core/rules.py and the secrets in tasks/core/secrets.py. Every problem is collected and
 reported at once, before any host is touched.
@@ -18,6 +19,7 @@ from typing import Any
 
 import yaml
 
+from tasks.core import schema
 from tasks.core.errors import InputError, Problem
 from tasks.core.profiles import VersionProfile, available_versions, load_profile
 from tasks.core.project import DEFAULTS_FILE, ROOT, default_secrets_path, display
@@ -49,7 +51,6 @@ SIZE_KEYS = ("cpu", "memory_gb", "disk_gb")
 WORKER_GROUP_KEYS = {"name": "", "queues": "all", "concurrency": 4}
 FREEFORM_MAPS = ("dify.images",)
 HOST_NAME = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
-DNS_LABEL = re.compile(r"^(?!-)[A-Za-z0-9-]{1,63}(?<!-)$")
 
 
 @dataclass(frozen=True)
@@ -183,8 +184,9 @@ def load_inventory(path: Path, *, check_secrets: bool = True) -> Inventory:
     if not isinstance(data, dict):
         raise InputError([Problem(shown, "(top level)", "the inventory must be a mapping",
                                   "start from config/inventories/local.yml")])
-    defaults = yaml.safe_load(DEFAULTS_FILE.read_text())
+    defaults, types = schema.load_defaults(DEFAULTS_FILE)
     settings = check_settings(data, defaults, shown, problems)
+    problems.extend(schema.problems(settings, defaults, types, shown))
     hosts = check_hosts(data.get("hosts"), settings, shown, problems)
     version = str(settings["dify"]["version"])
     if version not in available_versions():
@@ -348,7 +350,7 @@ def check_host(item: Any, path: str, groups: set[str], shown: str,
                                 f"unknown connection {connection!r}", "use `local` or `ssh`"))
     default_address = "127.0.0.1" if connection == "local" else None
     address = item.get("address", default_address)
-    if not valid_address(address):
+    if not schema.valid_address(address):
         problems.append(Problem(shown, f"{path}.address", f"invalid address {address!r}",
                                 "give an IPv4/IPv6 address or a DNS name"))
     ssh = merge(item.get("ssh", {}), SSH_KEYS, f"{path}.ssh", shown, problems)
@@ -388,20 +390,6 @@ def check_host(item: Any, path: str, groups: set[str], shown: str,
                 labels={str(k): str(v) for k, v in labels.items()},
                 size={k: v for k, v in size.items() if v},
                 worker_groups=tuple(worker_groups))
-
-
-def valid_address(address: Any) -> bool:
-    """An IP address or a DNS name made of valid labels."""
-    if not isinstance(address, str) or not address:
-        return False
-    try:
-        ipaddress.ip_address(address)
-        return True
-    except ValueError:
-        pass
-    if address.replace(".", "").isdigit():
-        return False  # looks like a mistyped IPv4 address, e.g. 10.0.0.300
-    return len(address) <= 253 and all(DNS_LABEL.match(part) for part in address.split("."))
 
 
 def is_ipv6(address: str) -> bool:

@@ -169,23 +169,13 @@ def resolve(address: str) -> list[str]:
     return sorted({str(info[4][0]) for info in infos})
 
 
-# Settings that are ports: 1-65535, and never two services on one port of one host.
+# Settings that are ports: never two services on one port of one host.
 PORT_SETTINGS = ("db.port", "cache.port", "cache.sentinel_port", "app.websocket_port",
                  "monitor.grafana_port", "logging.es_port", "logging.kibana_port")
 
 
 def port_collisions(inventory: Inventory, shown: str) -> Iterator[Problem]:
-    """Ports outside 1-65535, and two services of the plan on one port of one host."""
-    bad = False
-    for key in PORT_SETTINGS:
-        section, name = key.split(".")
-        value = inventory.settings[section][name]
-        if not 1 <= value <= 65535:
-            bad = True
-            yield Problem(shown, key, f"{value} is not a port (1-65535)",
-                          "give a free port of the host, e.g. the default in config/defaults.yml")
-    if bad:
-        return
+    """Two services of the plan on one port of one host (each port is typed !port)."""
     plan = services(inventory)
     for index, host in enumerate(inventory.hosts):
         taken: dict[int, str] = {}
@@ -211,9 +201,6 @@ def address_blocks(entries: list, key: str, shown: str, example: str) -> Iterato
                           f"write addresses or networks, e.g. `{example}`")
 
 
-FIREWALL_MODES = ("auto", "on", "off")
-
-
 def firewall_on(inventory: Inventory) -> bool:
     """Whether deploy.all applies the host firewall: net.firewall on, or auto with more than
     one host."""
@@ -233,12 +220,9 @@ def exposed(inventory: Inventory) -> list[str]:
 
 
 def firewall_mode(inventory: Inventory, shown: str) -> Iterator[Problem]:
-    """net.firewall is a known mode; while it is on, net.management says who may manage."""
+    """While the firewall is on, net.management says who may manage."""
     net = inventory.settings["net"]
-    if net["firewall"] not in FIREWALL_MODES:
-        yield Problem(shown, "net.firewall", f"unknown mode {net['firewall']!r}",
-                      "use auto (on for more than one host), \"on\" or \"off\"")
-    elif firewall_on(inventory) and not net["management"]:
+    if firewall_on(inventory) and not net["management"]:
         why = ("net.firewall: auto and more than one host" if net["firewall"] == "auto"
                else "net.firewall: on")
         yield Problem(shown, "net.management",
@@ -269,7 +253,3 @@ def check(inventory: Inventory, shown: str) -> Iterator[Problem]:
             if value < 0:
                 yield Problem(shown, f"preflight.sizes.{role}.{key}", f"negative ({value})",
                               "use 0 (no minimum) or a positive number")
-    for key in ("min_free_disk_gb", "max_clock_skew", "probe_timeout"):
-        if preflight[key] < 0 or (key == "probe_timeout" and preflight[key] == 0):
-            yield Problem(shown, f"preflight.{key}", f"{preflight[key]} is not allowed",
-                          "use a positive number")

@@ -13,14 +13,13 @@ import re
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-from tasks.core import netplan, placement
+from tasks.core import netplan, placement, schema
 from tasks.core.errors import Problem
-from tasks.core.inventory import APP_ROLES, Inventory, is_ipv6, valid_address
+from tasks.core.inventory import APP_ROLES, Inventory, is_ipv6
 from tasks.core.profiles import version_key
 from tasks.core.project import display
 
 Rule = Callable[[Inventory, str], Iterator[Problem]]
-SQL_NAME = re.compile(r"^[a-z_][a-z0-9_]{0,62}$")
 
 
 def check(inventory: Inventory) -> list[Problem]:
@@ -126,21 +125,9 @@ def queue_coverage(inventory: Inventory, shown: str) -> Iterator[Problem]:
                       "`queues: all` or `queues: rest` on one group")
 
 
-def secrets_source(inventory: Inventory, shown: str) -> Iterator[Problem]:
-    """Secrets come from the file or from a command (tasks/core/secrets.py)."""
-    source = inventory.settings["secrets"]["source"]
-    if source not in ("file", "command"):
-        yield Problem(shown, "secrets.source", f"unknown source {source!r}",
-                      "use file (the secrets file) or command (secrets.command)")
-
-
 def broker_not_on_cluster(inventory: Inventory, shown: str) -> Iterator[Problem]:
     """Celery and the plugin daemon cannot use Redis Cluster: a cluster needs broker hosts."""
     cache = inventory.settings["cache"]
-    if cache["mode"] not in ("standalone", "sentinel", "cluster"):
-        yield Problem(shown, "cache.mode", f"unknown mode {cache['mode']!r}",
-                      "use standalone, sentinel or cluster")
-        return
     hosts = inventory.with_role("cache")
     if cache["mode"] == "cluster" and not inventory.with_role("broker"):
         yield Problem(shown, "cache.mode",
@@ -189,78 +176,21 @@ def redis_lists_ipv4(inventory: Inventory, shown: str) -> Iterator[Problem]:
                           f"that resolves to it")
 
 
-# Free strings that reach paths, shells, SQL identifiers or nginx: the shape each must have.
-SLUG = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}$")
-IDENTIFIER = re.compile(r"^[a-z_][a-z0-9_]{0,62}$")
-ABSOLUTE_PATH = re.compile(r"^(/[A-Za-z0-9._+-]+)+$")
-NAME_CHARS = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
-SHAPES: tuple[tuple[str, re.Pattern, str, str], ...] = (
-    ("name", SLUG, "is not a slug", "lower-case letters, digits and dashes, e.g. production"),
-    ("cache.master_name", NAME_CHARS, "is not a plain name",
-     "letters, digits, '.', '_' and '-', e.g. dify-master"),
-    ("vector.pgvector_user", IDENTIFIER, "is not a PostgreSQL identifier",
-     "lower-case letters, digits and '_', starting with a letter, e.g. dify_vector"),
-    ("vector.pgvector_database", IDENTIFIER, "is not a PostgreSQL identifier",
-     "lower-case letters, digits and '_', starting with a letter, e.g. dify_vector"),
-    ("storage.path", ABSOLUTE_PATH, "is not a plain absolute path",
-     "an absolute path of letters, digits, '.', '_', '+' and '-', e.g. /srv/dify/storage"),
-    ("app.deploy_dir", ABSOLUTE_PATH, "is not a plain absolute path",
-     "an absolute path of letters, digits, '.', '_', '+' and '-', e.g. /opt/dify"),
-)
+def image_overrides(inventory: Inventory, shown: str) -> Iterator[Problem]:
+    """Per-component image overrides are references, nothing else: they reach compose files and
+    docker commands (the other image settings are typed in config/defaults.yml)."""
+    image = schema.TYPES["!image"]
+    for component, value in inventory.settings["dify"]["images"].items():
+        if not image.accepts(value):
+            yield Problem(shown, f"dify.images.{component}", f"{value!r} is not {image.what}",
+                          f"use {image.fix}")
 
 
-IMAGE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._/:@-]*$")
-REGISTRY_PREFIX = re.compile(r"^([A-Za-z0-9][A-Za-z0-9._:-]*(/[A-Za-z0-9._-]+)*/?)?$")
-IMAGE_SETTINGS = ("cache.proxy_image", "monitor.grafana_image", "logging.elasticsearch_image",
-                  "logging.kibana_image")
-
-
-def image_names(inventory: Inventory, shown: str) -> Iterator[Problem]:
-    """Image names and registry prefixes are references, nothing else: they reach compose files
-    and docker commands."""
-    settings = inventory.settings
-    for key in ("dify.registry_mirror", "dify.private_registry"):
-        section, name = key.split(".")
-        if not REGISTRY_PREFIX.match(settings[section][name]):
-            yield Problem(shown, key, f"{settings[section][name]!r} is not a registry",
-                          "a host[:port] with an optional path, e.g. mirror.example.com/")
-    images = [(key, settings[key.split(".")[0]][key.split(".")[1]]) for key in IMAGE_SETTINGS]
-    images += [(f"dify.images.{component}", value)
-               for component, value in settings["dify"]["images"].items()]
-    for key, value in images:
-        if not isinstance(value, str) or not IMAGE.match(value):
-            yield Problem(shown, key, f"{value!r} is not an image reference",
-                          "a name with an optional tag, e.g. langgenius/dify-api:1.16.1")
-
-
-def free_strings(inventory: Inventory, shown: str) -> Iterator[Problem]:
-    """Strings that reach file paths, shells, SQL and nginx have the shape their target needs,
-    so no value can add a command, a directive or a path outside its folder."""
-    settings = inventory.settings
-    for key, shape, what, fix in SHAPES:
-        value = settings
-        for part in key.split("."):
-            value = value[part]
-        if not shape.match(value) or ".." in value.split("/"):
-            yield Problem(shown, key, f"{value!r} {what}", f"use {fix}")
-    if not valid_address(settings["domain"]):
-        yield Problem(shown, "domain", f"{settings['domain']!r} is not a DNS name or an address",
-                      "the public name of the installation, e.g. dify.example.com")
-    if settings["lb"]["frame_options"] not in ("", "DENY", "SAMEORIGIN"):
-        yield Problem(shown, "lb.frame_options",
-                      f"{settings['lb']['frame_options']!r} is not DENY, SAMEORIGIN or \"\"",
-                      "SAMEORIGIN (the default), DENY, or \"\" to let other sites embed Dify")
-    if settings["lb"]["sign_in_rate_per_minute"] < 0:
-        yield Problem(shown, "lb.sign_in_rate_per_minute",
-                      f"{settings['lb']['sign_in_rate_per_minute']} is below 0",
-                      "sign-in POSTs per minute per client address: 10 (the default), 0 for none")
-    yield from netplan.address_blocks(settings["lb"]["trusted_proxies"], "lb.trusted_proxies",
-                                      shown, "trusted_proxies: [203.0.113.0/24]")
-    if settings["upload_limit_mb"] <= 0:
-        yield Problem(shown, "upload_limit_mb",
-                      f"{settings['upload_limit_mb']} removes nginx's upload limit and breaks "
-                      f"Dify's UPLOAD_FILE_SIZE_LIMIT",
-                      "a size in MiB above 0: Dify's own default is 15, its nginx allows 100")
+def trusted_proxies(inventory: Inventory, shown: str) -> Iterator[Problem]:
+    """The proxies whose X-Forwarded-For nginx believes are addresses or networks."""
+    yield from netplan.address_blocks(inventory.settings["lb"]["trusted_proxies"],
+                                      "lb.trusted_proxies", shown,
+                                      "trusted_proxies: [203.0.113.0/24]")
 
 
 def dev_release(inventory: Inventory, shown: str) -> Iterator[Problem]:
@@ -278,20 +208,12 @@ def dev_release(inventory: Inventory, shown: str) -> Iterator[Problem]:
 def vector_store(inventory: Inventory, shown: str) -> Iterator[Problem]:
     """Weaviate: a version the Dify client speaks to, and 1 node or a RAFT quorum of 3+."""
     vector = inventory.settings["vector"]
-    if vector["store"] not in ("weaviate", "pgvector"):
-        yield Problem(shown, "vector.store", f"unknown vector store {vector['store']!r}",
-                      "use weaviate or pgvector")
-        return
     if vector["store"] == "pgvector" and len(inventory.with_role("vector")) > 1:
         yield Problem(shown, "hosts[*].roles",
                       f"{len(inventory.with_role('vector'))} hosts have role 'vector' with "
                       f"vector.store pgvector: pgvector lives in one PostgreSQL",
                       "keep 'vector' on one host (its own PostgreSQL), or on none (the db "
                       "primary's PostgreSQL)")
-    for key in ("pgvector_database", "pgvector_user"):
-        if not SQL_NAME.match(vector[key]):
-            yield Problem(shown, f"vector.{key}", f"{vector[key]!r} is not a plain SQL name",
-                          "use lower-case letters, digits and underscores, e.g. dify_vector")
     if vector["store"] != "weaviate":
         return
     nodes = inventory.with_role("vector")
@@ -317,10 +239,6 @@ def vector_store(inventory: Inventory, shown: str) -> Iterator[Problem]:
 def shared_storage(inventory: Inventory, shown: str) -> Iterator[Problem]:
     """Several api/worker hosts must share storage; a local volume per host diverges."""
     storage = inventory.settings["storage"]
-    if storage["type"] not in ("local", "s3", "shared-fs"):
-        yield Problem(shown, "storage.type", f"unknown storage type {storage['type']!r}",
-                      "use local, s3 or shared-fs")
-        return
     app_hosts = inventory.with_role("api", "worker")
     if storage["type"] == "local" and len(app_hosts) > 1:
         yield Problem(shown, "storage.type",
@@ -376,11 +294,8 @@ def connection_parts(inventory: Inventory) -> list[tuple[str, int]]:
 
 
 def tls_settings(inventory: Inventory, shown: str) -> Iterator[Problem]:
-    """TLS mode known, with the files or contact it needs."""
+    """The files or the contact the TLS mode needs."""
     tls = inventory.settings["tls"]
-    if tls["mode"] not in ("off", "self-signed", "file", "acme"):
-        yield Problem(shown, "tls.mode", f"unknown TLS mode {tls['mode']!r}",
-                      "use off, self-signed, file or acme")
     if tls["mode"] == "file":
         for key in ("cert_file", "key_file"):
             if not tls[key]:
@@ -395,33 +310,16 @@ def tls_settings(inventory: Inventory, shown: str) -> Iterator[Problem]:
                           "set domain to the name that resolves to the load balancer")
 
 
-PROMETHEUS_DURATION = re.compile(r"^(\d+(ms|s|m|h|d|w|y))+$")
-MONITOR_DURATIONS = ("retention", "scrape_interval", "evaluation_interval", "down_for",
-                     "group_wait", "repeat_interval", "backup_max_age")
-
-
 def monitor_settings(inventory: Inventory, shown: str) -> Iterator[Problem]:
-    """Durations Prometheus and Alertmanager can parse, a known webhook format, sane limits."""
+    """A Slack format with its webhook, an extra rule file that exists."""
     monitor = inventory.settings["monitor"]
-    for key in MONITOR_DURATIONS:
-        if not PROMETHEUS_DURATION.match(str(monitor[key])):
-            yield Problem(shown, f"monitor.{key}", f"{monitor[key]!r} is not a duration",
-                          "write a number and a unit, e.g. 30s, 5m, 26h, 15d")
-    if monitor["webhook_format"] not in ("alertmanager", "slack"):
-        yield Problem(shown, "monitor.webhook_format",
-                      f"unknown webhook format {monitor['webhook_format']!r}",
-                      "use alertmanager or slack")
-    elif monitor["webhook_format"] == "slack" and not monitor["alert_webhook"]:
+    if monitor["webhook_format"] == "slack" and not monitor["alert_webhook"]:
         yield Problem(shown, "monitor.alert_webhook", "required when webhook_format is slack",
                       "set monitor.alert_webhook to the incoming webhook's URL")
     if monitor["extra_rules"] and not extra_rules_path(inventory).is_file():
         yield Problem(shown, "monitor.extra_rules",
                       f"no such file: {extra_rules_path(inventory)}",
                       "give the path of a Prometheus rule file on this machine, or leave it empty")
-    for key in ("cpu_percent", "memory_percent", "disk_free_percent", "nginx_5xx_percent"):
-        if not 0 < monitor[key] < 100:
-            yield Problem(shown, f"monitor.{key}", f"{monitor[key]} is not a percentage",
-                          "use a number between 1 and 99")
 
 
 SIZE = re.compile(r"^(\d+)([kmg])$")
@@ -494,10 +392,6 @@ def logging_settings(inventory: Inventory, shown: str) -> Iterator[Problem]:
         yield Problem(shown, "logging.heap", f"{logging['heap']} is too small to start "
                       f"Elasticsearch", "use 256m or more (1g or more in production)")
     ports = {key: logging[key] for key in ("es_port", "kibana_port")}
-    for key, port in ports.items():
-        if not 1 <= port <= 65535:
-            yield Problem(shown, f"logging.{key}", f"{port} is not a port number",
-                          "use a number between 1 and 65535")
     if logging["kibana"] and ports["es_port"] == ports["kibana_port"]:
         yield Problem(shown, "logging.kibana_port",
                       f"the same port as logging.es_port ({ports['es_port']})",
@@ -513,9 +407,6 @@ def logging_settings(inventory: Inventory, shown: str) -> Iterator[Problem]:
                       f"{user!r} is not a name difyops may give the shippers' user"
                       + (" (Elasticsearch reserves it)" if user in RESERVED_ES_USERS else ""),
                       "use lower-case letters, digits and underscores, e.g. difyops_logs_writer")
-    if logging["retention_days"] < 1:
-        yield Problem(shown, "logging.retention_days", f"{logging['retention_days']} days",
-                      "keep logs at least 1 day (14 is a common choice)")
     if logging["health_timeout"] < 10:
         yield Problem(shown, "logging.health_timeout", f"{logging['health_timeout']} seconds",
                       "give Elasticsearch time to start: 300 is a good value")
@@ -549,7 +440,7 @@ def index_of(inventory: Inventory, name: str) -> int:
     return next(i for i, host in enumerate(inventory.hosts) if host.name == name)
 
 
-RULES: tuple[Rule, ...] = (free_strings, image_names, role_presence, websocket_port, queue_coverage,
-                           broker_not_on_cluster, redis_lists_ipv4, dev_release, vector_store,
-                           shared_storage, connection_budget, tls_settings, monitor_settings,
-                           netplan.check, logging_settings, secrets_source)
+RULES: tuple[Rule, ...] = (image_overrides, trusted_proxies, role_presence, websocket_port,
+                           queue_coverage, broker_not_on_cluster, redis_lists_ipv4, dev_release,
+                           vector_store, shared_storage, connection_budget, tls_settings,
+                           monitor_settings, netplan.check, logging_settings)

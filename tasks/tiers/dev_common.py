@@ -91,9 +91,6 @@ def problems(inventory: Inventory) -> list[Problem]:
                              "give the absolute path of the checkout on the VM (e.g. "
                              "/home/dev/dify) or a URL such as https://github.com/langgenius/"
                              "dify.git"))
-    if machines and is_git_url(dev["dify_source"]) and not posixpath.isabs(dev["checkout_dir"]):
-        found.append(Problem(shown, "dev.checkout_dir", f"{dev['checkout_dir']!r} is not an "
-                             "absolute path", "set an absolute path such as /srv/dify-dev/dify"))
     for index, host in enumerate(inventory.hosts):
         if not host.has("dev_frontend"):
             continue

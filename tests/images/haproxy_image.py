@@ -11,15 +11,14 @@ hash).
 from __future__ import annotations
 
 import io
-from pathlib import Path
 
 import docker
 import docker.errors
-import yaml
 
+from tasks.core.project import DEFAULTS_FILE
+from tasks.core.schema import load_defaults
 from tests.images import standin
 
-DEFAULTS = Path(__file__).resolve().parents[2] / "config" / "defaults.yml"
 LABEL = "difyops.haproxy.inputs"
 STEPS = """\
 RUN set -eu; export DEBIAN_FRONTEND=noninteractive; apt-get update -q; \\
@@ -33,7 +32,7 @@ CMD ["haproxy", "-W", "-db", "-f", "/usr/local/etc/haproxy/haproxy.cfg"]
 
 def image_name(prefix: str = standin.PREFIX) -> str:
     """The redis_proxy image as an inventory with this registry-mirror prefix names it."""
-    defaults = yaml.safe_load(DEFAULTS.read_text(encoding="utf-8"))
+    defaults, _ = load_defaults(DEFAULTS_FILE)
     return prefix + str(defaults["cache"]["proxy_image"])
 
 

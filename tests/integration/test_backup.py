@@ -21,6 +21,8 @@ from typing import Any
 import pytest
 import yaml
 
+from tasks.core.project import DEFAULTS_FILE
+from tasks.core.schema import load_defaults
 from tests.integration.lab import LabHost
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -31,7 +33,7 @@ COPY_DIR = "/home/deploy/dify-backups"
 PASSPHRASE = "integration-passphrase-0123456789"
 TIMER = "difyops-backup-bk"
 # The Dify release the lab's inventory runs: the default one.
-DEFAULT_VERSION = yaml.safe_load((ROOT / "config" / "defaults.yml").read_text())["dify"]["version"]
+DEFAULT_VERSION = load_defaults(DEFAULTS_FILE)[0]["dify"]["version"]
 
 Inv = Callable[..., subprocess.CompletedProcess]
 

@@ -34,14 +34,19 @@ def test_defaults_are_valid(load: Callable[..., Inventory], base: dict) -> None:
 def test_bad_settings_are_named(load: Callable[..., Inventory], base: dict) -> None:
     base["backup"] = {"dir": "backups", "keep_daily": -1, "encrypt": "yes", "time": "3am",
                       "verify_host": "db9", "copy": {"type": "ftp"}, "dump_compression": 12}
+    with pytest.raises(InputError) as refused:  # the types, by the loader
+        load(base)
+    assert [f"{p.key}: {p.message}" for p in refused.value.problems] == [
+        "backup.dir: 'backups' is not a plain absolute path",
+        "backup.keep_daily: -1 is not a whole number of 0 or more",
+        "backup.encrypt: 'yes' is not one of 'secrets', 'none', 'all'",
+        "backup.time: '3am' is not a time of day (HH:MM)",
+        "backup.copy.type: 'ftp' is not one of 'none', 'ssh', 's3'",
+    ]
+    base["backup"] = {"verify_host": "db9", "dump_compression": 12}
     assert messages(load(base)) == [
-        "backup.dir: 'backups' is not an absolute path",
-        "backup.keep_daily: -1 is negative",
         "backup.dump_compression: 12 is not a level from 0 to 9",
-        "backup.encrypt: unknown mode 'yes'",
-        "backup.time: '3am' is not HH:MM",
         "backup.verify_host: no host named 'db9'",
-        "backup.copy.type: unknown type 'ftp'",
     ]
 
 

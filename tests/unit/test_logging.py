@@ -272,7 +272,7 @@ def test_shipper_checks_with_rsyslogd_before_installing(load, base) -> None:
     ({"kibana_image": "kibana:8.14.0"}, "logging.kibana_image", "Kibana refuses to start"),
     ({"elasticsearch_image": "elasticsearch"}, "logging.elasticsearch_image", "no version tag"),
     ({"kibana_port": 9200}, "logging.kibana_port", "the same port as logging.es_port"),
-    ({"retention_days": 0}, "logging.retention_days", "keep logs at least 1 day"),
+    ({"retention_days": 0}, "logging.retention_days", "0 is not a positive integer"),
 ])
 def test_bad_logging_settings_are_refused(load, base, settings, key, words) -> None:
     message = problems(load, with_store(base, **settings))

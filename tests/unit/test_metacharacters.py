@@ -8,16 +8,16 @@ import shlex
 from collections.abc import Iterator
 
 import pytest
-import yaml
 
 from tasks.core.errors import InputError
 from tasks.core.plan import RunCommand
-from tasks.core.project import ROOT
+from tasks.core.project import DEFAULTS_FILE
+from tasks.core.schema import load_defaults
 from tasks.core.tiers import build
 from tasks.tiers import TIERS
 
 EVIL = "x;touch /tmp/pwn $(id) `id` 'q\" {};\n  privileged: true"
-DEFAULTS = yaml.safe_load((ROOT / "config" / "defaults.yml").read_text())
+DEFAULTS, _ = load_defaults(DEFAULTS_FILE)
 
 
 def string_settings(node: dict, prefix: str = "") -> Iterator[str]:

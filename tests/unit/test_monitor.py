@@ -288,7 +288,7 @@ def test_operators_extra_rules_are_staged_and_checked_too(load, base, tmp_path) 
 
 @pytest.mark.parametrize("settings, message", [
     ({"down_for": "5 minutes"}, "monitor.down_for: '5 minutes' is not a duration"),
-    ({"webhook_format": "teams"}, "unknown webhook format 'teams'"),
+    ({"webhook_format": "teams"}, "'teams' is not one of 'alertmanager', 'slack'"),
     ({"webhook_format": "slack"}, "monitor.alert_webhook: required when webhook_format is slack"),
     ({"disk_free_percent": 0}, "monitor.disk_free_percent: 0 is not a percentage"),
 ])

@@ -347,7 +347,7 @@ def first_hosts(base: dict, count: int) -> dict:
                                "than one host)"),
     ({"firewall": "on"}, 1, "net.management", "empty while the host firewall is on "
                                               "(net.firewall: on)"),
-    ({"firewall": "maybe"}, 10, "net.firewall", "unknown mode 'maybe'"),
+    ({"firewall": "maybe"}, 10, "net.firewall", "'maybe' is not one of 'auto', 'on', 'off'"),
     ({"firewall": False}, 10, "net.firewall", "must be a string, not a boolean (False)"),
 ])
 def test_a_firewall_without_a_management_range_is_refused(load, base, net, hosts, key,

@@ -95,7 +95,7 @@ def test_1_14_2_has_api_websocket_but_no_agent(load, base) -> None:
     assert "AGENT_BACKEND_BASE_URL" not in env(inventory, "worker1")
 
 
-@pytest.mark.parametrize("port", [5001, 5050, 80, 70000])
+@pytest.mark.parametrize("port", [5001, 5050, 80])
 def test_the_websocket_port_must_be_its_own(load, base, port) -> None:
     base["app"] = {"websocket_port": port}
     with pytest.raises(InputError, match=r"inventory.yml: app.websocket_port: .* is not a free "

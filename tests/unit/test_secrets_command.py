@@ -81,7 +81,7 @@ def test_a_weak_value_from_the_command_is_refused_like_one_from_the_file(
 @pytest.mark.parametrize(("settings", "error"), [
     ({"source": "command", "command": " "}, "secrets.command: is empty, and secrets.source is "
                                             "command"),
-    ({"source": "vault"}, "secrets.source: unknown source 'vault'")])
+    ({"source": "vault"}, "secrets.source: 'vault' is not one of 'file', 'command'")])
 def test_bad_settings_are_refused(write_inventory, base, settings, error) -> None:
     base["secrets"] = settings
     with pytest.raises(InputError, match=error):

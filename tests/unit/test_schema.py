@@ -1,0 +1,89 @@
+"""The value types of config/defaults.yml: every typed setting refuses a value outside its type,
+naming the file, the key and the fix, and accepts its default (tasks/core/schema.py)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from tasks.core import schema
+from tasks.core.errors import InputError
+from tasks.core.project import DEFAULTS_FILE
+
+DEFAULTS, TYPES = schema.load_defaults(DEFAULTS_FILE)
+
+# A value of the right YAML type but outside each value type.
+WRONG: dict[str, Any] = {
+    "!path": "srv/../etc", "!host": "dify..example.com", "!slug": "../x", "!name": "a b",
+    "!identifier": "dify-vector", "!port": 65536, "!count": 0, "!natural": -1, "!percent": 100,
+    "!url": "javascript:alert(1)", "!duration": "15 days", "!time": "3am",
+    "!image": "nginx; rm -rf /", "!registry": "http://mirror", "!enum": "maybe",
+}
+
+
+def with_setting(data: dict, key: str, value: Any) -> dict:
+    node = data
+    *parents, last = key.split(".")
+    for part in parents:
+        node = node.setdefault(part, {})
+    node[last] = value
+    return data
+
+
+def test_the_defaults_declare_the_types_the_engine_relies_on() -> None:
+    expected = {"name": "!slug", "domain": "!host", "db.port": "!port",
+                "storage.path": "!path", "app.deploy_dir": "!path", "upload_limit_mb": "!count",
+                "cache.master_name": "!name", "vector.pgvector_user": "!identifier",
+                "monitor.alert_webhook": "!url", "monitor.retention": "!duration",
+                "backup.time": "!time", "cache.proxy_image": "!image",
+                "dify.registry_mirror": "!registry", "tls.mode": "!enum"}
+    assert {key: TYPES[key].tag for key in expected} == expected
+    assert DEFAULTS["tls"]["mode"] == "off" and DEFAULTS["db"]["port"] == 5432
+    assert DEFAULTS["lb"]["frame_options"] == "SAMEORIGIN"
+
+
+def test_every_default_is_of_its_own_type() -> None:
+    assert list(schema.problems(DEFAULTS, DEFAULTS, TYPES, "defaults.yml")) == []
+
+
+@pytest.mark.parametrize("key", sorted(TYPES))
+def test_a_value_outside_its_type_is_refused_by_the_loader(load, base, key: str) -> None:
+    wrong = WRONG[TYPES[key].tag]
+    with pytest.raises(InputError) as refused:
+        load(with_setting(base, key, wrong))
+    problem = next(p for p in refused.value.problems if p.key == key)
+    assert problem.file.endswith("inventory.yml")
+    assert problem.message == f"{wrong!r} is not {TYPES[key].what}"
+    assert problem.fix.startswith("use ") and "default" in problem.fix
+
+
+def test_an_empty_default_means_unset_and_a_set_value_is_typed(load, base) -> None:
+    assert load(with_setting(base, "monitor.alert_webhook", "")).settings["monitor"] \
+        ["alert_webhook"] == ""
+    hook = "https://hooks.example.com/dify"
+    assert load(with_setting(base, "monitor.alert_webhook", hook)).settings["monitor"] \
+        ["alert_webhook"] == hook
+
+
+def test_a_required_typed_value_cannot_be_emptied(load, base) -> None:
+    with pytest.raises(InputError, match=r"storage.path: '' is not a plain absolute path"):
+        load(with_setting(base, "storage.path", ""))
+
+
+def test_an_enum_lists_its_choices_the_first_being_the_default(tmp_path: Path) -> None:
+    file = tmp_path / "defaults.yml"
+    file.write_text("tls:\n  mode: !enum off|self-signed|file\nport: !port 80\n")
+    defaults, types = schema.load_defaults(file)
+    assert defaults == {"tls": {"mode": "off"}, "port": 80}
+    assert types["tls.mode"].accepts("file") and not types["tls.mode"].accepts(False)
+    assert types["tls.mode"].what == "one of 'off', 'self-signed', 'file'"
+
+
+def test_an_unknown_value_type_is_an_error_in_the_schema(tmp_path: Path) -> None:
+    file = tmp_path / "defaults.yml"
+    file.write_text("port: !prot 80\n")
+    with pytest.raises(yaml.YAMLError, match="unknown value type !prot"):
+        schema.load_defaults(file)
