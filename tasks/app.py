@@ -101,7 +101,7 @@ def status(ctx: Context) -> None:
     inventory = load(ctx)
     directory = deploy_dir(inventory)
     outcomes = each_host(inventory.with_role(*APP_ROLES),
-                         lambda m: containers(m, directory), inventory.settings["timeouts"])
+                         lambda m: containers(m, directory), inventory.settings.timeouts)
     rows = []
     for outcome in outcomes:
         if not outcome.ok:

@@ -52,7 +52,7 @@ def all(ctx: Context, dry: bool = False, only: str = "", preflight: bool = True,
         raise InputError([Problem("--parallel", str(parallel), "must be at least 1",
                                   "give how many hosts of a tier to deploy at once, e.g. 1")])
     inventory = load(ctx)
-    schedule_on = "" if only else inventory.settings["backup"]["schedule_on"]
+    schedule_on = "" if only else inventory.settings.backup.schedule_on
     if schedule_on and schedule_on != "none":
         backup_settings.check(inventory)  # before any host is touched
     tiers = [tier.name for tier in select(DEPLOYED, only)]
@@ -89,7 +89,7 @@ def deploy_everything(ctx: Context, inventory: Inventory, *, dry: bool, only: st
 
 def firewall_off(inventory: Inventory) -> str:
     """What deploy.all says when it leaves the host firewall out, and what that exposes."""
-    if inventory.settings["net"]["firewall"] == "auto":
+    if inventory.settings.net.firewall == "auto":
         return ("net: no host firewall (one host, net.firewall: auto); set net.firewall: \"on\" "
                 "to apply it")
     return ("net: no host firewall (net.firewall: \"off\"): SSH and every port below are open "
@@ -100,7 +100,7 @@ def firewall_off(inventory: Inventory) -> str:
 def sync_images_first(inventory: Inventory, only: str, parallel: int = 4) -> None:
     """With dify.sync_images, get the images onto the hosts before the tiers that run them
     (to at most 4 hosts at once, or --parallel if fewer)."""
-    if not inventory.settings["dify"]["sync_images"]:
+    if not inventory.settings.dify.sync_images:
         return
     if not any(tier.name in IMAGE_TIERS for tier in select(TIERS, only)):
         return
@@ -123,7 +123,7 @@ def status(ctx: Context, only: str = "") -> None:
     """One table of every component on every host; exit non-zero when anything is unhealthy."""
     inventory = load(ctx)
     plans = build(select(TIERS, only), inventory)
-    probes = probe_all(plans, inventory.settings["timeouts"])
+    probes = probe_all(plans, inventory.settings.timeouts)
     print(table(["host", "tier", "component", "state", "answer"],
                 [(p.host, p.tier, p.component, "healthy" if p.healthy else "UNHEALTHY",
                   p.answer[:100]) for p in probes]))

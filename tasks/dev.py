@@ -23,12 +23,12 @@ def connection_rows(inventory: Inventory, show_secrets: bool) -> list[tuple[str,
     primary = inventory.with_role("db_primary")[0]
     cache = inventory.with_role("cache")[0]
     rows = [
-        ("PostgreSQL", endpoint(primary.address, settings['db']['port']),
+        ("PostgreSQL", endpoint(primary.address, settings.db.port),
          f"user dify, databases dify and dify_plugin, password {secret('DB_PASSWORD')}"),
-        ("Redis", endpoint(cache.address, settings['cache']['port']),
+        ("Redis", endpoint(cache.address, settings.cache.port),
          f"password {secret('REDIS_PASSWORD')}"),
     ]
-    if settings["vector"]["store"] == "weaviate":
+    if settings.vector.store == "weaviate":
         vector = inventory.with_role("vector")[0]
         rows.append(("Weaviate", f"http://{endpoint(vector.address, 8080)} "
                                    f"(gRPC {endpoint(vector.address, 50051)})",
@@ -51,7 +51,7 @@ def info(ctx: Context, secrets: bool = False) -> None:
         raise Exit(f"error: {display(inventory.file)} has no dev_backend or dev_frontend host: "
                    f"dev.info is for a home-lab inventory such as "
                    f"config/inventories/homelab.yml", code=1)
-    network = inventory.settings["dev"]["network"]
+    network = inventory.settings.dev.network
     print(f"home-lab {inventory.name}" + (f", reachable from {network}" if network else ""))
     print(table(["service", "address", "credentials"], connection_rows(inventory, secrets)))
 

@@ -47,7 +47,7 @@ def trust(ctx: Context, host: str = "", dry: bool = False) -> None:
           "fingerprint with the host's own (`ssh-keygen -lf /etc/ssh/ssh_host_ed25519_key.pub` "
           "on its console) before relying on it.", flush=True)
     probe = partial(trust_engine.offered_key,
-                    connect_timeout=inventory.settings["timeouts"]["connect"])
+                    connect_timeout=inventory.settings.timeouts.connect)
     rows = trust_engine.trust(hosts, path, probe=probe, dry=dry)
     print(table(["host", "address", "key type", "fingerprint", "status"],
                 [(r.host.name, address(r.host), r.key.get_name() if r.key else "-",

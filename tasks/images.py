@@ -25,7 +25,7 @@ def sync_(ctx: Context, version: str = "", refresh: bool = False) -> None:
     inventory = load(ctx)
     if version:
         inventory = with_release(inventory, version)
-    where = inventory.settings["dify"]["private_registry"] or "each host over SSH"
+    where = inventory.settings.dify.private_registry or "each host over SSH"
     print(f"images of Dify {inventory.profile.version} -> {where}", flush=True)
     try:
         rows = sync(inventory, refresh=refresh)

@@ -29,7 +29,7 @@ def status(ctx: Context) -> None:
                                   "no host has the role 'logging'",
                                   "add 'logging' to the roles of a host, then run "
                                   "`inv logging.deploy`")])
-    timeouts = inventory.settings["timeouts"]
+    timeouts = inventory.settings.timeouts
     [found] = each_host([home], lambda machine: store_state(inventory, machine), timeouts)
     print(f"Elasticsearch on {home.name}")
     if found.ok and found.value:

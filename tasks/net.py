@@ -28,14 +28,14 @@ def apply_firewall(inventory: Inventory, *, dry: bool, show_diff: bool) -> None:
     """net.apply's work, also deploy.all's first tier: the rules planned with each host's view
     of this machine, applied (or dry-run); after a failed confirmation, wait for the hosts'
     rollback timers and say what happened."""
-    timeouts = inventory.settings["timeouts"]
+    timeouts = inventory.settings.timeouts
     hosts = inventory.with_role(*firewall.FIREWALLED_ROLES)
     # Each host's view of this machine's address: SSH from it stays allowed.
     seen = each_host(hosts, firewall.control_address, timeouts)
     control = {outcome.host.name: outcome.value for outcome in seen if outcome.ok}
     action = "dry run of" if dry else "applying"
     print(f"{action} the host firewall on inventory {inventory.name} ({len(hosts)} host(s); "
-          f"rollback after {inventory.settings['net']['rollback_seconds']} s unless confirmed)",
+          f"rollback after {inventory.settings.net.rollback_seconds} s unless confirmed)",
           flush=True)
     report = execute(build([firewall.tier(control)], inventory), dry=dry, show_diff=show_diff,
                      timeouts=timeouts)
@@ -54,11 +54,11 @@ def apply_firewall(inventory: Inventory, *, dry: bool, show_diff: bool) -> None:
 
 def wait_for_rollback(inventory: Inventory, host: Host) -> str:
     """After a change cut new SSH connections: wait for the host's timer to restore access."""
-    net, timeouts = inventory.settings["net"], inventory.settings["timeouts"]
-    waited = net["rollback_seconds"] + 2 * timeouts["connect"] + 10
+    net, timeouts = inventory.settings.net, inventory.settings.timeouts
+    waited = net.rollback_seconds + 2 * timeouts.connect + 10
 
     def answers() -> tuple[bool, str]:
-        machine = connect(host, {"connect": min(timeouts["connect"], 5), "command": 60})
+        machine = connect(host, {"connect": min(timeouts.connect, 5), "command": 60})
         try:
             restored = machine.run(f"{firewall.SCRIPT} firewall-as-confirmed", timeout=30).ok
         except DifyopsError as exc:
@@ -75,7 +75,7 @@ def wait_for_rollback(inventory: Inventory, host: Host) -> str:
     back, answer = poll(answers, waited, 1)
     if back:
         return answer
-    return (f"{host.name}: still unreachable over SSH {net['rollback_seconds']} s after the "
+    return (f"{host.name}: still unreachable over SSH {net.rollback_seconds} s after the "
             f"change ({answer}); its rollback timer should have restored the previous rules: "
             f"check the host's console")
 
@@ -87,7 +87,7 @@ def status(ctx: Context) -> None:
     inventory = load(ctx)
     hosts = inventory.with_role(*firewall.FIREWALLED_ROLES)
     outcomes = each_host(hosts, lambda machine: firewall.read_state(inventory, machine),
-                         inventory.settings["timeouts"])
+                         inventory.settings.timeouts)
     rows = []
     for outcome in outcomes:
         if outcome.ok:

@@ -17,8 +17,8 @@ deploy = deploy_task(TIER)
 def status(ctx: Context) -> None:
     """Show the vector store: version, nodes, readiness and quorum (Weaviate) or extension."""
     inventory = load(ctx)
-    timeouts = inventory.settings["timeouts"]
-    if inventory.settings["vector"]["store"] == "weaviate":
+    timeouts = inventory.settings.timeouts
+    if inventory.settings.vector.store == "weaviate":
         hosts = inventory.with_role("vector")
         outcomes = each_host(hosts, lambda machine: weaviate_state(inventory, machine.host),
                              timeouts)
@@ -32,7 +32,7 @@ def status(ctx: Context) -> None:
     else:
         hosts = pgvector_hosts(inventory)
         outcomes = each_host(hosts, lambda machine: pgvector_state(inventory, machine), timeouts)
-        database = inventory.settings["vector"]["pgvector_database"]
+        database = inventory.settings.vector.pgvector_database
         rows = [[o.host.name, o.value.role, o.value.server_version,
                  o.value.extension or "MISSING"] if o.ok and o.value else
                 [o.host.name, "-", "-", f"error: {o.error}"] for o in outcomes]

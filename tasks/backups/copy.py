@@ -31,6 +31,7 @@ from tasks.backups.stream import last_line, upload
 from tasks.core.errors import DifyopsError
 from tasks.core.hosts import connect
 from tasks.core.inventory import Host, Inventory, Ssh
+from tasks.core.schema import Section
 
 Runner = Callable[..., subprocess.CompletedProcess]
 COPY_HOST = "backup-copy"  # the copy host's name in messages and for `inv hosts.trust --host`
@@ -40,26 +41,26 @@ class CopyError(DifyopsError):
     """The second place could not be written or cleaned."""
 
 
-def settings_of(inventory: Inventory) -> dict[str, Any]:
+def settings_of(inventory: Inventory) -> Section:
     """The inventory's backup.copy settings."""
-    return inventory.settings["backup"]["copy"]
+    return inventory.settings.backup.copy
 
 
 def describe(inventory: Inventory) -> str:
     """Where copies go, for messages."""
     copy = settings_of(inventory)
-    if copy["type"] == "ssh":
-        return f"{copy['user']}@{copy['address']}:{copy['port']}{copy['path']}"
-    if copy["type"] == "s3":
-        return f"{s3_url(inventory, '')} at {copy['s3_endpoint']}"
+    if copy.type == "ssh":
+        return f"{copy.user}@{copy.address}:{copy.port}{copy.path}"
+    if copy.type == "s3":
+        return f"{s3_url(inventory, '')} at {copy.s3_endpoint}"
     return "nowhere"
 
 
 def copy_host(inventory: Inventory) -> Host:
     """The copy host as an engine Host (not part of the inventory's roles)."""
     copy = settings_of(inventory)
-    return Host(name=COPY_HOST, address=copy["address"],
-                ssh=Ssh(user=copy["user"], port=copy["port"], key=copy["key"],
+    return Host(name=COPY_HOST, address=copy.address,
+                ssh=Ssh(user=copy.user, port=copy.port, key=copy.key,
                         known_hosts=str(inventory.known_hosts or "")))
 
 
@@ -71,9 +72,9 @@ def ssh_hosts(inventory: Inventory) -> list[Host]:
 def copy_backup(inventory: Inventory, backup: Backup, say: Callable[[str], None]) -> None:
     """Copy a complete backup to the second place and record it in copy.json."""
     copy = settings_of(inventory)
-    if copy["type"] == "ssh":
+    if copy.type == "ssh":
         record = ssh_copy(inventory, backup)
-    elif copy["type"] == "s3":
+    elif copy.type == "s3":
         record = s3_copy(inventory, backup)
     else:
         return
@@ -84,14 +85,14 @@ def copy_backup(inventory: Inventory, backup: Backup, say: Callable[[str], None]
 def remove_copies(inventory: Inventory, ids: Sequence[str]) -> list[str]:
     """Remove backups from the second place; the errors, one per backup."""
     copy = settings_of(inventory)
-    if copy["type"] == "none" or not ids:
+    if copy.type == "none" or not ids:
         return []
     errors = []
-    if copy["type"] == "ssh":
-        machine = connect(copy_host(inventory), inventory.settings["timeouts"])
+    if copy.type == "ssh":
+        machine = connect(copy_host(inventory), inventory.settings.timeouts)
         try:
             for backup_id in ids:
-                path = shlex.quote(f"{copy['path']}/{backup_id}")
+                path = shlex.quote(f"{copy.path}/{backup_id}")
                 result = machine.run(f"rm -rf {path}", sudo=False)
                 if not result.ok:
                     errors.append(f"{backup_id} on {describe(inventory)}: {result.answer}")
@@ -119,10 +120,10 @@ def listed(backup: Backup) -> list[tuple[str, int, str]]:
 def ssh_copy(inventory: Inventory, backup: Backup) -> dict[str, Any]:
     """Upload into a partial folder, check every SHA-256 there, rename."""
     copy = settings_of(inventory)
-    base = copy["path"].rstrip("/") or "/"
+    base = copy.path.rstrip("/") or "/"
     partial, final = f"{base}/.{backup.id}.partial", f"{base}/{backup.id}"
     files = listed(backup)
-    machine = connect(copy_host(inventory), inventory.settings["timeouts"])
+    machine = connect(copy_host(inventory), inventory.settings.timeouts)
     where = describe(inventory)
     try:
         machine.check(f"umask 077 && mkdir -p {shlex.quote(base)} && rm -rf "
@@ -146,7 +147,7 @@ def ssh_copy(inventory: Inventory, backup: Backup) -> dict[str, Any]:
                       f"{shlex.quote(final)}", sudo=False)
     finally:
         machine.close()
-    return {"type": "ssh", "target": f"{copy['user']}@{copy['address']}:{copy['port']}{final}",
+    return {"type": "ssh", "target": f"{copy.user}@{copy.address}:{copy.port}{final}",
             "files": len(files), "bytes": sum(size for _, size, _ in files),
             "at": utc_now()}
 
@@ -154,15 +155,15 @@ def ssh_copy(inventory: Inventory, backup: Backup) -> dict[str, Any]:
 def s3_url(inventory: Inventory, key: str) -> str:
     """s3://bucket/prefix/key."""
     copy = settings_of(inventory)
-    prefix = copy["path"].strip("/")
-    return f"s3://{copy['s3_bucket']}/" + (f"{prefix}/" if prefix else "") + key
+    prefix = copy.path.strip("/")
+    return f"s3://{copy.s3_bucket}/" + (f"{prefix}/" if prefix else "") + key
 
 
 def aws_command(inventory: Inventory, arguments: list[str]) -> list[str]:
     """The AWS CLI command line for the configured endpoint (credentials go in the env)."""
     copy = settings_of(inventory)
-    region = ["--region", copy["s3_region"]] if copy["s3_region"] else []
-    return ["aws", "--endpoint-url", copy["s3_endpoint"], *region, *arguments]
+    region = ["--region", copy.s3_region] if copy.s3_region else []
+    return ["aws", "--endpoint-url", copy.s3_endpoint, *region, *arguments]
 
 
 def aws(inventory: Inventory, arguments: list[str], runner: Runner = subprocess.run) -> None:

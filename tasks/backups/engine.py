@@ -87,11 +87,11 @@ class Plan:
     def __init__(self, inventory: Inventory) -> None:
         self.inventory = inventory
         self.primary = settings.db_primary(inventory)
-        self.port = inventory.settings["db"]["port"]
-        self.mode = inventory.settings["backup"]["encrypt"]
+        self.port = inventory.settings.db.port
+        self.mode = inventory.settings.backup.encrypt
         self.passphrase = settings.passphrase(inventory)
-        self.deploy_dir = inventory.settings["app"]["deploy_dir"]
-        self.timeouts = inventory.settings["timeouts"]
+        self.deploy_dir = inventory.settings.app.deploy_dir
+        self.timeouts = inventory.settings.timeouts
 
     def suffix(self, secret: bool) -> str:
         """`.enc` when this kind of file is encrypted."""
@@ -107,7 +107,7 @@ class Plan:
 
     def storage_host(self) -> Host | None:
         """The host whose storage folder is backed up (None: S3 storage or no app host)."""
-        if self.inventory.settings["storage"]["type"] == "s3":
+        if self.inventory.settings.storage.type == "s3":
             return None
         hosts = self.inventory.with_role("api", "worker")
         return hosts[0] if hosts else None
@@ -122,7 +122,7 @@ class Plan:
         found = []
         storage = self.storage_host()
         if storage:
-            found.append(("storage", storage, self.inventory.settings["storage"]["path"]))
+            found.append(("storage", storage, self.inventory.settings.storage.path))
         plugin = self.plugin_host()
         if plugin:
             found.append(("plugin_daemon", plugin, f"{self.deploy_dir}/plugin_daemon"))
@@ -212,11 +212,11 @@ def collect(plan: Plan, folder: Path, out: Say) -> tuple[list[Item], dict[str, A
             meta.setdefault("postgres", {}).update(facts.pop("postgres"))
         meta["warnings"].extend(facts.get("warnings", []))
     if plan.storage_host() is None:
-        storage = plan.inventory.settings["storage"]
+        storage = plan.inventory.settings.storage
         meta["warnings"].append(
-            f"storage is in the bucket {storage['s3_bucket']} at {storage['s3_endpoint']}: not "
+            f"storage is in the bucket {storage.s3_bucket} at {storage.s3_endpoint}: not "
             f"in this backup (use the bucket's versioning or replication)"
-            if storage["type"] == "s3" else "no api/worker host: no storage in this backup")
+            if storage.type == "s3" else "no api/worker host: no storage in this backup")
     items.append(config_archive(plan, folder, out))
     return items, meta
 
@@ -225,7 +225,7 @@ def dump_database(plan: Plan, folder: Path, database: str,
                   out: Say) -> tuple[Item, dict[str, Any]]:
     """pg_dump of one database on the primary, streamed into the backup with its row counts."""
     name = f"db/{database}.dump{plan.suffix(secret=False)}"
-    level = plan.inventory.settings["backup"]["dump_compression"]
+    level = plan.inventory.settings.backup.dump_compression
     machine = plan.connect(plan.primary)
     clock = time.monotonic()
     try:
@@ -648,7 +648,7 @@ def restore_config(plan: Plan, backup: Backup, config: dict[str, bytes], out: Sa
 
 def store_of(inventory: Inventory) -> Store:
     """The backup folder of an inventory."""
-    return Store(inventory.settings["backup"]["dir"])
+    return Store(inventory.settings.backup.dir)
 
 
 def backup_now(inventory: Inventory, *, skip_verify: bool = False, out: Say = say) -> Backup:
@@ -658,9 +658,9 @@ def backup_now(inventory: Inventory, *, skip_verify: bool = False, out: Say = sa
     with store.lock():
         backup = run(inventory, store, out)
         problems = []
-        if inventory.settings["backup"]["verify_after_run"] and not skip_verify:
+        if inventory.settings.backup.verify_after_run and not skip_verify:
             problems = verify(inventory, backup, out)
-        if inventory.settings["backup"]["copy"]["type"] != "none":
+        if inventory.settings.backup.copy.type != "none":
             try:
                 copy.copy_backup(inventory, backup, out)
             except DifyopsError as exc:
@@ -683,7 +683,7 @@ def record_success(inventory: Inventory, out: Say = say) -> None:
             "# TYPE dify_backup_last_success_timestamp_seconds gauge\n"
             f"dify_backup_last_success_timestamp_seconds {int(time.time())}\n").encode()
     for monitor in inventory.with_role("monitor"):
-        machine = connect(monitor, inventory.settings["timeouts"])
+        machine = connect(monitor, inventory.settings.timeouts)
         try:
             machine.install_file(SUCCESS_METRIC, text)
         except DifyopsError as exc:
@@ -737,9 +737,9 @@ def listing(inventory: Inventory) -> str:
 
 def policy_of(inventory: Inventory) -> Policy:
     """The retention policy of the inventory."""
-    backup = inventory.settings["backup"]
-    return Policy(last=backup["keep_last"], daily=backup["keep_daily"],
-                  weekly=backup["keep_weekly"], monthly=backup["keep_monthly"])
+    backup = inventory.settings.backup
+    return Policy(last=backup.keep_last, daily=backup.keep_daily,
+                  weekly=backup.keep_weekly, monthly=backup.keep_monthly)
 
 
 def prune(inventory: Inventory, *, dry: bool = False, out: Say = say) -> list[str]:

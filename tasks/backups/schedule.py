@@ -40,12 +40,12 @@ def target(inventory: Inventory, host_name: str = "") -> Host:
 def context(inventory: Inventory) -> dict[str, Any]:
     """What the templates of backup/ need."""
     name = unit_name(inventory)
-    hour, minute = inventory.settings["backup"]["time"].split(":")
+    hour, minute = inventory.settings.backup.time.split(":")
     return {
         "name": name,
         "wrapper": f"{WRAPPER_DIR}/{name}",
-        "log": f"{inventory.settings['backup']['dir'].rstrip('/')}/backup.log",
-        "webhook": inventory.settings["monitor"]["alert_webhook"],
+        "log": f"{inventory.settings.backup.dir.rstrip('/')}/backup.log",
+        "webhook": inventory.settings.monitor.alert_webhook,
         "project": str(ROOT),
         "python": sys.executable,
         "inventory_file": str(inventory.file),
@@ -112,7 +112,7 @@ def install(inventory: Inventory, *, host_name: str = "", dry: bool = False,
     """backup.schedule: the timer (or cron line) and its script, through the executor."""
     settings.check(inventory)
     host = target(inventory, host_name)
-    machine = connect(host, inventory.settings["timeouts"])
+    machine = connect(host, inventory.settings.timeouts)
     try:
         use_cron = cron or not has_systemd(machine)
         nothing_runs_it = use_cron and not has_cron(machine)
@@ -120,10 +120,10 @@ def install(inventory: Inventory, *, host_name: str = "", dry: bool = False,
         machine.close()
     kind = "script only" if nothing_runs_it else "cron line" if use_cron else "systemd timer"
     print(f"{'dry run of' if dry else 'installing'} the {kind} {unit_name(inventory)} on "
-          f"{host.target}: daily at {inventory.settings['backup']['time']}", flush=True)
+          f"{host.target}: daily at {inventory.settings.backup.time}", flush=True)
     # A dry run shows the few small files of the schedule in full.
     report = execute(plan(inventory, host, cron=use_cron, wrapper_only=nothing_runs_it),
-                     dry=dry, show_diff=True, timeouts=inventory.settings["timeouts"])
+                     dry=dry, show_diff=True, timeouts=inventory.settings.timeouts)
     if report.failed:
         raise DifyopsError("the schedule was not installed completely; see the summary above, "
                            "fix the cause and run the same command again")

@@ -12,7 +12,7 @@ from __future__ import annotations
 import difflib
 import hashlib
 import shlex
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 
 from tasks.core.errors import DifyopsError
@@ -38,7 +38,7 @@ class Executor:
     """Runs plans against hosts, reusing one connection per host for the whole run."""
 
     def __init__(self, report: Report, *, dry: bool = False, show_diff: bool = False,
-                 timeouts: dict[str, int] | None = None, parallel: int = MAX_PARALLEL) -> None:
+                 timeouts: Mapping[str, int] | None = None, parallel: int = MAX_PARALLEL) -> None:
         if parallel < 1:
             raise ValueError(f"parallel must be at least 1, not {parallel}")
         self.report = report
@@ -208,7 +208,7 @@ def indent(text: str) -> str:
 
 
 def execute(tiers: list[TierPlan], *, dry: bool = False, show_diff: bool = False,
-            report: Report | None = None, timeouts: dict[str, int] | None = None,
+            report: Report | None = None, timeouts: Mapping[str, int] | None = None,
             parallel: int = MAX_PARALLEL) -> Report:
     """Run the tiers and close every connection; the report holds the outcome."""
     executor = Executor(report or Report(), dry=dry, show_diff=show_diff, timeouts=timeouts,

@@ -90,11 +90,11 @@ def run_tiers(ctx: Context, tiers: list[Tier], *, dry: bool, only: str | None = 
                    inventory.secrets.values())
     refuse_unrecorded(plans)
     if dry:
-        report = execute(plans, dry=True, show_diff=diff, timeouts=inventory.settings["timeouts"],
+        report = execute(plans, dry=True, show_diff=diff, timeouts=inventory.settings.timeouts,
                          parallel=parallel)
     else:
         with deploy_lock(inventory.name) as me:
-            report = execute(plans, timeouts=inventory.settings["timeouts"], parallel=parallel)
+            report = execute(plans, timeouts=inventory.settings.timeouts, parallel=parallel)
             audit(inventory.name, {**me, "inventory": str(inventory.file),
                                    "dify_version": inventory.profile.version,
                                    "tiers": [t.name for t in chosen],

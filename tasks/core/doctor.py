@@ -20,7 +20,7 @@ import json
 import os
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -210,7 +210,7 @@ def settle(machine: Machine, pending: list[tuple[Finding, WaitFor]], *, restarte
 
 
 def run(plans: list[TierPlan], log: RestartLog, *, dry: bool = False,
-        timeouts: dict[str, int] | None = None, say: Say = log_line) -> list[Finding]:
+        timeouts: Mapping[str, int] | None = None, say: Say = log_line) -> list[Finding]:
     """Every tier in order, its hosts in parallel: probe, restart once, wait, report."""
     findings: list[Finding] = []
     unreachable: set[str] = set()
@@ -316,9 +316,9 @@ def post(url: str, payload: dict, timeout: float = 20) -> str:
 
 def restart_log(inventory: Inventory) -> RestartLog:
     """The inventory's restart history with its limits (doctor.max_restarts, doctor.window)."""
-    settings = inventory.settings["doctor"]
+    settings = inventory.settings.doctor
     return RestartLog(STATE_DIR / "doctor" / f"{inventory.name}.json",
-                      max(settings["max_restarts"], 0), max(settings["window"], 1))
+                      max(settings.max_restarts, 0), max(settings.window, 1))
 
 
 def examine(inventory: Inventory, plans: list[TierPlan], *,
@@ -326,7 +326,7 @@ def examine(inventory: Inventory, plans: list[TierPlan], *,
     """deploy.doctor: under the deploy lock (only checked with --dry), heal, audit what was
     done and post it when anything was found. Returns the findings and '' or why the webhook
     could not be reached. Raises Locked, touching nothing, while a deploy holds the lock."""
-    log, timeouts = restart_log(inventory), inventory.settings["timeouts"]
+    log, timeouts = restart_log(inventory), inventory.settings.timeouts
     if dry:
         holder = held(inventory.name, STATE_DIR)
         if holder:
@@ -340,11 +340,11 @@ def examine(inventory: Inventory, plans: list[TierPlan], *,
             audit(inventory.name, {**me, "inventory": str(inventory.file), "doctor": [
                 f"{f.host} {f.component}: {f.state}" + (f" ({f.restart})" if f.restart else "")
                 for f in found]}, STATE_DIR)
-    webhook = inventory.settings["monitor"]["alert_webhook"]
+    webhook = inventory.settings.monitor.alert_webhook
     if not (found and webhook):
         return findings, ""
     failed = post(webhook, message(inventory.name, findings,
-                                   fmt=inventory.settings["monitor"]["webhook_format"]))
+                                   fmt=inventory.settings.monitor.webhook_format))
     if not failed:
         print("doctor: posted to monitor.alert_webhook", flush=True)
     return findings, failed and f"could not POST to monitor.alert_webhook ({failed})"

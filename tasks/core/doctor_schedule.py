@@ -29,7 +29,7 @@ def name(inventory: Inventory) -> str:
 
 def every(inventory: Inventory) -> int:
     """Minutes between two runs; refused outside 1..59 before anything is touched."""
-    minutes = inventory.settings["doctor"]["every"]
+    minutes = inventory.settings.doctor.every
     if not 1 <= minutes <= 59:
         raise InputError([Problem(display(inventory.file), "doctor.every", f"{minutes}",
                                   "minutes between two doctor runs: from 1 to 59")])
@@ -129,7 +129,7 @@ def steps(inventory: Inventory, *, use_cron: bool, only: str = "") -> list[Step]
 def install(inventory: Inventory, *, dry: bool = False, only: str = "") -> Report:
     """The schedule on this machine, through the executor."""
     minutes = every(inventory)
-    machine = connect(CONTROL, inventory.settings["timeouts"])
+    machine = connect(CONTROL, inventory.settings.timeouts)
     try:
         use_cron = not has_systemd(machine)
         nothing_runs_it = use_cron and not has_cron(machine)
@@ -146,7 +146,7 @@ def install(inventory: Inventory, *, dry: bool = False, only: str = "") -> Repor
     plan = steps(inventory, use_cron=use_cron, only=only)
     # A dry run shows the few small files of the schedule in full.
     report = execute([TierPlan("doctor", [HostPlan(CONTROL, plan)])],
-                     dry=dry, show_diff=True, timeouts=inventory.settings["timeouts"])
+                     dry=dry, show_diff=True, timeouts=inventory.settings.timeouts)
     if report.failed:
         raise DifyopsError("the schedule was not installed completely; see the summary above, "
                            "fix the cause and run the same command again")

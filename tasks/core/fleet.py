@@ -6,7 +6,7 @@ plan: the caller gets one outcome per host, in inventory order, and prints them 
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Generic, TypeVar
@@ -33,7 +33,7 @@ class Outcome(Generic[T]):
 
 
 def each_host(hosts: Sequence[Host], action: Callable[[Machine], T],
-              timeouts: dict[str, int] | None = None, parallel: int = 16) -> list[Outcome[T]]:
+              timeouts: Mapping[str, int] | None = None, parallel: int = 16) -> list[Outcome[T]]:
     """Call action(machine) for every host, in parallel; connections are closed afterwards."""
 
     def one(host: Host) -> Outcome[T]:

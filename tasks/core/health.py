@@ -6,6 +6,7 @@ reuses them instead of describing health a second time.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 from tasks.core.errors import DifyopsError
@@ -27,7 +28,7 @@ class Probe:
     answer: str
 
 
-def probe_all(plans: list[TierPlan], timeouts: dict[str, int] | None = None) -> list[Probe]:
+def probe_all(plans: list[TierPlan], timeouts: Mapping[str, int] | None = None) -> list[Probe]:
     """Probe every gate once; an unreachable host gives one unhealthy line per gate."""
     hosts = {plan.host.name: plan.host for tier in plans for plan in tier.hosts}
     gates = {name: [(tier.tier, plan, step.gate) for tier in plans for plan in tier.hosts

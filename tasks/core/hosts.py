@@ -18,7 +18,7 @@ import os
 import shlex
 import subprocess
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, BinaryIO, TextIO
@@ -352,10 +352,10 @@ def ssh_connection(host: Host, connect_timeout: float,
 
 
 # Makes the machine behind a host, given the inventory's timeouts (None: the defaults).
-Factory = Callable[[Host, dict[str, int] | None], Machine]
+Factory = Callable[[Host, Mapping[str, int] | None], Machine]
 
 
-def _real_machine(host: Host, timeouts: dict[str, int] | None = None) -> Machine:
+def _real_machine(host: Host, timeouts: Mapping[str, int] | None = None) -> Machine:
     """The real machine behind an inventory host: this machine, a Windows host or an SSH host."""
     timeouts = timeouts or {"connect": 10, "command": 1800}
     if host.connection == "local":
@@ -372,7 +372,7 @@ def _real_machine(host: Host, timeouts: dict[str, int] | None = None) -> Machine
 _factory: Factory = _real_machine
 
 
-def connect(host: Host, timeouts: dict[str, int] | None = None) -> Machine:
+def connect(host: Host, timeouts: Mapping[str, int] | None = None) -> Machine:
     """The machine behind an inventory host, with the inventory's timeouts: every part of
     difyops obtains its machines here, from the installed factory."""
     return _factory(host, timeouts)

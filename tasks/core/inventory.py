@@ -95,7 +95,7 @@ class Inventory:
     """A validated inventory: settings merged over the defaults, hosts, profile and secrets."""
 
     file: Path
-    settings: dict[str, Any]
+    settings: schema.Section
     hosts: list[Host]
     profile: VersionProfile
     secrets_file: Path
@@ -105,7 +105,7 @@ class Inventory:
     @property
     def name(self) -> str:
         """The inventory's name (names the secrets file and the compose projects)."""
-        return self.settings["name"]
+        return self.settings.name
 
     def with_role(self, *roles: str) -> list[Host]:
         """The hosts playing any of the roles, in inventory order."""
@@ -123,20 +123,20 @@ class Inventory:
     def image(self, component: str) -> str:
         """The image of a component as hosts name it: behind the private registry when one is
         set, else as pulled from upstream (see upstream_image)."""
-        registry = self.settings["dify"]["private_registry"].rstrip("/")
+        registry = self.settings.dify.private_registry.rstrip("/")
         if registry:
             return f"{registry}/{self.base_image(component)}"
         return self.upstream_image(component)
 
     def upstream_image(self, component: str) -> str:
         """The image of a component as pulled from upstream: override or profile, mirrored."""
-        return self.settings["dify"]["registry_mirror"] + self.base_image(component)
+        return self.settings.dify.registry_mirror + self.base_image(component)
 
     def base_image(self, component: str) -> str:
         """The image name without any registry prefix: inventory override, else the profile
         (difyops' own components: their setting)."""
-        own = {"redis_proxy": self.settings["cache"]["proxy_image"]}
-        return (self.settings["dify"]["images"].get(component) or own.get(component)
+        own = {"redis_proxy": self.settings.cache.proxy_image}
+        return (self.settings.dify.images.get(component) or own.get(component)
                 or self.profile.images[component])
 
     def worker_queues(self, group: dict) -> tuple[str, ...]:
@@ -146,8 +146,8 @@ class Inventory:
         if queues == "all":
             return self.profile.queues
         if queues == "rest":
-            listed = {queue for other in self.settings["app"]["worker_groups"]
-                      if isinstance(other["queues"], list) for queue in other["queues"]}
+            listed = {queue for other in self.settings.app.worker_groups
+                      if isinstance(other["queues"], tuple) for queue in other["queues"]}
             return tuple(queue for queue in self.profile.queues if queue not in listed)
         return tuple(queues)
 
@@ -185,21 +185,21 @@ def load_inventory(path: Path, *, check_secrets: bool = True) -> Inventory:
         raise InputError([Problem(shown, "(top level)", "the inventory must be a mapping",
                                   "start from config/inventories/local.yml")])
     defaults, types = schema.load_defaults(DEFAULTS_FILE)
-    settings = check_settings(data, defaults, shown, problems)
+    settings = schema.Section(check_settings(data, defaults, shown, problems))
     problems.extend(schema.problems(settings, defaults, types, shown))
     hosts = check_hosts(data.get("hosts"), settings, shown, problems)
-    version = str(settings["dify"]["version"])
+    version = str(settings.dify.version)
     if version not in available_versions():
         problems.append(Problem(shown, "dify.version", f"no profile for Dify {version}",
                                 f"use one of {', '.join(available_versions())} or add "
                                 f"config/profiles/{version}.yml"))
         raise InputError(problems)
     secrets_file = (
-        (ROOT / settings["secrets_file"]).resolve() if settings["secrets_file"]
-        else default_secrets_path(settings["name"])
+        (ROOT / settings.secrets_file).resolve() if settings.secrets_file
+        else default_secrets_path(settings.name)
     )
     profile = load_profile(version)
-    known_hosts = hostkeys.known_hosts_path(path, settings["ssh_known_hosts"])
+    known_hosts = hostkeys.known_hosts_path(path, settings.ssh_known_hosts)
     problems.extend(hostkeys.check_file(known_hosts))
     hosts = [dataclasses.replace(host, ssh=dataclasses.replace(host.ssh,
                                                                known_hosts=str(known_hosts)))
@@ -295,7 +295,8 @@ def check_worker_groups(value: Any, shown: str, problems: list[Problem]) -> list
     return groups
 
 
-def check_hosts(value: Any, settings: dict, shown: str, problems: list[Problem]) -> list[Host]:
+def check_hosts(value: Any, settings: schema.Section, shown: str,
+                problems: list[Problem]) -> list[Host]:
     """Every host well-formed, with unique names and unique addresses (two SSH ports on one
     address would be one machine deployed twice: one deploy_dir, one upstream entry twice)."""
     if not isinstance(value, list) or not value:
@@ -306,7 +307,7 @@ def check_hosts(value: Any, settings: dict, shown: str, problems: list[Problem])
     hosts: list[Host] = []
     names: dict[str, int] = {}
     endpoints: dict[str, int] = {}
-    groups = {group["name"] for group in settings["app"]["worker_groups"]}
+    groups = {group["name"] for group in settings.app.worker_groups}
     for index, item in enumerate(value):
         host = check_host(item, f"hosts[{index}]", groups, shown, problems)
         if host is None:

@@ -52,8 +52,8 @@ class Service:
 def services(inventory: Inventory) -> list[Service]:
     """Every service of the plan for this inventory's settings."""
     settings = inventory.settings
-    db, cache = settings["db"], settings["cache"]
-    weaviate = settings["vector"]["store"] == "weaviate"
+    db, cache = settings.db, settings.cache
+    weaviate = settings.vector.store == "weaviate"
     plan = [
         Service("http", 80, ("lb",), (PUBLIC,), ("nginx",)),
         Service("https", 443, ("lb",), (PUBLIC,), ("nginx",)),
@@ -63,24 +63,24 @@ def services(inventory: Inventory) -> list[Service]:
                 published=True),
         Service("plugin daemon", 5002, ("plugin_daemon",),
                 ("lb", "api", "worker", placement.AGENT_ROLE), DOCKER, published=True),
-        Service("postgresql", db["port"], ("db_primary", "db_replica"),
+        Service("postgresql", db.port, ("db_primary", "db_replica"),
                 (*DATA_CLIENTS, "monitor", "db_primary", "db_replica"), ("postgres",)),
-        Service("redis", cache["port"], ("cache", "broker"),
+        Service("redis", cache.port, ("cache", "broker"),
                 (*DATA_CLIENTS, placement.AGENT_ROLE, "cache"),
                 ("redis-server", "redis-check-rdb")),
     ]
     if placement.websocket_enabled(inventory):
-        plan.append(Service("api websocket", settings["app"]["websocket_port"], ("api",), ("lb",),
+        plan.append(Service("api websocket", settings.app.websocket_port, ("api",), ("lb",),
                             DOCKER, published=True))
     if placement.agent_enabled(inventory):
         plan.append(Service("agent backend", placement.AGENT_PORT, (placement.AGENT_ROLE,),
                             ("api", "worker"), DOCKER, published=True))
-    if cache["mode"] == "sentinel":
-        plan.append(Service("redis sentinel", cache["sentinel_port"], ("cache",),
+    if cache.mode == "sentinel":
+        plan.append(Service("redis sentinel", cache.sentinel_port, ("cache",),
                             (*DATA_CLIENTS, "cache"),
                             ("redis-sentinel", "redis-server", "redis-check-rdb")))
-    if cache["mode"] == "cluster":
-        plan.append(Service("redis cluster bus", cache["port"] + 10000, ("cache",), ("cache",),
+    if cache.mode == "cluster":
+        plan.append(Service("redis cluster bus", cache.port + 10000, ("cache",), ("cache",),
                             ("redis-server",)))
     if weaviate:
         owners = ("weaviate", *DOCKER)
@@ -107,11 +107,11 @@ def services(inventory: Inventory) -> list[Service]:
                 published=True),
         Service("alertmanager", 9093, ("monitor",), (MANAGEMENT,),
                 ("prometheus-alertmanager", "alertmanager", *DOCKER), published=True),
-        Service("grafana", settings["monitor"]["grafana_port"], ("monitor",), (MANAGEMENT,),
+        Service("grafana", settings.monitor.grafana_port, ("monitor",), (MANAGEMENT,),
                 ("grafana", "grafana-server", *DOCKER), published=True),
-        Service("elasticsearch", settings["logging"]["es_port"], ("logging",), (EVERY_HOST,),
+        Service("elasticsearch", settings.logging.es_port, ("logging",), (EVERY_HOST,),
                 ("java", *DOCKER), published=True),
-        Service("kibana", settings["logging"]["kibana_port"], ("logging",), (MANAGEMENT,),
+        Service("kibana", settings.logging.kibana_port, ("logging",), (MANAGEMENT,),
                 ("node", *DOCKER), published=True),
         Service("dify api (dev)", 5001, ("dev_backend",), ("dev_frontend", DEV_NETWORK),
                 ("python", "python3", "flask", "gunicorn", "uv")),
@@ -124,8 +124,8 @@ def services(inventory: Inventory) -> list[Service]:
 def runs_compose(inventory: Inventory, host: Host) -> bool:
     """Whether a tier runs Docker compose projects on this host."""
     roles = [role for role in COMPOSE_ROLES
-             if (role != "vector" or inventory.settings["vector"]["store"] == "weaviate")
-             and (role != "monitor" or inventory.settings["monitor"]["grafana"])]
+             if (role != "vector" or inventory.settings.vector.store == "weaviate")
+             and (role != "monitor" or inventory.settings.monitor.grafana)]
     return host.has(*roles)
 
 
@@ -204,7 +204,7 @@ def address_blocks(entries: list, key: str, shown: str, example: str) -> Iterato
 def firewall_on(inventory: Inventory) -> bool:
     """Whether deploy.all applies the host firewall: net.firewall on, or auto with more than
     one host."""
-    mode = inventory.settings["net"]["firewall"]
+    mode = inventory.settings.net.firewall
     return mode == "on" or (mode == "auto" and len(inventory.hosts) > 1)
 
 
@@ -221,9 +221,9 @@ def exposed(inventory: Inventory) -> list[str]:
 
 def firewall_mode(inventory: Inventory, shown: str) -> Iterator[Problem]:
     """While the firewall is on, net.management says who may manage."""
-    net = inventory.settings["net"]
-    if firewall_on(inventory) and not net["management"]:
-        why = ("net.firewall: auto and more than one host" if net["firewall"] == "auto"
+    net = inventory.settings.net
+    if firewall_on(inventory) and not net.management:
+        why = ("net.firewall: auto and more than one host" if net.firewall == "auto"
                else "net.firewall: on")
         yield Problem(shown, "net.management",
                       f"empty while the host firewall is on ({why}): nobody could be allowed to "
@@ -236,19 +236,19 @@ def firewall_mode(inventory: Inventory, shown: str) -> Iterator[Problem]:
 def check(inventory: Inventory, shown: str) -> Iterator[Problem]:
     """Rule: the network and preflight settings make sense."""
     yield from port_collisions(inventory, shown)
-    net, preflight = inventory.settings["net"], inventory.settings["preflight"]
-    yield from address_blocks(net["management"], "net.management", shown,
+    net, preflight = inventory.settings.net, inventory.settings.preflight
+    yield from address_blocks(net.management, "net.management", shown,
                               "management: [10.0.4.0/24]")
     yield from firewall_mode(inventory, shown)
-    if not 10 <= net["rollback_seconds"] <= 3600:
+    if not 10 <= net.rollback_seconds <= 3600:
         yield Problem(shown, "net.rollback_seconds",
-                      f"{net['rollback_seconds']} is outside 10..3600",
+                      f"{net.rollback_seconds} is outside 10..3600",
                       "give the confirmation time to happen: 60 is a good value")
-    if not 1 <= preflight["refuse_percent"] <= 100:
+    if not 1 <= preflight.refuse_percent <= 100:
         yield Problem(shown, "preflight.refuse_percent",
-                      f"{preflight['refuse_percent']} is outside 1..100",
+                      f"{preflight.refuse_percent} is outside 1..100",
                       "50 refuses a host with less than half the planned size")
-    for role, size in preflight["sizes"].items():
+    for role, size in preflight.sizes.items():
         for key, value in size.items():
             if value < 0:
                 yield Problem(shown, f"preflight.sizes.{role}.{key}", f"negative ({value})",

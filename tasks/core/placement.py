@@ -26,7 +26,7 @@ AGENT_HEALTH_PATH = "/openapi.json"
 
 def websocket_enabled(inventory: Inventory) -> bool:
     """Whether api_websocket runs (on every api host) and nginx routes /socket.io/ to it."""
-    return bool(inventory.settings["app"]["collaboration"]
+    return bool(inventory.settings.app.collaboration
                 and inventory.profile.has("api_websocket"))
 
 

@@ -89,7 +89,7 @@ class Facts:
 
 def required_size(inventory: Inventory, host: Host) -> dict[str, tuple[int, str]]:
     """Per resource, the largest size any of the host's roles needs, and which role needs it."""
-    sizes = inventory.settings["preflight"]["sizes"]
+    sizes = inventory.settings.preflight.sizes
     wanted: dict[str, tuple[int, str]] = {}
     for role in host.roles:
         for key, value in sizes[role].items():
@@ -101,9 +101,9 @@ def required_size(inventory: Inventory, host: Host) -> dict[str, tuple[int, str]
 def data_paths(inventory: Inventory, host: Host) -> dict[str, list[str]]:
     """The directories where the host's roles keep data, and which roles use each."""
     settings = inventory.settings
-    app_dir, storage = settings["app"]["deploy_dir"], settings["storage"]
+    app_dir, storage = settings.app.deploy_dir, settings.storage
     by_role: dict[str, list[str]] = {
-        "db_primary": ["/var/lib/postgresql", settings["backup"]["dir"]],
+        "db_primary": ["/var/lib/postgresql", settings.backup.dir],
         "db_replica": ["/var/lib/postgresql"],
         "cache": ["/var/lib/redis"], "broker": ["/var/lib/redis"],
         "vector": ["/var/lib/weaviate", "/var/lib/docker"],
@@ -114,7 +114,7 @@ def data_paths(inventory: Inventory, host: Host) -> dict[str, list[str]]:
     }
     for role in ("api", "worker"):
         by_role[role] = [app_dir, "/var/lib/docker"] + (
-            [storage["path"]] if storage["type"] != "s3" else [])
+            [storage.path] if storage.type != "s3" else [])
     for role in ("web", "beat", "plugin_daemon", "agent"):
         by_role[role] = [app_dir, "/var/lib/docker"]
     paths: dict[str, list[str]] = {}
@@ -276,8 +276,8 @@ def grade(actual: float, wanted: float, percent: int) -> str:
 
 def evaluate(inventory: Inventory, host: Host, facts: Facts) -> list[Row]:
     """Every round-one check of a host, as rows."""
-    settings = inventory.settings["preflight"]
-    percent = settings["refuse_percent"]
+    settings = inventory.settings.preflight
+    percent = settings.refuse_percent
     wanted = required_size(inventory, host)
     rows = [check_os(host, facts)]
     kernel = check_kernel(inventory, host, facts)
@@ -291,7 +291,7 @@ def evaluate(inventory: Inventory, host: Host, facts: Facts) -> list[Row]:
     rows.append(check_ports(inventory, host, facts))
     if netplan.runs_compose(inventory, host):
         rows.append(check_docker(host, facts, min_compose(inventory, host)))
-    rows.append(check_clock(host, facts, settings["max_clock_skew"]))
+    rows.append(check_clock(host, facts, settings.max_clock_skew))
     rows.append(check_firewalls(host, facts))
     return rows
 
@@ -330,8 +330,8 @@ def size_row(host: Host, check: str, actual: float, wanted: tuple[int, str],
 def check_disk(inventory: Inventory, host: Host, facts: Facts,
                wanted: dict[str, tuple[int, str]], percent: int) -> Row:
     """The filesystems holding the data paths: size by role, and free space."""
-    settings = inventory.settings["preflight"]
-    sizes = settings["sizes"]
+    settings = inventory.settings.preflight
+    sizes = settings.sizes
     roles_of = data_paths(inventory, host)
     mounts: dict[str, tuple[int, int, list[str]]] = {}
     for path, mount, size, free in facts.disks:
@@ -348,9 +348,9 @@ def check_disk(inventory: Inventory, host: Host, facts: Facts,
         note = f"{mount} ({', '.join(paths)}): {size_gb:.0f} GB, {free_gb:.0f} GB free"
         if status != OK:
             note += f"; {role} wants {need} GB (refused below {need * percent / 100:g})"
-        if free_gb < settings["min_free_disk_gb"]:
+        if free_gb < settings.min_free_disk_gb:
             status = REFUSE
-            note += f"; less than preflight.min_free_disk_gb = {settings['min_free_disk_gb']} " \
+            note += f"; less than preflight.min_free_disk_gb = {settings.min_free_disk_gb} " \
                     f"GB free"
         worst = max(worst, status, key=SEVERITY.get)
         notes.append(note)
@@ -509,7 +509,7 @@ def check_reach(inventory: Inventory, host: Host, facts: dict[str, Facts],
     """The peers' ports this host needs: reached when listening, else noted as not yet."""
     if error:
         return Row(host.name, "reach", REFUSE, f"could not probe: {error}")
-    timeout = inventory.settings["preflight"]["probe_timeout"]
+    timeout = inventory.settings.preflight.probe_timeout
     status, reached, waiting, failed = OK, [], [], []
     for peer, service in netplan.needed_peers(inventory, host):
         label = f"{peer.name}:{service.port}"
@@ -559,11 +559,11 @@ def probe_targets(inventory: Inventory, host: Host, facts: dict[str, Facts]) -> 
 
 def run(inventory: Inventory, hosts: Sequence[Host]) -> list[Row]:
     """Both rounds on the hosts, in parallel; the rows in host order, then check order."""
-    timeouts = inventory.settings["timeouts"]
+    timeouts = inventory.settings.timeouts
     first = each_host(hosts, lambda machine: gather(inventory, machine), timeouts)
     facts = {outcome.host.name: outcome.value for outcome in first
              if outcome.ok and outcome.value.os_id}
-    probe_timeout = inventory.settings["preflight"]["probe_timeout"]
+    probe_timeout = inventory.settings.preflight.probe_timeout
 
     def probe(machine: Machine) -> dict[tuple[str, int], tuple[int, str]]:
         targets = probe_targets(inventory, machine.host, facts)

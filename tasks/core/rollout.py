@@ -12,7 +12,7 @@ How a host leaves and re-enters the load balancer is injected (drain / undrain c
 from __future__ import annotations
 
 import io
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 from tasks.core.apply import Executor
@@ -49,7 +49,7 @@ def no_op(_: str) -> None:
 
 
 def roll(tier: str, plans: list[HostPlan], *, report: Report,
-         timeouts: dict[str, int] | None = None, drain: HostAction = no_op,
+         timeouts: Mapping[str, int] | None = None, drain: HostAction = no_op,
          undrain: HostAction = no_op, behind_lb: Callable[[Host], bool] = lambda host: True,
          restore: Callable[[Host], HostPlan | None] | None = None) -> Outcome:
     """Replace the hosts of the plans one at a time (module doc); never raises for a host."""

@@ -31,7 +31,7 @@ def check(inventory: Inventory) -> list[Problem]:
 def required_roles(inventory: Inventory) -> list[str]:
     """Roles an inventory of this layout cannot do without."""
     roles = ["db_primary", "cache"]
-    if inventory.settings["vector"]["store"] == "weaviate":
+    if inventory.settings.vector.store == "weaviate":
         roles.append("vector")
     if not inventory.is_dev_layout:
         roles.extend([*(role for role in APP_ROLES if role != placement.AGENT_ROLE), "lb"])
@@ -82,7 +82,7 @@ def agent_placement(inventory: Inventory, shown: str) -> Iterator[Problem]:
 
 def websocket_port(inventory: Inventory, shown: str) -> Iterator[Problem]:
     """api_websocket's host port: a port number of its own on the api hosts."""
-    port = inventory.settings["app"]["websocket_port"]
+    port = inventory.settings.app.websocket_port
     taken = {5001: "the api", 5002: "the plugin daemon", 3000: "web",
              placement.AGENT_PORT: "the agent backend", 22: "SSH", 80: "HTTP", 443: "HTTPS"}
     if not 1024 <= port <= 65535 or port in taken:
@@ -94,7 +94,7 @@ def websocket_port(inventory: Inventory, shown: str) -> Iterator[Problem]:
 def queue_coverage(inventory: Inventory, shown: str) -> Iterator[Problem]:
     """The worker groups that run somewhere must consume every queue of the Dify version."""
     profile = inventory.profile
-    groups = inventory.settings["app"]["worker_groups"]
+    groups = inventory.settings.app.worker_groups
     workers = inventory.with_role("worker")
     if not workers:
         return
@@ -127,31 +127,31 @@ def queue_coverage(inventory: Inventory, shown: str) -> Iterator[Problem]:
 
 def broker_not_on_cluster(inventory: Inventory, shown: str) -> Iterator[Problem]:
     """Celery and the plugin daemon cannot use Redis Cluster: a cluster needs broker hosts."""
-    cache = inventory.settings["cache"]
+    cache = inventory.settings.cache
     hosts = inventory.with_role("cache")
-    if cache["mode"] == "cluster" and not inventory.with_role("broker"):
+    if cache.mode == "cluster" and not inventory.with_role("broker"):
         yield Problem(shown, "cache.mode",
                       "the Celery broker and the plugin daemon do not support Redis Cluster, "
                       "and no host has the role 'broker'",
                       "add a host with role 'broker' (a standalone Redis for Celery), or set "
                       "cache.mode to sentinel")
-    for host in inventory.with_role("broker") if cache["mode"] == "cluster" else ():
+    for host in inventory.with_role("broker") if cache.mode == "cluster" else ():
         if host.has("cache"):
             yield Problem(shown, f"hosts[{index_of(inventory, host.name)}].roles",
                           f"{host.name} is both a cluster node and the broker: both listen on "
-                          f"cache.port {cache['port']}",
+                          f"cache.port {cache.port}",
                           "give the role 'broker' to a host without the role 'cache'")
-    if cache["mode"] == "cluster" and 0 < len(hosts) < 3:
+    if cache.mode == "cluster" and 0 < len(hosts) < 3:
         yield Problem(shown, "cache.mode", f"a Redis Cluster needs 3 or more masters, the "
                       f"inventory has {len(hosts)} cache host(s)",
                       "add cache hosts or set cache.mode to standalone")
-    if cache["mode"] == "sentinel" and inventory.with_role("dev_backend"):
+    if cache.mode == "sentinel" and inventory.with_role("dev_backend"):
         yield Problem(shown, "cache.mode",
                       "Dify run from source on a dev_backend host builds its pub/sub client "
                       "(streaming answers) from REDIS_HOST:REDIS_PORT, which cannot follow a "
                       "Sentinel failover: streaming would break at the first one",
                       "use cache.mode standalone in a home-lab inventory")
-    if cache["mode"] == "sentinel" and 0 < len(hosts) < 3:
+    if cache.mode == "sentinel" and 0 < len(hosts) < 3:
         yield Problem(shown, "cache.mode", f"Sentinel needs 3 or more cache hosts to reach a "
                       f"quorum, the inventory has {len(hosts)}",
                       "add cache hosts, or set cache.mode to standalone on a single host")
@@ -162,7 +162,7 @@ def redis_lists_ipv4(inventory: Inventory, shown: str) -> Iterator[Problem]:
     REDIS_CLUSTERS, host:port pairs it splits on ':' (api/extensions/ext_redis.py:
     `node.split(":")[0], int(node.split(":")[1])`): an IPv6 address cannot be listed there,
     bracketed or not."""
-    mode = inventory.settings["cache"]["mode"]
+    mode = inventory.settings.cache.mode
     if mode not in ("sentinel", "cluster"):
         return
     setting = "REDIS_SENTINELS" if mode == "sentinel" else "REDIS_CLUSTERS"
@@ -180,7 +180,7 @@ def image_overrides(inventory: Inventory, shown: str) -> Iterator[Problem]:
     """Per-component image overrides are references, nothing else: they reach compose files and
     docker commands (the other image settings are typed in config/defaults.yml)."""
     image = schema.TYPES["!image"]
-    for component, value in inventory.settings["dify"]["images"].items():
+    for component, value in inventory.settings.dify.images.items():
         if not image.accepts(value):
             yield Problem(shown, f"dify.images.{component}", f"{value!r} is not {image.what}",
                           f"use {image.fix}")
@@ -188,14 +188,14 @@ def image_overrides(inventory: Inventory, shown: str) -> Iterator[Problem]:
 
 def trusted_proxies(inventory: Inventory, shown: str) -> Iterator[Problem]:
     """The proxies whose X-Forwarded-For nginx believes are addresses or networks."""
-    yield from netplan.address_blocks(inventory.settings["lb"]["trusted_proxies"],
+    yield from netplan.address_blocks(inventory.settings.lb.trusted_proxies,
                                       "lb.trusted_proxies", shown,
                                       "trusted_proxies: [203.0.113.0/24]")
 
 
 def dev_release(inventory: Inventory, shown: str) -> Iterator[Problem]:
     """A home lab's checkout must be the release whose profile drives it (queues, Celery app)."""
-    ref = inventory.settings["dev"]["dify_ref"]
+    ref = inventory.settings.dev.dify_ref
     version = inventory.profile.version
     if inventory.with_role("dev_backend") and re.fullmatch(r"\d+\.\d+\.\d+", ref) \
             and ref != version:
@@ -207,14 +207,14 @@ def dev_release(inventory: Inventory, shown: str) -> Iterator[Problem]:
 
 def vector_store(inventory: Inventory, shown: str) -> Iterator[Problem]:
     """Weaviate: a version the Dify client speaks to, and 1 node or a RAFT quorum of 3+."""
-    vector = inventory.settings["vector"]
-    if vector["store"] == "pgvector" and len(inventory.with_role("vector")) > 1:
+    vector = inventory.settings.vector
+    if vector.store == "pgvector" and len(inventory.with_role("vector")) > 1:
         yield Problem(shown, "hosts[*].roles",
                       f"{len(inventory.with_role('vector'))} hosts have role 'vector' with "
                       f"vector.store pgvector: pgvector lives in one PostgreSQL",
                       "keep 'vector' on one host (its own PostgreSQL), or on none (the db "
                       "primary's PostgreSQL)")
-    if vector["store"] != "weaviate":
+    if vector.store != "weaviate":
         return
     nodes = inventory.with_role("vector")
     if len(nodes) == 2:
@@ -229,7 +229,7 @@ def vector_store(inventory: Inventory, shown: str) -> Iterator[Problem]:
                       f"Weaviate {version} is too old for Dify {inventory.profile.version}, "
                       f"whose client needs {minimum} or newer (gRPC on :50051)",
                       f"set vector.weaviate_version to {minimum} or newer (or leave it empty)")
-    factor = vector["replication_factor"]
+    factor = vector.replication_factor
     if nodes and not 1 <= factor <= len(nodes):
         yield Problem(shown, "vector.replication_factor",
                       f"replication factor {factor} with {len(nodes)} Weaviate node(s)",
@@ -238,14 +238,14 @@ def vector_store(inventory: Inventory, shown: str) -> Iterator[Problem]:
 
 def shared_storage(inventory: Inventory, shown: str) -> Iterator[Problem]:
     """Several api/worker hosts must share storage; a local volume per host diverges."""
-    storage = inventory.settings["storage"]
+    storage = inventory.settings.storage
     app_hosts = inventory.with_role("api", "worker")
-    if storage["type"] == "local" and len(app_hosts) > 1:
+    if storage.type == "local" and len(app_hosts) > 1:
         yield Problem(shown, "storage.type",
                       f"{len(app_hosts)} api/worker hosts with host-local storage: uploads made "
                       f"through one host are missing on the others",
                       "set storage.type to s3 (with s3_endpoint and s3_bucket) or shared-fs")
-    if storage["type"] == "s3":
+    if storage.type == "s3":
         for key in ("s3_endpoint", "s3_bucket"):
             if not storage[key]:
                 yield Problem(shown, f"storage.{key}", "required when storage.type is s3",
@@ -254,24 +254,24 @@ def shared_storage(inventory: Inventory, shown: str) -> Iterator[Problem]:
 
 def connection_budget(inventory: Inventory, shown: str) -> Iterator[Problem]:
     """PostgreSQL's max_connections must hold every pool the app tier can open at once."""
-    db, app = inventory.settings["db"], inventory.settings["app"]
+    db, app = inventory.settings.db, inventory.settings.app
     parts = connection_parts(inventory)
-    needed = sum(count for _, count in parts) + db["reserved_connections"]
-    if parts and db["max_connections"] < needed:
+    needed = sum(count for _, count in parts) + db.reserved_connections
+    if parts and db.max_connections < needed:
         detail = " + ".join(f"{what} {count}" for what, count in parts)
         yield Problem(shown, "db.max_connections",
-                      f"{db['max_connections']} is below what the app tier can open: {detail} "
-                      f"+ reserved {db['reserved_connections']} = {needed} "
+                      f"{db.max_connections} is below what the app tier can open: {detail} "
+                      f"+ reserved {db.reserved_connections} = {needed} "
                       f"(PostgreSQL would answer 'too many clients')",
                       f"raise db.max_connections to at least {needed}, or lower "
                       f"app.api.db_pool_size/db_max_overflow (now "
-                      f"{app['api']['db_pool_size']}+{app['api']['db_max_overflow']})")
+                      f"{app.api.db_pool_size}+{app.api.db_max_overflow})")
 
 
 def connection_parts(inventory: Inventory) -> list[tuple[str, int]]:
     """Connections each kind of app process can hold: (label, count) per kind that exists."""
-    app = inventory.settings["app"]
-    groups = {group["name"] for group in app["worker_groups"]}
+    app = inventory.settings.app
+    groups = {group["name"] for group in app.worker_groups}
 
     def pool(section: str) -> int:
         return app[section]["db_pool_size"] + app[section]["db_max_overflow"]
@@ -282,41 +282,41 @@ def connection_parts(inventory: Inventory) -> list[tuple[str, int]]:
     # api_websocket: one gunicorn worker per api host, with the api's pool.
     sockets = len(api_hosts) if placement.websocket_enabled(inventory) else 0
     parts = [
-        (f"api {len(api_hosts)}x{app['api']['server_workers']}x{pool('api')}",
-         len(api_hosts) * app["api"]["server_workers"] * pool("api")),
+        (f"api {len(api_hosts)}x{app.api.server_workers}x{pool('api')}",
+         len(api_hosts) * app.api.server_workers * pool("api")),
         (f"api_websocket {sockets}x1x{pool('api')}", sockets * pool("api")),
         (f"workers {worker_processes}x{pool('worker')}", worker_processes * pool("worker")),
         ("beat", len(inventory.with_role("beat")) * pool("beat")),
         ("plugin daemon", len(inventory.with_role("plugin_daemon"))
-         * app["plugin_daemon"]["db_max_open_conns"]),
+         * app.plugin_daemon["db_max_open_conns"]),
     ]
     return [(label, count) for label, count in parts if count]
 
 
 def tls_settings(inventory: Inventory, shown: str) -> Iterator[Problem]:
     """The files or the contact the TLS mode needs."""
-    tls = inventory.settings["tls"]
-    if tls["mode"] == "file":
+    tls = inventory.settings.tls
+    if tls.mode == "file":
         for key in ("cert_file", "key_file"):
             if not tls[key]:
                 yield Problem(shown, f"tls.{key}", "required when tls.mode is file",
                               f"set tls.{key} to the path on the control machine")
-    if tls["mode"] == "acme":
-        if not tls["acme_email"]:
+    if tls.mode == "acme":
+        if not tls.acme_email:
             yield Problem(shown, "tls.acme_email", "required when tls.mode is acme",
                           "set tls.acme_email to a contact address")
-        if inventory.settings["domain"] in ("localhost", ""):
+        if inventory.settings.domain in ("localhost", ""):
             yield Problem(shown, "domain", "ACME certificates need a public domain name",
                           "set domain to the name that resolves to the load balancer")
 
 
 def monitor_settings(inventory: Inventory, shown: str) -> Iterator[Problem]:
     """A Slack format with its webhook, an extra rule file that exists."""
-    monitor = inventory.settings["monitor"]
-    if monitor["webhook_format"] == "slack" and not monitor["alert_webhook"]:
+    monitor = inventory.settings.monitor
+    if monitor.webhook_format == "slack" and not monitor.alert_webhook:
         yield Problem(shown, "monitor.alert_webhook", "required when webhook_format is slack",
                       "set monitor.alert_webhook to the incoming webhook's URL")
-    if monitor["extra_rules"] and not extra_rules_path(inventory).is_file():
+    if monitor.extra_rules and not extra_rules_path(inventory).is_file():
         yield Problem(shown, "monitor.extra_rules",
                       f"no such file: {extra_rules_path(inventory)}",
                       "give the path of a Prometheus rule file on this machine, or leave it empty")
@@ -342,8 +342,8 @@ def logging_settings(inventory: Inventory, shown: str) -> Iterator[Problem]:
     hosts = inventory.with_role("logging")
     if not hosts:
         return
-    logging = inventory.settings["logging"]
-    if logging["security"] is not True:
+    logging = inventory.settings.logging
+    if logging.security is not True:
         yield Problem(shown, "logging.security",
                       "Elasticsearch without security answers anyone who reaches its port: "
                       "every log line of every host, and the right to delete them",
@@ -379,36 +379,36 @@ def logging_settings(inventory: Inventory, shown: str) -> Iterator[Problem]:
     heap, memory = sizes["heap"], sizes["es_memory"]
     if heap and memory and heap * 2 > memory:
         yield Problem(shown, "logging.heap",
-                      f"a heap of {logging['heap']} in a container limited to "
-                      f"{logging['es_memory']}: Elasticsearch needs as much memory again "
+                      f"a heap of {logging.heap} in a container limited to "
+                      f"{logging.es_memory}: Elasticsearch needs as much memory again "
                       f"outside the heap (file cache, direct buffers) or the kernel kills it",
                       "lower logging.heap to at most half of logging.es_memory, or raise "
                       "logging.es_memory to at least twice the heap")
     if heap and heap > 31 * SIZE_UNITS["g"]:
         yield Problem(shown, "logging.heap",
-                      f"{logging['heap']} is above 31g: the JVM loses compressed object "
+                      f"{logging.heap} is above 31g: the JVM loses compressed object "
                       f"pointers and a larger heap holds less", "use 31g or less")
     if heap and heap < 256 * SIZE_UNITS["m"]:
-        yield Problem(shown, "logging.heap", f"{logging['heap']} is too small to start "
+        yield Problem(shown, "logging.heap", f"{logging.heap} is too small to start "
                       f"Elasticsearch", "use 256m or more (1g or more in production)")
     ports = {key: logging[key] for key in ("es_port", "kibana_port")}
-    if logging["kibana"] and ports["es_port"] == ports["kibana_port"]:
+    if logging.kibana and ports["es_port"] == ports["kibana_port"]:
         yield Problem(shown, "logging.kibana_port",
                       f"the same port as logging.es_port ({ports['es_port']})",
                       "give Kibana its own port (5601 is its usual one)")
-    if not INDEX_PREFIX.match(logging["index_prefix"]):
+    if not INDEX_PREFIX.match(logging.index_prefix):
         yield Problem(shown, "logging.index_prefix",
-                      f"{logging['index_prefix']!r} is not usable in an Elasticsearch index name",
+                      f"{logging.index_prefix!r} is not usable in an Elasticsearch index name",
                       "use lower-case letters, digits, '-', '_' or '.', starting with a letter "
                       "or digit, e.g. dify-logs")
-    user = logging["writer_user"]
+    user = logging.writer_user
     if not ES_USER.match(user) or user in RESERVED_ES_USERS:
         yield Problem(shown, "logging.writer_user",
                       f"{user!r} is not a name difyops may give the shippers' user"
                       + (" (Elasticsearch reserves it)" if user in RESERVED_ES_USERS else ""),
                       "use lower-case letters, digits and underscores, e.g. difyops_logs_writer")
-    if logging["health_timeout"] < 10:
-        yield Problem(shown, "logging.health_timeout", f"{logging['health_timeout']} seconds",
+    if logging.health_timeout < 10:
+        yield Problem(shown, "logging.health_timeout", f"{logging.health_timeout} seconds",
                       "give Elasticsearch time to start: 300 is a good value")
     for key in ("elasticsearch_image", "kibana_image"):
         if ":" not in logging[key].rsplit("/", 1)[-1]:
@@ -416,7 +416,7 @@ def logging_settings(inventory: Inventory, shown: str) -> Iterator[Problem]:
                           "pin a version, e.g. elasticsearch:8.15.3")
     tags = {key: logging[key].rsplit("/", 1)[-1].partition(":")[2]
             for key in ("elasticsearch_image", "kibana_image")}
-    if logging["kibana"] and all(tags.values()) and len(set(tags.values())) > 1:
+    if logging.kibana and all(tags.values()) and len(set(tags.values())) > 1:
         yield Problem(shown, "logging.kibana_image",
                       f"Kibana {tags['kibana_image']} with Elasticsearch "
                       f"{tags['elasticsearch_image']}: Kibana refuses to start against another "
@@ -425,13 +425,13 @@ def logging_settings(inventory: Inventory, shown: str) -> Iterator[Problem]:
 
 def extra_rules_path(inventory: Inventory) -> Path:
     """The operator's own rule file: absolute, or relative to the inventory file."""
-    path = Path(inventory.settings["monitor"]["extra_rules"]).expanduser()
+    path = Path(inventory.settings.monitor.extra_rules).expanduser()
     return path if path.is_absolute() else inventory.file.parent / path
 
 
 def weaviate_version(inventory: Inventory) -> str:
     """The Weaviate version in use: the inventory's, else the one in the profile's image."""
-    chosen = inventory.settings["vector"]["weaviate_version"]
+    chosen = inventory.settings.vector.weaviate_version
     return chosen or inventory.profile.images["weaviate"].rsplit(":", 1)[-1]
 
 

@@ -4,14 +4,15 @@ A default written with a tag declares its setting's type: `port: !port 5432` mak
 port, `mode: !enum off|self-signed|file|acme` an enum whose first choice is the default.
 `load_defaults` reads the file once into the plain defaults and the type of each dotted key;
 `problems` refuses every value that is not of its type, naming the file, the key and the fix. A
-string setting whose default is empty may stay empty: empty means unset.
+string setting whose default is empty may stay empty: empty means unset. The checked settings
+become a frozen `Section`, read by attribute (`settings.db.port`).
 """
 
 from __future__ import annotations
 
 import ipaddress
 import re
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -170,3 +171,54 @@ def problems(settings: dict[str, Any], defaults: dict[str, Any], types: dict[str
                 f"; the default is {default!r}"
             yield Problem(shown, key, f"{value!r} is not {value_type.what}",
                           f"use {value_type.fix}{default_is}")
+
+
+class Section(Mapping[str, Any]):
+    """A frozen part of the settings: read by attribute (`settings.db.port`), or by item where
+    the key is chosen at run time (`settings.app[service]`). Lists become tuples."""
+
+    __slots__ = ("_values",)
+    _values: dict[str, Any]
+
+    def __init__(self, values: Mapping[str, Any]) -> None:
+        object.__setattr__(self, "_values", {key: frozen(value) for key, value in values.items()})
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return self._values[name]
+        except KeyError:
+            raise AttributeError(f"no setting {name!r}") from None
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        raise AttributeError("the settings are frozen: build new ones with replace()")
+
+    def __getitem__(self, key: str) -> Any:
+        return self._values[key]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._values)
+
+    def __len__(self) -> int:
+        return len(self._values)
+
+    def __repr__(self) -> str:
+        return f"Section({self._values!r})"
+
+    def __copy__(self) -> Section:
+        return self
+
+    def __deepcopy__(self, memo: dict) -> Section:
+        return self
+
+    def replace(self, **changes: Any) -> Section:
+        """A copy with some keys set to new values."""
+        return Section({**self._values, **changes})
+
+
+def frozen(value: Any) -> Any:
+    """A value as the frozen settings hold it: mappings as Sections, lists as tuples."""
+    if isinstance(value, Mapping):
+        return value if isinstance(value, Section) else Section(value)
+    if isinstance(value, (list, tuple)):
+        return tuple(frozen(item) for item in value)
+    return value

@@ -110,9 +110,9 @@ SPECS: tuple[SecretSpec, ...] = (
     SecretSpec("DIFY_AGENT_SHELLCTL_AUTH_TOKEN", "agent backend -> local sandbox (shellctl)",
                runs_agent),
     SecretSpec("WEAVIATE_API_KEY", "Weaviate API-key authentication",
-               lambda inv: inv.settings["vector"]["store"] == "weaviate"),
+               lambda inv: inv.settings.vector.store == "weaviate"),
     SecretSpec("PGVECTOR_PASSWORD", "the pgvector role Dify's PGVECTOR_USER names",
-               lambda inv: inv.settings["vector"]["store"] == "pgvector"),
+               lambda inv: inv.settings.vector.store == "pgvector"),
     SecretSpec("GRAFANA_ADMIN_PASSWORD", "Grafana's admin user",
                lambda inv: bool(inv.with_role("monitor"))),
     SecretSpec("MONITOR_DB_PASSWORD", "the PostgreSQL role of the metrics exporter (pg_monitor)",
@@ -120,23 +120,23 @@ SPECS: tuple[SecretSpec, ...] = (
     SecretSpec("ELASTIC_PASSWORD", "Elasticsearch's superuser `elastic` (logging tier)",
                lambda inv: bool(inv.with_role("logging"))),
     SecretSpec("KIBANA_SYSTEM_PASSWORD", "Kibana's login to Elasticsearch (kibana_system)",
-               lambda inv: bool(inv.with_role("logging")) and inv.settings["logging"]["kibana"]),
+               lambda inv: bool(inv.with_role("logging")) and inv.settings.logging.kibana),
     SecretSpec("KIBANA_ENCRYPTION_KEY", "Kibana's session and saved-object encryption key",
-               lambda inv: bool(inv.with_role("logging")) and inv.settings["logging"]["kibana"]),
+               lambda inv: bool(inv.with_role("logging")) and inv.settings.logging.kibana),
     SecretSpec("LOGS_WRITER_PASSWORD", "the log shippers' Elasticsearch user (add documents only)",
                lambda inv: bool(inv.with_role("logging"))),
     SecretSpec("S3_ACCESS_KEY", "the S3-compatible storage",
-               lambda inv: inv.settings["storage"]["type"] == "s3", generated=False),
+               lambda inv: inv.settings.storage.type == "s3", generated=False),
     SecretSpec("S3_SECRET_KEY", "the S3-compatible storage",
-               lambda inv: inv.settings["storage"]["type"] == "s3", generated=False),
+               lambda inv: inv.settings.storage.type == "s3", generated=False),
     # Generated like the rest, so backups are sealed from the first one; `inv config.secrets`
     # asks the operator to keep a copy away from this machine (BACKUP_PASSPHRASE_NOTE).
     SecretSpec("BACKUP_PASSPHRASE", "encrypts backups (keep a copy away from this machine)",
-               lambda inv: inv.settings["backup"]["encrypt"] != "none"),
+               lambda inv: inv.settings.backup.encrypt != "none"),
     SecretSpec("BACKUP_S3_ACCESS_KEY", "the bucket that receives backup copies",
-               lambda inv: inv.settings["backup"]["copy"]["type"] == "s3", generated=False),
+               lambda inv: inv.settings.backup.copy.type == "s3", generated=False),
     SecretSpec("BACKUP_S3_SECRET_KEY", "the bucket that receives backup copies",
-               lambda inv: inv.settings["backup"]["copy"]["type"] == "s3", generated=False),
+               lambda inv: inv.settings.backup.copy.type == "s3", generated=False),
 )
 
 
@@ -158,7 +158,7 @@ COMMAND_FIX = ("run the command yourself to see why (signed in to the vault? the
 
 def from_command(inventory: Inventory) -> bool:
     """Whether the secrets come from secrets.command rather than the secrets file."""
-    return inventory.settings["secrets"]["source"] == "command"
+    return inventory.settings.secrets.source == "command"
 
 
 def read(inventory: Inventory) -> tuple[dict[str, str], list[Problem]]:
@@ -208,7 +208,7 @@ def fetch(inventory: Inventory) -> tuple[dict[str, str], list[Problem]]:
     """The secrets as secrets.command prints them: dotenv lines from one run, or with `{name}`
     one run per needed secret. A failure names the secret and the command's last words on
     stderr, never what it printed on stdout."""
-    command = inventory.settings["secrets"]["command"]
+    command = inventory.settings.secrets.command
     shown = display(inventory.file)
     if not command.strip():
         return {}, [Problem(shown, "secrets.command", "is empty, and secrets.source is command",

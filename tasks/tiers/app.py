@@ -67,7 +67,7 @@ MEMORY = re.compile(r"^\d+(\.\d+)?[kmgKMG]?[bB]?$")
 
 def deploy_dir(inventory: Inventory) -> str:
     """Where the compose project and its environment live on every app host."""
-    return inventory.settings["app"]["deploy_dir"]
+    return inventory.settings.app.deploy_dir
 
 
 def compose(directory: str, project: str = PROJECT) -> str:
@@ -89,7 +89,7 @@ def runs_redis_proxy(inventory: Inventory, host: Host) -> bool:
     """Whether a host runs redis_proxy: in Sentinel mode, wherever a container reads Redis from
     REDIS_HOST:REDIS_PORT (Dify's pub/sub) or a redis:// URL (the agent backend), which cannot
     follow Sentinel. The plugin daemon asks the sentinels itself."""
-    return (inventory.settings["cache"]["mode"] == "sentinel"
+    return (inventory.settings.cache.mode == "sentinel"
             and (host.has("api", "worker", "beat")
                  or placement.runs_agent(inventory, host)))
 
@@ -135,7 +135,7 @@ def worker_services(inventory: Inventory, host: Host) -> list[str]:
     """The compose services of the worker groups this host runs (worker_<group>)."""
     if not host.has("worker"):
         return []
-    groups = [g["name"] for g in inventory.settings["app"]["worker_groups"]]
+    groups = [g["name"] for g in inventory.settings.app.worker_groups]
     return [f"worker_{name}" for name in groups if name in (host.worker_groups or groups)]
 
 
@@ -174,7 +174,7 @@ def release_text(record: dict) -> str:
 
 def check_limits(inventory: Inventory) -> None:
     """Resource limits must be what compose understands; refused before any host is touched."""
-    app, problems = inventory.settings["app"], []
+    app, problems = inventory.settings.app, []
     for service in LIMITED:
         cpus, memory = app[service]["cpus"], app[service]["memory"]
         if cpus and not (CPUS.match(cpus) and float(cpus) > 0):
@@ -242,10 +242,10 @@ def reachable(name: str, address: str, port: int, timeout: float) -> WaitFor:
 def redis_endpoint(inventory: Inventory) -> tuple[str, int]:
     """The Redis the app reaches first: a broker host, else the first cache host (Sentinel's
     port in sentinel mode)."""
-    cache = inventory.settings["cache"]
+    cache = inventory.settings.cache
     hosts = inventory.with_role("broker") or inventory.with_role("cache")
-    port = cache["sentinel_port"] if cache["mode"] == "sentinel" and not \
-        inventory.with_role("broker") else cache["port"]
+    port = cache.sentinel_port if cache.mode == "sentinel" and not \
+        inventory.with_role("broker") else cache.port
     return hosts[0].address, port
 
 
@@ -261,7 +261,7 @@ def steps(inventory: Inventory, renderer: Renderer, host: Host, *,
         return []  # e.g. role `agent` alone with a release that has no agent services
     agent = placement.runs_agent(inventory, host)
     directory = deploy_dir(inventory)
-    timeout = inventory.settings["app"]["health_timeout"]
+    timeout = inventory.settings.app.health_timeout
     env = environment(inventory, renderer, host)
     files = [
         WriteFile(f"{directory}/.env", env, mode=0o600, secret=True),
@@ -294,13 +294,13 @@ def steps(inventory: Inventory, renderer: Renderer, host: Host, *,
         "docker info >/dev/null 2>&1 && docker compose version >/dev/null 2>&1 || { echo "
         "'this host needs a running Docker Engine with the compose v2 plugin (docker.io or "
         "docker-ce, and docker-compose-plugin)' >&2; exit 1; }", changes=False))
-    storage = inventory.settings["storage"]
-    if host.has("api", "worker") and storage["type"] != "s3":
+    storage = inventory.settings.storage
+    if host.has("api", "worker") and storage.type != "s3":
         plan.append(RunCommand(
-            f"storage {storage['path']} owned by uid {DIFY_UID}",
-            f"mkdir -p {shlex.quote(storage['path'])} && chown {DIFY_UID}:{DIFY_UID} "
-            f"{shlex.quote(storage['path'])}",
-            unless=f"test \"$(stat -c %u {shlex.quote(storage['path'])} 2>/dev/null)\" = "
+            f"storage {storage.path} owned by uid {DIFY_UID}",
+            f"mkdir -p {shlex.quote(storage.path)} && chown {DIFY_UID}:{DIFY_UID} "
+            f"{shlex.quote(storage.path)}",
+            unless=f"test \"$(stat -c %u {shlex.quote(storage.path)} 2>/dev/null)\" = "
                    f"{DIFY_UID}"))
     images = sorted(set(host_images(inventory, host).values()))
     plan.append(RunCommand(
@@ -311,7 +311,7 @@ def steps(inventory: Inventory, renderer: Renderer, host: Host, *,
                + " >/dev/null 2>&1"))
     if host.has("api", "worker", "beat", "plugin_daemon") or agent:
         primary = inventory.with_role("db_primary")[0]
-        plan.append(reachable("PostgreSQL", primary.address, inventory.settings["db"]["port"],
+        plan.append(reachable("PostgreSQL", primary.address, inventory.settings.db.port,
                               timeout))
         plan.append(reachable("Redis", *redis_endpoint(inventory), timeout))
     if host.has("plugin_daemon"):
@@ -339,10 +339,10 @@ def gates(inventory: Inventory, host: Host) -> list[WaitFor]:
     """The health answers of the services this host serves (probed from the control machine);
     each worker by a Celery ping and local_sandbox, which only agent_backend reaches, by its
     healthcheck, both on the host."""
-    timeout = inventory.settings["app"]["health_timeout"]
+    timeout = inventory.settings.app.health_timeout
     api, agent = host.has("api"), placement.runs_agent(inventory, host)
     websocket = api and placement.websocket_enabled(inventory)
-    port = inventory.settings["app"]["websocket_port"]
+    port = inventory.settings.app.websocket_port
     # (service, port, path, answer contains, whether this host runs it)
     probes = [("api", 5001, "/health", "ok", api), ("api", 5001, "/console/api/setup", "", api),
               ("api_websocket", port, "/health", "ok", websocket),

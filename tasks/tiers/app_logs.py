@@ -172,7 +172,7 @@ def read(inventory: Inventory, chosen: list[Source], since: str, grep: str) -> l
         return answers
 
     hosts = [inventory.host(name) for name in by_host]
-    outcomes = each_host(hosts, one, inventory.settings["timeouts"])
+    outcomes = each_host(hosts, one, inventory.settings.timeouts)
     failed = [f"{o.host.name}: {o.error}" for o in outcomes if not o.ok]
     if failed:
         raise DifyopsError("cannot read the logs of " + "; ".join(failed))
@@ -212,7 +212,7 @@ def follow(inventory: Inventory, chosen: list[Source], since: str, grep: str) ->
     machines: list[Machine] = []
     threads = []
     for source in chosen:
-        machine = connect(source.host, inventory.settings["timeouts"])
+        machine = connect(source.host, inventory.settings.timeouts)
         machines.append(machine)
         command = logs_command(inventory, source, since, True)
         lines = PrefixedLines(source, grep, emit)

@@ -67,7 +67,7 @@ def run_one_off(inventory: Inventory, words: list[str], *, service: str = "api",
     # The arguments may hold a password (reset-password): the program's name only.
     print(f"[app] {chosen.name}: `{words[0]}` in a fresh {service} container", file=sys.stderr,
           flush=True)
-    machine = connect(chosen, inventory.settings["timeouts"])
+    machine = connect(chosen, inventory.settings.timeouts)
     try:
         return machine.attach(command, interactive=interactive)
     finally:

@@ -21,7 +21,6 @@
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import json
 import re
@@ -63,10 +62,10 @@ def with_release(inventory: Inventory, version: str, images: dict[str, str] | No
         raise InputError([Problem("--version", version, f"no profile for Dify {version}",
                                   f"use one of {', '.join(available_versions())} or add "
                                   f"config/profiles/{version}.yml")])
-    settings = copy.deepcopy(inventory.settings)
-    settings["dify"]["version"] = version
+    dify = inventory.settings.dify.replace(version=version)
     if images is not None:  # names exactly as recorded: no prefix added again
-        settings["dify"].update(images=dict(images), registry_mirror="", private_registry="")
+        dify = dify.replace(images=images, registry_mirror="", private_registry="")
+    settings = inventory.settings.replace(dify=dify)
     profile = load_profile(version)
     target = dataclasses.replace(inventory, settings=settings, profile=profile,
                                  hosts=placement.place_defaults(inventory.hosts, profile))
@@ -111,7 +110,7 @@ def deployed(inventory: Inventory) -> dict[str, dict | None]:
     difyops); an unreachable host is an error."""
     path = f"{tier.deploy_dir(inventory)}/release.json"
     outcomes = each_host(inventory.with_role(*APP_ROLES), lambda m: read_json(m, path),
-                         inventory.settings["timeouts"])
+                         inventory.settings.timeouts)
     errors = [o.error for o in outcomes if not o.ok]
     if errors:
         raise ReleaseError("cannot read what the app hosts run:\n  " + "\n  ".join(errors))
@@ -121,7 +120,7 @@ def deployed(inventory: Inventory) -> dict[str, dict | None]:
 def read_history(inventory: Inventory) -> list[dict]:
     """The release history: the longest copy among the api hosts that answer."""
     outcomes = each_host(inventory.with_role("api"), lambda m: read_json(m, HISTORY_FILE),
-                         inventory.settings["timeouts"])
+                         inventory.settings.timeouts)
     copies = [o.value for o in outcomes if o.ok and isinstance(o.value, list)]
     if not copies and not any(o.ok for o in outcomes):
         raise ReleaseError("no api host answers: " + "; ".join(o.error for o in outcomes))
@@ -133,7 +132,7 @@ def write_history(inventory: Inventory, history: list[dict]) -> list[str]:
     content = (json.dumps(history, indent=2) + "\n").encode()
     outcomes = each_host(inventory.with_role("api"),
                          lambda m: m.install_file(HISTORY_FILE, content),
-                         inventory.settings["timeouts"])
+                         inventory.settings.timeouts)
     return [o.host.name for o in outcomes if not o.ok]
 
 
@@ -141,8 +140,8 @@ def database_revision(inventory: Inventory) -> str | None:
     """The dify database's alembic revision, read with psql on the database primary (None: no
     alembic_version table or no row yet)."""
     primary = inventory.with_role("db_primary")[0]
-    port = inventory.settings["db"]["port"]
-    machine = connect(primary, inventory.settings["timeouts"])
+    port = inventory.settings.db.port
+    machine = connect(primary, inventory.settings.timeouts)
     try:
         result = machine.run(f"runuser -u postgres -- psql -p {port} -d dify -AtX -c "
                              f"'SELECT version_num FROM alembic_version'")
@@ -187,7 +186,7 @@ def ensure_images(inventory: Inventory, hosts: list[Host]) -> None:
             raise ReleaseError(f"{machine.host.name}: missing and not pullable: "
                                f"{', '.join(failed)}")
 
-    outcomes = each_host(hosts, check, inventory.settings["timeouts"])
+    outcomes = each_host(hosts, check, inventory.settings.timeouts)
     errors = [o.error for o in outcomes if not o.ok]
     if errors:
         raise ReleaseError(f"images of Dify {inventory.profile.version} are missing (nothing "
@@ -215,7 +214,7 @@ def migrate(inventory: Inventory, report: Report) -> Migration:
     plan = [step for step in tier.steps(inventory, Renderer(inventory), host,
                                         release_guard=False)
             if isinstance(step, WriteFile) and "/migration/" in step.path]
-    executor = Executor(report, timeouts=inventory.settings["timeouts"])
+    executor = Executor(report, timeouts=inventory.settings.timeouts)
     try:
         report.expect(host.name)
         if not executor.run_host("app", HostPlan(host, plan)):
@@ -298,7 +297,7 @@ def replace(target: Inventory, previous: Inventory | None, hooks_: Hooks,
     if previous is not None:
         old = Renderer(previous)
         restore = lambda host: plan(previous, host, old)  # noqa: E731
-    timeouts = target.settings["timeouts"]
+    timeouts = target.settings.timeouts
     outcome = roll("app", [plan(target, h, renderer) for h in front], report=report,
                    timeouts=timeouts, drain=hooks_.drain, undrain=hooks_.undrain,
                    behind_lb=hooks_.drainable,
@@ -390,7 +389,7 @@ def run_release_steps(inventory: Inventory, since: str, done: list[str], report:
     if not todo:
         return
     host = tier.migration_host(inventory)
-    machine = connect(host, inventory.settings["timeouts"])
+    machine = connect(host, inventory.settings.timeouts)
     try:
         for version, step in todo:
             report.note(f"[app] {host.name}: release step of Dify {version}: flask "

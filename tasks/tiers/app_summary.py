@@ -32,7 +32,7 @@ def lines(plans: list[TierPlan], inventory: Inventory) -> list[str]:
     placed = services(plans, inventory)
     out += [f"  service {name}: {', '.join(hosts)}" for name, hosts in sorted(placed.items())]
     consumed = {group["name"]: inventory.worker_queues(group)
-                for group in inventory.settings["app"]["worker_groups"]}
+                for group in inventory.settings.app.worker_groups}
     out.append(f"  queues ({len(profile.queues)}): {', '.join(profile.queues)}")
     out += [f"    worker group {name}: {len(queues)} queue(s)"
             for name, queues in consumed.items()]

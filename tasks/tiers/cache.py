@@ -36,8 +36,8 @@ def quorum(inventory: Inventory) -> int:
 
 def cluster_ports(inventory: Inventory) -> list[int]:
     """The ports of the cluster nodes on each cache host."""
-    cache = inventory.settings["cache"]
-    return [cache["port"] + index for index in range(cache["cluster_nodes_per_host"])]
+    cache = inventory.settings.cache
+    return [cache.port + index for index in range(cache.cluster_nodes_per_host)]
 
 
 def cluster_nodes(inventory: Inventory) -> list[str]:
@@ -62,8 +62,8 @@ def ping(port: int, name: str, unit: str, timeout: float = 60) -> WaitFor:
 
 def steps(inventory: Inventory, renderer: Renderer, host: Host) -> list[Step]:
     """The host's Redis processes for the inventory's mode."""
-    cache = inventory.settings["cache"]
-    mode = cache["mode"]
+    cache = inventory.settings.cache
+    mode = cache.mode
     nodes = inventory.with_role("cache")
     extra = {
         "seed": nodes[0].address if nodes else host.address,
@@ -71,7 +71,7 @@ def steps(inventory: Inventory, renderer: Renderer, host: Host) -> list[Step]:
         "quorum": quorum(inventory),
         "cluster_nodes": cluster_nodes(inventory) if mode == "cluster" else [],
         "owned": OWNED_CONF, "sentinel_seed": SENTINEL_SEED, "auth": AUTH,
-        "maxmemory": memory(cache["maxmemory_mb"]) if cache["maxmemory_mb"] else "",
+        "maxmemory": memory(cache.maxmemory_mb) if cache.maxmemory_mb else "",
     }
 
     def render(template: str, **more: object) -> str:
@@ -87,14 +87,14 @@ def steps(inventory: Inventory, renderer: Renderer, host: Host) -> list[Step]:
     if cluster:
         return [*plan, *cluster_steps(inventory, render, host)]
     plan += [
-        WriteFile(OWNED_CONF, render("redis.conf.j2", port=cache["port"], cluster=False,
+        WriteFile(OWNED_CONF, render("redis.conf.j2", port=cache.port, cluster=False,
                                      data_dir="/var/lib/redis",
                                      log_file="/var/log/redis/redis-server.log", pid_file=""),
                   mode=0o600, secret=True),
         RunCommand("redis.conf: difyops's settings, Redis's replicaof kept",
                    f"{HELPER} config-merge", unless=f"{HELPER} config-ok"),
         service_running("redis-server"),
-        ping(cache["port"], f"redis on :{cache['port']}", "redis-server"),
+        ping(cache.port, f"redis on :{cache.port}", "redis-server"),
     ]
     if not sentinel:
         return plan
@@ -107,21 +107,21 @@ def steps(inventory: Inventory, renderer: Renderer, host: Host) -> list[Step]:
         WriteFile(SENTINEL_SEED, render("sentinel.conf.j2"), mode=0o600, secret=True),
         RunCommand("seed sentinel.conf (once: Sentinel owns it afterwards)",
                    f"{HELPER} sentinel-seed",
-                   unless=f"grep -q '^sentinel monitor {cache['master_name']} ' "
+                   unless=f"grep -q '^sentinel monitor {cache.master_name} ' "
                           f"/etc/redis/sentinel.conf"),
         service_running("redis-sentinel"),
-        ping(cache["sentinel_port"], f"sentinel on :{cache['sentinel_port']}",
+        ping(cache.sentinel_port, f"sentinel on :{cache.sentinel_port}",
              "redis-sentinel"),
         RunCommand(f"sentinel quorum {quorum(inventory)} and timeouts", f"{HELPER} sentinel-set",
                    unless=f"{HELPER} sentinel-ok"),
-        WaitFor(CommandGate(f"sentinels agree on {cache['master_name']}", timeout=60,
+        WaitFor(CommandGate(f"sentinels agree on {cache.master_name}", timeout=60,
                             interval=2, command=f"{HELPER} sentinels-ok")),
     ]
 
 
 def cluster_steps(inventory: Inventory, render, host: Host) -> list[Step]:
     """Cluster nodes as redis-server@PORT units; the first cache host forms the cluster once."""
-    cache = inventory.settings["cache"]
+    cache = inventory.settings.cache
     plan: list[Step] = [
         RunCommand("stop the packaged redis-server (cluster nodes have their own units)",
                    "systemctl disable --now redis-server",
@@ -149,7 +149,7 @@ def cluster_steps(inventory: Inventory, render, host: Host) -> list[Step]:
         plan += [
             WaitFor(CommandGate("every cluster node answers", timeout=300, interval=2,
                                 command=f"{HELPER} cluster-nodes-up")),
-            RunCommand(f"create the cluster ({cache['cluster_replicas']} replica(s) per master)",
+            RunCommand(f"create the cluster ({cache.cluster_replicas} replica(s) per master)",
                        f"{HELPER} cluster-create", unless=f"{HELPER} cluster-ok"),
         ]
     plan.append(WaitFor(CommandGate("cluster_state:ok", timeout=300, interval=2,

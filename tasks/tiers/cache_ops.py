@@ -60,8 +60,8 @@ class RedisNode:
 
 def probe(inventory: Inventory) -> Callable[[Machine], list[RedisNode]]:
     """A function that reads every Redis process of one host (read-only)."""
-    cache = inventory.settings["cache"]
-    mode = cache["mode"]
+    cache = inventory.settings.cache
+    mode = cache.mode
 
     def cli(machine: Machine, port: int, command: str) -> str:
         result = machine.run(f"{AUTHED} timeout 5 redis-cli -p {port} {command}")
@@ -72,7 +72,7 @@ def probe(inventory: Inventory) -> Callable[[Machine], list[RedisNode]]:
     def read(machine: Machine) -> list[RedisNode]:
         host = machine.host
         clustered = mode == "cluster" and host.has("cache")
-        ports = cluster_ports(inventory) if clustered else [cache["port"]]
+        ports = cluster_ports(inventory) if clustered else [cache.port]
         nodes = []
         for port in ports:
             node = RedisNode(host.name, host.address, port)
@@ -84,7 +84,7 @@ def probe(inventory: Inventory) -> Callable[[Machine], list[RedisNode]]:
                 node.error = str(exc)
             nodes.append(node)
         if mode == "sentinel" and host.has("cache"):
-            node, port, name = nodes[0], cache["sentinel_port"], cache["master_name"]
+            node, port, name = nodes[0], cache.sentinel_port, cache.master_name
             try:
                 answer = cli(machine, port, f"sentinel get-master-addr-by-name {name}")
                 node.sentinel_master = (answer.split() or [""])[0]
@@ -101,18 +101,18 @@ def survey(inventory: Inventory) -> list[RedisNode]:
     """Every Redis process of the cache and broker hosts, in inventory order."""
     hosts = inventory.with_role("cache", "broker")
     nodes: list[RedisNode] = []
-    for outcome in each_host(hosts, probe(inventory), inventory.settings["timeouts"]):
+    for outcome in each_host(hosts, probe(inventory), inventory.settings.timeouts):
         if outcome.ok:
             nodes.extend(outcome.value or [])
         else:
             nodes.append(RedisNode(outcome.host.name, outcome.host.address,
-                                   inventory.settings["cache"]["port"], error=outcome.error))
+                                   inventory.settings.cache.port, error=outcome.error))
     return nodes
 
 
 def problems(inventory: Inventory, nodes: list[RedisNode]) -> list[str]:
     """Everything wrong with the cache as the inventory's mode describes it."""
-    mode = inventory.settings["cache"]["mode"]
+    mode = inventory.settings.cache.mode
     found = [f"{n.host}:{n.port}: {n.error}" for n in nodes if n.error]
     cache_hosts = {host.name for host in inventory.with_role("cache")}
     if mode == "sentinel":
@@ -137,7 +137,7 @@ def sentinel_problems(inventory: Inventory, nodes: list[RedisNode]) -> list[str]
     for host, view in views.items():
         if not view:
             found.append(f"{host}: its Sentinel names no master for "
-                         f"{inventory.settings['cache']['master_name']}")
+                         f"{inventory.settings.cache.master_name}")
     if len(seen) > 1:
         found.append("the Sentinels disagree on the master: " +
                      ", ".join(f"{host} sees {view}" for host, view in views.items() if view))
@@ -223,11 +223,11 @@ def status_table(inventory: Inventory, nodes: list[RedisNode]) -> str:
 
 def status(inventory: Inventory, out: Out = print) -> None:
     """Print the table; raise when anything is wrong (the caller exits non-zero)."""
-    mode = inventory.settings["cache"]["mode"]
+    mode = inventory.settings.cache.mode
     nodes = survey(inventory)
     heading = f"mode {mode}"
     if mode == "sentinel":
-        heading += (f", master name {inventory.settings['cache']['master_name']}, "
+        heading += (f", master name {inventory.settings.cache.master_name}, "
                     f"quorum {quorum(inventory)} of {len(inventory.with_role('cache'))}")
     out(heading)
     out(status_table(inventory, nodes))

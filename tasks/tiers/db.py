@@ -32,25 +32,25 @@ def slot_name(host: Host) -> str:
 
 def unit(inventory: Inventory) -> str:
     """The systemd unit of the cluster difyops manages (Debian's postgresql@VERSION-main)."""
-    return f"postgresql@{inventory.settings['db']['version']}-main"
+    return f"postgresql@{inventory.settings.db.version}-main"
 
 
 def conf_dir(inventory: Inventory) -> str:
     """Debian's configuration folder of the cluster."""
-    return f"/etc/postgresql/{inventory.settings['db']['version']}/main"
+    return f"/etc/postgresql/{inventory.settings.db.version}/main"
 
 
 def psql(inventory: Inventory, sql: str) -> str:
     """psql as the postgres superuser on the host itself (peer authentication, no password),
     unaligned with fields split by |."""
-    port = inventory.settings["db"]["port"]
+    port = inventory.settings.db.port
     return (f"cd / && runuser -u postgres -- psql -XAtq -F '|' -p {port} -v ON_ERROR_STOP=1 "
             f"-c {shlex.quote(sql)}")
 
 
 def writable_gate(inventory: Inventory) -> CommandGate:
     """Passes when the server accepts writes: out of recovery and able to assign an xid."""
-    timeout = inventory.settings["db"]["promote_timeout"]
+    timeout = inventory.settings.db.promote_timeout
     return CommandGate("primary accepts writes", timeout=timeout,
                        command=psql(inventory, "SELECT pg_is_in_recovery()") + " | grep -qx f && "
                        + psql(inventory, "SELECT pg_current_xact_id()") + " >/dev/null")
@@ -58,8 +58,8 @@ def writable_gate(inventory: Inventory) -> CommandGate:
 
 def steps(inventory: Inventory, renderer: Renderer, host: Host) -> list[Step]:
     """Guard, install, configure, clone (standbys), start; roles and databases on the primary."""
-    db = inventory.settings["db"]
-    version, port = db["version"], db["port"]
+    db = inventory.settings.db
+    version, port = db.version, db.port
     confdir, service = conf_dir(inventory), unit(inventory)
     settings, hba = f"{confdir}/conf.d/difyops.conf", f"{confdir}/pg_hba.conf"
     upstream = f"{confdir}/conf.d/difyops-upstream.conf"
@@ -87,7 +87,7 @@ def steps(inventory: Inventory, renderer: Renderer, host: Host) -> list[Step]:
         WriteFile(upstream, render("upstream.conf.j2"), owner="postgres", group="postgres"),
         WriteFile(hba, render("pg_hba.conf.j2"), mode=0o640, owner="postgres", group="postgres"),
     ]
-    if db["wal_archive"]:
+    if db.wal_archive:
         archive = f"/var/lib/postgresql/{version}/archive"
         plan.append(RunCommand(f"WAL archive {archive}",
                                f"install -d -o postgres -g postgres -m 0700 {archive}",

@@ -111,7 +111,7 @@ def probe(inventory: Inventory) -> Callable[[Machine], Node]:
         if not node.deployed:
             return node
         node.running = machine.run(f"systemctl is-active --quiet {unit(inventory)}").ok and \
-            machine.run(f"pg_isready -q -p {inventory.settings['db']['port']}").ok
+            machine.run(f"pg_isready -q -p {inventory.settings.db.port}").ok
         if not node.running:
             return node
         (recovery,), = rows(machine, inventory, "SELECT pg_is_in_recovery()")
@@ -154,7 +154,7 @@ def probe(inventory: Inventory) -> Callable[[Machine], Node]:
 def survey(inventory: Inventory) -> list[Node]:
     """Every db host's state, in inventory order (unreachable hosts carry their error)."""
     hosts = inventory.with_role("db_primary", "db_replica")
-    outcomes = each_host(hosts, probe(inventory), inventory.settings["timeouts"])
+    outcomes = each_host(hosts, probe(inventory), inventory.settings.timeouts)
     return [outcome.value if outcome.ok else Node(outcome.host, error=outcome.error)
             for outcome in outcomes]
 
@@ -191,7 +191,7 @@ def problems(inventory: Inventory, nodes: list[Node]) -> list[str]:
     if len(primaries) != 1:
         return found
     primary = primaries[0]
-    limit = inventory.settings["db"]["max_lag_bytes"]
+    limit = inventory.settings.db.max_lag_bytes
     for node in nodes:
         if node is primary or not node.running or not node.in_recovery:
             continue
@@ -259,7 +259,7 @@ def status(inventory: Inventory, out: Out = print) -> None:
 
 def with_machine(host: Host, inventory: Inventory, action: Callable[[Machine], object]) -> object:
     """Run an action on one host's connection, closing it afterwards."""
-    machine = connect(host, inventory.settings["timeouts"])
+    machine = connect(host, inventory.settings.timeouts)
     try:
         return action(machine)
     finally:
@@ -271,7 +271,7 @@ def promote_node(inventory: Inventory, node: Node, out: Out) -> None:
     name = node.host.name
     if node.error or not node.running:
         raise HostError(f"cannot promote {name}: {node.error or 'PostgreSQL is not running'}")
-    timeout = inventory.settings["db"]["promote_timeout"]
+    timeout = inventory.settings.db.promote_timeout
 
     def promote(machine: Machine) -> str:
         if node.in_recovery:
@@ -444,7 +444,7 @@ def failover(inventory: Inventory, wanted: str | None = None, out: Out = print,
     plan = TIER.plan(after)
     plan.hosts = [host_plan for host_plan in plan.hosts if host_plan.host.name != old.name]
     out(f"re-pointing the standbys to {target.host.name}:")
-    result = execute([plan], report=report or Report(), timeouts=inventory.settings["timeouts"])
+    result = execute([plan], report=report or Report(), timeouts=inventory.settings.timeouts)
     app_hosts = [h.name for h in inventory.with_role("api", "worker", "beat", "plugin_daemon")]
     out(f"\nthe inventory must now say so; edit {display(inventory.file)}:\n"
         + inventory_edit(inventory, old.name, target.host.name))
@@ -474,7 +474,7 @@ def promotable(node: Node) -> Node:
 
 def stop_and_checkpoint(inventory: Inventory, machine: Machine) -> int:
     """Stop a primary cleanly; return its shutdown checkpoint's WAL position."""
-    version = inventory.settings["db"]["version"]
+    version = inventory.settings.db.version
     machine.check(f"systemctl stop {unit(inventory)}")
     result = machine.check(f"/usr/lib/postgresql/{version}/bin/pg_controldata "
                            f"/var/lib/postgresql/{version}/main")

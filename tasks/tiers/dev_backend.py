@@ -70,19 +70,19 @@ QUEUE_CHECK = (
 def uv_environment(inventory: Inventory) -> str:
     """`env` assignments for uv: the OS certificate store (like pip and git), the index mirror,
     the interpreter (dev.python)."""
-    dev = inventory.settings["dev"]
+    dev = inventory.settings.dev
     assignments = ["UV_NATIVE_TLS=true", "UV_SYSTEM_CERTS=true"]
-    if dev["package_index"]:
-        assignments.append(f"UV_INDEX_URL={shlex.quote(dev['package_index'])}")
-    if dev["python"]:
-        assignments.append(f"UV_PYTHON={shlex.quote(dev['python'])}")
+    if dev.package_index:
+        assignments.append(f"UV_INDEX_URL={shlex.quote(dev.package_index)}")
+    if dev.python:
+        assignments.append(f"UV_PYTHON={shlex.quote(dev.python)}")
     return "env " + " ".join(assignments)
 
 
 def sync_stamp(inventory: Inventory) -> str:
     """What the environment was synced from: the project's and lock's hashes, the interpreter
     asked for (a change of either syncs again). A `sh -c` script run in the api folder."""
-    python = shlex.quote(f"python={inventory.settings['dev']['python']}")
+    python = shlex.quote(f"python={inventory.settings.dev.python}")
     return f"sha256sum pyproject.toml uv.lock && echo {python}"
 
 
@@ -133,7 +133,7 @@ def steps(inventory: Inventory, renderer: Renderer, host: Host) -> list[Step]:
                "worker_name": WORKER_NAME}
     primary = inventory.with_role("db_primary")[0]
     redis = (inventory.with_role("broker") or inventory.with_role("cache"))[0]
-    db_port, redis_port = inventory.settings["db"]["port"], inventory.settings["cache"]["port"]
+    db_port, redis_port = inventory.settings.db.port, inventory.settings.cache.port
     plan: list[Step] = [
         WaitFor(CommandGate(f"postgresql at {primary.name}:{db_port} reachable",
                             timeout=20, interval=2,
@@ -150,7 +150,7 @@ def steps(inventory: Inventory, renderer: Renderer, host: Host) -> list[Step]:
     if clone_step_needed(inventory):
         parent = shlex.quote(root.rsplit("/", 1)[0] or "/")
         plan.append(RunCommand(
-            f"clone {inventory.settings['dev']['dify_source']} into {root}",
+            f"clone {inventory.settings.dev.dify_source} into {root}",
             f"install -d -o {shlex.quote(user)} -g {shlex.quote(user)} {parent} && "
             f"{as_user(user)}{git_clone(inventory, root)}",
             unless=f"test -d {shlex.quote(root + '/.git')}"))
@@ -202,7 +202,7 @@ def steps(inventory: Inventory, renderer: Renderer, host: Host) -> list[Step]:
 
 def pip_environment(inventory: Inventory) -> str:
     """`env` for the pip that installs uv: the package index mirror when one is set."""
-    index = inventory.settings["dev"]["package_index"]
+    index = inventory.settings.dev.package_index
     return f"env PIP_INDEX_URL={shlex.quote(index)}" if index else "env"
 
 

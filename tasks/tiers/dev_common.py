@@ -36,19 +36,19 @@ def is_git_url(source: str) -> bool:
 
 def backend_checkout(inventory: Inventory) -> str:
     """The Dify checkout on the backend host: the path given, or where the URL is cloned."""
-    dev = inventory.settings["dev"]
-    return dev["checkout_dir"] if is_git_url(dev["dify_source"]) else dev["dify_source"]
+    dev = inventory.settings.dev
+    return dev.checkout_dir if is_git_url(dev.dify_source) else dev.dify_source
 
 
 def frontend_checkout(inventory: Inventory) -> str:
     """The Dify checkout on the front-end machine (dev.frontend_dir, else the backend's)."""
-    return inventory.settings["dev"]["frontend_dir"] or backend_checkout(inventory)
+    return inventory.settings.dev.frontend_dir or backend_checkout(inventory)
 
 
 def dev_user(inventory: Inventory, host: Host) -> str:
     """The account the dev servers run as: dev.user, else the host's login user."""
-    if inventory.settings["dev"]["user"]:
-        return inventory.settings["dev"]["user"]
+    if inventory.settings.dev.user:
+        return inventory.settings.dev.user
     return getpass.getuser() if host.connection == "local" else host.ssh.user
 
 
@@ -64,40 +64,40 @@ def backend(inventory: Inventory) -> Host:
 
 def clone_step_needed(inventory: Inventory) -> bool:
     """Whether the checkout is cloned from dev.dify_source (a URL) rather than given."""
-    return is_git_url(inventory.settings["dev"]["dify_source"])
+    return is_git_url(inventory.settings.dev.dify_source)
 
 
 def git_clone(inventory: Inventory, target: str) -> str:
     """The `git clone` arguments for dev.dify_source at dev.dify_ref into target (POSIX quoting)."""
-    dev = inventory.settings["dev"]
-    branch = f"--branch {shlex.quote(dev['dify_ref'])} " if dev["dify_ref"] else ""
-    return f"git clone --quiet {branch}{shlex.quote(dev['dify_source'])} {shlex.quote(target)}"
+    dev = inventory.settings.dev
+    branch = f"--branch {shlex.quote(dev.dify_ref)} " if dev.dify_ref else ""
+    return f"git clone --quiet {branch}{shlex.quote(dev.dify_source)} {shlex.quote(target)}"
 
 
 def problems(inventory: Inventory) -> list[Problem]:
     """Everything wrong with the home-lab settings, found before any host is touched."""
-    shown, dev = display(inventory.file), inventory.settings["dev"]
+    shown, dev = display(inventory.file), inventory.settings.dev
     found: list[Problem] = []
     machines = inventory.with_role("dev_backend", "dev_frontend")
-    if machines and not dev["dify_source"]:
+    if machines and not dev.dify_source:
         found.append(Problem(shown, "dev.dify_source", "empty, but the inventory has dev_backend "
                              "or dev_frontend hosts that run Dify from a checkout",
                              "set it to the path of a Dify checkout on the VM, or to a git URL "
                              "(with dev.dify_ref, e.g. a release tag)"))
-    elif (dev["dify_source"] and not is_git_url(dev["dify_source"])
-          and not posixpath.isabs(dev["dify_source"])):
+    elif (dev.dify_source and not is_git_url(dev.dify_source)
+          and not posixpath.isabs(dev.dify_source)):
         found.append(Problem(shown, "dev.dify_source",
-                             f"{dev['dify_source']!r} is neither a git URL nor an absolute path",
+                             f"{dev.dify_source!r} is neither a git URL nor an absolute path",
                              "give the absolute path of the checkout on the VM (e.g. "
                              "/home/dev/dify) or a URL such as https://github.com/langgenius/"
                              "dify.git"))
     for index, host in enumerate(inventory.hosts):
         if not host.has("dev_frontend"):
             continue
-        if is_windows(host) and not WINDOWS_PATH.match(dev["frontend_dir"]):
+        if is_windows(host) and not WINDOWS_PATH.match(dev.frontend_dir):
             found.append(Problem(shown, "dev.frontend_dir",
                                  f"the front end {host.name} (hosts[{index}]) is Windows, and "
-                                 f"{dev['frontend_dir'] or '(empty)'!r} is not a Windows path",
+                                 f"{dev.frontend_dir or '(empty)'!r} is not a Windows path",
                                  r"set dev.frontend_dir to the checkout on that machine, e.g. "
                                  r"'C:\src\dify'"))
         if is_windows(host) and host.has("dev_backend", "dev_server"):
@@ -110,7 +110,7 @@ def problems(inventory: Inventory) -> list[Problem]:
 
 def network_problems(inventory: Inventory, shown: str) -> list[Problem]:
     """dev.network is a CIDR block holding every home-lab machine that has an IP address."""
-    cidr = inventory.settings["dev"]["network"]
+    cidr = inventory.settings.dev.network
     if not cidr:
         return []
     try:
@@ -143,7 +143,7 @@ def server_problems(inventory: Inventory) -> list[Problem]:
                         "give the home server the roles dev_server, db_primary, cache (and "
                         "vector, monitor)")]
     wanted = ["db_primary", "cache"]
-    if inventory.settings["vector"]["store"] == "weaviate":
+    if inventory.settings.vector.store == "weaviate":
         wanted.append("vector")
     found = []
     for host in servers:

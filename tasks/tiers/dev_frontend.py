@@ -58,7 +58,7 @@ def linux_steps(inventory: Inventory, renderer: Renderer, host: Host) -> list[St
     root = frontend_checkout(inventory)
     web_dir = f"{root}/web"
     web = shlex.quote(web_dir)
-    registry = inventory.settings["dev"]["npm_registry"]
+    registry = inventory.settings.dev.npm_registry
     npm_env = "env CI=true" + (f" npm_config_registry={shlex.quote(registry)}" if registry else "")
     env_file = f"{web_dir}/.env.local"
     unit = f"{UNIT_DIR}/{WEB_UNIT}"
@@ -76,7 +76,7 @@ def linux_steps(inventory: Inventory, renderer: Renderer, host: Host) -> list[St
             RunCommand("install git", "export DEBIAN_FRONTEND=noninteractive; apt-get update -q "
                        "&& apt-get install -y -q --no-install-recommends git",
                        unless="command -v git"),
-            RunCommand(f"clone {inventory.settings['dev']['dify_source']} into {root}",
+            RunCommand(f"clone {inventory.settings.dev.dify_source} into {root}",
                        f"install -d -o {shlex.quote(user)} -g {shlex.quote(user)} {parent} && "
                        f"{as_user(user)}{git_clone(inventory, root)}",
                        unless=f"test -d {shlex.quote(root + '/.git')}"),
@@ -111,7 +111,7 @@ def windows_steps(inventory: Inventory, renderer: Renderer, host: Host) -> list[
     root = frontend_checkout(inventory)
     web_dir = windows_join(root, "web")
     web = ps_quote(web_dir)
-    registry = inventory.settings["dev"]["npm_registry"]
+    registry = inventory.settings.dev.npm_registry
     npm_env = f"$env:npm_config_registry = {ps_quote(registry)}; " if registry else ""
     env_file = windows_join(web_dir, ".env.local")
     script = windows_join(WINDOWS_STATE, f"{TASK_NAME}.ps1")
@@ -130,11 +130,11 @@ def windows_steps(inventory: Inventory, renderer: Renderer, host: Host) -> list[
                    unless="Get-Command pnpm | Out-Null"),
     ]
     if clone_step_needed(inventory):
-        dev = inventory.settings["dev"]
-        branch = f"--branch {ps_quote(dev['dify_ref'])} " if dev["dify_ref"] else ""
+        dev = inventory.settings.dev
+        branch = f"--branch {ps_quote(dev.dify_ref)} " if dev.dify_ref else ""
         plan.append(RunCommand(
-            f"clone {dev['dify_source']} into {root}",
-            f"git clone --quiet {branch}{ps_quote(dev['dify_source'])} {ps_quote(root)}",
+            f"clone {dev.dify_source} into {root}",
+            f"git clone --quiet {branch}{ps_quote(dev.dify_source)} {ps_quote(root)}",
             unless=f"if (-not (Test-Path -LiteralPath {ps_quote(windows_join(root, '.git'))})) "
                    f"{{ exit 1 }}"))
     package_json = ps_quote(windows_join(web_dir, "package.json"))

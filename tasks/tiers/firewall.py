@@ -92,14 +92,14 @@ def service_sources(inventory: Inventory, host: Host, service: netplan.Service) 
     """Who may reach a service of this host, from the plan and the settings."""
     if netplan.PUBLIC in service.clients:
         return Sources(anywhere=True)
-    management = inventory.settings["net"]["management"]
+    management = inventory.settings.net.management
     if netplan.MANAGEMENT in service.clients and not management:
         return Sources(anywhere=True)
     entries: list[str] = []
     if netplan.MANAGEMENT in service.clients:
         entries += management
-    if netplan.DEV_NETWORK in service.clients and inventory.settings["dev"]["network"]:
-        entries.append(inventory.settings["dev"]["network"])
+    if netplan.DEV_NETWORK in service.clients and inventory.settings.dev.network:
+        entries.append(inventory.settings.dev.network)
     for peer in netplan.clients(inventory, host, service):
         entries += netplan.resolve(peer.address)
     v4, v6 = networks(entries)
@@ -111,11 +111,11 @@ def service_sources(inventory: Inventory, host: Host, service: netplan.Service) 
 
 def ssh_sources(inventory: Inventory, control: str | None) -> Sources:
     """SSH: the management range (anywhere when empty), and the control machine's address."""
-    net = inventory.settings["net"]
-    if not net["management"]:
+    net = inventory.settings.net
+    if not net.management:
         return Sources(anywhere=True)
-    entries = list(net["management"])
-    if net["allow_control"] and control:
+    entries = list(net.management)
+    if net.allow_control and control:
         entries.append(control)
     v4, v6 = networks(entries)
     return Sources(v4=tuple(v4), v6=tuple(v6))
@@ -148,10 +148,10 @@ def ruleset(inventory: Inventory, host: Host, control: str | None) -> Ruleset:
     """The host's rules: SSH, then every service its roles listen on, from its clients only."""
     rules = Ruleset()
     port = host.ssh.port if host.connection == "ssh" else 22
-    net = inventory.settings["net"]
-    if not net["management"]:
+    net = inventory.settings.net
+    if not net.management:
         comment = "ssh from anywhere"
-    elif net["allow_control"] and control:
+    elif net.allow_control and control:
         comment = "ssh from the management range and the control machine"
     else:
         comment = "ssh from the management range"
@@ -211,8 +211,8 @@ class NewConnectionGate(Gate):
 
 def confirm_window(inventory: Inventory) -> tuple[float, float]:
     """(seconds to keep trying a new connection, connect timeout): well inside the rollback."""
-    window = max(5, inventory.settings["net"]["rollback_seconds"] // 2)
-    return window, min(inventory.settings["timeouts"]["connect"], window)
+    window = max(5, inventory.settings.net.rollback_seconds // 2)
+    return window, min(inventory.settings.timeouts.connect, window)
 
 
 def steps_for(control: Mapping[str, str | None]):
@@ -221,7 +221,7 @@ def steps_for(control: Mapping[str, str | None]):
     def steps(inventory: Inventory, renderer: Renderer, host: Host) -> list[Step]:
         """nftables, the guard script and boot unit, the rules with rollback, SSH hardening."""
         window, connect_timeout = confirm_window(inventory)
-        rollback = inventory.settings["net"]["rollback_seconds"]
+        rollback = inventory.settings.net.rollback_seconds
         plan: list[Step] = [
             packages("nftables"),
             WriteFile(SCRIPT, renderer.render("config/nftables/difyops-net.sh.j2", host,
@@ -240,7 +240,7 @@ def steps_for(control: Mapping[str, str | None]):
                        "systemctl enable --quiet difyops-firewall.service",
                        unless="systemctl is-enabled --quiet difyops-firewall.service"),
         ]
-        if inventory.settings["net"]["ssh_hardening"]:
+        if inventory.settings.net.ssh_hardening:
             plan += [
                 WriteFile(SSHD_STAGED, renderer.render("config/ssh/hardening.conf.j2", host)),
                 RunCommand("install the sshd hardening (sshd -t, reload; rolled back unless "
@@ -335,7 +335,7 @@ def read_state(inventory: Inventory, machine: Machine) -> HostState:
     else:
         firewall, ok, diff = f"as planned ({len(rules)} rules)", True, ""
     dropin = machine.read_file(SSHD_DROPIN)
-    if inventory.settings["net"]["ssh_hardening"]:
+    if inventory.settings.net.ssh_hardening:
         wanted = renderer.render("config/ssh/hardening.conf.j2", host).encode()
         if dropin == wanted:
             ssh = "key-only login in force"

@@ -48,8 +48,8 @@ def host_images(inventory: Inventory, host: Host) -> list[str]:
     log store)."""
     images = set(app_tier.host_images(inventory, host).values()) if host.has(*APP_ROLES) \
         else set()
-    vector = inventory.settings["vector"]
-    if host.has("vector") and vector["store"] == "weaviate":
+    vector = inventory.settings.vector
+    if host.has("vector") and vector.store == "weaviate":
         images.add(weaviate(inventory, inventory.image))
     if host.has("logging"):
         images.update(logging_tier.images(inventory).values())
@@ -58,10 +58,10 @@ def host_images(inventory: Inventory, host: Host) -> list[str]:
 
 def weaviate(inventory: Inventory, naming) -> str:
     """Weaviate's image as the vector tier names it (a pinned version overrides the profile)."""
-    version = inventory.settings["vector"]["weaviate_version"]
+    version = inventory.settings.vector.weaviate_version
     if not version:
         return naming("weaviate")
-    return inventory.settings["dify"]["registry_mirror"] + f"semitechnologies/weaviate:{version}"
+    return inventory.settings.dify.registry_mirror + f"semitechnologies/weaviate:{version}"
 
 
 def upstream(inventory: Inventory) -> dict[str, str]:
@@ -71,7 +71,7 @@ def upstream(inventory: Inventory) -> dict[str, str]:
                   for c in app_tier.host_images(inventory, host)}
     for component in components:
         names[inventory.image(component)] = inventory.upstream_image(component)
-    if inventory.with_role("vector") and inventory.settings["vector"]["store"] == "weaviate":
+    if inventory.with_role("vector") and inventory.settings.vector.store == "weaviate":
         names[weaviate(inventory, inventory.image)] = weaviate(inventory,
                                                                inventory.upstream_image)
     if inventory.with_role("logging"):
@@ -120,7 +120,7 @@ def prepare(inventory: Inventory, docker: ControlDocker, refresh: bool) -> list[
     """Pull what the control machine lacks (or everything with refresh); push to the private
     registry when there is one."""
     rows: list[Row] = []
-    registry = inventory.settings["dify"]["private_registry"]
+    registry = inventory.settings.dify.private_registry
     for name, source in sorted(upstream(inventory).items()):
         if refresh or docker.image_id(source) is None:
             docker.check("pull", "-q", source)
@@ -184,13 +184,13 @@ def ship(inventory: Inventory, docker: ControlDocker, host: Host, machine: Machi
 
 def sync(inventory: Inventory, refresh: bool = False, parallel: int = 4) -> list[Row]:
     """Every image of the inventory's release where its hosts need it (module doc)."""
-    docker = ControlDocker(inventory.settings["timeouts"]["command"])
+    docker = ControlDocker(inventory.settings.timeouts.command)
     rows = prepare(inventory, docker, refresh)
-    if inventory.settings["dify"]["private_registry"]:
+    if inventory.settings.dify.private_registry:
         return rows
     hosts = [h for h in inventory.hosts if host_images(inventory, h)]
     outcomes = each_host(hosts, lambda m: ship(inventory, docker, m.host, m, refresh),
-                         inventory.settings["timeouts"], parallel=parallel)
+                         inventory.settings.timeouts, parallel=parallel)
     errors = []
     for outcome in outcomes:
         if outcome.ok:

@@ -83,7 +83,7 @@ def upstream_table(inventory: Inventory) -> list[tuple[str, str, int]]:
     when collaboration runs (tasks/core/placement.py)."""
     table = list(UPSTREAMS)
     if placement.websocket_enabled(inventory):
-        table.append((WEBSOCKET, "api", inventory.settings["app"]["websocket_port"]))
+        table.append((WEBSOCKET, "api", inventory.settings.app.websocket_port))
     return table
 
 
@@ -229,7 +229,7 @@ def acme_command(domain: str, email: str) -> str:
 
 def read_pem(inventory: Inventory, key: str) -> tuple[Path, str]:
     """A PEM file named in tls.<key>: ~ and paths relative to the inventory's folder resolved."""
-    raw = inventory.settings["tls"][key]
+    raw = inventory.settings.tls[key]
     path = Path(raw).expanduser()
     if not path.is_absolute():
         path = (inventory.file.parent / path).resolve()
@@ -272,8 +272,8 @@ def certificate_files(inventory: Inventory) -> tuple[str, str]:
 
 def tls_steps(inventory: Inventory) -> list[Step]:
     """The certificate nginx serves: shipped (file), made on the host (self-signed), or ACME."""
-    tls, domain = inventory.settings["tls"], inventory.settings["domain"]
-    mode = tls["mode"]
+    tls, domain = inventory.settings.tls, inventory.settings.domain
+    mode = tls.mode
     if mode == "file":
         cert, key = certificate_files(inventory)
         return [WriteFile(KEY, key, mode=0o600, secret=True),
@@ -297,7 +297,7 @@ def tls_steps(inventory: Inventory) -> list[Step]:
 
 def steps(inventory: Inventory, renderer: Renderer, host: Host) -> list[Step]:
     """Install nginx, certificate, render the site, publish it past nginx -t, check /health."""
-    mode = inventory.settings["tls"]["mode"]
+    mode = inventory.settings.tls.mode
     names = ["nginx", "curl", "iproute2"]
     if mode in ("self-signed", "acme"):
         names.append("openssl")
@@ -321,9 +321,9 @@ def steps(inventory: Inventory, renderer: Renderer, host: Host) -> list[Step]:
         plan.append(RunCommand("reload nginx for the new certificate",
                                "nginx -t -q && systemctl reload nginx", on_change=(CERT, KEY)))
     if mode == "acme":
-        domain = inventory.settings["domain"]
+        domain = inventory.settings.domain
         plan.append(RunCommand(f"ACME certificate for {domain} (certbot, http-01)",
-                               acme_command(domain, inventory.settings["tls"]["acme_email"]),
+                               acme_command(domain, inventory.settings.tls.acme_email),
                                unless=f"cmp -s /etc/letsencrypt/live/{domain}/fullchain.pem "
                                       f"{CERT}"))
     plan.append(WaitFor(HttpGate("nginx /health", timeout=30,

@@ -75,7 +75,7 @@ def switch(inventory: Inventory, state: str, message: str = "") -> list[Outcome[
     def one(machine: Machine) -> bool:
         return switch_on(machine, text) if state == "on" else switch_off(machine)
 
-    return each_host(inventory.with_role("lb"), one, inventory.settings["timeouts"])
+    return each_host(inventory.with_role("lb"), one, inventory.settings.timeouts)
 
 
 def ensure(inventory: Inventory, state: str, message: str = "") -> None:
@@ -111,4 +111,4 @@ def state_of(machine: Machine) -> str:
 
 def states(inventory: Inventory) -> list[Outcome[str]]:
     """The mode of every lb host, in parallel."""
-    return each_host(inventory.with_role("lb"), state_of, inventory.settings["timeouts"])
+    return each_host(inventory.with_role("lb"), state_of, inventory.settings.timeouts)

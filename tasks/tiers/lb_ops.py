@@ -142,7 +142,7 @@ def drain(inventory: Inventory, name: str, *, wait: float | None = None,
     until no connection to the host is left, and fails when some remain.
     """
     return _set_drained(inventory, name, drained=True,
-                        wait=inventory.settings["lb"]["drain_wait"] if wait is None else wait,
+                        wait=inventory.settings.lb.drain_wait if wait is None else wait,
                         clock=clock, pause=pause)
 
 
@@ -161,7 +161,7 @@ def _set_drained(inventory: Inventory, name: str, *, drained: bool, wait: float,
     if not lbs:
         raise InputError([Problem(display(inventory.file), "hosts[*].roles",
                                   "no host has the role 'lb'", "nothing to drain from")])
-    timeouts = inventory.settings["timeouts"]
+    timeouts = inventory.settings.timeouts
     if drained:  # every lb answers first: refuse before touching any of them
         states = each_host(lbs, read_drained, timeouts)
         failed = [o for o in states if not o.ok]
@@ -260,7 +260,7 @@ def status_of(inventory: Inventory, machine: Machine) -> LbStatus:
 def status(inventory: Inventory) -> list[Outcome[LbStatus]]:
     """Every lb host's status, in parallel."""
     return each_host(inventory.with_role("lb"), lambda m: status_of(inventory, m),
-                     inventory.settings["timeouts"])
+                     inventory.settings.timeouts)
 
 
 # --- check --------------------------------------------------------------------------------------
@@ -287,8 +287,8 @@ def check_on(inventory: Inventory, machine: Machine, *, timeout: float = 10) -> 
     """Probe every route through nginx on the lb host; read who answered from its access log."""
     token = random.token_hex(6)
     agent = f"difyops-check/{token}"
-    domain = inventory.settings["domain"]
-    if inventory.settings["tls"]["mode"] == "off":
+    domain = inventory.settings.domain
+    if inventory.settings.tls.mode == "off":
         base, options = "http://127.0.0.1", f"-H {shlex.quote('Host: ' + domain)}"
     else:
         base = f"https://{endpoint(domain, 443)}"
@@ -331,4 +331,4 @@ def check_on(inventory: Inventory, machine: Machine, *, timeout: float = 10) -> 
 def check(inventory: Inventory) -> list[Outcome[list[Probe]]]:
     """Every route probed through every lb host, in parallel."""
     return each_host(inventory.with_role("lb"), lambda m: check_on(inventory, m),
-                     inventory.settings["timeouts"])
+                     inventory.settings.timeouts)

@@ -70,13 +70,13 @@ def shippers(inventory: Inventory) -> list[Host]:
 
 def ships_docker(inventory: Inventory, host: Host) -> bool:
     """Whether the host's containers' logs are shipped: where a tier runs Docker."""
-    return inventory.settings["logging"]["ship_docker"] and runs_compose(inventory, host)
+    return inventory.settings.logging.ship_docker and runs_compose(inventory, host)
 
 
 def images(inventory: Inventory) -> dict[str, str]:
     """The store's images as the logging host names them: behind dify.private_registry when one
     is set (inv images.sync pushes them there), else as pulled (behind dify.registry_mirror)."""
-    registry = inventory.settings["dify"]["private_registry"].rstrip("/")
+    registry = inventory.settings.dify.private_registry.rstrip("/")
     return {name: f"{registry}/{image}" if registry else source
             for (name, image), source in zip(base_images(inventory).items(),
                                              upstream_images(inventory).values(), strict=True)}
@@ -84,16 +84,16 @@ def images(inventory: Inventory) -> dict[str, str]:
 
 def base_images(inventory: Inventory) -> dict[str, str]:
     """The store's images without any registry prefix."""
-    logging = inventory.settings["logging"]
-    found = {"elasticsearch": logging["elasticsearch_image"]}
-    if logging["kibana"]:
-        found["kibana"] = logging["kibana_image"]
+    logging = inventory.settings.logging
+    found = {"elasticsearch": logging.elasticsearch_image}
+    if logging.kibana:
+        found["kibana"] = logging.kibana_image
     return found
 
 
 def upstream_images(inventory: Inventory) -> dict[str, str]:
     """The store's images as pulled from upstream (behind dify.registry_mirror)."""
-    mirror = inventory.settings["dify"]["registry_mirror"]
+    mirror = inventory.settings.dify.registry_mirror
     return {name: mirror + image for name, image in base_images(inventory).items()}
 
 
@@ -111,21 +111,21 @@ def steps(inventory: Inventory, renderer: Renderer, host: Host) -> list[Step]:
 
 def security_bodies(inventory: Inventory) -> dict[str, Any]:
     """The JSON the security and index APIs get, as the helper script sends them."""
-    logging = inventory.settings["logging"]
-    pattern = f"{logging['index_prefix']}-*"
+    logging = inventory.settings.logging
+    pattern = f"{logging.index_prefix}-*"
     role = {"cluster": [], "indices": [{"names": [pattern],
                                         "privileges": list(WRITER_PRIVILEGES)}]}
     privileges = {"index": [{"names": [pattern], "privileges": list(WRITER_PRIVILEGES)}]}
     policy = {"policy": {"phases": {
         "hot": {"min_age": "0ms", "actions": {}},
-        "delete": {"min_age": f"{logging['retention_days']}d", "actions": {"delete": {}}}}}}
+        "delete": {"min_age": f"{logging.retention_days}d", "actions": {"delete": {}}}}}}
     keyword = {"type": "keyword"}
     template: dict[str, Any] = {
         "index_patterns": [pattern], "priority": 200,
         "template": {
             # One node: no replica (a replica could never be placed and the health stays yellow).
             "settings": {"number_of_shards": 1, "number_of_replicas": 0,
-                         "index.lifecycle.name": logging["index_prefix"]},
+                         "index.lifecycle.name": logging.index_prefix},
             "mappings": {"dynamic": "false", "properties": {
                 "@timestamp": {"type": "date"}, "message": {"type": "text"},
                 **{name: keyword for name in ("host", "source", "program", "unit", "container",
@@ -140,7 +140,7 @@ def security_bodies(inventory: Inventory) -> dict[str, Any]:
 def store_env(inventory: Inventory) -> str:
     """The store's .env (compose and the helper script read it): passwords only."""
     names = ["ELASTIC_PASSWORD", "LOGS_WRITER_PASSWORD"]
-    if inventory.settings["logging"]["kibana"]:
+    if inventory.settings.logging.kibana:
         names += ["KIBANA_SYSTEM_PASSWORD", "KIBANA_ENCRYPTION_KEY"]
     return "".join(f"{name}={env_quote(inventory.secrets[name])}\n" for name in names)
 
@@ -152,8 +152,8 @@ def publisher(host: Host) -> Callable[[int, int], str]:
 
 def store_steps(inventory: Inventory, renderer: Renderer, host: Host) -> list[Step]:
     """vm.max_map_count, the compose project, users and roles, then Kibana."""
-    logging = inventory.settings["logging"]
-    url = f"http://{endpoint(host.address, logging['es_port'])}"
+    logging = inventory.settings.logging
+    url = f"http://{endpoint(host.address, logging.es_port)}"
     bodies = security_bodies(inventory)
     script = renderer.render("config/logging/es.sh.j2", host, url=url, writer_role=WRITER_ROLE,
                              **{key: json.dumps(value, sort_keys=True, separators=(",", ":"))
@@ -165,7 +165,7 @@ def store_steps(inventory: Inventory, renderer: Renderer, host: Host) -> list[St
                                              images=images(inventory), publish=publisher(host)))
     compose = f"docker compose --project-directory {DIRECTORY} -p {PROJECT}"
     plan: list[Step] = [packages("curl")]
-    if logging["allow_mmap"]:
+    if logging.allow_mmap:
         plan += [
             WriteFile(SYSCTL, "# Managed by difyops (logging tier): Elasticsearch maps its index "
                               f"files into memory.\nvm.max_map_count = {MAX_MAP_COUNT}\n"),
@@ -180,23 +180,23 @@ def store_steps(inventory: Inventory, renderer: Renderer, host: Host) -> list[St
         WriteFile(ES_TOOL, script, mode=0o700),
         RunCommand("compose up elasticsearch",
                    wait_bounded(compose, f"{compose} up -d --wait --remove-orphans elasticsearch",
-                                logging["health_timeout"], "elasticsearch"),
+                                logging.health_timeout, "elasticsearch"),
                    on_change=(env.path, compose_file.path)),
         WaitFor(CommandGate(f"elasticsearch _cluster/health on {url} (authenticated)",
-                            timeout=logging["health_timeout"], interval=2,
+                            timeout=logging.health_timeout, interval=2,
                             command=f"{ES_TOOL} health")),
         RunCommand("set users and roles (log writer, kibana_system), index template, retention",
                    f"{ES_TOOL} setup", unless=f"{ES_TOOL} check"),
     ]
-    if logging["kibana"]:
-        kibana = f"http://{endpoint(host.address, logging['kibana_port'])}/"
+    if logging.kibana:
+        kibana = f"http://{endpoint(host.address, logging.kibana_port)}/"
         plan += [
             RunCommand("compose up kibana",
                        wait_bounded(compose, f"{compose} up -d --wait --remove-orphans",
-                                    logging["health_timeout"]),
+                                    logging.health_timeout),
                        on_change=(env.path, compose_file.path)),
             WaitFor(CommandGate(f"kibana on {kibana} (logged in to elasticsearch)",
-                                timeout=logging["health_timeout"], interval=2,
+                                timeout=logging.health_timeout, interval=2,
                                 command=f"curl -s -o /dev/null -w '%{{http_code}}' {kibana} "
                                         f"| grep -qx 302")),
         ]
@@ -246,12 +246,12 @@ def rsyslog_restart() -> str:
 
 def shipper_steps(inventory: Inventory, renderer: Renderer, host: Host) -> list[Step]:
     """rsyslog with omelasticsearch, its configuration checked before it goes live."""
-    logging = inventory.settings["logging"]
+    logging = inventory.settings.logging
     target = store(inventory)
     assert target is not None
     config = renderer.render(
         "config/logging/rsyslog-elasticsearch.conf.j2", host, store=target,
-        password=inventory.secrets["LOGS_WRITER_PASSWORD"], journal=logging["ship_journal"],
+        password=inventory.secrets["LOGS_WRITER_PASSWORD"], journal=logging.ship_journal,
         docker=ships_docker(inventory, host), stats_interval=STATS_INTERVAL,
         stats_file=STATS_FILE, error_file=ERROR_FILE, spool=SPOOL)
     rotate = (f"# Managed by difyops (logging tier) for {host.name}.\n"
@@ -263,9 +263,9 @@ def shipper_steps(inventory: Inventory, renderer: Renderer, host: Host) -> list[
         # Elasticsearch drops (does not retry) documents it refuses a login for: start shipping
         # only once the store accepts the writer's login (the store host may still be creating it).
         WaitFor(CommandGate(f"the store {target.name} accepts the shippers' login",
-                            timeout=logging["health_timeout"] + 60, interval=2,
-                            command=writer_login(target, logging["es_port"],
-                                                 logging["writer_user"]))),
+                            timeout=logging.health_timeout + 60, interval=2,
+                            command=writer_login(target, logging.es_port,
+                                                 logging.writer_user))),
         RunCommand("check the rsyslog configuration (rsyslogd -N1) and install it",
                    rsyslog_check(), unless=f"cmp -s {RSYSLOG_STAGED} {RSYSLOG_LIVE}"),
         WriteFile(LOGROTATE, rotate),
@@ -315,7 +315,7 @@ def shipper_state(inventory: Inventory, machine: Machine) -> ShipperState:
     """Ask one host (over its connection): systemd, the live file, the queue, the store."""
     target = store(inventory)
     assert target is not None
-    port = inventory.settings["logging"]["es_port"]
+    port = inventory.settings.logging.es_port
     active = machine.run("systemctl is-active --quiet rsyslog").ok
     configured = machine.run(f"test -s {RSYSLOG_LIVE}").ok
     stats = parse_stats(machine.run(f"tail -n 200 {STATS_FILE} 2>/dev/null").stdout)
@@ -350,7 +350,7 @@ class StoreState:
 
 def store_state(inventory: Inventory, machine: Machine) -> StoreState:
     """Cluster health, daily indices and the newest document, through the host's helper."""
-    prefix = inventory.settings["logging"]["index_prefix"]
+    prefix = inventory.settings.logging.index_prefix
 
     def get(path: str) -> Any:
         result = machine.run(f"{ES_TOOL} get {shlex.quote(path)}", timeout=60)
@@ -368,9 +368,9 @@ def store_state(inventory: Inventory, machine: Machine) -> StoreState:
     newest = get(f"/{prefix}-*/_search?size=1&sort=@timestamp:desc&_source=@timestamp,host")
     hits = newest.get("hits", {}).get("hits", [])
     kibana = ""
-    logging = inventory.settings["logging"]
-    if logging["kibana"]:
-        url = f"http://{endpoint(machine.host.address, logging['kibana_port'])}/"
+    logging = inventory.settings.logging
+    if logging.kibana:
+        url = f"http://{endpoint(machine.host.address, logging.kibana_port)}/"
         kibana = machine.run(f"curl -s -o /dev/null -w '%{{http_code}}' --max-time 10 {url}"
                              ).stdout.strip() or "-"
     return StoreState(

@@ -73,7 +73,7 @@ def watched(inventory: Inventory) -> list[Host]:
 
 def postgres_hosts(inventory: Inventory) -> list[Host]:
     """Every PostgreSQL difyops runs: the db tier's, and a vector host's when pgvector is there."""
-    extra = inventory.with_role("vector") if inventory.settings["vector"]["store"] == \
+    extra = inventory.with_role("vector") if inventory.settings.vector.store == \
         "pgvector" else []
     return [host for host in inventory.hosts
             if host.has("db_primary", "db_replica") or host in extra]
@@ -143,7 +143,7 @@ def listening(address: str, port: int) -> str:
 def postgres_exporter(inventory: Inventory, renderer: Renderer, host: Host,
                       extra: dict[str, Any]) -> list[Step]:
     """postgres_exporter as a pg_monitor role over the local socket, plus a replication query."""
-    port = inventory.settings["db"]["port"]
+    port = inventory.settings.db.port
     password = inventory.secrets["MONITOR_DB_PASSWORD"]
     dsn = (f"host=/run/postgresql port={port} dbname=postgres user={MONITOR_DB_ROLE} "
            f"password={password} sslmode=disable")
@@ -176,7 +176,7 @@ def postgres_exporter(inventory: Inventory, renderer: Renderer, host: Host,
 
 def redis_exporter(inventory: Inventory, host: Host) -> list[Step]:
     """redis_exporter against the local Redis, its password in the environment file."""
-    port = inventory.settings["cache"]["port"]
+    port = inventory.settings.cache.port
     address = endpoint(host.address, PORTS["redis"])
     defaults = (f"REDIS_PASSWORD={inventory.secrets['REDIS_PASSWORD']}\n"
                 f'ARGS="-web.listen-address {address} -redis.addr redis://127.0.0.1:{port}"\n')
@@ -207,17 +207,17 @@ def nginx_exporters(renderer: Renderer, host: Host, extra: dict[str, Any]) -> li
 def monitoring_services(inventory: Inventory, renderer: Renderer, host: Host,
                         extra: dict[str, Any]) -> list[Step]:
     """Prometheus, Alertmanager, blackbox exporter (checked, then installed), then Grafana."""
-    monitor = inventory.settings["monitor"]
+    monitor = inventory.settings.monitor
     templates = {"prometheus.yml": "config/prometheus/prometheus.yml.j2",
                  "rules/dify.yml": "config/prometheus/rules.yml.j2",
                  "alertmanager.yml": "config/alertmanager/alertmanager.yml.j2",
                  "blackbox.yml": "config/prometheus/blackbox.yml.j2"}
     staged = [WriteFile(f"{STAGED}/{name}", renderer.render(template, host, **extra),
                         mode=0o640, group="prometheus",
-                        secret=name == "alertmanager.yml" and bool(monitor["alert_webhook"]))
+                        secret=name == "alertmanager.yml" and bool(monitor.alert_webhook))
               for name, template in templates.items()]
     extra_rules = f"{STAGED}/{EXTRA_RULES}"
-    if monitor["extra_rules"]:
+    if monitor.extra_rules:
         staged.append(WriteFile(extra_rules, extra_rules_path(inventory).read_text(),
                                 mode=0o640, group="prometheus"))
     staged_paths = tuple(step.path for step in staged)
@@ -227,7 +227,7 @@ def monitoring_services(inventory: Inventory, renderer: Renderer, host: Host,
         "prometheus": f'ARGS="--config.file={LIVE}/prometheus.yml '
                       f'--web.listen-address={listen["prometheus"]} '
                       f'--storage.tsdb.path=/var/lib/prometheus/metrics2/ '
-                      f'--storage.tsdb.retention.time={monitor["retention"]}"\n',
+                      f'--storage.tsdb.retention.time={monitor.retention}"\n',
         "prometheus-alertmanager": f'ARGS="--config.file={LIVE}/alertmanager.yml '
                                    f'--web.listen-address={listen["alertmanager"]} '
                                    f'--cluster.listen-address="\n',
@@ -235,7 +235,7 @@ def monitoring_services(inventory: Inventory, renderer: Renderer, host: Host,
                                         f'--web.listen-address={listen["blackbox"]}"\n',
     }
     plan: list[Step] = [*staged]
-    if not monitor["extra_rules"]:
+    if not monitor.extra_rules:
         plan.append(RunCommand("remove the operator's extra rules (none configured)",
                                f"rm -f {extra_rules}", unless=f"test ! -e {extra_rules}"))
     plan += [
@@ -269,7 +269,7 @@ def monitoring_services(inventory: Inventory, renderer: Renderer, host: Host,
                             command=listening(host.address, PORTS["blackbox"])),
                 restart=restart_unit("prometheus-blackbox-exporter")),
     ]
-    if monitor["grafana"]:
+    if monitor.grafana:
         plan += grafana(inventory, renderer, host, extra)
     return plan
 
@@ -292,7 +292,7 @@ def grafana(inventory: Inventory, renderer: Renderer, host: Host,
           for name, content in dashboards().items()],
     ]
     compose = f"docker compose --project-directory {GRAFANA_DIR} -p dify-monitor"
-    port = inventory.settings["monitor"]["grafana_port"]
+    port = inventory.settings.monitor.grafana_port
     return [
         *files,
         compose_up(GRAFANA_DIR, "dify-monitor", *(step.path for step in files),

@@ -34,7 +34,7 @@ REST_PORT, GRPC_PORT, METRICS_PORT = 8080, 50051, 2112
 
 def steps(inventory: Inventory, renderer: Renderer, host: Host) -> list[Step]:
     """Weaviate on vector hosts, or pgvector on the PostgreSQL hosts that serve it."""
-    if inventory.settings["vector"]["store"] == "pgvector":
+    if inventory.settings.vector.store == "pgvector":
         return pgvector_steps(inventory, renderer, host)
     if not host.has("vector"):
         return []
@@ -68,7 +68,7 @@ def pgvector_steps(inventory: Inventory, renderer: Renderer, host: Host) -> list
     """The extension's package; on the writable server, the role, database and extension."""
     if host not in pgvector_hosts(inventory):
         return []
-    version = inventory.settings["db"]["version"]
+    version = inventory.settings.db.version
     package = f"postgresql-{version}-pgvector"
     plan: list[Step] = []
     if host.has("vector") and not host.has("db_primary", "db_replica"):
@@ -84,7 +84,7 @@ def pgvector_steps(inventory: Inventory, renderer: Renderer, host: Host) -> list
         unless=f"dpkg-query -W -f='${{Status}}' {package} 2>/dev/null | grep -q 'ok installed'"))
     if host != pgvector_home(inventory):
         return plan  # a replica: the extension's files only; the database arrives by replication
-    port = inventory.settings["db"]["port"]
+    port = inventory.settings.db.port
     plan += [
         WriteFile(PGVECTOR_SQL, renderer.render("config/pgvector/pgvector.sql.j2", host),
                   mode=0o600, owner="postgres", group="postgres", secret=True),
@@ -99,11 +99,11 @@ def pgvector_steps(inventory: Inventory, renderer: Renderer, host: Host) -> list
 
 def pgvector_env(inventory: Inventory) -> str:
     """The PGVECTOR_* credentials as Dify gets them, for the deploy's own login probe."""
-    vector = inventory.settings["vector"]
-    return (f"PGVECTOR_PORT={inventory.settings['db']['port']}\n"
-            f"PGVECTOR_USER={vector['pgvector_user']}\n"
+    vector = inventory.settings.vector
+    return (f"PGVECTOR_PORT={inventory.settings.db.port}\n"
+            f"PGVECTOR_USER={vector.pgvector_user}\n"
             f"PGVECTOR_PASSWORD={inventory.secrets['PGVECTOR_PASSWORD']}\n"
-            f"PGVECTOR_DATABASE={vector['pgvector_database']}\n")
+            f"PGVECTOR_DATABASE={vector.pgvector_database}\n")
 
 
 def pgvector_probe() -> str:
@@ -184,8 +184,8 @@ class PgvectorState:
 
 def pgvector_state(inventory: Inventory, machine: Machine) -> PgvectorState:
     """Ask the PostgreSQL on a host, as its superuser, over the local socket."""
-    port = inventory.settings["db"]["port"]
-    database = inventory.settings["vector"]["pgvector_database"]
+    port = inventory.settings.db.port
+    database = inventory.settings.vector.pgvector_database
     psql = f"runuser -u postgres -- psql -X -p {port} -At"
     server = machine.check(f"{psql} -c {shlex.quote(SERVER_QUERY)}").stdout.strip()
     version, _, recovery = server.partition("|")

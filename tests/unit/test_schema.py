@@ -87,3 +87,37 @@ def test_an_unknown_value_type_is_an_error_in_the_schema(tmp_path: Path) -> None
     file.write_text("port: !prot 80\n")
     with pytest.raises(yaml.YAMLError, match="unknown value type !prot"):
         schema.load_defaults(file)
+
+
+def keys_of(node: dict, prefix: str = "") -> list[str]:
+    found = []
+    for key, value in node.items():
+        found.append(key)
+        if isinstance(value, dict):
+            found.extend(keys_of(value, f"{prefix}{key}."))
+    return found
+
+
+def test_the_loaded_settings_are_frozen_and_read_by_attribute(load, base) -> None:
+    settings = load(base).settings
+    assert settings.db.port == settings["db"]["port"] == 5432
+    assert isinstance(settings.lb.trusted_proxies, tuple)
+    with pytest.raises(AttributeError, match="frozen"):
+        settings.db.port = 1
+    with pytest.raises(TypeError):
+        settings.db["port"] = 1  # type: ignore[index]
+    with pytest.raises(AttributeError, match="no setting 'prot'"):
+        _ = settings.db.prot
+
+
+def test_replace_builds_new_settings_and_leaves_the_old_ones(load, base) -> None:
+    settings = load(base).settings
+    changed = settings.replace(dify=settings.dify.replace(version="1.13.3"))
+    assert (changed.dify.version, settings.dify.version) == ("1.13.3", "1.16.1")
+    assert changed.db is settings.db
+
+
+def test_no_setting_is_hidden_behind_a_method_of_the_settings() -> None:
+    methods = {name for name in dir(schema.Section) if not name.startswith("_")}
+    assert methods == {"get", "items", "keys", "values", "replace"}
+    assert not methods & set(keys_of(DEFAULTS))
