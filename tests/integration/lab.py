@@ -39,7 +39,7 @@ import subprocess
 import tempfile
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -57,6 +57,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from testcontainers.core.container import DockerContainer
 
+from tasks.core.gates import poll
 from tasks.core.hostkeys import KNOWN_HOSTS_ENV
 
 LOG = logging.getLogger("difyops.lab")
@@ -583,39 +584,42 @@ class LabHost:
     def wait_ready(self, timeout: float | None = None) -> None:
         """Wait until systemd is up (running or degraded) and sshd accepts the lab key."""
         deadline = time.monotonic() + (timeout if timeout is not None else _ready_timeout())
-        state = ""
-        while True:
-            wrapped = self._wrapped()
-            wrapped.reload()
-            if wrapped.status != "running":
-                logs = wrapped.logs(tail=40).decode("utf-8", errors="replace")
-                raise LabError(f"{self.name}: container is {wrapped.status}:\n{logs}")
-            code, out = self.exec("systemctl is-system-running 2>/dev/null || true")
-            state = out.strip().splitlines()[-1] if out.strip() else ""
-            if state in READY_STATES:
-                break
-            if time.monotonic() > deadline:
-                raise LabError(f"{self.name}: systemd not up in time (state {state!r}, {code})")
-            time.sleep(0.2)
+
+        def until_deadline(attempt: Callable[[], tuple[bool, Any]], failure: str) -> Any:
+            passed, answer = poll(attempt, max(deadline - time.monotonic(), 0), 0.2)
+            if not passed:
+                raise LabError(f"{self.name}: {failure} ({answer})")
+            return answer
+
+        state = until_deadline(self._systemd_state, "systemd not up in time")
         if state == "degraded":
             _, failed = self.exec("systemctl --failed --no-legend --plain | cut -d' ' -f1")
             LOG.warning("%s: systemd degraded, failed units: %s", self.name, failed.split())
-        while True:  # sshd's keys, before anything connects to it
-            try:
-                self.record_host_key()
-                break
-            except LabError:
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(0.2)
-        while self.docker and self.exec("docker info >/dev/null 2>&1")[0] != 0:
-            if time.monotonic() > deadline:
-                raise LabError(f"{self.name}: the inner Docker engine does not answer")
-            time.sleep(0.2)
-        while not self.ssh_ok():
-            if time.monotonic() > deadline:
-                raise LabError(f"{self.name}: sshd at {self.address}:22 refused the lab key")
-            time.sleep(0.2)
+        until_deadline(self._host_key_recorded, "no SSH host key to record")
+        if self.docker:
+            until_deadline(lambda: (self.exec("docker info >/dev/null 2>&1")[0] == 0, ""),
+                           "the inner Docker engine does not answer")
+        until_deadline(lambda: (self.ssh_ok(), ""),
+                       f"sshd at {self.address}:22 refused the lab key")
+
+    def _systemd_state(self) -> tuple[bool, str]:
+        """(up, state) of systemd in the container; a container that stopped is an error."""
+        wrapped = self._wrapped()
+        wrapped.reload()
+        if wrapped.status != "running":
+            logs = wrapped.logs(tail=40).decode("utf-8", errors="replace")
+            raise LabError(f"{self.name}: container is {wrapped.status}:\n{logs}")
+        _, out = self.exec("systemctl is-system-running 2>/dev/null || true")
+        state = out.strip().splitlines()[-1] if out.strip() else ""
+        return state in READY_STATES, state
+
+    def _host_key_recorded(self) -> tuple[bool, str]:
+        """(recorded, why not) for sshd's keys, before anything connects to it."""
+        try:
+            self.record_host_key()
+        except LabError as error:
+            return False, str(error)
+        return True, ""
 
     def stop(self) -> None:
         """Stop the container (systemd shuts down as on a real server): SSH then fails."""
@@ -653,11 +657,14 @@ class LabHost:
             "/etc/docker/daemon.json && systemctl restart docker")
         if code != 0:
             raise LabError(f"{self.name}: cannot switch the inner engine to overlay2: {out}")
-        deadline = time.monotonic() + timeout
-        while self.exec("docker info -f '{{.Driver}}'")[1].strip() != "overlay2":
-            if time.monotonic() > deadline:
-                raise LabError(f"{self.name}: the inner engine does not run on overlay2")
-            time.sleep(0.2)
+
+        def on_overlay() -> tuple[bool, str]:
+            driver = self.exec("docker info -f '{{.Driver}}'")[1].strip()
+            return driver == "overlay2", driver
+
+        passed, last = poll(on_overlay, timeout, 0.2)
+        if not passed:
+            raise LabError(f"{self.name}: the inner engine runs on {last!r}, not overlay2")
 
 
 class Lab:

@@ -13,7 +13,6 @@ import json
 import os
 import subprocess
 import sys
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -24,6 +23,7 @@ import yaml
 from tasks.core.project import DEFAULTS_FILE
 from tasks.core.schema import load_defaults
 from tests.integration.lab import LabHost
+from tests.integration.support import until
 
 ROOT = Path(__file__).resolve().parents[2]
 APP_ROLES = ["api", "worker", "beat", "web", "plugin_daemon", "lb"]
@@ -113,14 +113,6 @@ def tree_digest(host: LabHost, path: str) -> str:
     return out
 
 
-def wait_for(check: Callable[[], bool], what: str, timeout: float = 60) -> None:
-    deadline = time.monotonic() + timeout
-    while not check():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.2)
-
-
 @pytest.fixture(scope="module")
 def env(lab, tmp_path_factory: pytest.TempPathFactory) -> Env:
     db, app, copy = lab.start(["bk-db", "bk-app", "bk-copy"])
@@ -158,12 +150,12 @@ def start_writer(env: Env) -> None:
                 "/tmp/stop-writer ] && [ $i -lt 5000 ]; do PGPASSWORD=" + password +
                 " psql -h 127.0.0.1 -U dify -d dify -qc \"INSERT INTO events DEFAULT VALUES\"; "
                 "i=$((i+1)); done; touch /tmp/writer.done' >/dev/null 2>&1 &")
-    wait_for(lambda: env.sql("dify", "SELECT count(*) FROM events") != "0", "the writer")
+    until(lambda: env.sql("dify", "SELECT count(*) FROM events") != "0", 60, "the writer")
 
 
 def stop_writer(env: Env) -> None:
     env.db.exec("touch /tmp/stop-writer")
-    wait_for(lambda: env.db.exec("test -e /tmp/writer.done")[0] == 0, "the writer to stop")
+    until(lambda: env.db.exec("test -e /tmp/writer.done")[0] == 0, 60, "the writer to stop")
 
 
 def test_backup_destroy_restore_compare(env: Env) -> None:
@@ -306,7 +298,7 @@ def test_a_failing_dump_leaves_nothing_that_looks_complete(env: Env, fault: str)
     finally:
         if fault == "stopped server":
             env.db.exec("systemctl start postgresql@15-main")
-            wait_for(lambda: env.db.exec("pg_isready -q -h 127.0.0.1")[0] == 0, "PostgreSQL")
+            until(lambda: env.db.exec("pg_isready -q -h 127.0.0.1")[0] == 0, 60, "PostgreSQL")
     assert failed.returncode == 1
     assert "failed and was discarded (nothing that looks like a backup was kept)" in \
         failed.stderr
@@ -362,9 +354,9 @@ def test_schedule_on_a_systemd_host(env: Env) -> None:
     assert code == 0 and f"{TIMER}.timer" in out, out
     # Run the service now: this host has no difyops checkout, so the run fails.
     env.app.exec(f"systemctl start {TIMER}.service")
-    wait_for(lambda: env.app.exec(f"systemctl is-failed --quiet {TIMER}.service")[0] == 0,
-             "the service to fail")
-    wait_for(lambda: env.app.exec("test -s /tmp/hook.json")[0] == 0, "the webhook POST")
+    until(lambda: env.app.exec(f"systemctl is-failed --quiet {TIMER}.service")[0] == 0, 60,
+          "the service to fail")
+    until(lambda: env.app.exec("test -s /tmp/hook.json")[0] == 0, 60, "the webhook POST")
     _, body = env.app.exec("cat /tmp/hook.json")
     assert f"{TIMER} FAILED (exit" in json.loads(body.splitlines()[0])["text"]
     _, journal = env.app.exec(f"journalctl -u {TIMER}.service --no-pager")

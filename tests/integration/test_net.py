@@ -24,6 +24,7 @@ import pytest
 import yaml
 
 from tests.integration.lab import Lab, LabHost
+from tests.integration.support import until
 
 ROOT = Path(__file__).resolve().parents[2]
 ROLES = ("lb", "web", "api", "worker", "beat", "plugin_daemon", "db_primary", "db_replica",
@@ -52,18 +53,11 @@ def listen(host: LabHost, unit: str, port: int, program: str = "python3") -> Non
     """Start a TCP listener as a transient unit and wait until it accepts."""
     code, out = host.exec(f"systemd-run --quiet --unit {unit} {program} -m http.server {port}")
     assert code == 0, out
-    wait_until(lambda: f":{port} " in host.exec("ss -ltnH")[1], f"{unit} on {host.name}")
+    until(lambda: f":{port} " in host.exec("ss -ltnH")[1], 20, f"{unit} on {host.name}")
 
 
 def stop(host: LabHost, unit: str) -> None:
     host.exec(f"systemctl stop {unit}; systemctl reset-failed {unit} 2>/dev/null; true")
-
-
-def wait_until(condition: Callable[[], bool], what: str, timeout: float = 20) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, f"{what}: not true after {timeout} s"
-        time.sleep(0.2)
 
 
 def probe(source: LabHost, target: LabHost, port: int) -> tuple[int, float]:

@@ -14,7 +14,6 @@ import os
 import shlex
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -23,6 +22,7 @@ import yaml
 from dotenv import dotenv_values
 
 from tests.integration.lab import Lab, LabHost
+from tests.integration.support import eventually
 
 ROOT = Path(__file__).resolve().parents[2]
 WEAVIATE_IMAGE = "semitechnologies/weaviate:1.27.0"
@@ -278,10 +278,8 @@ def test_weaviate_runs_where_the_image_exists(weaviate_project) -> None:
     import requests
 
     key = dotenv_values(weaviate_project / ".env")["WEAVIATE_API_KEY"]
-    deadline = time.monotonic() + 120
-    while requests.get("http://127.0.0.1:8080/v1/.well-known/ready", timeout=5).status_code != 200:
-        assert time.monotonic() < deadline, "weaviate not ready in 120 s"
-        time.sleep(1)
+    eventually("weaviate ready", lambda: requests.get(
+        "http://127.0.0.1:8080/v1/.well-known/ready", timeout=5).status_code == 200, 120, 1)
     assert requests.get("http://127.0.0.1:8080/v1/meta", timeout=5).status_code == 401
     meta = requests.get("http://127.0.0.1:8080/v1/meta", timeout=5,
                         headers={"Authorization": f"Bearer {key}"}).json()
