@@ -25,7 +25,7 @@ from tasks.core.errors import InputError, Problem
 from tasks.core.fleet import table
 from tasks.core.health import probe_all
 from tasks.core.inventory import Host, Inventory
-from tasks.core.lock import Locked
+from tasks.core.lock import Locked, deploy_lock
 from tasks.core.tiers import build, select
 from tasks.images import show
 from tasks.net import apply_firewall
@@ -56,8 +56,9 @@ def all(ctx: Context, dry: bool = False, only: str = "", preflight: bool = True,
     if schedule_on and schedule_on != "none":
         backup_settings.check(inventory)  # before any host is touched
     tiers = [tier.name for tier in select(DEPLOYED, only)]
-    with nullcontext() if dry else hooks.around("deploy", inventory, command="deploy.all",
-                                                 tiers=tiers):
+    with nullcontext() if dry else deploy_lock(inventory.name), \
+            nullcontext() if dry else hooks.around("deploy", inventory, command="deploy.all",
+                                                    tiers=tiers):
         deploy_everything(ctx, inventory, dry=dry, only=only, preflight=preflight,
                           parallel=parallel, diff=diff, schedule_on=schedule_on)
 

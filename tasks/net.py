@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from contextlib import nullcontext
+
 from invoke import Context, task
 from invoke.exceptions import Exit
 
@@ -12,6 +14,7 @@ from tasks.core.fleet import each_host, table
 from tasks.core.gates import poll
 from tasks.core.hosts import connect
 from tasks.core.inventory import Host, Inventory
+from tasks.core.lock import deploy_lock
 from tasks.core.tiers import build
 from tasks.tiers import firewall
 
@@ -21,7 +24,9 @@ from tasks.tiers import firewall
 @reported
 def apply(ctx: Context, dry: bool = False) -> None:
     """Apply the host firewall (and SSH hardening when set); rolled back unless confirmed."""
-    apply_firewall(load(ctx), dry=dry, show_diff=True)
+    inventory = load(ctx)
+    with nullcontext() if dry else deploy_lock(inventory.name):
+        apply_firewall(inventory, dry=dry, show_diff=True)
 
 
 def apply_firewall(inventory: Inventory, *, dry: bool, show_diff: bool) -> None:

@@ -2,7 +2,9 @@
 
 The lock records who holds it, since when and from which process. A lock whose process no
 longer runs on this machine is stale: it is reported and taken over. A live lock, or one taken
-on another machine, stops the deploy with who holds it and since when.
+on another machine, stops the deploy with who holds it and since when. A command that holds the
+lock may take it again (deploy.all holds it from the firewall to the backup schedule, and each
+tier run inside takes it too): only the outermost release frees it.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from tasks.core.errors import DifyopsError
 from tasks.core.project import ROOT
 
 STATE_DIR = ROOT / ".difyops"
+_HELD: dict[Path, dict] = {}  # locks this process holds: path -> holder
 
 
 class Locked(DifyopsError):
@@ -75,6 +78,9 @@ def held(name: str, state_dir: Path = STATE_DIR) -> dict | None:
 def deploy_lock(name: str, state_dir: Path = STATE_DIR) -> Iterator[dict]:
     """Hold the inventory's deploy lock for the duration of the block."""
     path = state_dir / "locks" / f"{name}.lock"
+    if path in _HELD:
+        yield _HELD[path]
+        return
     path.parent.mkdir(parents=True, exist_ok=True)
     me = holder()
     for _ in range(2):
@@ -99,9 +105,11 @@ def deploy_lock(name: str, state_dir: Path = STATE_DIR) -> Iterator[dict]:
     else:
         raise Locked(f"the deploy lock of inventory {name} changed hands while it was taken "
                      f"({path}): run the command again")
+    _HELD[path] = me
     try:
         yield me
     finally:
+        del _HELD[path]
         path.unlink(missing_ok=True)
 
 

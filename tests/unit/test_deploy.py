@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -35,6 +37,7 @@ def calls(monkeypatch, load, base) -> dict:
                         lambda inventory, **kw: seen.setdefault("firewall", []).append(kw))
     monkeypatch.setattr(deploy, "run_tiers", lambda ctx, tiers, **kw: seen.update(
         run=kw, tiers=[tier.name for tier in tiers]))
+    monkeypatch.setattr(deploy, "deploy_lock", lambda name: contextlib.nullcontext({}))
     seen["inventory"] = state
     return seen
 
@@ -54,19 +57,30 @@ def test_the_firewall_comes_first_and_the_tiers_run_without_it(calls, monkeypatc
     monkeypatch.setattr(deploy, "sync_images_first", lambda *a: events.append("images"))
     monkeypatch.setattr(deploy, "run_tiers", lambda ctx, tiers, **kw: events.append(
         "tiers " + ",".join(tier.name for tier in tiers)))
+
+    @contextlib.contextmanager
+    def lock(name: str) -> Iterator[dict]:
+        events.append(f"lock {name}")
+        yield {}
+        events.append("unlock")
+
+    monkeypatch.setattr(deploy, "deploy_lock", lock)
     deploy.all.body(Context())
-    assert events == ["preflight", "firewall {'dry': False, 'show_diff': False}", "images",
-                      "tiers db,cache,vector,app,lb,monitor,logging,dev_backend,dev_frontend"]
+    assert events == ["lock unit", "preflight", "firewall {'dry': False, 'show_diff': False}",
+                      "images",
+                      "tiers db,cache,vector,app,lb,monitor,logging,dev_backend,dev_frontend",
+                      "unlock"]
     events.clear()
-    deploy.all.body(Context(), dry=True, diff=True)
+    deploy.all.body(Context(), dry=True, diff=True)  # a dry run takes no lock
     assert events == ["firewall {'dry': True, 'show_diff': True}", "tiers " + ",".join(
         tier.name for tier in deploy.TIERS)]
     events.clear()
     deploy.all.body(Context(), only="db,cache")
-    assert events == ["preflight", "images", "tiers db,cache"]
+    assert events == ["lock unit", "preflight", "images", "tiers db,cache", "unlock"]
     events.clear()
     deploy.all.body(Context(), only="net")
-    assert events == ["preflight", "firewall {'dry': False, 'show_diff': False}", "images"]
+    assert events == ["lock unit", "preflight", "firewall {'dry': False, 'show_diff': False}",
+                      "images", "unlock"]
 
 
 def test_with_the_firewall_off_deploy_all_says_what_is_open(calls, capsys) -> None:

@@ -12,14 +12,29 @@ from tasks.core.lock import Locked, audit, deploy_lock, held, holder
 
 
 def test_a_second_deploy_is_refused_with_who_and_since(tmp_path) -> None:
-    with deploy_lock("prod", tmp_path) as me:
-        with pytest.raises(Locked) as caught, deploy_lock("prod", tmp_path):
-            pass
-        message = str(caught.value)
-        assert f"{me['user']} on {me['machine']} (pid {os.getpid()}) since {me['since']}" \
-            in message
-    with deploy_lock("prod", tmp_path):  # released: free again
+    other = {**holder(), "pid": os.getppid()}  # another process of this machine, alive
+    (tmp_path / "locks").mkdir()
+    (tmp_path / "locks" / "prod.lock").write_text(json.dumps(other))
+    with pytest.raises(Locked) as caught, deploy_lock("prod", tmp_path):
         pass
+    assert f"{other['user']} on {other['machine']} (pid {os.getppid()}) since " \
+           f"{other['since']}" in str(caught.value)
+    (tmp_path / "locks" / "prod.lock").unlink()  # that deploy ended: free again
+    with deploy_lock("prod", tmp_path):
+        pass
+
+
+def test_the_holder_may_take_it_again_and_only_the_outermost_release_frees_it(
+        tmp_path) -> None:
+    lock_file = tmp_path / "locks" / "prod.lock"
+    with deploy_lock("prod", tmp_path) as outer:
+        with deploy_lock("prod", tmp_path) as inner:  # deploy.all, then a tier run inside it
+            assert inner is outer
+        assert json.loads(lock_file.read_text())["pid"] == os.getpid()
+        with pytest.raises(RuntimeError), deploy_lock("prod", tmp_path):
+            raise RuntimeError("a tier failed")
+        assert lock_file.exists()
+    assert not lock_file.exists()
 
 
 def test_other_inventories_are_independent(tmp_path) -> None:

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
 import re
 import subprocess
 from typing import Any
 
 import pytest
+from invoke import Context
 
+import tasks.net as net_tasks
 from tasks.core import netplan
 from tasks.core.errors import HostError, InputError
 from tasks.core.gates import wait
@@ -370,3 +373,21 @@ def test_the_firewall_is_on_for_more_than_one_host_unless_set(load, base, net, h
                                                               on) -> None:
     base["net"] = net
     assert netplan.firewall_on(load(first_hosts(base, hosts))) is on
+
+
+def test_net_apply_holds_the_deploy_lock_unless_dry(monkeypatch, load, base) -> None:
+    events: list[str] = []
+
+    @contextlib.contextmanager
+    def lock(name: str):
+        events.append(f"lock {name}")
+        yield {}
+        events.append("unlock")
+
+    monkeypatch.setattr(net_tasks, "load", lambda ctx: load(base))
+    monkeypatch.setattr(net_tasks, "deploy_lock", lock)
+    monkeypatch.setattr(net_tasks, "apply_firewall",
+                        lambda inventory, **kw: events.append(f"firewall dry={kw['dry']}"))
+    net_tasks.apply.body(Context())
+    net_tasks.apply.body(Context(), dry=True)
+    assert events == ["lock unit", "firewall dry=False", "unlock", "firewall dry=True"]
