@@ -56,9 +56,9 @@ def all(ctx: Context, dry: bool = False, only: str = "", preflight: bool = True,
     if schedule_on and schedule_on != "none":
         backup_settings.check(inventory)  # before any host is touched
     tiers = [tier.name for tier in select(DEPLOYED, only)]
-    with nullcontext() if dry else deploy_lock(inventory.name), \
-            nullcontext() if dry else hooks.around("deploy", inventory, command="deploy.all",
-                                                    tiers=tiers):
+    with nullcontext() if dry else hooks.around("deploy", inventory, command="deploy.all",
+                                                 tiers=tiers), \
+            nullcontext() if dry else deploy_lock(inventory.name):
         deploy_everything(ctx, inventory, dry=dry, only=only, preflight=preflight,
                           parallel=parallel, diff=diff, schedule_on=schedule_on)
 
