@@ -60,10 +60,17 @@ def words_after_dashes(argv: list[str] | None = None) -> list[str]:
 
 
 def reported(task_body: Callable[..., Any]) -> Callable[..., Any]:
-    """Turn difyops errors into a non-zero exit with the message (no traceback)."""
+    """Turn difyops errors into a non-zero exit with the message (no traceback). Invoke reads
+    `inv db.promote --help` as the host `--help`: such a call prints the task's summary and
+    where its help is instead of running."""
+    name = f"{task_body.__module__.rsplit('.', 1)[-1]}.{task_body.__name__.replace('_', '-')}"
+    summary = (task_body.__doc__ or "").strip().split("\n\n")[0]
 
     @functools.wraps(task_body)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
+        if any(value in ("--help", "-h") for value in [*args[1:], *kwargs.values()]):
+            print(f"{name}: {summary}\nIts arguments and options: inv --help {name}")
+            return None
         try:
             return task_body(*args, **kwargs)
         except DifyopsError as exc:

@@ -144,3 +144,14 @@ def test_chained_tier_deploys_each_run(tmp_path: Path) -> None:
     result = inv("db.deploy", "--dry", "cache.deploy", "--dry", env=env)
     assert result.returncode == 0, result.stdout + result.stderr
     assert "[db]" in result.stdout and "[cache]" in result.stdout, result.stdout
+
+
+@pytest.mark.parametrize("words", [("backup.restore", "--help"), ("db.promote", "-h"),
+                                   ("app.upgrade", "--help"), ("lb.maintenance", "--help")])
+def test_help_after_a_positional_task_shows_where_the_help_is_and_runs_nothing(
+        words: tuple[str, ...], tmp_path: Path) -> None:
+    # No secrets file: the task would stop on it if it ran.
+    result = inv(*words, env={"DIFY_SECRETS": str(tmp_path / "none.env")})
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines()[-1] == f"Its arguments and options: inv --help {words[0]}"
+    assert "secrets file" not in result.stderr
