@@ -7,6 +7,7 @@ rendered for, the Dify version profile and the secrets.
 from __future__ import annotations
 
 import ipaddress
+import json
 import re
 import shlex
 from functools import cached_property
@@ -43,6 +44,7 @@ class Renderer:
         environment.filters["shell_quote"] = shell_quote
         environment.filters["redis_quote"] = redis_quote
         environment.filters["pgpass_field"] = pgpass_field
+        environment.filters["compose_quote"] = compose_quote
         environment.globals["resp_hex"] = resp_hex
         environment.globals["endpoint"] = endpoint
         return environment
@@ -145,6 +147,12 @@ def redis_quote(value: Any) -> str:
     if not text.isprintable():
         raise DifyopsError("a value for redis.conf holds a control character")
     return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def compose_quote(value: Any) -> str:
+    """A value for a compose file: a YAML double-quoted string (JSON's form), `$` doubled so
+    compose does not interpolate it."""
+    return json.dumps(str(value).replace("$", "$$"))
 
 
 def pgpass_field(value: Any) -> str:

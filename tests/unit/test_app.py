@@ -64,9 +64,12 @@ def test_the_plugin_daemon_gets_only_what_it_reads(load, base) -> None:
         "REDIS_HOST", "REDIS_PORT", "REDIS_PASSWORD", "REDIS_DB", "REDIS_USE_SENTINEL",
         "REDIS_SENTINELS", "REDIS_SENTINEL_SERVICE_NAME", "REDIS_SENTINEL_PASSWORD",
         "SERVER_PORT", "SERVER_KEY", "DIFY_INNER_API_URL", "DIFY_INNER_API_KEY",
-        "PLUGIN_WORKING_PATH", "PLUGIN_REMOTE_INSTALLING_ENABLED", "LOG_LEVEL"}
+        "PLUGIN_WORKING_PATH", "PLUGIN_REMOTE_INSTALLING_ENABLED", "PIP_MIRROR_AUTO_DETECT",
+        "LOG_LEVEL"}
     # Without a host and port for it, remote installing (on by default) stops the daemon.
     assert environment["PLUGIN_REMOTE_INSTALLING_ENABLED"] == "false"
+    # Plugins' dependencies from PyPI, not from whichever public mirror answered fastest.
+    assert environment["PIP_MIRROR_AUTO_DETECT"] == "false"
     # Secrets only by reference to .env names that exist there; no value is written here.
     env = dict(line.split("=", 1) for line in file_of(inventory, "api1", "/opt/dify/.env")
                .splitlines() if line and not line.startswith("#"))
@@ -76,6 +79,19 @@ def test_the_plugin_daemon_gets_only_what_it_reads(load, base) -> None:
     assert not set(environment.values()) & set(inventory.secrets.values())
     assert {"DB_PASSWORD", "REDIS_PASSWORD", "SERVER_KEY", "DIFY_INNER_API_KEY"} <= {
         name for name, match in references.items() if match}
+
+
+def test_the_plugin_daemon_installs_from_the_index_the_inventory_names(load, base) -> None:
+    mirror = "https://pypi.internal/simple/?token=$HOME#x"
+    base["app"] = {"plugin_daemon": {"pip_mirror_url": mirror}}
+    environment = compose_of(load(base), "api1")["services"]["plugin_daemon"]["environment"]
+    # `$` doubled: compose hands the daemon the URL as written, not $HOME's value.
+    assert environment["PIP_MIRROR_URL"] == mirror.replace("$", "$$")
+    assert environment["PIP_MIRROR_AUTO_DETECT"] == "false"
+    base["app"] = {"plugin_daemon": {"pip_mirror_url": "pypi.internal"}}
+    with pytest.raises(InputError, match=r"app.plugin_daemon.pip_mirror_url: 'pypi.internal' "
+                                         r"is not an http\(s\) URL"):
+        load(base)
 
 
 @pytest.mark.parametrize(("key", "value", "message"), [
