@@ -11,10 +11,10 @@ from __future__ import annotations
 
 import difflib
 import hashlib
-import shlex
 from collections.abc import Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 
+from tasks.core import shell
 from tasks.core.errors import DifyopsError
 from tasks.core.gates import wait
 from tasks.core.hosts import Machine, connect
@@ -199,7 +199,7 @@ class Executor:
 def marker(step: RunCommand) -> str:
     """The host-side file that says a triggered command is still owed."""
     digest = hashlib.sha256(f"{step.name}\0{step.command}".encode()).hexdigest()[:16]
-    return shlex.quote(f"{MARKER_DIR}/{digest}")
+    return shell.quote(f"{MARKER_DIR}/{digest}")
 
 
 def indent(text: str) -> str:

@@ -9,9 +9,9 @@ as success: the next tick tries again).
 from __future__ import annotations
 
 import re
-import shlex
 import sys
 
+from tasks.core import shell
 from tasks.core.apply import execute
 from tasks.core.errors import DifyopsError, InputError, Problem
 from tasks.core.hosts import connect
@@ -52,7 +52,7 @@ def header(inventory: Inventory) -> str:
 
 def doctor_args(only: str) -> str:
     """The task and its flags as the schedule runs it."""
-    return "deploy.doctor" + (f" --only {shlex.quote(only)}" if only else "")
+    return shell.words("deploy.doctor", *(("--only", only) if only else ()))
 
 
 def service(inventory: Inventory, only: str = "") -> str:
@@ -85,10 +85,9 @@ def log_file(inventory: Inventory) -> str:
 
 def cron_command(inventory: Inventory, only: str = "") -> str:
     """The command of the crontab line."""
-    env = " ".join(f"{key}={shlex.quote(value)}" for key, value in
-                   environment(inventory).items())
-    return (f"cd {shlex.quote(str(ROOT))} && {env} {shlex.quote(sys.executable)} -m invoke "
-            f"{doctor_args(only)} >>{log_file(inventory)} 2>&1")
+    env = shell.words(*(f"{key}={value}" for key, value in environment(inventory).items()))
+    return shell.command("cd {} && {} {} -m invoke {} >>{} 2>&1", ROOT, env, sys.executable,
+                         doctor_args(only), log_file(inventory))
 
 
 def cron(inventory: Inventory, only: str = "") -> str:
@@ -104,7 +103,7 @@ def steps(inventory: Inventory, *, use_cron: bool, only: str = "") -> list[Step]
     unit = name(inventory)
     timer_path, service_path = f"{UNIT_DIR}/{unit}.timer", f"{UNIT_DIR}/{unit}.service"
     crontab = f"{CRON_DIR}/{unit}"
-    quoted = shlex.quote(f"{unit}.timer")
+    quoted = shell.quote(f"{unit}.timer")
     if use_cron:
         return [
             WriteFile(crontab, cron(inventory, only)),
@@ -121,8 +120,8 @@ def steps(inventory: Inventory, *, use_cron: bool, only: str = "") -> list[Step]
                           f"systemctl is-active --quiet {quoted}"),
         RunCommand(f"restart {unit}.timer", f"systemctl restart {quoted}",
                    on_change=(timer_path,)),
-        RunCommand(f"remove {crontab}", f"rm -f {shlex.quote(crontab)}",
-                   unless=f"test ! -e {shlex.quote(crontab)}"),
+        RunCommand(f"remove {crontab}", shell.command("rm -f {}", crontab),
+                   unless=shell.command("test ! -e {}", crontab)),
     ]
 
 

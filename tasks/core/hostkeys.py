@@ -13,13 +13,13 @@ from __future__ import annotations
 import binascii
 import os
 import re
-import shlex
 from base64 import b64decode
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from tasks.core import shell
 from tasks.core.errors import HostError, InputError, Problem
 from tasks.core.inventory import Host
 from tasks.core.project import ROOT, display
@@ -86,7 +86,7 @@ def describe(key: paramiko.PKey) -> str:
 
 def removal(name: str, path: Path) -> str:
     """The command that removes a host's lines from the known_hosts file."""
-    return f"ssh-keygen -R '{name}' -f {shlex.quote(display(path))}"
+    return shell.command("ssh-keygen -R {} -f {}", name, display(path))
 
 
 @dataclass(frozen=True)

@@ -15,7 +15,6 @@ import hashlib
 import io
 import logging
 import os
-import shlex
 import subprocess
 import tempfile
 from collections.abc import Callable, Iterator, Mapping
@@ -26,7 +25,7 @@ from typing import TYPE_CHECKING, BinaryIO, TextIO
 from invoke import Context
 from invoke.exceptions import CommandTimedOut
 
-from tasks.core import hostkeys
+from tasks.core import hostkeys, shell
 from tasks.core.errors import HostError
 from tasks.core.inventory import Host
 
@@ -111,7 +110,7 @@ class Machine:
     def as_root(self, command: str, sudo: bool = True) -> str:
         """The command as it runs: through `sudo -n sh -c` when the login is not root."""
         if sudo and not self.is_root:
-            return f"sudo -n sh -c {shlex.quote(command)}"
+            return f"sudo -n sh -c {shell.quote(command)}"
         return command
 
     def run(self, command: str, *, sudo: bool = True, timeout: float | None = None) -> Result:
@@ -157,8 +156,8 @@ class Machine:
 
     def read_file(self, path: str) -> bytes | None:
         """The file's bytes, or None when it does not exist."""
-        quoted = shlex.quote(path)
-        result = self.run(f"if [ -f {quoted} ]; then base64 -w0 {quoted}; else echo MISSING; fi")
+        result = self.run(shell.command(
+            "if [ -f {0} ]; then base64 -w0 {0}; else echo MISSING; fi", path))
         if not result.ok:
             raise HostError(f"{self.host.target}: cannot read {path}: {result.answer}")
         out = result.stdout.strip()
@@ -166,9 +165,9 @@ class Machine:
 
     def file_state(self, path: str) -> FileState | None:
         """Digest, mode and ownership of a file, or None when it does not exist."""
-        quoted = shlex.quote(path)
-        result = self.run(f"if [ -f {quoted} ]; then stat -c '%a %U %G' {quoted} && "
-                          f"sha256sum {quoted}; else echo MISSING; fi")
+        result = self.run(shell.command(
+            "if [ -f {0} ]; then stat -c '%a %U %G' {0} && sha256sum {0}; else echo MISSING; fi",
+            path))
         if not result.ok:
             raise HostError(f"{self.host.target}: cannot read the state of {path}: "
                             f"{result.answer}")
@@ -185,11 +184,11 @@ class Machine:
         if self.file_state(path) == wanted:
             return False
         temporary = self._upload(content)
-        quoted, staged = shlex.quote(path), shlex.quote(f"{path}.difyops-new")
-        parent = shlex.quote(os.path.dirname(path) or "/")
-        self.check(f"mkdir -p {parent} && install -m {mode:04o} -o {owner} -g {group} "
-                   f"{shlex.quote(temporary)} {staged} && mv -f {staged} {quoted}; "
-                   f"status=$?; rm -f {shlex.quote(temporary)}; exit $status")
+        self.check(shell.command(
+            "mkdir -p {parent} && install -m {mode} -o {owner} -g {group} {temporary} {staged} "
+            "&& mv -f {staged} {path}; status=$?; rm -f {temporary}; exit $status",
+            parent=os.path.dirname(path) or "/", mode=f"{mode:04o}", owner=owner, group=group,
+            temporary=temporary, staged=f"{path}.difyops-new", path=path))
         return True
 
 

@@ -11,12 +11,11 @@ from __future__ import annotations
 
 import ipaddress
 import re
-import shlex
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
-from tasks.core import netplan, placement
+from tasks.core import netplan, placement, shell
 from tasks.core.errors import DifyopsError
 from tasks.core.fleet import each_host, table
 from tasks.core.hosts import Machine
@@ -152,10 +151,10 @@ def facts_script(paths: Iterable[str], names: Iterable[str]) -> str:
         "echo \"mem_kb=$(awk '/^MemTotal:/ {print $2}' /proc/meminfo 2>/dev/null)\"",
     ]
     for path in paths:
-        quoted = shlex.quote(path)
-        lines.append(f"q={quoted}; while [ ! -e \"$q\" ]; do q=$(dirname \"$q\"); done; "
-                     f"df -PB1 \"$q\" 2>/dev/null | awk -v p={quoted} "
-                     "'NR==2 {print \"disk=\" p \"|\" $6 \"|\" $2 \"|\" $4}'")
+        lines.append(shell.command(
+            "q={0}; while [ ! -e \"$q\" ]; do q=$(dirname \"$q\"); done; "
+            "df -PB1 \"$q\" 2>/dev/null | awk -v p={0} "
+            "'NR==2 {{print \"disk=\" p \"|\" $6 \"|\" $2 \"|\" $4}}'", path))
     lines += [
         "if command -v ss >/dev/null 2>&1; then ss -ltnpH 2>/dev/null | sed 's/^/listen=/'; "
         "else echo listen_tool=missing; fi",
@@ -171,9 +170,8 @@ def facts_script(paths: Iterable[str], names: Iterable[str]) -> str:
         "if systemctl is-active --quiet firewalld 2>/dev/null; then echo firewalld=active; fi",
     ]
     for name in names:
-        quoted = shlex.quote(name)
-        lines.append(f"echo \"resolve={name}|$(getent ahosts {quoted} | awk '{{print $1}}' | "
-                     "sort -u | tr '\\n' ' ')\"")
+        lines.append(shell.command("echo resolve={0}\"|$(getent ahosts {0} | awk '{{print $1}}' "
+                                   "| sort -u | tr '\\n' ' ')\"", name))
     return "\n".join(lines)
 
 
@@ -488,7 +486,7 @@ def probe_script(targets: Sequence[tuple[str, int]], timeout: int) -> str:
     lines = [f"probe() {{ out=$(timeout {timeout} bash -c \"exec 3<>/dev/tcp/$1/$2\" 2>&1); "
              "rc=$?; echo \"probe=$1|$2|$rc|$(printf '%s' \"$out\" | tr '\\n' ' ' "
              "| tail -c 200)\"; }"]
-    lines += [f"probe {shlex.quote(address)} {port} &" for address, port in targets]
+    lines += [shell.command("probe {} {} &", address, port) for address, port in targets]
     lines.append("wait")
     return "\n".join(lines)
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 import ipaddress
 import json
 import re
-import shlex
 from functools import cached_property
 from pathlib import Path
 from typing import Any
@@ -17,7 +16,7 @@ from urllib.parse import quote
 
 from jinja2 import Environment, FileSystemLoader, StrictUndefined, TemplateError
 
-from tasks.core import placement
+from tasks.core import placement, shell
 from tasks.core.errors import DifyopsError
 from tasks.core.inventory import Host, Inventory, endpoint
 from tasks.core.plan import TierPlan
@@ -41,7 +40,7 @@ class Renderer:
         environment.filters["squid_word"] = squid_word
         environment.filters["redis_url"] = redis_url
         environment.filters["sql_literal"] = sql_literal
-        environment.filters["shell_quote"] = shell_quote
+        environment.filters["shell_quote"] = shell.quote  # files a shell sources
         environment.filters["redis_quote"] = redis_quote
         environment.filters["pgpass_field"] = pgpass_field
         environment.filters["compose_quote"] = compose_quote
@@ -131,11 +130,6 @@ def sql_literal(value: Any) -> str:
     if "\0" in text:
         raise DifyopsError("a value for SQL holds a NUL character")
     return "'" + text.replace("'", "''") + "'"
-
-
-def shell_quote(value: Any) -> str:
-    """A value for a file that a shell sources (one word, never expanded)."""
-    return shlex.quote(str(value))
 
 
 def redis_quote(value: Any) -> str:

@@ -13,7 +13,6 @@ import io
 import os
 import re
 import secrets as random
-import shlex
 import stat
 import subprocess
 from collections.abc import Callable
@@ -21,7 +20,7 @@ from dataclasses import dataclass
 
 from dotenv import dotenv_values
 
-from tasks.core import placement
+from tasks.core import placement, shell
 from tasks.core.errors import Problem
 from tasks.core.inventory import Inventory
 from tasks.core.project import display
@@ -222,7 +221,7 @@ def fetch(inventory: Inventory) -> tuple[dict[str, str], list[Problem]]:
                 dotenv_values(stream=io.StringIO(printed)).items()}, []
     values, problems = {}, []
     for spec in needed(inventory):
-        printed, failure = run_secret_command(command.replace("{name}", shlex.quote(spec.name)))
+        printed, failure = run_secret_command(command.replace("{name}", shell.quote(spec.name)))
         if failure:
             problems.append(Problem(shown, f"secrets.command ({spec.name})", failure,
                                     COMMAND_FIX))

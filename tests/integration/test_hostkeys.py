@@ -138,7 +138,7 @@ def test_a_changed_key_is_refused_before_anything_runs(pair: tuple[LabHost, LabH
     assert any(f"it offers {key}, but" in deploy.output for key in new)
     assert any(f"records {key} for {first.address}" in deploy.output for key in old)
     assert "man-in-the-middle" in deploy.output
-    assert f"ssh-keygen -R '{first.address}' -f " in deploy.output
+    assert f"ssh-keygen -R {first.address} -f " in deploy.output
     # Nothing reached the host: no login, no file of the deploy, no upload, no marker.
     assert logins(first) == before
     code, out = first.exec("ls /etc/redis/redis.conf /var/lib/difyops /tmp/difyops.* 2>&1")

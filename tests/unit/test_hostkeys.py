@@ -260,7 +260,7 @@ def test_trust_never_replaces_a_recorded_key(tmp_path: Path) -> None:
     assert recorded.status == trust.RECORDED  # the other host is still recorded
     assert f"records ssh-ed25519 {ED1_FP} for 10.0.2.21, the host now offers ssh-ed25519 " \
            f"{ED2_FP}; the recorded key is never replaced" in refused.detail
-    assert f"ssh-keygen -R '10.0.2.21' -f {path}" in refused.detail
+    assert f"ssh-keygen -R 10.0.2.21 -f {path}" in refused.detail
     assert "man-in-the-middle" in refused.detail
     assert path.read_text() == f"10.0.2.21 {ED1}\n10.0.2.22 {EC1}\n"
 

@@ -1,0 +1,40 @@
+"""Shell commands as data: every value goes into a command through one function, quoted once.
+
+`command("mkdir -p {} && chown {owner} {}", path, path, owner=user)` fills each placeholder with
+one value as one shell word, as pytest-testinfra's `quote(command, *args)` does (str.format
+placeholders; a literal brace is written twice). The template is code, never data: no inventory
+value reaches a shell any other way (tests/unit/test_layering.py holds every module to it).
+
+A value that is itself a built `Command` goes in as it is, so commands compose; `quote(cmd)`
+makes a command one word again (for `sh -c`, `bash -c`, `sudo -n sh -c`).
+"""
+
+from __future__ import annotations
+
+import shlex
+
+
+class Command(str):
+    """A shell command built by `command` (or `words`): its values are quoted, so it may be
+    put into another command as it is."""
+
+
+def quote(value: object) -> str:
+    """One value as one shell word, never expanded (a Command too: for `sh -c`)."""
+    return shlex.quote(str(value))
+
+
+def command(template: str, *values: object, **named: object) -> Command:
+    """The template with each placeholder filled by one value, quoted once."""
+
+    def word(value: object) -> str:
+        return value if isinstance(value, Command) else quote(value)
+
+    return Command(template.format(*map(word, values),
+                                   **{name: word(value) for name, value in named.items()}))
+
+
+def words(*values: object) -> Command:
+    """A command of words only (`words("docker", "pull", image)`), each quoted once."""
+    return Command(" ".join(value if isinstance(value, Command) else quote(value)
+                            for value in values))
