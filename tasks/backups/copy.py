@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import io
 import os
-import shlex
 import shutil
 import subprocess
 from collections.abc import Callable, Sequence
@@ -28,6 +27,7 @@ from tasks.backups.store import (
     write_json,
 )
 from tasks.backups.stream import last_line, upload
+from tasks.core import shell
 from tasks.core.errors import DifyopsError
 from tasks.core.hosts import connect
 from tasks.core.inventory import Host, Inventory, Ssh
@@ -92,7 +92,7 @@ def remove_copies(inventory: Inventory, ids: Sequence[str]) -> list[str]:
         machine = connect(copy_host(inventory), inventory.settings.timeouts)
         try:
             for backup_id in ids:
-                path = shlex.quote(f"{copy.path}/{backup_id}")
+                path = shell.quote(f"{copy.path}/{backup_id}")
                 result = machine.run(f"rm -rf {path}", sudo=False)
                 if not result.ok:
                     errors.append(f"{backup_id} on {describe(inventory)}: {result.answer}")
@@ -126,25 +126,25 @@ def ssh_copy(inventory: Inventory, backup: Backup) -> dict[str, Any]:
     machine = connect(copy_host(inventory), inventory.settings.timeouts)
     where = describe(inventory)
     try:
-        machine.check(f"umask 077 && mkdir -p {shlex.quote(base)} && rm -rf "
-                      f"{shlex.quote(partial)} && mkdir {shlex.quote(partial)}", sudo=False)
+        machine.check(f"umask 077 && mkdir -p {shell.quote(base)} && rm -rf "
+                      f"{shell.quote(partial)} && mkdir {shell.quote(partial)}", sudo=False)
         for name, size, _ in files:
             destination = f"{partial}/{name}"
-            folder = shlex.quote(os.path.dirname(destination))
+            folder = shell.quote(os.path.dirname(destination))
             with (backup.path / name).open("rb") as source:
                 transfer = upload(machine, f"umask 077 && mkdir -p {folder} && cat > "
-                                           f"{shlex.quote(destination)}", source, sudo=False)
+                                           f"{shell.quote(destination)}", source, sudo=False)
             if not transfer.ok or transfer.size != size:
                 raise CopyError(f"copy of {name} to {where} failed: "
                                 f"{last_line(transfer.stderr)}")
         sums = "".join(f"{digest}  {name}\n" for name, _, digest in files).encode()
-        check = upload(machine, f"cd {shlex.quote(partial)} && sha256sum --check --quiet -",
+        check = upload(machine, f"cd {shell.quote(partial)} && sha256sum --check --quiet -",
                        io.BytesIO(sums), sudo=False)
         if not check.ok:
             raise CopyError(f"the copy on {where} does not match the manifest: "
                             f"{last_line(check.stderr)}")
-        machine.check(f"rm -rf {shlex.quote(final)} && mv {shlex.quote(partial)} "
-                      f"{shlex.quote(final)}", sudo=False)
+        machine.check(f"rm -rf {shell.quote(final)} && mv {shell.quote(partial)} "
+                      f"{shell.quote(final)}", sudo=False)
     finally:
         machine.close()
     return {"type": "ssh", "target": f"{copy.user}@{copy.address}:{copy.port}{final}",

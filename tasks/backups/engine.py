@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import io
 import os
-import shlex
 import tarfile
 import time
 from collections.abc import Callable
@@ -40,7 +39,7 @@ from tasks.backups.store import (
     write_json,
 )
 from tasks.backups.stream import download, last_line, upload
-from tasks.core import secrets
+from tasks.core import secrets, shell
 from tasks.core.errors import DifyopsError
 from tasks.core.fleet import table
 from tasks.core.hosts import Machine, connect
@@ -257,7 +256,7 @@ def archive_folder(plan: Plan, folder: Path, name: str, host: Host, path: str,
                    out: Say) -> tuple[Item, dict[str, Any]]:
     """tar (gzip) of a folder on a host, streamed into the backup."""
     target = f"files/{name}.tar.gz{plan.suffix(secret=False)}"
-    quoted = shlex.quote(path)
+    quoted = shell.quote(path)
     machine = plan.connect(host)
     clock = time.monotonic()
     warnings = []
@@ -470,7 +469,7 @@ def secret_key_differs(inventory: Inventory, config: dict[str, bytes]) -> bool:
 
 def compose(directory: str) -> str:
     """The app tier's compose command on a host."""
-    return f"docker compose --project-directory {shlex.quote(directory)} -p {COMPOSE_PROJECT}"
+    return f"docker compose --project-directory {shell.quote(directory)} -p {COMPOSE_PROJECT}"
 
 
 def stop_app(plan: Plan, out: Say) -> list[Host]:
@@ -479,7 +478,7 @@ def stop_app(plan: Plan, out: Say) -> list[Host]:
     for host in plan.inventory.with_role(*APP_ROLES):
         machine = plan.connect(host)
         try:
-            probe = machine.run(f"test -f {shlex.quote(plan.deploy_dir)}/compose.yml && "
+            probe = machine.run(f"test -f {shell.quote(plan.deploy_dir)}/compose.yml && "
                                 f"command -v docker >/dev/null")
             if not probe.ok:
                 out(f"  {host.name}: no app containers ({plan.deploy_dir}/compose.yml or docker "
@@ -591,8 +590,8 @@ def restore_folder(plan: Plan, backup: Backup, entry: dict[str, Any], out: Say) 
         out(f"  {name}: not restored: the current inventory has no host for it")
         return
     host, path = targets[name]
-    target, new = shlex.quote(path), shlex.quote(f"{path}.difyops-restore")
-    old = shlex.quote(f"{path}.difyops-previous")
+    target, new = shell.quote(path), shell.quote(f"{path}.difyops-restore")
+    old = shell.quote(f"{path}.difyops-previous")
     clock = time.monotonic()
     machine = plan.connect(host)
     try:

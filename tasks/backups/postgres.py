@@ -12,13 +12,13 @@ from __future__ import annotations
 
 import contextlib
 import secrets
-import shlex
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import BinaryIO
 
 from tasks.backups.stream import Transfer, download, last_line, open_session, upload
+from tasks.core import shell
 from tasks.core.errors import HostError
 from tasks.core.hosts import Machine
 
@@ -72,18 +72,18 @@ def password_file(machine: Machine, port: int, password: str) -> Iterator[str]:
     try:
         yield path
     finally:
-        machine.run(f"rm -f {shlex.quote(path)}")
+        machine.run(f"rm -f {shell.quote(path)}")
 
 
 def client(program: str, pgpass: str, port: int, database: str) -> str:
     """A client command as the dify role over TCP to 127.0.0.1."""
-    return (f"PGPASSFILE={shlex.quote(pgpass)} PGCONNECT_TIMEOUT=10 {program} -h 127.0.0.1 "
-            f"-p {port} -U {ROLE} -d {shlex.quote(database)}")
+    return (f"PGPASSFILE={shell.quote(pgpass)} PGCONNECT_TIMEOUT=10 {program} -h 127.0.0.1 "
+            f"-p {port} -U {ROLE} -d {shell.quote(database)}")
 
 
 def superuser(program: str, port: int, database: str = "postgres") -> str:
     """A client command as the postgres superuser over the local socket."""
-    return f"runuser -u postgres -- {program} -p {port} -d {shlex.quote(database)}"
+    return f"runuser -u postgres -- {program} -p {port} -d {shell.quote(database)}"
 
 
 def parse_counts(output: str) -> tuple[dict[str, str], dict[str, int]]:

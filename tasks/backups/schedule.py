@@ -9,11 +9,11 @@ a failure: non-zero exit, a log line, syslog, and a POST to monitor.alert_webhoo
 from __future__ import annotations
 
 import re
-import shlex
 import sys
 from typing import Any
 
 from tasks.backups import settings
+from tasks.core import shell
 from tasks.core.apply import execute
 from tasks.core.errors import DifyopsError
 from tasks.core.hosts import connect
@@ -53,7 +53,7 @@ def context(inventory: Inventory) -> dict[str, Any]:
         "known_hosts": str(inventory.known_hosts or ""),
         "hour": hour,
         "minute": minute,
-        "shquote": shlex.quote,
+        "shquote": shell.quote,
     }
 
 
@@ -75,7 +75,7 @@ def steps(inventory: Inventory, renderer: Renderer, host: Host, *, cron: bool,
         WriteFile(values["wrapper"], renderer.render("backup/difyops-backup.sh.j2", host,
                                                      **values), mode=0o700, secret=True),
     ]
-    quoted = shlex.quote(f"{name}.timer")
+    quoted = shell.quote(f"{name}.timer")
     if wrapper_only:
         return plan
     if cron:
@@ -95,8 +95,8 @@ def steps(inventory: Inventory, renderer: Renderer, host: Host, *, cron: bool,
                    unless=f"systemctl is-enabled --quiet {quoted} && "
                           f"systemctl is-active --quiet {quoted}"),
         RunCommand(f"restart {name}.timer", f"systemctl restart {quoted}", on_change=(timer,)),
-        RunCommand(f"remove {crontab}", f"rm -f {shlex.quote(crontab)}",
-                   unless=f"test ! -e {shlex.quote(crontab)}"),
+        RunCommand(f"remove {crontab}", f"rm -f {shell.quote(crontab)}",
+                   unless=f"test ! -e {shell.quote(crontab)}"),
     ]
 
 

@@ -11,12 +11,12 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import shlex
 import subprocess
 import threading
 from dataclasses import dataclass
 from typing import BinaryIO
 
+from tasks.core import shell
 from tasks.core.errors import HostError
 from tasks.core.hosts import LocalMachine, Machine, SshMachine
 
@@ -26,7 +26,7 @@ STDERR_LIMIT = 64 * 1024
 
 def as_root(machine: Machine, command: str) -> str:
     """The command wrapped in `sudo -n` when the login is not root."""
-    return command if machine.is_root else f"sudo -n sh -c {shlex.quote(command)}"
+    return command if machine.is_root else f"sudo -n sh -c {shell.quote(command)}"
 
 
 class Session:

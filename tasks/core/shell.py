@@ -12,6 +12,7 @@ makes a command one word again (for `sh -c`, `bash -c`, `sudo -n sh -c`).
 from __future__ import annotations
 
 import shlex
+from collections.abc import Iterable
 
 
 class Command(str):
@@ -38,3 +39,13 @@ def words(*values: object) -> Command:
     """A command of words only (`words("docker", "pull", image)`), each quoted once."""
     return Command(" ".join(value if isinstance(value, Command) else quote(value)
                             for value in values))
+
+
+def chain(commands: Iterable[Command], operator: str = "&&") -> Command:
+    """Built commands joined by a shell operator (`&&`, `||`, `;`)."""
+    return Command(f" {operator} ".join(commands))
+
+
+def compose(directory: str, project: str) -> Command:
+    """The docker compose CLI for one project, its files in `directory`."""
+    return command("docker compose --project-directory {} -p {}", directory, project)

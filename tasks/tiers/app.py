@@ -16,9 +16,8 @@ from __future__ import annotations
 
 import json
 import re
-import shlex
 
-from tasks.core import placement
+from tasks.core import placement, shell
 from tasks.core.errors import InputError, Problem
 from tasks.core.gates import CommandGate, HttpGate
 from tasks.core.inventory import APP_ROLES, Host, Inventory, endpoint
@@ -70,9 +69,9 @@ def deploy_dir(inventory: Inventory) -> str:
     return inventory.settings.app.deploy_dir
 
 
-def compose(directory: str, project: str = PROJECT) -> str:
+def compose(directory: str, project: str = PROJECT) -> shell.Command:
     """The docker compose command line of a project in a folder."""
-    return f"docker compose --project-directory {shlex.quote(directory)} -p {project}"
+    return shell.compose(directory, project)
 
 
 def migration_compose(inventory: Inventory) -> str:
@@ -191,23 +190,22 @@ def check_limits(inventory: Inventory) -> None:
 
 def release_check(inventory: Inventory, host: Host) -> RunCommand:
     """Fail when the host runs another version or api image than the inventory asks for."""
-    raw = f"{deploy_dir(inventory)}/release.json"
-    path = shlex.quote(raw)
+    path = f"{deploy_dir(inventory)}/release.json"
     record = release(inventory, host)
     wanted = [f'"version": "{record["version"]}"']
     if "api" in record["images"]:
         wanted.append(f'"api": "{record["images"]["api"]}"')
-    greps = " && ".join(f"grep -qF {shlex.quote(w)} {path}" for w in wanted)
-    running = f"$(sed -n 's/^  \"version\": \"\\(.*\\)\"$/\\1/p' {path})"
-    rest = (f" ({raw}), not the inventory's {record['version']} with "
+    greps = shell.chain(shell.command("grep -qF {} {}", w, path) for w in wanted)
+    running = shell.command("$(sed -n 's/^  \"version\": \"\\(.*\\)\"$/\\1/p' {})", path)
+    rest = (f" ({path}), not the inventory's {record['version']} with "
             f"{record['images'].get('api', 'its images')}: change releases with inv app.upgrade "
             f"--version {record['version']} (backup, migration, one host at a time) or "
             f"inv app.rollback")
     # Only the running version is expanded by the shell; every other word is quoted.
-    message = f"{shlex.quote(host.name + ' runs Dify ')}\"{running}\"{shlex.quote(rest)}"
-    return RunCommand("release check",
-                      f"test ! -f {path} || {{ {greps}; }} || {{ echo {message} >&2; "
-                      f"exit 1; }}", changes=False)
+    message = shell.command('{}"{}"{}', f"{host.name} runs Dify ", running, rest)
+    return RunCommand("release check", shell.command(
+        "test ! -f {path} || {{ {greps}; }} || {{ echo {message} >&2; exit 1; }}",
+        path=path, greps=greps, message=message), changes=False)
 
 
 def at_head_probe(inventory: Inventory) -> str:
@@ -236,7 +234,8 @@ def reachable(name: str, address: str, port: int, timeout: float) -> WaitFor:
     """A TCP port answering from the app host itself (not from the control machine)."""
     return WaitFor(CommandGate(f"{name} reachable at {endpoint(address, port)}", timeout=timeout,
                                interval=2,
-                               command=f"timeout 3 bash -c '</dev/tcp/{address}/{port}'"))
+                               command=shell.command("timeout 3 bash -c {}",
+                                                     f"</dev/tcp/{address}/{port}")))
 
 
 def redis_endpoint(inventory: Inventory) -> tuple[str, int]:
@@ -298,17 +297,16 @@ def steps(inventory: Inventory, renderer: Renderer, host: Host, *,
     if host.has("api", "worker") and storage.type != "s3":
         plan.append(RunCommand(
             f"storage {storage.path} owned by uid {DIFY_UID}",
-            f"mkdir -p {shlex.quote(storage.path)} && chown {DIFY_UID}:{DIFY_UID} "
-            f"{shlex.quote(storage.path)}",
-            unless=f"test \"$(stat -c %u {shlex.quote(storage.path)} 2>/dev/null)\" = "
-                   f"{DIFY_UID}"))
+            shell.command("mkdir -p {0} && chown {1}:{1} {0}", storage.path, DIFY_UID),
+            unless=shell.command('test "$(stat -c %u {} 2>/dev/null)" = {}', storage.path,
+                                 DIFY_UID)))
     images = sorted(set(host_images(inventory, host).values()))
     plan.append(RunCommand(
         "images present",
         f"{compose(directory)} pull --quiet || {{ echo 'cannot pull the images: where hosts "
         f"reach no registry, ship them with inv images.sync' >&2; exit 1; }}",
-        unless="docker image inspect " + " ".join(shlex.quote(i) for i in images)
-               + " >/dev/null 2>&1"))
+        unless=shell.command("{} >/dev/null 2>&1", shell.words("docker", "image", "inspect",
+                                                               *images))))
     if host.has("api", "worker", "beat", "plugin_daemon") or agent:
         primary = inventory.with_role("db_primary")[0]
         plan.append(reachable("PostgreSQL", primary.address, inventory.settings.db.port,
@@ -356,8 +354,9 @@ def gates(inventory: Inventory, host: Host) -> list[WaitFor]:
                      restart=restart_compose(directory, PROJECT, service))
              for service, port, path, contains, runs in probes if runs]
     found += [WaitFor(CommandGate(f"{service} answers a Celery ping", timeout=timeout, interval=2,
-                                  command=f"{compose(directory)} exec -T {service} python -c "
-                                          f"{shlex.quote(CELERY_PING)}"),
+                                  command=shell.command("{} exec -T {} python -c {}",
+                                                        compose(directory), service,
+                                                        CELERY_PING)),
                       restart=restart_compose(directory, PROJECT, service))
               for service in worker_services(inventory, host)]
     if agent:

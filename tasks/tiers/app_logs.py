@@ -14,13 +14,13 @@ from __future__ import annotations
 
 import json
 import re
-import shlex
 import sys
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
+from tasks.core import shell
 from tasks.core.errors import DifyopsError, InputError, Problem
 from tasks.core.fleet import each_host
 from tasks.core.hosts import Machine, connect
@@ -116,14 +116,14 @@ def logs_command(inventory: Inventory, source: Source, since: str, follow: bool)
     if source.unit:
         # (journalctl colours its JSON on a terminal, which --follow's is)
         words = ["SYSTEMD_COLORS=0", "journalctl", "--no-pager", "--output", "json",
-                 "--output-fields", "MESSAGE", "--unit", shlex.quote(source.unit)]
-        words += ["--since", shlex.quote(journal_since(since))] if since else []
+                 "--output-fields", "MESSAGE", "--unit", shell.quote(source.unit)]
+        words += ["--since", shell.quote(journal_since(since))] if since else []
         return " ".join(words + (["--follow"] if follow else []))
     words = [compose(deploy_dir(inventory)), "logs", "--no-color", "--no-log-prefix",
              "--timestamps"]
-    words += ["--since", shlex.quote(since)] if since else []
+    words += ["--since", shell.quote(since)] if since else []
     words += ["--follow"] if follow else []
-    return " ".join([*words, shlex.quote(source.service)])
+    return " ".join([*words, shell.quote(source.service)])
 
 
 def journal_since(since: str) -> str:

@@ -10,9 +10,9 @@ replacing the very container or migrating the database under it.
 
 from __future__ import annotations
 
-import shlex
 import sys
 
+from tasks.core import shell
 from tasks.core.errors import InputError, Problem
 from tasks.core.hosts import connect
 from tasks.core.inventory import APP_ROLES, Host, Inventory
@@ -32,8 +32,8 @@ def one_off_command(inventory: Inventory, service: str, words: list[str],
     program, *arguments = words
     terminal = [] if interactive else ["-T"]
     return " ".join([compose(deploy_dir(inventory)), "run", "--rm", "--no-deps", *terminal,
-                     "--entrypoint", shlex.quote(program), shlex.quote(service),
-                     *map(shlex.quote, arguments)])
+                     "--entrypoint", shell.quote(program), shell.quote(service),
+                     *map(shell.quote, arguments)])
 
 
 def host_running(inventory: Inventory, service: str, name: str = "") -> Host:

@@ -24,12 +24,11 @@ from __future__ import annotations
 import dataclasses
 import json
 import re
-import shlex
 from collections.abc import Callable
 from datetime import UTC, datetime
 
 from tasks.backups import engine as backups
-from tasks.core import placement, rules
+from tasks.core import placement, rules, shell
 from tasks.core.apply import Executor
 from tasks.core.errors import DifyopsError, InputError, Problem
 from tasks.core.fleet import each_host
@@ -178,10 +177,10 @@ def ensure_images(inventory: Inventory, hosts: list[Host]) -> None:
     def check(machine: Machine) -> None:
         wanted = sorted(set(tier.host_images(inventory, machine.host).values()))
         missing = [image for image in wanted
-                   if not machine.run(f"docker image inspect {shlex.quote(image)} "
+                   if not machine.run(f"docker image inspect {shell.quote(image)} "
                                       f">/dev/null 2>&1").ok]
         failed = [image for image in missing
-                  if not machine.run(f"docker pull -q {shlex.quote(image)}").ok]
+                  if not machine.run(f"docker pull -q {shell.quote(image)}").ok]
         if failed:
             raise ReleaseError(f"{machine.host.name}: missing and not pullable: "
                                f"{', '.join(failed)}")
@@ -395,7 +394,7 @@ def run_release_steps(inventory: Inventory, since: str, done: list[str], report:
             report.note(f"[app] {host.name}: release step of Dify {version}: flask "
                         f"{' '.join(step.command)} ({step.why})")
             result = machine.run(f"{tier.migration_compose(inventory)} run --rm -T --entrypoint "
-                                 f"flask migration {shlex.join(step.command)}")
+                                 f"flask migration {shell.words(*step.command)}")
             if not result.ok:
                 tail = "\n".join(f"      {line}" for line in
                                  (result.stdout + result.stderr).strip().splitlines()[-8:])

@@ -14,6 +14,7 @@
 
 from __future__ import annotations
 
+from tasks.core import shell
 from tasks.core.gates import CommandGate
 from tasks.core.inventory import Host, Inventory
 from tasks.core.plan import RunCommand, Step, WaitFor, WriteFile
@@ -107,8 +108,9 @@ def steps(inventory: Inventory, renderer: Renderer, host: Host) -> list[Step]:
         WriteFile(SENTINEL_SEED, render("sentinel.conf.j2"), mode=0o600, secret=True),
         RunCommand("seed sentinel.conf (once: Sentinel owns it afterwards)",
                    f"{HELPER} sentinel-seed",
-                   unless=f"grep -q '^sentinel monitor {cache.master_name} ' "
-                          f"/etc/redis/sentinel.conf"),
+                   unless=shell.command("grep -q {} /etc/redis/sentinel.conf",
+                                        f"^sentinel monitor {cache.master_name} "
+                                        .replace(".", "\\."))),
         service_running("redis-sentinel"),
         ping(cache.sentinel_port, f"sentinel on :{cache.sentinel_port}",
              "redis-sentinel"),

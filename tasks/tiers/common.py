@@ -2,26 +2,25 @@
 
 from __future__ import annotations
 
-import shlex
-
+from tasks.core import shell
 from tasks.core.plan import Restart, RunCommand
 
 
 def packages(*names: str) -> RunCommand:
     """Install OS packages unless all are already installed (apt may start their services)."""
-    listed = " ".join(names)
     probe = " && ".join(
-        f"dpkg-query -W -f='${{Status}}' {shlex.quote(n)} 2>/dev/null | grep -q 'ok installed'"
+        shell.command("dpkg-query -W -f='${{Status}}' {} 2>/dev/null | grep -q 'ok installed'", n)
         for n in names)
-    return RunCommand(f"install {listed}",
-                      f"export DEBIAN_FRONTEND=noninteractive; apt-get update -q && "
-                      f"apt-get install -y -q --no-install-recommends {listed}",
+    return RunCommand(f"install {' '.join(names)}",
+                      shell.command("export DEBIAN_FRONTEND=noninteractive; apt-get update -q && "
+                                    "apt-get install -y -q --no-install-recommends {}",
+                                    shell.words(*names)),
                       unless=probe)
 
 
 def service_running(unit: str) -> RunCommand:
     """Enable and start a systemd unit unless it is already enabled and active."""
-    quoted = shlex.quote(unit)
+    quoted = shell.quote(unit)
     return RunCommand(f"enable and start {unit}",
                       f"{reset_failed(quoted)}systemctl enable --now {quoted}",
                       unless=f"systemctl is-enabled --quiet {quoted} && "
@@ -30,7 +29,7 @@ def service_running(unit: str) -> RunCommand:
 
 def service_restart(unit: str, *files: str) -> RunCommand:
     """Restart a unit when one of its configuration files changed."""
-    quoted = shlex.quote(unit)
+    quoted = shell.quote(unit)
     return RunCommand(f"restart {unit}", f"{reset_failed(quoted)}systemctl restart {quoted}",
                       on_change=files)
 
@@ -45,7 +44,7 @@ def compose_up(directory: str, project: str, *files: str,
                wait_timeout: float | None = None) -> RunCommand:
     """Bring a compose project up (waiting for its healthchecks) when its files changed; with
     wait_timeout, give up after that many seconds and name what is not healthy (wait_bounded)."""
-    compose = f"docker compose --project-directory {shlex.quote(directory)} -p {project}"
+    compose = shell.compose(directory, project)
     command = f"{compose} up -d --wait --remove-orphans"
     if wait_timeout is not None:
         command = wait_bounded(compose, command, wait_timeout)
@@ -54,16 +53,16 @@ def compose_up(directory: str, project: str, *files: str,
 
 def restart_unit(unit: str) -> Restart:
     """deploy.doctor's way back for a systemd service: clear its start limit, restart it."""
-    quoted = shlex.quote(unit)
+    quoted = shell.quote(unit)
     return Restart(unit, f"{reset_failed(quoted)}systemctl restart {quoted}")
 
 
 def restart_compose(directory: str, project: str, service: str) -> Restart:
     """deploy.doctor's way back for a compose service: restart its container (started when
     stopped), then create it if it is missing, from the files the last deploy wrote."""
-    compose = f"docker compose --project-directory {shlex.quote(directory)} -p {project}"
-    return Restart(f"{project}/{service}",
-                   f"{compose} restart {service} && {compose} up -d --no-recreate {service}")
+    return Restart(f"{project}/{service}", shell.command(
+        "{compose} restart {service} && {compose} up -d --no-recreate {service}",
+        compose=shell.compose(directory, project), service=service))
 
 
 # docker inspect templates: a container's service, its state (+ health), its health answers.
@@ -79,7 +78,7 @@ def wait_bounded(compose: str, up: str, timeout: float, *services: str) -> str:
     service is not healthy, its state, the last answer of its healthcheck and its last log lines,
     e.g. `api (running unhealthy) last health check: "...503...", last log lines: a | b`."""
     seconds = max(int(timeout), 1)
-    names = "".join(f" {shlex.quote(s)}" for s in services)
+    names = "".join(f" {shell.quote(s)}" for s in services)
     return (f"{up} --wait-timeout {seconds} || {{ why=''; "
             f"for id in $({compose} ps -aq{names}); do "
             f"state=$(docker inspect -f '{STATE}' \"$id\"); "

@@ -9,8 +9,7 @@ Before anything is touched, each host checks that its state matches its role in 
 
 from __future__ import annotations
 
-import shlex
-
+from tasks.core import shell
 from tasks.core.gates import CommandGate
 from tasks.core.inventory import Host, Inventory
 from tasks.core.plan import RunCommand, Step, WaitFor, WriteFile
@@ -45,7 +44,7 @@ def psql(inventory: Inventory, sql: str) -> str:
     unaligned with fields split by |."""
     port = inventory.settings.db.port
     return (f"cd / && runuser -u postgres -- psql -XAtq -F '|' -p {port} -v ON_ERROR_STOP=1 "
-            f"-c {shlex.quote(sql)}")
+            f"-c {shell.quote(sql)}")
 
 
 def writable_gate(inventory: Inventory) -> CommandGate:

@@ -11,11 +11,11 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import re
-import shlex
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from tasks.core import shell
 from tasks.core.apply import execute
 from tasks.core.errors import DifyopsError, HostError
 from tasks.core.fleet import each_host, table
@@ -357,7 +357,7 @@ def inventory_edit(inventory: Inventory, old: str, new: str) -> str:
 def fence_node(inventory: Inventory, host: Host, reason: str) -> None:
     """Stop a host's PostgreSQL for good: masked unit, standby.signal, a note for the guard."""
     with_machine(host, inventory,
-                 lambda machine: machine.check(f"{HELPER} fence {shlex.quote(reason)}"))
+                 lambda machine: machine.check(f"{HELPER} fence {shell.quote(reason)}"))
 
 
 def stamp() -> str:

@@ -12,8 +12,8 @@ on every queue of the Dify version as systemd units, so they outlive the SSH ses
 from __future__ import annotations
 
 import re
-import shlex
 
+from tasks.core import shell
 from tasks.core.gates import CommandGate, HttpGate
 from tasks.core.inventory import Host, Inventory, endpoint
 from tasks.core.plan import RunCommand, Step, WaitFor, WriteFile
@@ -73,16 +73,16 @@ def uv_environment(inventory: Inventory) -> str:
     dev = inventory.settings.dev
     assignments = ["UV_NATIVE_TLS=true", "UV_SYSTEM_CERTS=true"]
     if dev.package_index:
-        assignments.append(f"UV_INDEX_URL={shlex.quote(dev.package_index)}")
+        assignments.append(f"UV_INDEX_URL={shell.quote(dev.package_index)}")
     if dev.python:
-        assignments.append(f"UV_PYTHON={shlex.quote(dev.python)}")
+        assignments.append(f"UV_PYTHON={shell.quote(dev.python)}")
     return "env " + " ".join(assignments)
 
 
 def sync_stamp(inventory: Inventory) -> str:
     """What the environment was synced from: the project's and lock's hashes, the interpreter
     asked for (a change of either syncs again). A `sh -c` script run in the api folder."""
-    python = shlex.quote(f"python={inventory.settings.dev.python}")
+    python = shell.quote(f"python={inventory.settings.dev.python}")
     return f"sha256sum pyproject.toml uv.lock && echo {python}"
 
 
@@ -115,7 +115,7 @@ def api_env(inventory: Inventory, renderer: Renderer, host: Host) -> str:
 
 def in_api(api_dir: str, user: str, command: str) -> str:
     """A command run in the api folder as the dev user."""
-    return f"cd {shlex.quote(api_dir)} && {as_user(user)}{command}"
+    return f"cd {shell.quote(api_dir)} && {as_user(user)}{command}"
 
 
 def steps(inventory: Inventory, renderer: Renderer, host: Host) -> list[Step]:
@@ -148,24 +148,24 @@ def steps(inventory: Inventory, renderer: Renderer, host: Host) -> list[Step]:
                    unless=f"test -x {UV}"),
     ]
     if clone_step_needed(inventory):
-        parent = shlex.quote(root.rsplit("/", 1)[0] or "/")
+        parent = shell.quote(root.rsplit("/", 1)[0] or "/")
         plan.append(RunCommand(
             f"clone {inventory.settings.dev.dify_source} into {root}",
-            f"install -d -o {shlex.quote(user)} -g {shlex.quote(user)} {parent} && "
+            f"install -d -o {shell.quote(user)} -g {shell.quote(user)} {parent} && "
             f"{as_user(user)}{git_clone(inventory, root)}",
-            unless=f"test -d {shlex.quote(root + '/.git')}"))
+            unless=f"test -d {shell.quote(root + '/.git')}"))
     plan += [
-        RunCommand(f"{api_dir} holds a Dify api", f"test -f {shlex.quote(api_dir)}/pyproject.toml "
+        RunCommand(f"{api_dir} holds a Dify api", f"test -f {shell.quote(api_dir)}/pyproject.toml "
                    f"|| {{ echo 'no pyproject.toml in {api_dir}: dev.dify_source must be a Dify "
                    f"checkout' >&2; exit 1; }}", changes=False),
         WriteFile(env_file, api_env(inventory, renderer, host), mode=0o600, owner=user,
                   group=user, secret=True),
         RunCommand("install the api's dependencies (uv sync)",
                    in_api(api_dir, user, f"{uv_env} {UV} sync --frozen --no-dev --quiet")
-                   + " && " + in_api(api_dir, user, "sh -c " + shlex.quote(
+                   + " && " + in_api(api_dir, user, "sh -c " + shell.quote(
                        f"{{ {stamp}; }} > {SYNC_STAMP}"))
                    + f" && {{ systemctl try-restart {API_UNIT} {WORKER_UNIT} 2>/dev/null; true; }}",
-                   unless=in_api(api_dir, user, "sh -c " + shlex.quote(
+                   unless=in_api(api_dir, user, "sh -c " + shell.quote(
                        f"{{ {stamp}; }} | cmp -s - {SYNC_STAMP}"))),
         RunCommand("migrate the database (flask upgrade-db)",
                    in_api(api_dir, user, f"{uv_run} flask upgrade-db") + " && { "
@@ -191,8 +191,8 @@ def steps(inventory: Inventory, renderer: Renderer, host: Host) -> list[Step]:
                             f"Dify {inventory.profile.version}", timeout=300, interval=2,
                             probe_timeout=QUEUE_CHECK_TIMEOUT,
                             command=in_api(api_dir, user, f"{uv_run} python -c "
-                                           f"{shlex.quote(QUEUE_CHECK)} "
-                                           + " ".join(map(shlex.quote, (
+                                           f"{shell.quote(QUEUE_CHECK)} "
+                                           + " ".join(map(shell.quote, (
                                                inventory.profile.celery_app,
                                                *inventory.profile.queues))))),
                 restart=restart_unit(WORKER_UNIT)),
@@ -203,12 +203,12 @@ def steps(inventory: Inventory, renderer: Renderer, host: Host) -> list[Step]:
 def pip_environment(inventory: Inventory) -> str:
     """`env` for the pip that installs uv: the package index mirror when one is set."""
     index = inventory.settings.dev.package_index
-    return f"env PIP_INDEX_URL={shlex.quote(index)}" if index else "env"
+    return f"env PIP_INDEX_URL={shell.quote(index)}" if index else "env"
 
 
 def tcp_probe(address: str, port: int) -> str:
     """A command that exits 0 when address:port accepts a TCP connection (bash's /dev/tcp)."""
-    return f"timeout 3 bash -c {shlex.quote(f'exec 3<>/dev/tcp/{address}/{port}')}"
+    return f"timeout 3 bash -c {shell.quote(f'exec 3<>/dev/tcp/{address}/{port}')}"
 
 
 TIER = Tier("dev_backend", "Dify api and worker from a checkout on the development VM",

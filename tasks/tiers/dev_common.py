@@ -12,9 +12,9 @@ import ipaddress
 import ntpath
 import posixpath
 import re
-import shlex
 from dataclasses import replace
 
+from tasks.core import shell
 from tasks.core.errors import InputError, Problem
 from tasks.core.inventory import Host, Inventory
 from tasks.core.project import display
@@ -54,7 +54,7 @@ def dev_user(inventory: Inventory, host: Host) -> str:
 
 def as_user(user: str) -> str:
     """Prefix that runs a command as the dev user (commands run as root on the host)."""
-    return "" if user == "root" else f"runuser -u {shlex.quote(user)} -- "
+    return "" if user == "root" else f"runuser -u {shell.quote(user)} -- "
 
 
 def backend(inventory: Inventory) -> Host:
@@ -70,8 +70,8 @@ def clone_step_needed(inventory: Inventory) -> bool:
 def git_clone(inventory: Inventory, target: str) -> str:
     """The `git clone` arguments for dev.dify_source at dev.dify_ref into target (POSIX quoting)."""
     dev = inventory.settings.dev
-    branch = f"--branch {shlex.quote(dev.dify_ref)} " if dev.dify_ref else ""
-    return f"git clone --quiet {branch}{shlex.quote(dev.dify_source)} {shlex.quote(target)}"
+    branch = f"--branch {shell.quote(dev.dify_ref)} " if dev.dify_ref else ""
+    return f"git clone --quiet {branch}{shell.quote(dev.dify_source)} {shell.quote(target)}"
 
 
 def problems(inventory: Inventory) -> list[Problem]:

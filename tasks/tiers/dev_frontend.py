@@ -7,8 +7,7 @@ OpenSSH, commands in PowerShell) a scheduled task started now and at every logon
 
 from __future__ import annotations
 
-import shlex
-
+from tasks.core import shell
 from tasks.core.gates import CommandGate, HttpGate
 from tasks.core.inventory import Host, Inventory, endpoint
 from tasks.core.plan import RunCommand, Step, WaitFor, WriteFile
@@ -57,9 +56,9 @@ def linux_steps(inventory: Inventory, renderer: Renderer, host: Host) -> list[St
     user = dev_user(inventory, host)
     root = frontend_checkout(inventory)
     web_dir = f"{root}/web"
-    web = shlex.quote(web_dir)
+    web = shell.quote(web_dir)
     registry = inventory.settings.dev.npm_registry
-    npm_env = "env CI=true" + (f" npm_config_registry={shlex.quote(registry)}" if registry else "")
+    npm_env = "env CI=true" + (f" npm_config_registry={shell.quote(registry)}" if registry else "")
     env_file = f"{web_dir}/.env.local"
     unit = f"{UNIT_DIR}/{WEB_UNIT}"
     plan: list[Step] = [
@@ -71,19 +70,19 @@ def linux_steps(inventory: Inventory, renderer: Renderer, host: Host) -> list[St
                    unless="command -v pnpm"),
     ]
     if clone_step_needed(inventory):
-        parent = shlex.quote(root.rsplit("/", 1)[0] or "/")
+        parent = shell.quote(root.rsplit("/", 1)[0] or "/")
         plan += [
             RunCommand("install git", "export DEBIAN_FRONTEND=noninteractive; apt-get update -q "
                        "&& apt-get install -y -q --no-install-recommends git",
                        unless="command -v git"),
             RunCommand(f"clone {inventory.settings.dev.dify_source} into {root}",
-                       f"install -d -o {shlex.quote(user)} -g {shlex.quote(user)} {parent} && "
+                       f"install -d -o {shell.quote(user)} -g {shell.quote(user)} {parent} && "
                        f"{as_user(user)}{git_clone(inventory, root)}",
-                       unless=f"test -d {shlex.quote(root + '/.git')}"),
+                       unless=f"test -d {shell.quote(root + '/.git')}"),
         ]
     digest = "sha256sum package.json $(ls pnpm-lock.yaml 2>/dev/null)"
-    write_stamp = shlex.quote(f"mkdir -p node_modules && {digest} > {INSTALL_STAMP}")
-    compare_stamp = shlex.quote(f"{digest} | cmp -s - {INSTALL_STAMP}")
+    write_stamp = shell.quote(f"mkdir -p node_modules && {digest} > {INSTALL_STAMP}")
+    compare_stamp = shell.quote(f"{digest} | cmp -s - {INSTALL_STAMP}")
     plan += [
         RunCommand(f"{web_dir} holds Dify's web", f"test -f {web}/package.json || {{ echo 'no "
                    f"package.json in {web_dir}: the checkout must be Dify' >&2; exit 1; }}",

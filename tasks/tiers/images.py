@@ -10,11 +10,11 @@ SSH: `docker save` here streamed into `docker load` there, all its missing image
 
 from __future__ import annotations
 
-import shlex
 import subprocess
 from collections.abc import Iterable
 from dataclasses import dataclass
 
+from tasks.core import shell
 from tasks.core.errors import DifyopsError
 from tasks.core.fleet import each_host
 from tasks.core.hosts import Machine
@@ -140,7 +140,7 @@ def prepare(inventory: Inventory, docker: ControlDocker, refresh: bool) -> list[
 
 def host_ids(machine: Machine, images: list[str]) -> dict[str, str | None]:
     """image -> its ID in the host's engine (None: absent)."""
-    script = "; ".join(f"docker image inspect -f '{{{{.Id}}}}' {shlex.quote(i)} 2>/dev/null "
+    script = "; ".join(f"docker image inspect -f '{{{{.Id}}}}' {shell.quote(i)} 2>/dev/null "
                        f"|| echo -" for i in images)
     result = machine.run(script)
     if not result.ok:

@@ -11,11 +11,10 @@ keeps it.
 from __future__ import annotations
 
 import ipaddress
-import shlex
 from dataclasses import dataclass
 from pathlib import Path
 
-from tasks.core import placement
+from tasks.core import placement, shell
 from tasks.core.errors import InputError, Problem
 from tasks.core.gates import HttpGate
 from tasks.core.inventory import Host, Inventory, endpoint
@@ -130,8 +129,8 @@ AWK_DRAIN_STATE = (
 
 def generate_command(source: str, *, state: str = DRAINED) -> str:
     """Shell printing the live site: `source` with the drained hosts' servers marked down."""
-    return (f'awk -v drained=" $(cat {shlex.quote(state)} 2>/dev/null | tr \'\\n\' \' \') " '
-            f'{shlex.quote(AWK_DRAIN_STATE)} {shlex.quote(source)}')
+    return shell.command('awk -v drained=" $(cat {} 2>/dev/null | tr \'\\n\' \' \') " {} {}',
+                         state, AWK_DRAIN_STATE, source)
 
 
 def publish_command(source: str = AVAILABLE, *, live: str = LIVE, work: str = WORK,
@@ -145,7 +144,7 @@ def publish_command(source: str = AVAILABLE, *, live: str = LIVE, work: str = WO
     requests) and prints `published`, or puts the previous live file back (or removes a first
     one) and exits 1 with nginx's complaint as the last line.
     """
-    q = shlex.quote
+    q = shell.quote
     candidate, previous = q(f"{work}/dify.conf.next"), q(f"{work}/dify.conf.previous")
     staged = q(f"{work}/dify.conf.staged")
     live_q = q(live)
@@ -194,7 +193,7 @@ def reload_if_running() -> str:
 def self_signed_command(domain: str) -> str:
     """Shell generating a self-signed pair for the domain on the lb host (key 0600)."""
     kind = "IP" if is_ip(domain) else "DNS"
-    q = shlex.quote
+    q = shell.quote
     return (f"install -d -m 0755 {q(str(Path(CERT).parent))} && "
             f"out=$(umask 077 && openssl req -x509 -newkey rsa:2048 -nodes -days 825 "
             f"-subj {q('/CN=' + domain)} -addext {q(f'subjectAltName={kind}:{domain}')} "
@@ -207,20 +206,21 @@ def self_signed_command(domain: str) -> str:
 def self_signed_probe(domain: str) -> str:
     """Shell exiting 0 when a pair is there whose certificate names the domain."""
     check = "-checkip" if is_ip(domain) else "-checkhost"
-    return (f"test -s {KEY} && openssl x509 -noout {check} {shlex.quote(domain)} -in {CERT} "
-            f"2>/dev/null | grep -q 'does match'")
+    return shell.command("test -s {} && openssl x509 -noout {} {} -in {} 2>/dev/null "
+                         "| grep -q 'does match'", KEY, check, domain, CERT)
 
 
 def acme_install_command(domain: str) -> str:
     """Shell copying certbot's lineage for the domain to where nginx reads it, then reloading."""
     live = f"/etc/letsencrypt/live/{domain}"
-    return (f"install -m 0644 {live}/fullchain.pem {CERT} && "
-            f"install -m 0600 {live}/privkey.pem {KEY} && nginx -t -q && systemctl reload nginx")
+    return shell.command("install -m 0644 {} {cert} && install -m 0600 {} {key} && nginx -t -q "
+                         "&& systemctl reload nginx", f"{live}/fullchain.pem",
+                         f"{live}/privkey.pem", cert=CERT, key=KEY)
 
 
 def acme_command(domain: str, email: str) -> str:
     """certbot http-01 through the webroot nginx serves; renewals rerun the install hook."""
-    q = shlex.quote
+    q = shell.quote
     hook = acme_install_command(domain)
     return (f"certbot certonly --webroot -w {ACME_WEBROOT} -d {q(domain)} --cert-name {q(domain)} "
             f"--email {q(email)} --agree-tos --non-interactive --keep-until-expiring "
@@ -324,8 +324,8 @@ def steps(inventory: Inventory, renderer: Renderer, host: Host) -> list[Step]:
         domain = inventory.settings.domain
         plan.append(RunCommand(f"ACME certificate for {domain} (certbot, http-01)",
                                acme_command(domain, inventory.settings.tls.acme_email),
-                               unless=f"cmp -s /etc/letsencrypt/live/{domain}/fullchain.pem "
-                                      f"{CERT}"))
+                               unless=shell.command("cmp -s {} {}", f"/etc/letsencrypt/live/"
+                                                    f"{domain}/fullchain.pem", CERT)))
     plan.append(WaitFor(HttpGate("nginx /health", timeout=30,
                                  url=f"http://{endpoint(host.address, 80)}/health"),
                         restart=restart_unit("nginx")))

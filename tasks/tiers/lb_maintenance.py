@@ -11,11 +11,11 @@ from __future__ import annotations
 
 import html
 import json
-import shlex
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
 
+from tasks.core import shell
 from tasks.core.errors import DifyopsError, HostError, InputError, Problem
 from tasks.core.fleet import Outcome, each_host
 from tasks.core.hosts import Machine
@@ -63,8 +63,8 @@ def switch_on(machine: Machine, message: str) -> bool:
 
 def switch_off(machine: Machine) -> bool:
     """The pages removed (the HTML one first: it turns the mode off); whether it was on."""
-    was_on = machine.probe(f"test -e {shlex.quote(HTML_PATH)}")
-    machine.check(f"rm -f {shlex.quote(HTML_PATH)} {shlex.quote(JSON_PATH)}")
+    was_on = machine.probe(f"test -e {shell.quote(HTML_PATH)}")
+    machine.check(f"rm -f {shell.quote(HTML_PATH)} {shell.quote(JSON_PATH)}")
     return was_on
 
 
@@ -101,7 +101,7 @@ def held_during(inventory: Inventory, message: str) -> Iterator[None]:
 
 def state_of(machine: Machine) -> str:
     """'on since <UTC time>' or 'off' on one lb host."""
-    result = machine.check(f"stat -c %Y {shlex.quote(HTML_PATH)} 2>/dev/null || echo off")
+    result = machine.check(f"stat -c %Y {shell.quote(HTML_PATH)} 2>/dev/null || echo off")
     answer = result.stdout.strip()
     if answer == "off":
         return "off"

@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import re
 import secrets as random
-import shlex
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from tasks.core import shell
 from tasks.core.errors import DifyopsError, HostError, InputError, Problem
 from tasks.core.fleet import Outcome, each_host
 from tasks.core.gates import poll
@@ -125,7 +125,7 @@ def resolved_endpoints(machine: Machine, upstreams_out: list[Upstream], name: st
             if address.startswith("[") or is_ip(address):
                 endpoints.add(member.endpoint)
                 continue
-            found = machine.run(f"getent ahosts {shlex.quote(address)}").stdout.split()
+            found = machine.run(f"getent ahosts {shell.quote(address)}").stdout.split()
             addresses = {w for w in found if is_ip(w)} or {address}
             endpoints |= {endpoint(a, int(port)) for a in addresses}
     return endpoints
@@ -289,20 +289,20 @@ def check_on(inventory: Inventory, machine: Machine, *, timeout: float = 10) -> 
     agent = f"difyops-check/{token}"
     domain = inventory.settings.domain
     if inventory.settings.tls.mode == "off":
-        base, options = "http://127.0.0.1", f"-H {shlex.quote('Host: ' + domain)}"
+        base, options = "http://127.0.0.1", f"-H {shell.quote('Host: ' + domain)}"
     else:
         base = f"https://{endpoint(domain, 443)}"
-        options = f"-k --resolve {shlex.quote(f'{domain}:443:127.0.0.1')}"
+        options = f"-k --resolve {shell.quote(f'{domain}:443:127.0.0.1')}"
     table = routes(inventory)
     paths = [path for _, path, _ in table]
     script = "; ".join(
-        f"printf '%s %s\\n' {shlex.quote(path)} \"$(curl -s -o /dev/null -w '%{{http_code}}' "
-        f"--max-time 30 -A {agent} {options} {shlex.quote(base + path)})\""
+        f"printf '%s %s\\n' {shell.quote(path)} \"$(curl -s -o /dev/null -w '%{{http_code}}' "
+        f"--max-time 30 -A {agent} {options} {shell.quote(base + path)})\""
         for path in ["/health", *paths])
     answers = dict(line.split(" ", 1) for line in machine.check(script).stdout.splitlines())
 
     def logged() -> tuple[bool, dict[str, list[str]]]:
-        log = machine.run(f"grep -F {shlex.quote(agent)} {ACCESS_LOG}").stdout
+        log = machine.run(f"grep -F {shell.quote(agent)} {ACCESS_LOG}").stdout
         found: dict[str, list[str]] = {}
         for line in log.splitlines():
             match = LOG_LINE.search(line)

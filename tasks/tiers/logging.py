@@ -18,11 +18,11 @@ from __future__ import annotations
 
 import hashlib
 import json
-import shlex
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from tasks.core import shell
 from tasks.core.errors import HostError
 from tasks.core.gates import CommandGate
 from tasks.core.hosts import Machine
@@ -197,8 +197,8 @@ def store_steps(inventory: Inventory, renderer: Renderer, host: Host) -> list[St
                        on_change=(env.path, compose_file.path)),
             WaitFor(CommandGate(f"kibana on {kibana} (logged in to elasticsearch)",
                                 timeout=logging.health_timeout, interval=2,
-                                command=f"curl -s -o /dev/null -w '%{{http_code}}' {kibana} "
-                                        f"| grep -qx 302")),
+                                command=shell.command("curl -s -o /dev/null -w '%{{http_code}}' "
+                                                      "{} | grep -qx 302", kibana))),
         ]
     return plan
 
@@ -228,7 +228,7 @@ def writer_login(target: Host, port: int, user: str) -> str:
     script = (f"p=$(sed -n 's/.*pwd=\"\\([^\"]*\\)\".*/\\1/p' {RSYSLOG_STAGED}); "
               f"printf 'user = \"{user}:%s\"\\n' \"$p\" | curl -sf --max-time 5 -K- -o /dev/null "
               f"http://{endpoint(target.address, port)}/_security/_authenticate")
-    return f"bash -c {shlex.quote(script)}"
+    return f"bash -c {shell.quote(script)}"
 
 
 def rsyslog_current() -> str:
@@ -320,7 +320,7 @@ def shipper_state(inventory: Inventory, machine: Machine) -> ShipperState:
     configured = machine.run(f"test -s {RSYSLOG_LIVE}").ok
     stats = parse_stats(machine.run(f"tail -n 200 {STATS_FILE} 2>/dev/null").stdout)
     disk = machine.run(f"cat {SPOOL}/{QUEUE}.* 2>/dev/null | wc -c").stdout.strip()
-    probe = shlex.quote(f"exec 3<>/dev/tcp/{target.address}/{port}")
+    probe = shell.quote(f"exec 3<>/dev/tcp/{target.address}/{port}")
     reachable = machine.run(f"timeout 5 bash -c {probe}").ok
     queue = stats.get(f"{QUEUE} queue", {})
     action = stats.get(QUEUE, {})
@@ -353,7 +353,7 @@ def store_state(inventory: Inventory, machine: Machine) -> StoreState:
     prefix = inventory.settings.logging.index_prefix
 
     def get(path: str) -> Any:
-        result = machine.run(f"{ES_TOOL} get {shlex.quote(path)}", timeout=60)
+        result = machine.run(f"{ES_TOOL} get {shell.quote(path)}", timeout=60)
         if not result.ok:
             raise HostError(f"elasticsearch on {machine.host.target}: GET {path} failed: "
                             f"{result.answer}; run `inv logging.deploy`")
@@ -371,8 +371,8 @@ def store_state(inventory: Inventory, machine: Machine) -> StoreState:
     logging = inventory.settings.logging
     if logging.kibana:
         url = f"http://{endpoint(machine.host.address, logging.kibana_port)}/"
-        kibana = machine.run(f"curl -s -o /dev/null -w '%{{http_code}}' --max-time 10 {url}"
-                             ).stdout.strip() or "-"
+        kibana = machine.run(shell.command("curl -s -o /dev/null -w '%{{http_code}}' "
+                                           "--max-time 10 {}", url)).stdout.strip() or "-"
     return StoreState(
         status=str(health.get("status", "?")), nodes=int(health.get("number_of_nodes", 0)),
         indices=len(indices),

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import re
-import shlex
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cache
@@ -24,6 +23,7 @@ from typing import Any
 
 import yaml
 
+from tasks.core import shell
 from tasks.core.errors import HostError
 from tasks.core.gates import CommandGate, HttpGate
 from tasks.core.inventory import ROLES, Host, Inventory, endpoint
@@ -137,7 +137,7 @@ def exporter(unit: str, host: Host, port: int, defaults: str, *, secret: bool = 
 
 def listening(address: str, port: int) -> str:
     """A probe on the host itself: something accepts TCP connections on address:port."""
-    return f"timeout 5 bash -c {shlex.quote(f'exec 3<>/dev/tcp/{address}/{port}')}"
+    return f"timeout 5 bash -c {shell.quote(f'exec 3<>/dev/tcp/{address}/{port}')}"
 
 
 def postgres_exporter(inventory: Inventory, renderer: Renderer, host: Host,
@@ -160,7 +160,7 @@ def postgres_exporter(inventory: Inventory, renderer: Renderer, host: Host,
         probe = ("test -r /etc/default/prometheus-postgres-exporter && "
                  ". /etc/default/prometheus-postgres-exporter && "
                  "PGCONNECT_TIMEOUT=5 psql -w \"$DATA_SOURCE_NAME\" -Atc "
-                 + shlex.quote("SELECT pg_has_role(current_user, 'pg_monitor', 'MEMBER')")
+                 + shell.quote("SELECT pg_has_role(current_user, 'pg_monitor', 'MEMBER')")
                  + " </dev/null | grep -qx t")
         role = (
             WriteFile(MONITOR_ROLE_SQL, renderer.render("config/prometheus/monitor-role.sql.j2",

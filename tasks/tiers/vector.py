@@ -10,11 +10,11 @@ Dify will use it: a login with the PGVECTOR_* credentials that finds the extensi
 
 from __future__ import annotations
 
-import shlex
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from tasks.core import shell
 from tasks.core.errors import HostError
 from tasks.core.gates import HttpGate
 from tasks.core.hosts import Machine
@@ -108,7 +108,7 @@ def pgvector_env(inventory: Inventory) -> str:
 
 def pgvector_probe() -> str:
     """Log in with Dify's credentials over TCP and find the extension (the password in env)."""
-    query = shlex.quote("SELECT extversion FROM pg_extension WHERE extname = 'vector'")
+    query = shell.quote("SELECT extversion FROM pg_extension WHERE extname = 'vector'")
     return (f". {PGVECTOR_ENV} && PGPASSWORD=\"$PGVECTOR_PASSWORD\" PGCONNECT_TIMEOUT=5 "
             f"psql -w -h 127.0.0.1 -p \"$PGVECTOR_PORT\" -U \"$PGVECTOR_USER\" "
             f"-d \"$PGVECTOR_DATABASE\" -Atc {query} </dev/null | grep -q .")
@@ -187,9 +187,9 @@ def pgvector_state(inventory: Inventory, machine: Machine) -> PgvectorState:
     port = inventory.settings.db.port
     database = inventory.settings.vector.pgvector_database
     psql = f"runuser -u postgres -- psql -X -p {port} -At"
-    server = machine.check(f"{psql} -c {shlex.quote(SERVER_QUERY)}").stdout.strip()
+    server = machine.check(f"{psql} -c {shell.quote(SERVER_QUERY)}").stdout.strip()
     version, _, recovery = server.partition("|")
-    extension = machine.run(f"{psql} -d {shlex.quote(database)} -c {shlex.quote(EXTENSION_QUERY)}")
+    extension = machine.run(f"{psql} -d {shell.quote(database)} -c {shell.quote(EXTENSION_QUERY)}")
     return PgvectorState("replica" if recovery == "t" else "primary", version.split(" ")[0],
                          extension.stdout.strip() if extension.ok else "")
 

@@ -84,3 +84,16 @@ def test_the_check_sees_every_kind_of_import() -> None:
         "tasks.core.example:9 imports tasks.backups.engine",
     ]
     assert violations("from . import placement\n", "tasks.core", ("core",), is_package=True) == []
+
+
+def test_only_the_command_builder_quotes_for_the_shell() -> None:
+    """Every value reaches a shell through tasks/core/shell.py (command, words, quote): no other
+    module imports shlex or pipes."""
+    bad = [f"{name}:{line} imports {imported}"
+           for package in ("", *ALLOWED) for name, path in (
+               modules(package) if package else
+               [(f"tasks.{p.stem}", p) for p in sorted(TASKS.glob("*.py"))])
+           if name != "tasks.core.shell"
+           for line, imported in imports(path.read_text(), name, path.name == "__init__.py")
+           if imported.split(".")[0] in ("shlex", "pipes")]
+    assert not bad, "quote through tasks.core.shell instead:\n  " + "\n  ".join(bad)
