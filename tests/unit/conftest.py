@@ -86,6 +86,16 @@ UseMachines = Callable[[hosts.Factory], hosts.Factory]
 HOST_KEY = paramiko.ECDSAKey.generate()
 
 
+def with_setting(data: dict[str, Any], key: str, value: Any) -> dict[str, Any]:
+    """The inventory data with one dotted setting set (its sections made where missing)."""
+    node = data
+    *parents, last = key.split(".")
+    for part in parents:
+        node = node.setdefault(part, {})
+    node[last] = value
+    return data
+
+
 def good_secrets() -> dict[str, str]:
     """A strong, unique value for every secret difyops knows (of the shape it must have)."""
     values = {spec.name: f"unit-test-{spec.name.lower()}-0123456789abcdef"

@@ -15,6 +15,7 @@ from tasks.core.project import DEFAULTS_FILE
 from tasks.core.schema import load_defaults
 from tasks.core.tiers import build
 from tasks.tiers import TIERS
+from tests.unit.conftest import with_setting
 
 EVIL = "x;touch /tmp/pwn $(id) `id` 'q\" {};\n  privileged: true"
 DEFAULTS, _ = load_defaults(DEFAULTS_FILE)
@@ -27,15 +28,6 @@ def string_settings(node: dict, prefix: str = "") -> Iterator[str]:
             yield from string_settings(value, f"{prefix}{key}.")
         elif isinstance(value, str):
             yield f"{prefix}{key}"
-
-
-def with_setting(data: dict, key: str, value: str) -> dict:
-    node = data
-    *parents, last = key.split(".")
-    for part in parents:
-        node = node.setdefault(part, {})
-    node[last] = value
-    return data
 
 
 @pytest.mark.parametrize("key", list(string_settings(DEFAULTS)))

@@ -12,6 +12,7 @@ import yaml
 from tasks.core import schema
 from tasks.core.errors import InputError
 from tasks.core.project import DEFAULTS_FILE
+from tests.unit.conftest import with_setting
 
 DEFAULTS, TYPES = schema.load_defaults(DEFAULTS_FILE)
 
@@ -22,15 +23,6 @@ WRONG: dict[str, Any] = {
     "!url": "javascript:alert(1)", "!duration": "15 days", "!time": "3am",
     "!image": "nginx; rm -rf /", "!registry": "http://mirror", "!enum": "maybe",
 }
-
-
-def with_setting(data: dict, key: str, value: Any) -> dict:
-    node = data
-    *parents, last = key.split(".")
-    for part in parents:
-        node = node.setdefault(part, {})
-    node[last] = value
-    return data
 
 
 def test_the_defaults_declare_the_types_the_engine_relies_on() -> None:
