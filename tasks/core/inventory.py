@@ -1,10 +1,10 @@
 """The inventory: what should exist and where, read from YAML and checked against the schema.
 
-config/defaults.yml is both the defaults and the schema of the settings (its value types are read
-by tasks/core/schema.py). Hosts are checked here
-(shape, names, addresses, roles); the rules that relate settings to each other live in
-tasks/core/rules.py and the secrets in tasks/core/secrets.py. Every problem is collected and
-reported at once, before any host is touched.
+config/defaults.yml is both the defaults and the schema of the settings; tasks/core/schema.py
+reads its value types and freezes the checked settings. Hosts are checked here (shape, names,
+addresses, roles); the rules that relate settings to each other live in tasks/core/rules.py and
+the secrets in tasks/core/secrets.py. Every problem is collected and reported at once, before
+any host is touched.
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ import dataclasses
 import difflib
 import ipaddress
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -139,7 +140,7 @@ class Inventory:
         return (self.settings.dify.images.get(component) or own.get(component)
                 or self.profile.images[component])
 
-    def worker_queues(self, group: dict) -> tuple[str, ...]:
+    def worker_queues(self, group: Mapping[str, Any]) -> tuple[str, ...]:
         """The queues a worker group consumes in this Dify release: `all` is every queue of the
         release, `rest` every queue of the release that no other group lists by name."""
         queues = group["queues"]
