@@ -85,7 +85,7 @@ def log_file(inventory: Inventory) -> str:
 
 def cron_command(inventory: Inventory, only: str = "") -> str:
     """The command of the crontab line."""
-    env = shell.words(*(f"{key}={value}" for key, value in environment(inventory).items()))
+    env = shell.assignments(environment(inventory))
     return shell.command("cd {} && {} {} -m invoke {} >>{} 2>&1", ROOT, env, sys.executable,
                          doctor_args(only), log_file(inventory))
 

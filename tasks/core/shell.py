@@ -11,8 +11,11 @@ makes a command one word again (for `sh -c`, `bash -c`, `sudo -n sh -c`).
 
 from __future__ import annotations
 
+import re
 import shlex
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
+
+NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 
 
 class Command(str):
@@ -20,15 +23,16 @@ class Command(str):
     put into another command as it is."""
 
 
-def quote(value: object) -> str:
-    """One value as one shell word, never expanded (a Command too: for `sh -c`)."""
-    return shlex.quote(str(value))
+def quote(value: object) -> Command:
+    """One value as one shell word, never expanded (a Command too: for `sh -c`); the word is
+    itself a built piece, so it goes into a template as it is."""
+    return Command(shlex.quote(str(value)))
 
 
 def command(template: str, *values: object, **named: object) -> Command:
     """The template with each placeholder filled by one value, quoted once."""
 
-    def word(value: object) -> str:
+    def word(value: object) -> Command:
         return value if isinstance(value, Command) else quote(value)
 
     return Command(template.format(*map(word, values),
@@ -39,6 +43,14 @@ def words(*values: object) -> Command:
     """A command of words only (`words("docker", "pull", image)`), each quoted once."""
     return Command(" ".join(value if isinstance(value, Command) else quote(value)
                             for value in values))
+
+
+def assignments(values: Mapping[str, object]) -> Command:
+    """`NAME=value ...` before a command: each value quoted once, each name an identifier."""
+    for name in values:
+        if not NAME.fullmatch(name):
+            raise ValueError(f"{name!r} is not a shell variable name")
+    return Command(" ".join(f"{name}={quote(value)}" for name, value in values.items()))
 
 
 def chain(commands: Iterable[Command], operator: str = "&&") -> Command:
