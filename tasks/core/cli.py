@@ -63,7 +63,8 @@ def reported(task_body: Callable[..., Any]) -> Callable[..., Any]:
     """Turn difyops errors into a non-zero exit with the message (no traceback). Invoke reads
     `inv db.promote --help` as the host `--help`: such a call prints the task's summary and
     where its help is instead of running."""
-    name = f"{task_body.__module__.rsplit('.', 1)[-1]}.{task_body.__name__.replace('_', '-')}"
+    name = (f"{task_body.__module__.rsplit('.', 1)[-1]}."
+            f"{task_body.__name__.rstrip('_').replace('_', '-')}")
     summary = (task_body.__doc__ or "").strip().split("\n\n")[0]
 
     @functools.wraps(task_body)
