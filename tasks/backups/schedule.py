@@ -18,11 +18,17 @@ from tasks.core.apply import execute
 from tasks.core.errors import DifyopsError
 from tasks.core.hosts import connect
 from tasks.core.inventory import Host, Inventory
-from tasks.core.plan import HostPlan, RunCommand, Step, TierPlan, WriteFile
+from tasks.core.plan import HostPlan, Step, TierPlan, WriteFile
 from tasks.core.project import ROOT
 from tasks.core.render import Renderer
 from tasks.core.report import Report
-from tasks.core.schedule import CONTROL, CRON_DIR, UNIT_DIR, has_cron, has_systemd
+from tasks.core.schedule import (
+    CONTROL,
+    cron_steps,
+    has_cron,
+    has_systemd,
+    timer_steps,
+)
 
 WRAPPER_DIR = "/usr/local/sbin"
 
@@ -68,36 +74,19 @@ def steps(inventory: Inventory, renderer: Renderer, host: Host, *, cron: bool,
     """The wrapper, then the timer and service (systemd) or the /etc/cron.d file (cron)."""
     values = context(inventory)
     name = values["name"]
-    timer, service = f"{UNIT_DIR}/{name}.timer", f"{UNIT_DIR}/{name}.service"
-    crontab = f"{CRON_DIR}/{name}"
     plan: list[Step] = [
         # secret: the webhook URL (a Slack webhook is a credential) never shows in a diff
         WriteFile(values["wrapper"], renderer.render("backup/difyops-backup.sh.j2", host,
                                                      **values), mode=0o700, secret=True),
     ]
-    quoted = shell.quote(f"{name}.timer")
     if wrapper_only:
         return plan
     if cron:
-        return [
-            *plan,
-            WriteFile(crontab, renderer.render("backup/difyops-backup.cron.j2", host, **values)),
-            RunCommand(f"disable {name}.timer", f"systemctl disable --now {quoted}",
-                       unless=f"! systemctl is-enabled --quiet {quoted} 2>/dev/null"),
-        ]
-    return [
-        *plan,
-        WriteFile(service, renderer.render("backup/difyops-backup.service.j2", host, **values)),
-        WriteFile(timer, renderer.render("backup/difyops-backup.timer.j2", host, **values)),
-        RunCommand("systemctl daemon-reload", "systemctl daemon-reload",
-                   on_change=(service, timer)),
-        RunCommand(f"enable and start {name}.timer", f"systemctl enable --now {quoted}",
-                   unless=f"systemctl is-enabled --quiet {quoted} && "
-                          f"systemctl is-active --quiet {quoted}"),
-        RunCommand(f"restart {name}.timer", f"systemctl restart {quoted}", on_change=(timer,)),
-        RunCommand(f"remove {crontab}", f"rm -f {shell.quote(crontab)}",
-                   unless=f"test ! -e {shell.quote(crontab)}"),
-    ]
+        return [*plan, *cron_steps(name, renderer.render("backup/difyops-backup.cron.j2", host,
+                                                         **values))]
+    return [*plan, *timer_steps(
+        name, renderer.render("backup/difyops-backup.service.j2", host, **values),
+        renderer.render("backup/difyops-backup.timer.j2", host, **values))]
 
 
 def plan(inventory: Inventory, host: Host, *, cron: bool,

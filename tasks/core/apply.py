@@ -16,6 +16,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 from tasks.core import shell
 from tasks.core.errors import DifyopsError
+from tasks.core.facts import Holds
 from tasks.core.gates import wait
 from tasks.core.hosts import Machine, connect
 from tasks.core.inventory import Host
@@ -144,15 +145,22 @@ class Executor:
                 f"test -e {marker(step)}")
             if not triggered:
                 return UNCHANGED, "no trigger file changed"
-        if self.dry and step.unless and any(path in step.unless for path in changed_files):
+        if self.dry and step.probe and any(path in step.probe for path in changed_files):
             # The probe runs a file this plan installs first: nothing on the host can answer it.
             return (WOULD_CHANGE, "would run (its check needs a file this plan installs)") \
                 if step.changes else (UNCHANGED, "would check")
-        if step.unless and machine.probe(step.unless):
+        found = ""
+        if isinstance(step.unless, Holds):
+            done, found = step.unless.check(machine)
+        else:
+            done = bool(step.unless) and machine.probe(step.unless)
+        if done:
             self.clear_marker(machine, step)
             return UNCHANGED, "already in place"
         if self.dry:
-            return (WOULD_CHANGE, "would run") if step.changes else (UNCHANGED, "would check")
+            why = f" ({found})" if found else ""
+            return (WOULD_CHANGE, f"would run{why}") if step.changes else (UNCHANGED,
+                                                                           "would check")
         result = machine.run(step.command)
         if not result.ok:
             raise DifyopsError(f"`{step.name}` failed on {machine.host.target}: {result.answer}")

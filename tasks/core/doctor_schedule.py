@@ -16,10 +16,10 @@ from tasks.core.apply import execute
 from tasks.core.errors import DifyopsError, InputError, Problem
 from tasks.core.hosts import connect
 from tasks.core.inventory import Inventory
-from tasks.core.plan import HostPlan, RunCommand, Step, TierPlan, WriteFile
+from tasks.core.plan import HostPlan, Step, TierPlan
 from tasks.core.project import ROOT, display
 from tasks.core.report import Report
-from tasks.core.schedule import CONTROL, CRON_DIR, UNIT_DIR, has_cron, has_systemd
+from tasks.core.schedule import CONTROL, cron_steps, has_cron, has_systemd, timer_steps
 
 
 def name(inventory: Inventory) -> str:
@@ -101,28 +101,9 @@ def cron(inventory: Inventory, only: str = "") -> str:
 def steps(inventory: Inventory, *, use_cron: bool, only: str = "") -> list[Step]:
     """The timer and its service (systemd), or the cron file; the other variant removed."""
     unit = name(inventory)
-    timer_path, service_path = f"{UNIT_DIR}/{unit}.timer", f"{UNIT_DIR}/{unit}.service"
-    crontab = f"{CRON_DIR}/{unit}"
-    quoted = shell.quote(f"{unit}.timer")
     if use_cron:
-        return [
-            WriteFile(crontab, cron(inventory, only)),
-            RunCommand(f"disable {unit}.timer", f"systemctl disable --now {quoted}",
-                       unless=f"! systemctl is-enabled --quiet {quoted} 2>/dev/null"),
-        ]
-    return [
-        WriteFile(service_path, service(inventory, only)),
-        WriteFile(timer_path, timer(inventory)),
-        RunCommand("systemctl daemon-reload", "systemctl daemon-reload",
-                   on_change=(service_path, timer_path)),
-        RunCommand(f"enable and start {unit}.timer", f"systemctl enable --now {quoted}",
-                   unless=f"systemctl is-enabled --quiet {quoted} && "
-                          f"systemctl is-active --quiet {quoted}"),
-        RunCommand(f"restart {unit}.timer", f"systemctl restart {quoted}",
-                   on_change=(timer_path,)),
-        RunCommand(f"remove {crontab}", shell.command("rm -f {}", crontab),
-                   unless=shell.command("test ! -e {}", crontab)),
-    ]
+        return cron_steps(unit, cron(inventory, only))
+    return timer_steps(unit, service(inventory, only), timer(inventory))
 
 
 def install(inventory: Inventory, *, dry: bool = False, only: str = "") -> Report:

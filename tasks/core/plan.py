@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from tasks.core.facts import Holds
 from tasks.core.gates import Gate
 from tasks.core.inventory import Host
 
@@ -33,7 +34,8 @@ class WriteFile:
 class RunCommand:
     """A command that converges the host, run only when needed.
 
-    `unless`: a read-only probe; when it exits 0 the command is not needed.
+    `unless`: a read-only probe; when it exits 0 the command is not needed. Or a `Holds`: a typed
+    fact read from the host and decided on in Python (tasks/core/facts.py).
     `on_change`: paths of files in the same plan; the command runs only when one of them changed
     (also in an earlier run that failed before the command ran: the executor leaves a marker).
     `changes`: False for a command that only verifies (e.g. `nginx -t`): run every time, never
@@ -42,7 +44,7 @@ class RunCommand:
 
     name: str
     command: str
-    unless: str | None = None
+    unless: str | Holds | None = None
     on_change: tuple[str, ...] = ()
     changes: bool = True
 
@@ -50,6 +52,13 @@ class RunCommand:
     def label(self) -> str:
         """How progress lines name the step (never the command: it may hold a secret)."""
         return self.name
+
+    @property
+    def probe(self) -> str:
+        """The read-only command that answers `unless` ("" without one)."""
+        if isinstance(self.unless, Holds):
+            return self.unless.fact.command
+        return self.unless or ""
 
 
 @dataclass(frozen=True)

@@ -17,7 +17,7 @@ from __future__ import annotations
 import json
 import re
 
-from tasks.core import placement, shell
+from tasks.core import facts, placement, shell
 from tasks.core.errors import InputError, Problem
 from tasks.core.gates import CommandGate, HttpGate
 from tasks.core.inventory import APP_ROLES, Host, Inventory, endpoint
@@ -298,8 +298,7 @@ def steps(inventory: Inventory, renderer: Renderer, host: Host, *,
         plan.append(RunCommand(
             f"storage {storage.path} owned by uid {DIFY_UID}",
             shell.command("mkdir -p {0} && chown {1}:{1} {0}", storage.path, DIFY_UID),
-            unless=shell.command('test "$(stat -c %u {} 2>/dev/null)" = {}', storage.path,
-                                 DIFY_UID)))
+            unless=facts.is_directory(storage.path, uid=DIFY_UID)))
     images = sorted(set(host_images(inventory, host).values()))
     plan.append(RunCommand(
         "images present",

@@ -14,7 +14,7 @@
 
 from __future__ import annotations
 
-from tasks.core import shell
+from tasks.core import facts, shell
 from tasks.core.gates import CommandGate
 from tasks.core.inventory import Host, Inventory
 from tasks.core.plan import RunCommand, Step, WaitFor, WriteFile
@@ -127,15 +127,15 @@ def cluster_steps(inventory: Inventory, render, host: Host) -> list[Step]:
     plan: list[Step] = [
         RunCommand("stop the packaged redis-server (cluster nodes have their own units)",
                    "systemctl disable --now redis-server",
-                   unless="! systemctl is-enabled --quiet redis-server && "
-                          "! systemctl is-active --quiet redis-server"),
+                   unless=facts.stopped_and_disabled("redis-server")),
     ]
     for port in cluster_ports(inventory):
         conf, data = f"/etc/redis/redis-{port}.conf", f"/var/lib/redis/{port}"
         service = f"redis-server@{port}"
         plan += [
             RunCommand(f"data directory {data}",
-                       f"install -d -o redis -g redis -m 0750 {data}", unless=f"test -d {data}"),
+                       f"install -d -o redis -g redis -m 0750 {data}",
+                       unless=facts.is_directory(data)),
             WriteFile(conf, render("redis.conf.j2", port=port, cluster=True, data_dir=data,
                                    log_file=f"/var/log/redis/redis-server-{port}.log",
                                    pid_file=f"/run/redis-{port}/redis-server.pid"),

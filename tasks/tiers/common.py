@@ -2,20 +2,17 @@
 
 from __future__ import annotations
 
-from tasks.core import shell
+from tasks.core import facts, shell
 from tasks.core.plan import Restart, RunCommand
 
 
 def packages(*names: str) -> RunCommand:
     """Install OS packages unless all are already installed (apt may start their services)."""
-    probe = " && ".join(
-        shell.command("dpkg-query -W -f='${{Status}}' {} 2>/dev/null | grep -q 'ok installed'", n)
-        for n in names)
     return RunCommand(f"install {' '.join(names)}",
                       shell.command("export DEBIAN_FRONTEND=noninteractive; apt-get update -q && "
                                     "apt-get install -y -q --no-install-recommends {}",
                                     shell.words(*names)),
-                      unless=probe)
+                      unless=facts.all_installed(*names))
 
 
 def service_running(unit: str) -> RunCommand:
@@ -23,8 +20,7 @@ def service_running(unit: str) -> RunCommand:
     quoted = shell.quote(unit)
     return RunCommand(f"enable and start {unit}",
                       f"{reset_failed(quoted)}systemctl enable --now {quoted}",
-                      unless=f"systemctl is-enabled --quiet {quoted} && "
-                             f"systemctl is-active --quiet {quoted}")
+                      unless=facts.running_and_enabled(unit))
 
 
 def service_restart(unit: str, *files: str) -> RunCommand:

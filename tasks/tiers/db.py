@@ -9,7 +9,7 @@ Before anything is touched, each host checks that its state matches its role in 
 
 from __future__ import annotations
 
-from tasks.core import shell
+from tasks.core import facts, shell
 from tasks.core.gates import CommandGate
 from tasks.core.inventory import Host, Inventory
 from tasks.core.plan import RunCommand, Step, WaitFor, WriteFile
@@ -90,7 +90,7 @@ def steps(inventory: Inventory, renderer: Renderer, host: Host) -> list[Step]:
         archive = f"/var/lib/postgresql/{version}/archive"
         plan.append(RunCommand(f"WAL archive {archive}",
                                f"install -d -o postgres -g postgres -m 0700 {archive}",
-                               unless=f"test -d {archive}"))
+                               unless=facts.is_directory(archive)))
     if replicas:
         plan.append(WriteFile(PASSFILE, render("pgpass.j2"), mode=0o600, owner="postgres",
                               group="postgres", secret=True))

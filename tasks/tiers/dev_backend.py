@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import re
 
-from tasks.core import shell
+from tasks.core import facts, shell
 from tasks.core.gates import CommandGate, HttpGate
 from tasks.core.inventory import Host, Inventory, endpoint
 from tasks.core.plan import RunCommand, Step, WaitFor, WriteFile
@@ -153,7 +153,7 @@ def steps(inventory: Inventory, renderer: Renderer, host: Host) -> list[Step]:
             f"clone {inventory.settings.dev.dify_source} into {root}",
             f"install -d -o {shell.quote(user)} -g {shell.quote(user)} {parent} && "
             f"{as_user(user)}{git_clone(inventory, root)}",
-            unless=f"test -d {shell.quote(root + '/.git')}"))
+            unless=facts.is_directory(f"{root}/.git")))
     plan += [
         RunCommand(f"{api_dir} holds a Dify api", f"test -f {shell.quote(api_dir)}/pyproject.toml "
                    f"|| {{ echo 'no pyproject.toml in {api_dir}: dev.dify_source must be a Dify "

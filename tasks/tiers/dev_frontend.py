@@ -7,7 +7,7 @@ OpenSSH, commands in PowerShell) a scheduled task started now and at every logon
 
 from __future__ import annotations
 
-from tasks.core import shell
+from tasks.core import facts, shell
 from tasks.core.gates import CommandGate, HttpGate
 from tasks.core.inventory import Host, Inventory, endpoint
 from tasks.core.plan import RunCommand, Step, WaitFor, WriteFile
@@ -78,7 +78,7 @@ def linux_steps(inventory: Inventory, renderer: Renderer, host: Host) -> list[St
             RunCommand(f"clone {inventory.settings.dev.dify_source} into {root}",
                        f"install -d -o {shell.quote(user)} -g {shell.quote(user)} {parent} && "
                        f"{as_user(user)}{git_clone(inventory, root)}",
-                       unless=f"test -d {shell.quote(root + '/.git')}"),
+                       unless=facts.is_directory(f"{root}/.git")),
         ]
     digest = "sha256sum package.json $(ls pnpm-lock.yaml 2>/dev/null)"
     write_stamp = shell.quote(f"mkdir -p node_modules && {digest} > {INSTALL_STAMP}")

@@ -17,7 +17,7 @@ import ipaddress
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
-from tasks.core import netplan
+from tasks.core import facts, netplan
 from tasks.core.errors import DifyopsError, HostError
 from tasks.core.gates import Gate
 from tasks.core.hosts import Machine, connect
@@ -238,7 +238,7 @@ def steps_for(control: Mapping[str, str | None]):
                                       connect_timeout=connect_timeout)),
             RunCommand("load the confirmed rules at boot",
                        "systemctl enable --quiet difyops-firewall.service",
-                       unless="systemctl is-enabled --quiet difyops-firewall.service"),
+                       unless=facts.enabled("difyops-firewall.service")),
         ]
         if inventory.settings.net.ssh_hardening:
             plan += [
@@ -251,7 +251,7 @@ def steps_for(control: Mapping[str, str | None]):
             ]
         else:
             plan.append(RunCommand("remove the sshd hardening drop-in", f"{SCRIPT} sshd-remove",
-                                   unless=f"test ! -e {SSHD_DROPIN}"))
+                                   unless=facts.is_absent(SSHD_DROPIN)))
         return plan
 
     return steps

@@ -14,7 +14,7 @@ import ipaddress
 from dataclasses import dataclass
 from pathlib import Path
 
-from tasks.core import placement, shell
+from tasks.core import facts, placement, shell
 from tasks.core.errors import InputError, Problem
 from tasks.core.gates import HttpGate
 from tasks.core.inventory import Host, Inventory, endpoint
@@ -287,7 +287,7 @@ def tls_steps(inventory: Inventory) -> list[Step]:
             RunCommand(f"placeholder certificate for {domain} (until ACME issues one)",
                        self_signed_command(domain), unless=f"test -s {KEY} && test -s {CERT}"),
             RunCommand(f"ACME webroot {ACME_WEBROOT}", f"install -d -m 0755 {ACME_WEBROOT}",
-                       unless=f"test -d {ACME_WEBROOT}"),
+                       unless=facts.is_directory(ACME_WEBROOT)),
         ]
     return []
 
@@ -306,7 +306,7 @@ def steps(inventory: Inventory, renderer: Renderer, host: Host) -> list[Step]:
     plan: list[Step] = [
         packages(*names),
         RunCommand("remove the default site", "rm -f /etc/nginx/sites-enabled/default",
-                   unless="test ! -e /etc/nginx/sites-enabled/default"),
+                   unless=facts.is_absent("/etc/nginx/sites-enabled/default")),
         *tls_steps(inventory),
         WriteFile(AVAILABLE, renderer.render("nginx/dify.conf.j2", host,
                                              upstreams=upstreams(inventory),

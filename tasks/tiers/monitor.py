@@ -23,7 +23,7 @@ from typing import Any
 
 import yaml
 
-from tasks.core import shell
+from tasks.core import facts, shell
 from tasks.core.errors import HostError
 from tasks.core.gates import CommandGate, HttpGate
 from tasks.core.inventory import ROLES, Host, Inventory, endpoint
@@ -237,7 +237,7 @@ def monitoring_services(inventory: Inventory, renderer: Renderer, host: Host,
     plan: list[Step] = [*staged]
     if not monitor.extra_rules:
         plan.append(RunCommand("remove the operator's extra rules (none configured)",
-                               f"rm -f {extra_rules}", unless=f"test ! -e {extra_rules}"))
+                               f"rm -f {extra_rules}", unless=facts.is_absent(extra_rules)))
     plan += [
         RunCommand("check the configuration (promtool, amtool, blackbox --config.check)",
                    f"promtool check config {STAGED}/prometheus.yml "

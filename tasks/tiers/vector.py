@@ -14,7 +14,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from tasks.core import shell
+from tasks.core import facts, shell
 from tasks.core.errors import HostError
 from tasks.core.gates import HttpGate
 from tasks.core.hosts import Machine
@@ -81,7 +81,7 @@ def pgvector_steps(inventory: Inventory, renderer: Renderer, host: Host) -> list
         f"postgresql-17-pgvector): set db.version to a PostgreSQL whose pgvector package your "
         f"release ships, or add an apt repository that has it' >&2; exit 1; fi; "
         f"apt-get install -y -q --no-install-recommends {package}",
-        unless=f"dpkg-query -W -f='${{Status}}' {package} 2>/dev/null | grep -q 'ok installed'"))
+        unless=facts.all_installed(package)))
     if host != pgvector_home(inventory):
         return plan  # a replica: the extension's files only; the database arrives by replication
     port = inventory.settings.db.port

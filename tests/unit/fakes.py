@@ -40,7 +40,17 @@ class FakeMachine(Machine):
             self.markers.discard(command.split()[-1])
             return Result(0, "", "")
         exited = self.answers(command)
-        return Result(exited, "", "" if exited == 0 else f"{command} failed")
+        return Result(exited, self.output(command) if exited == 0 else "",
+                      "" if exited == 0 else f"{command} failed")
+
+    def output(self, command: str) -> str:
+        """What a command prints: the facts' answers for "nothing there" (no unit, no path, no
+        package), else nothing. A fake host with state answers its own."""
+        if "systemctl show -p ActiveState" in command:
+            return "ActiveState=inactive\nUnitFileState=\n"
+        if "stat -c '%F|%u'" in command:
+            return "missing\n"
+        return ""
 
     def _attach(self, command: str, pty: bool, stdin: bool, out: TextIO | None) -> int:
         return self._execute(command, 0).exited

@@ -16,6 +16,7 @@ from typing import Any
 import pytest
 
 from tasks.backups import schedule
+from tasks.core import facts
 from tasks.core.apply import Executor
 from tasks.core.inventory import Host, Inventory
 from tasks.core.plan import RunCommand, WriteFile
@@ -74,7 +75,7 @@ def test_unit_names_are_safe_for_cron_d(load: Callable[..., Inventory], base: di
 
 
 class SystemdHost(FakeMachine):
-    """Answers systemctl probes from the state the commands leave behind."""
+    """Answers the facts of units and paths from the state the commands leave behind."""
 
     def __init__(self, host: Host) -> None:
         self.enabled = False
@@ -83,11 +84,15 @@ class SystemdHost(FakeMachine):
     def answer(self, command: str) -> int:
         if command.startswith("systemctl enable --now"):
             self.enabled = True
-        if command.startswith("systemctl is-enabled"):
-            return 0 if self.enabled else 1
-        if command.startswith("test ! -e /etc/cron.d/"):
-            return 0
         return 0
+
+    def output(self, command: str) -> str:
+        if "systemctl show" in command:
+            return ("ActiveState=active\nUnitFileState=enabled\n" if self.enabled else
+                    "ActiveState=inactive\nUnitFileState=disabled\n")
+        if "stat -c" in command:
+            return "missing\n"  # no cron file
+        return ""
 
 
 def test_schedule_applies_once_then_changes_nothing(load: Callable[..., Inventory],
@@ -125,8 +130,13 @@ def test_switching_to_cron_disables_the_timer(load: Callable[..., Inventory],
     steps = schedule.steps(load(base), Renderer(load(base)), CONTROL, cron=True)
     disable = [s for s in steps if isinstance(s, RunCommand)]
     assert [s.command for s in disable] == ["systemctl disable --now difyops-backup-unit.timer"]
-    assert disable[0].unless == "! systemctl is-enabled --quiet difyops-backup-unit.timer " \
-                                "2>/dev/null"
+    assert disable[0].probe == ("if [ -d /run/systemd/system ]; then systemctl show -p "
+                                "ActiveState -p UnitFileState difyops-backup-unit.timer; "
+                                "else echo 'no systemd'; fi")
+    assert disable[0].unless.test(facts.unit_state("ActiveState=inactive\n"
+                                                   "UnitFileState=disabled\n"))
+    assert not disable[0].unless.test(facts.unit_state("ActiveState=active\n"
+                                                       "UnitFileState=enabled\n"))
 
 
 # --- the wrapper script, run for real with a stand-in for `python -m invoke` ---------------

@@ -70,7 +70,7 @@ def test_no_secret_on_any_command_line(load, base) -> None:
         for plan in tier.hosts:
             for step in plan.steps:
                 if isinstance(step, RunCommand):
-                    texts = [step.command, step.unless or ""]
+                    texts = [step.command, step.probe]
                 elif isinstance(step, WaitFor):
                     texts = [getattr(step.gate, "command", "")]
                 else:

@@ -14,6 +14,7 @@ from invoke import Context
 from invoke.exceptions import Exit
 
 from tasks import dev
+from tasks.core import facts
 from tasks.core.apply import Executor
 from tasks.core.errors import InputError
 from tasks.core.plan import RunCommand, Step, WaitFor, WriteFile
@@ -235,7 +236,9 @@ def test_a_git_source_is_cloned_once_at_the_ref(load) -> None:
     assert clone.command == ("install -d -o dev -g dev /srv/dify-dev && runuser -u dev -- git "
                              "clone --quiet --branch 1.16.1 https://github.com/langgenius/dify.git"
                              " /srv/dify-dev/dify")
-    assert clone.unless == "test -d /srv/dify-dev/dify/.git"
+    assert clone.unless.fact == facts.path("/srv/dify-dev/dify/.git")
+    assert clone.unless.test(facts.path_state("directory|1000"))
+    assert not clone.unless.test(facts.path_state("missing"))
     assert "install python3-venv libmagic1 git" in steps
     assert "file /srv/dify-dev/dify/api/.env" in steps
 
@@ -414,13 +417,17 @@ def test_dev_server_refuses_a_home_server_without_the_base_roles(write_inventory
 
 
 def test_dry_runs_touch_nothing(write_inventory, monkeypatch, capsys, use_machines) -> None:
-    """--dry of each task plans every step; the fake hosts answer 'not there yet'."""
+    """--dry of each task plans every step; the fake hosts answer 'not there yet' (probes fail,
+    facts read nothing: no package, no unit)."""
     data = lab()
     monkeypatch.setenv("DIFY_INVENTORY", str(write_inventory(data)))
     machines: dict[str, FakeMachine] = {}
 
+    def nothing_there(command: str) -> int:
+        return 0 if command.startswith(("dpkg-query ", "if [ -d /run/systemd/system ]")) else 1
+
     def connect(host, timeouts=None):
-        return machines.setdefault(host.name, FakeMachine(host, answers=lambda command: 1))
+        return machines.setdefault(host.name, FakeMachine(host, answers=nothing_there))
 
     use_machines(connect)
     dev.backend(Context(), dry=True)

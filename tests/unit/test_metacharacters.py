@@ -43,7 +43,7 @@ def test_a_hostile_value_is_refused_or_stays_one_word(load, base, key: str) -> N
             for step in host_plan.steps:
                 if not isinstance(step, RunCommand):
                     continue
-                for command in (step.command, step.unless or ""):
+                for command in (step.command, step.probe):
                     if "/tmp/pwn" not in command:
                         continue
                     words = shlex.split(command)

@@ -153,7 +153,7 @@ def test_pgvector_on_the_db_primary_and_its_replicas(load, base) -> None:
     assert "apt-get install -y -q --no-install-recommends postgresql-15-pgvector" in \
         install.command
     assert "Debian 13 ships postgresql-17-pgvector" in install.command
-    assert "dpkg-query" in install.unless
+    assert install.probe.startswith("dpkg-query ") and "postgresql-15-pgvector" in install.probe
     sql = file_of(steps["db1"], tier.PGVECTOR_SQL)
     assert (sql.mode, sql.owner, sql.secret) == (0o600, "postgres", True)
     password = inventory.secrets["PGVECTOR_PASSWORD"]
