@@ -30,6 +30,7 @@ class Fact:
 
     def read(self, machine: Machine) -> Any:
         """The fact's value on the machine; HostError when it cannot be read."""
+        machine.check_sudo()
         result = machine.run(self.command)
         if not result.ok:
             raise HostError(f"{machine.host.target}: cannot read {self.name}: {result.answer}")

@@ -135,17 +135,22 @@ class Machine:
         """A read-only question to the host: True (exit 0) or False (another answer). A probe
         that cannot run (sudo refused, not executable, timed out, the connection failed)
         raises HostError: it is never read as "missing" or "needed"."""
+        self.check_sudo()
+        result = self.run(command)
+        if result.exited in CANNOT_RUN:
+            raise HostError(f"{self.host.target}: the probe `{command}` could not run "
+                            f"(exit {result.exited}): {result.answer}")
+        return result.ok
+
+    def check_sudo(self) -> None:
+        """Once per connection, unless logged in as root: HostError when `sudo -n` is refused,
+        saying what to do (before a probe or a fact reads it as an answer)."""
         if not self.is_root and not self.sudo_checked:
             refused = self._execute("sudo -n true", self.command_timeout)
             if not refused.ok:
                 raise HostError(f"{self.host.target}: `sudo -n` is refused ({refused.answer}): "
                                 f"give {self.host.ssh.user} passwordless sudo, or log in as root")
             self.sudo_checked = True
-        result = self.run(command)
-        if result.exited in CANNOT_RUN:
-            raise HostError(f"{self.host.target}: the probe `{command}` could not run "
-                            f"(exit {result.exited}): {result.answer}")
-        return result.ok
 
     def check(self, command: str, *, sudo: bool = True, timeout: float | None = None) -> Result:
         """Run a command that must succeed; a failure raises HostError naming the host."""

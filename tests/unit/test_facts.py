@@ -109,3 +109,16 @@ def test_an_answer_the_fact_cannot_parse_is_an_error_never_needed() -> None:
     result = apply(UnitHost("Failed to connect to bus\n"), dry=True).results[0]
     assert result.status == FAILED
     assert "cannot read unit nginx: unexpected answer 'Failed to connect to bus'" in result.detail
+
+
+def test_a_refused_sudo_is_said_before_any_fact_is_read() -> None:
+    class NoSudo(UnitHost):
+        is_root = False  # type: ignore[assignment]
+
+        def answer(self, command: str) -> int:
+            return 1 if command == "sudo -n true" else super().answer(command)
+
+    machine = NoSudo(SSH_UNIT)
+    result = apply(machine, dry=True).results[0]
+    assert result.status == FAILED and "`sudo -n` is refused" in result.detail
+    assert not any("systemctl show" in command for command in machine.commands)
