@@ -170,11 +170,12 @@ def path_state(text: str) -> PathState | None:
 
 
 def path(target: str) -> Fact:
-    """What is at a path on the host, or None (a stat that fails on an existing path is an
-    error, not "missing")."""
+    """What is at a path on the host, symbolic links followed (as `test -d` does; a dangling
+    one reads as a symbolic link), or None (a stat that fails on an existing path is an error,
+    not "missing")."""
     return Fact(f"path {target}", shell.command(
-        "if [ -e {0} ] || [ -L {0} ]; then stat -c '%F|%u' {0}; else echo missing; fi", target),
-        path_state)
+        "if [ -e {0} ]; then stat -L -c '%F|%u' {0}; elif [ -L {0} ]; then stat -c '%F|%u' {0}; "
+        "else echo missing; fi", target), path_state)
 
 
 def is_directory(target: str, uid: int | None = None) -> Holds:

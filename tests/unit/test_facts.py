@@ -57,8 +57,8 @@ def test_paths_read_kind_and_owner() -> None:
 
 def test_fact_commands_only_read_and_quote_their_values() -> None:
     assert facts.path("/srv/my dir").command == (
-        "if [ -e '/srv/my dir' ] || [ -L '/srv/my dir' ]; then stat -c '%F|%u' '/srv/my dir'; "
-        "else echo missing; fi")
+        "if [ -e '/srv/my dir' ]; then stat -L -c '%F|%u' '/srv/my dir'; elif [ -L '/srv/my dir' "
+        "]; then stat -c '%F|%u' '/srv/my dir'; else echo missing; fi")
     assert facts.packages("nginx", "redis-server").command == (
         "dpkg-query -W -f='${Package}\\t${db:Status-Status}\\n' nginx redis-server 2>/dev/null; "
         "[ $? -le 1 ]")
