@@ -121,14 +121,14 @@ class SchemaLoader(yaml.SafeLoader):
 
 def construct_typed(loader: SchemaLoader, suffix: str, node: yaml.Node) -> Declared:
     """A tagged scalar: its default, read as the type's base (never YAML's own guess)."""
-    text = loader.construct_scalar(node)
-    if suffix == "enum":
-        choices = tuple(str(text).split("|"))
-        return Declared(choices[0], choice_type(choices))
     value_type = TYPES.get(f"!{suffix}")
-    if value_type is None or not isinstance(node, yaml.ScalarNode):
+    if (value_type is None and suffix != "enum") or not isinstance(node, yaml.ScalarNode):
         raise yaml.constructor.ConstructorError(None, None, f"unknown value type !{suffix}",
                                                 node.start_mark)
+    text = str(loader.construct_scalar(node))
+    if value_type is None:  # !enum a|b|c
+        choices = tuple(text.split("|"))
+        return Declared(choices[0], choice_type(choices))
     return Declared(value_type.base(text), value_type)
 
 
@@ -151,7 +151,7 @@ def load_defaults(path: Path) -> tuple[dict[str, Any], dict[str, ValueType]]:
     return plain(yaml.load(path.read_text(), Loader=SchemaLoader), ""), types
 
 
-def value_at(settings: dict[str, Any], key: str) -> Any:
+def value_at(settings: Mapping[str, Any], key: str) -> Any:
     """The value of a dotted key."""
     value: Any = settings
     for part in key.split("."):
@@ -159,8 +159,8 @@ def value_at(settings: dict[str, Any], key: str) -> Any:
     return value
 
 
-def problems(settings: dict[str, Any], defaults: dict[str, Any], types: dict[str, ValueType],
-             shown: str) -> Iterator[Problem]:
+def problems(settings: Mapping[str, Any], defaults: Mapping[str, Any],
+             types: dict[str, ValueType], shown: str) -> Iterator[Problem]:
     """Every setting whose value is not of its declared type."""
     for key, value_type in types.items():
         value, default = value_at(settings, key), value_at(defaults, key)
