@@ -187,3 +187,27 @@ def is_directory(target: str, uid: int | None = None) -> Holds:
 def is_absent(target: str) -> Holds:
     """Nothing is at the path."""
     return Holds(path(target), lambda found: found is None)
+
+
+# --- commands ---------------------------------------------------------------------------------
+
+
+def found_commands(text: str) -> dict[str, str]:
+    """`name<TAB>path` lines as {name: path}, the path empty for a command not found."""
+    found = [line.split("\t", 1) for line in text.splitlines() if line.strip()]
+    if any(len(fields) != 2 for fields in found):
+        raise ValueError("not name<TAB>path lines")
+    return {name: path for name, path in found}
+
+
+def commands(*names: str) -> Fact:
+    """Where each command (a name looked up in PATH, or an absolute path) is, as root's shell
+    finds it: an executable file, or nothing."""
+    return Fact(f"commands {', '.join(names)}", shell.command(
+        "for name in {}; do found=$(command -v \"$name\"); [ -x \"$found\" ] || found=; "
+        "printf '%s\\t%s\\n' \"$name\" \"$found\"; done", shell.words(*names)), found_commands)
+
+
+def all_found(*names: str) -> Holds:
+    """Every one of the commands is there."""
+    return Holds(commands(*names), lambda found: all(found.get(name) for name in names))

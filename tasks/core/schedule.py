@@ -10,6 +10,7 @@ from tasks.core import facts, shell
 from tasks.core.hosts import Machine
 from tasks.core.inventory import Host
 from tasks.core.plan import RunCommand, Step, WriteFile
+from tasks.core.system import service_restart, service_running
 
 UNIT_DIR = "/etc/systemd/system"
 CRON_DIR = "/etc/cron.d"
@@ -45,10 +46,8 @@ def timer_steps(unit: str, service_file: str, timer_file: str) -> list[Step]:
         WriteFile(timer_path, timer_file),
         RunCommand("systemctl daemon-reload", "systemctl daemon-reload",
                    on_change=(service_path, timer_path)),
-        RunCommand(f"enable and start {timer}", shell.command("systemctl enable --now {}", timer),
-                   unless=facts.running_and_enabled(timer)),
-        RunCommand(f"restart {timer}", shell.command("systemctl restart {}", timer),
-                   on_change=(timer_path,)),
+        service_running(timer),
+        service_restart(timer, timer_path),
         RunCommand(f"remove {crontab}", shell.command("rm -f {}", crontab),
                    unless=facts.is_absent(crontab)),
     ]

@@ -19,8 +19,8 @@ from tasks.core.gates import CommandGate
 from tasks.core.inventory import Host, Inventory
 from tasks.core.plan import RunCommand, Step, WaitFor, WriteFile
 from tasks.core.render import Renderer
+from tasks.core.system import packages, restart_unit, service_restart, service_running
 from tasks.core.tiers import Tier
-from tasks.tiers.common import packages, restart_unit, service_restart, service_running
 
 HELPER = "/usr/local/sbin/difyops-redis"
 OWNED_DIR = "/etc/difyops/redis"

@@ -18,17 +18,16 @@ from tasks.core.gates import CommandGate, HttpGate
 from tasks.core.inventory import Host, Inventory, endpoint
 from tasks.core.plan import RunCommand, Step, WaitFor, WriteFile
 from tasks.core.render import Renderer
+from tasks.core.system import packages, restart_unit, service_running
 from tasks.core.tiers import Tier
-from tasks.tiers.common import packages, restart_unit, service_running
 from tasks.tiers.dev_common import (
     API_PORT,
     WEB_PORT,
     as_user,
     backend_checkout,
     check,
-    clone_step_needed,
+    clone_steps,
     dev_user,
-    git_clone,
 )
 
 UV = "/usr/local/bin/uv"
@@ -141,19 +140,13 @@ def steps(inventory: Inventory, renderer: Renderer, host: Host) -> list[Step]:
         WaitFor(CommandGate(f"redis at {redis.name}:{redis_port} reachable",
                             timeout=20, interval=2,
                             command=tcp_probe(redis.address, redis_port))),
-        packages(*PACKAGES, *(["git"] if clone_step_needed(inventory) else [])),
+        packages(*PACKAGES),
         RunCommand("install uv",
                    f"python3 -m venv {UV_HOME} && {pip_environment(inventory)} "
                    f"{UV_HOME}/bin/pip install --quiet uv && ln -sf {UV_HOME}/bin/uv {UV}",
-                   unless=f"test -x {UV}"),
+                   unless=facts.all_found(UV)),
     ]
-    if clone_step_needed(inventory):
-        parent = shell.quote(root.rsplit("/", 1)[0] or "/")
-        plan.append(RunCommand(
-            f"clone {inventory.settings.dev.dify_source} into {root}",
-            f"install -d -o {shell.quote(user)} -g {shell.quote(user)} {parent} && "
-            f"{as_user(user)}{git_clone(inventory, root)}",
-            unless=facts.is_directory(f"{root}/.git")))
+    plan += clone_steps(inventory, root, user)
     plan += [
         RunCommand(f"{api_dir} holds a Dify api", f"test -f {shell.quote(api_dir)}/pyproject.toml "
                    f"|| {{ echo 'no pyproject.toml in {api_dir}: dev.dify_source must be a Dify "

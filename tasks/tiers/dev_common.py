@@ -14,10 +14,12 @@ import posixpath
 import re
 from dataclasses import replace
 
-from tasks.core import shell
+from tasks.core import facts, shell
 from tasks.core.errors import InputError, Problem
 from tasks.core.inventory import Host, Inventory
+from tasks.core.plan import RunCommand, Step
 from tasks.core.project import display
+from tasks.core.system import packages
 from tasks.core.tiers import Tier
 from tasks.core.windows import is_windows
 
@@ -52,9 +54,9 @@ def dev_user(inventory: Inventory, host: Host) -> str:
     return getpass.getuser() if host.connection == "local" else host.ssh.user
 
 
-def as_user(user: str) -> str:
+def as_user(user: str) -> shell.Command:
     """Prefix that runs a command as the dev user (commands run as root on the host)."""
-    return "" if user == "root" else f"runuser -u {shell.quote(user)} -- "
+    return shell.Command("") if user == "root" else shell.command("runuser -u {} -- ", user)
 
 
 def backend(inventory: Inventory) -> Host:
@@ -67,11 +69,20 @@ def clone_step_needed(inventory: Inventory) -> bool:
     return is_git_url(inventory.settings.dev.dify_source)
 
 
-def git_clone(inventory: Inventory, target: str) -> str:
-    """The `git clone` arguments for dev.dify_source at dev.dify_ref into target (POSIX quoting)."""
+def clone_steps(inventory: Inventory, root: str, user: str) -> list[Step]:
+    """git, and dev.dify_source at dev.dify_ref cloned into root as the user, when the source is
+    a URL (nothing when it is a checkout already on the machine)."""
+    if not clone_step_needed(inventory):
+        return []
     dev = inventory.settings.dev
-    branch = f"--branch {shell.quote(dev.dify_ref)} " if dev.dify_ref else ""
-    return f"git clone --quiet {branch}{shell.quote(dev.dify_source)} {shell.quote(target)}"
+    branch = shell.command("--branch {} ", dev.dify_ref) if dev.dify_ref else shell.Command("")
+    return [packages("git"),
+            RunCommand(f"clone {dev.dify_source} into {root}", shell.command(
+                "install -d -o {user} -g {user} {parent} && {as_user}git clone --quiet "
+                "{branch}{source} {root}", user=user, parent=root.rsplit("/", 1)[0] or "/",
+                as_user=as_user(user), branch=branch,
+                source=dev.dify_source, root=root),
+                unless=facts.is_directory(f"{root}/.git"))]
 
 
 def problems(inventory: Inventory) -> list[Problem]:

@@ -12,9 +12,9 @@ from tasks.core.gates import CommandGate, HttpGate
 from tasks.core.inventory import Host, Inventory, endpoint
 from tasks.core.plan import RunCommand, Step, WaitFor, WriteFile
 from tasks.core.render import Renderer
+from tasks.core.system import restart_unit, service_running
 from tasks.core.tiers import Tier
 from tasks.core.windows import is_windows, ps_quote
-from tasks.tiers.common import restart_unit, service_running
 from tasks.tiers.dev_common import (
     API_PORT,
     WEB_PORT,
@@ -22,9 +22,9 @@ from tasks.tiers.dev_common import (
     backend,
     check,
     clone_step_needed,
+    clone_steps,
     dev_user,
     frontend_checkout,
-    git_clone,
     windows_join,
 )
 
@@ -65,21 +65,11 @@ def linux_steps(inventory: Inventory, renderer: Renderer, host: Host) -> list[St
         RunCommand("install nodejs npm",
                    "export DEBIAN_FRONTEND=noninteractive; apt-get update -q && "
                    "apt-get install -y -q --no-install-recommends nodejs npm",
-                   unless="command -v node && command -v npm"),
+                   unless=facts.all_found("node", "npm")),
         RunCommand("install pnpm", f"{npm_env} npm install --global --silent pnpm",
-                   unless="command -v pnpm"),
+                   unless=facts.all_found("pnpm")),
     ]
-    if clone_step_needed(inventory):
-        parent = shell.quote(root.rsplit("/", 1)[0] or "/")
-        plan += [
-            RunCommand("install git", "export DEBIAN_FRONTEND=noninteractive; apt-get update -q "
-                       "&& apt-get install -y -q --no-install-recommends git",
-                       unless="command -v git"),
-            RunCommand(f"clone {inventory.settings.dev.dify_source} into {root}",
-                       f"install -d -o {shell.quote(user)} -g {shell.quote(user)} {parent} && "
-                       f"{as_user(user)}{git_clone(inventory, root)}",
-                       unless=facts.is_directory(f"{root}/.git")),
-        ]
+    plan += clone_steps(inventory, root, user)
     digest = "sha256sum package.json $(ls pnpm-lock.yaml 2>/dev/null)"
     write_stamp = shell.quote(f"mkdir -p node_modules && {digest} > {INSTALL_STAMP}")
     compare_stamp = shell.quote(f"{digest} | cmp -s - {INSTALL_STAMP}")

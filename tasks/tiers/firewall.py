@@ -24,8 +24,8 @@ from tasks.core.hosts import Machine, connect
 from tasks.core.inventory import ROLES, Host, Inventory
 from tasks.core.plan import RunCommand, Step, WaitFor, WriteFile
 from tasks.core.render import Renderer
+from tasks.core.system import packages
 from tasks.core.tiers import Tier
-from tasks.tiers.common import packages
 
 RULES = "/etc/difyops/firewall.nft"
 SCRIPT = "/usr/local/sbin/difyops-net"

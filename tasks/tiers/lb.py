@@ -21,8 +21,8 @@ from tasks.core.inventory import Host, Inventory, endpoint
 from tasks.core.plan import RunCommand, Step, WaitFor, WriteFile
 from tasks.core.project import display
 from tasks.core.render import Renderer
+from tasks.core.system import packages, restart_unit, service_running
 from tasks.core.tiers import Tier
-from tasks.tiers.common import packages, restart_unit, service_running
 
 AVAILABLE = "/etc/nginx/sites-available/dify.conf"  # rendered by the deploy
 LIVE = "/etc/nginx/sites-enabled/dify.conf"  # what nginx reads: published from AVAILABLE

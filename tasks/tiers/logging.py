@@ -30,9 +30,10 @@ from tasks.core.inventory import ROLES, Host, Inventory, endpoint
 from tasks.core.netplan import runs_compose
 from tasks.core.plan import RunCommand, Step, WaitFor, WriteFile
 from tasks.core.render import Renderer, env_quote
+from tasks.core.system import packages, reset_failed, service_running
 from tasks.core.tiers import Tier
 from tasks.core.windows import is_windows
-from tasks.tiers.common import packages, reset_failed, service_running, wait_bounded
+from tasks.tiers.common import wait_bounded
 
 DIRECTORY = "/opt/dify-logging"
 PROJECT = "dify-logging"

@@ -31,15 +31,9 @@ from tasks.core.plan import RunCommand, Step, WaitFor, WriteFile
 from tasks.core.project import CONFIG_DIR
 from tasks.core.render import Renderer
 from tasks.core.rules import extra_rules_path
+from tasks.core.system import packages, restart_unit, service_restart, service_running
 from tasks.core.tiers import Tier
-from tasks.tiers.common import (
-    compose_up,
-    packages,
-    restart_compose,
-    restart_unit,
-    service_restart,
-    service_running,
-)
+from tasks.tiers.common import compose_up, restart_compose
 
 PORTS = {"node": 9100, "postgres": 9187, "redis": 9121, "nginx": 9113, "nginx-log": 3903,
          "blackbox": 9115, "prometheus": 9090, "alertmanager": 9093, "weaviate": 2112}

@@ -130,10 +130,14 @@ def test_backend_commands(load) -> None:
               "UV_INDEX_URL=https://pypi.mirror.test/simple "
               "UV_PYTHON='/opt/py 3.12/bin/python3.12'")
     as_dev = "cd /home/dev/dify/api && runuser -u dev -- "
-    assert steps["install uv"] == RunCommand(
-        "install uv", "python3 -m venv /opt/difyops/uv && env "
-        "PIP_INDEX_URL=https://pypi.mirror.test/simple /opt/difyops/uv/bin/pip install --quiet "
-        "uv && ln -sf /opt/difyops/uv/bin/uv /usr/local/bin/uv", unless="test -x /usr/local/bin/uv")
+    install_uv = steps["install uv"]
+    assert install_uv.command == (
+        "python3 -m venv /opt/difyops/uv && env PIP_INDEX_URL=https://pypi.mirror.test/simple "
+        "/opt/difyops/uv/bin/pip install --quiet uv && ln -sf /opt/difyops/uv/bin/uv "
+        "/usr/local/bin/uv")
+    assert install_uv.unless.fact == facts.commands("/usr/local/bin/uv")
+    assert install_uv.unless.test({"/usr/local/bin/uv": "/usr/local/bin/uv"})
+    assert not install_uv.unless.test({"/usr/local/bin/uv": ""})
     sync = steps["install the api's dependencies (uv sync)"]
     # the release's lock as it is, without the dev group (as the release's Dockerfile does);
     # the stamp holds the interpreter asked for, so changing dev.python syncs again
@@ -239,8 +243,12 @@ def test_a_git_source_is_cloned_once_at_the_ref(load) -> None:
     assert clone.unless.fact == facts.path("/srv/dify-dev/dify/.git")
     assert clone.unless.test(facts.path_state("directory|1000"))
     assert not clone.unless.test(facts.path_state("missing"))
-    assert "install python3-venv libmagic1 git" in steps
+    assert steps["install git"].unless.fact == facts.packages("git")
+    assert list(steps).index("install git") < list(steps).index(clone.name)
     assert "file /srv/dify-dev/dify/api/.env" in steps
+    frontend = steps_of(dev_frontend.TIER, inventory, "workstation")  # the same two steps
+    assert frontend[clone.name].command == clone.command
+    assert frontend["install git"].command == steps["install git"].command
 
 
 # --- front end -------------------------------------------------------------------------------
@@ -424,7 +432,8 @@ def test_dry_runs_touch_nothing(write_inventory, monkeypatch, capsys, use_machin
     machines: dict[str, FakeMachine] = {}
 
     def nothing_there(command: str) -> int:
-        return 0 if command.startswith(("dpkg-query ", "if [ -d /run/systemd/system ]")) else 1
+        facts_read = ("dpkg-query ", "if [ -d /run/systemd/system ]", "for name in ")
+        return 0 if command.startswith(facts_read) else 1
 
     def connect(host, timeouts=None):
         return machines.setdefault(host.name, FakeMachine(host, answers=nothing_there))

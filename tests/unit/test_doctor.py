@@ -229,7 +229,8 @@ def test_gates_say_how_to_restart_their_component(load, base) -> None:
 
 
 def test_restart_commands() -> None:
-    from tasks.tiers.common import restart_compose, restart_unit
+    from tasks.core.system import restart_unit
+    from tasks.tiers.common import restart_compose
 
     assert restart_unit("redis-server").command == (
         "systemctl reset-failed redis-server 2>/dev/null; systemctl restart redis-server")

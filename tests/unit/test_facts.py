@@ -4,6 +4,7 @@ executor deciding in Python from them (tasks/core/facts.py, tasks/core/apply.py)
 from __future__ import annotations
 
 import io
+import subprocess
 
 import pytest
 
@@ -53,6 +54,24 @@ def test_paths_read_kind_and_owner() -> None:
     assert not storage.test(facts.path_state("directory|0"))
     assert not storage.test(facts.path_state("regular file|1001"))
     assert not storage.test(None)
+
+
+def test_commands_are_found_only_as_executable_files(tmp_path) -> None:
+    """The fact's own command run by the real sh: a name in PATH, an absolute path that is not
+    executable, a missing name and one with a space (one word, not two)."""
+    plain = tmp_path / "not executable"
+    plain.write_text("")
+    fact = facts.commands("sh", str(plain), "no-such-command-here", "sh -x")
+    answer = subprocess.run(["sh", "-c", fact.command], capture_output=True, text=True,
+                            check=True).stdout
+    found = fact.parse(answer)
+    assert found.keys() == {"sh", str(plain), "no-such-command-here", "sh -x"}
+    assert found["sh"].endswith("/sh")
+    assert found[str(plain)] == found["no-such-command-here"] == found["sh -x"] == ""
+    assert facts.all_found("sh").test(found)
+    assert not facts.all_found("sh", "no-such-command-here").test(found)
+    with pytest.raises(ValueError):
+        facts.found_commands("sh /usr/bin/sh\n")
 
 
 def test_fact_commands_only_read_and_quote_their_values() -> None:
