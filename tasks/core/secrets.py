@@ -128,6 +128,9 @@ SPECS: tuple[SecretSpec, ...] = (
                lambda inv: inv.settings.storage.type == "s3", generated=False),
     SecretSpec("S3_SECRET_KEY", "the S3-compatible storage",
                lambda inv: inv.settings.storage.type == "s3", generated=False),
+    SecretSpec("INTERNAL_CA_KEY", "the private CA of the links inside the installation "
+               "(tls.internal): every host's certificate is derived from it",
+               lambda inv: inv.settings.tls.internal),
     # Generated like the rest, so backups are sealed from the first one; `inv config.secrets`
     # asks the operator to keep a copy away from this machine (BACKUP_PASSPHRASE_NOTE).
     SecretSpec("BACKUP_PASSPHRASE", "encrypts backups (keep a copy away from this machine)",

@@ -9,7 +9,7 @@ Before anything is touched, each host checks that its state matches its role in 
 
 from __future__ import annotations
 
-from tasks.core import facts, shell
+from tasks.core import facts, shell, tls
 from tasks.core.gates import CommandGate
 from tasks.core.inventory import Host, Inventory
 from tasks.core.plan import RunCommand, Step, WaitFor, WriteFile
@@ -22,6 +22,7 @@ PASSFILE = "/var/lib/postgresql/.pgpass"
 ROLES_SQL = "/etc/difyops/postgres-roles.sql"
 FENCE = "/etc/difyops/postgres-fenced"
 ROLE_FILE = "/etc/difyops/postgres-role.env"
+TLS_DIR = "/etc/postgresql/difyops-tls"  # the CA, this host's certificate and key (tls.internal)
 
 
 def slot_name(host: Host) -> str:
@@ -68,7 +69,7 @@ def steps(inventory: Inventory, renderer: Renderer, host: Host) -> list[Step]:
              if peer.name != host.name]
     extra = {"primary": primary, "slot": slot_name(host), "passfile": PASSFILE, "fence": FENCE,
              "slots": [slot_name(replica) for replica in replicas], "peers": peers,
-             "upstream_conf": upstream, "role_file": ROLE_FILE}
+             "upstream_conf": upstream, "role_file": ROLE_FILE, "tls_dir": TLS_DIR}
 
     def render(template: str) -> str:
         return renderer.render(f"config/postgres/{template}", host, **extra)
@@ -82,6 +83,8 @@ def steps(inventory: Inventory, renderer: Renderer, host: Host) -> list[Step]:
                              f"ROLE={role}\nPRIMARY_NAME={primary.name}\n"
                              f"PRIMARY={primary.address}\n"),
         packages(f"postgresql-{version}"),
+        *(tls.server_files(inventory, host, TLS_DIR, "postgres")
+          if inventory.settings.tls.internal else []),
         WriteFile(settings, render("postgresql.conf.j2"), owner="postgres", group="postgres"),
         WriteFile(upstream, render("upstream.conf.j2"), owner="postgres", group="postgres"),
         WriteFile(hba, render("pg_hba.conf.j2"), mode=0o640, owner="postgres", group="postgres"),
@@ -106,7 +109,9 @@ def steps(inventory: Inventory, renderer: Renderer, host: Host) -> list[Step]:
     plan += [
         service_running(service),
         service_restart(service, settings, hba),
-        RunCommand(f"reload {service}", f"systemctl reload {service}", on_change=(upstream,)),
+        RunCommand(f"reload {service}", f"systemctl reload {service}",
+                   on_change=(upstream, *(f"{TLS_DIR}/{name}" for name in
+                                          (tls.CA_FILE, tls.CERT_FILE, tls.KEY_FILE)))),
         WaitFor(CommandGate(f"postgresql on :{port}", timeout=60,
                             command=f"pg_isready -q -h 127.0.0.1 -p {port}"),
                 restart=restart_unit(service)),  # doctor restarts, never promotes

@@ -40,7 +40,9 @@ def test_standbys_the_postgresql_12_way(load, base) -> None:
     settings = dict(re.findall(r"^(\w+) = '(.*)'$", upstream, re.M))
     conninfo = dict(item.split("=", 1) for item in settings["primary_conninfo"].split())
     assert conninfo == {"host": "10.0.3.11", "port": "5432", "user": "replicator",
-                        "application_name": "db2", "passfile": PASSFILE, "connect_timeout": "5"}
+                        "application_name": "db2", "passfile": PASSFILE, "connect_timeout": "5",
+                        "sslmode": "verify-full",
+                        "sslrootcert": "/etc/postgresql/difyops-tls/ca.crt"}
     assert settings["primary_slot_name"] == "difyops_db2"
     assert "primary_conninfo" not in files[("db1", f"{CONFD}/difyops-upstream.conf")].content
     every = "\n".join(step.content for step in files.values())
@@ -101,7 +103,10 @@ def test_replica_plan_guards_first_and_clones_only_when_needed(load, base) -> No
         labels.index(clone.label) < labels.index("enable and start postgresql@15-main")
     assert labels[-1] == "health streaming from db1"
     reload = next(s for s in steps if isinstance(s, RunCommand) and s.name.startswith("reload"))
-    assert reload.on_change == (f"{CONFD}/difyops-upstream.conf",)
+    tls = "/etc/postgresql/difyops-tls"  # a renewed certificate is reloaded, not restarted
+    assert reload.on_change == (f"{CONFD}/difyops-upstream.conf", f"{tls}/ca.crt",
+                                f"{tls}/server.crt", f"{tls}/server.key")
+    assert labels.index(f"file {tls}/server.key") < labels.index(f"file {CONFD}/difyops.conf")
 
 
 def test_primary_drops_only_stale_difyops_slots(load, base) -> None:

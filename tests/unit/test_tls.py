@@ -1,0 +1,97 @@
+"""The private CA (tasks/core/tls.py): certificates the same on every render, renewed by period,
+verified by the real openssl against the names clients dial; the db tier's files and settings."""
+
+from __future__ import annotations
+
+import subprocess
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+from cryptography import x509
+
+from tasks.core import tls
+from tasks.core.plan import WriteFile
+from tasks.tiers.db import TIER
+
+NOW = datetime(2026, 12, 7, 12, tzinfo=UTC)
+NAMES = ("10.0.3.11", "db1", "localhost", "127.0.0.1", "::1")
+
+
+def verify(tmp_path: Path, ca: str, certificate: str, *options: str) -> subprocess.CompletedProcess:
+    (tmp_path / "ca.crt").write_text(ca)
+    (tmp_path / "server.crt").write_text(certificate)
+    return subprocess.run(["openssl", "verify", "-CAfile", str(tmp_path / "ca.crt"), *options,
+                           str(tmp_path / "server.crt")], capture_output=True, text=True,
+                          check=False)
+
+
+def test_the_same_secret_gives_the_same_bytes_within_a_period() -> None:
+    first = tls.server("secret", "prod", "db1", NAMES, NOW)
+    assert tls.server("secret", "prod", "db1", NAMES, NOW + timedelta(days=1)) == first
+    assert tls.authority("secret", "prod") == tls.authority("secret", "prod")
+    assert tls.server("other", "prod", "db1", NAMES, NOW) != first
+    assert tls.server("secret", "prod", "db1", ("10.0.3.12", *NAMES[1:]), NOW) != first
+
+
+def test_a_new_period_renews_with_a_period_to_spare() -> None:
+    start = tls.period_start(NOW)
+    old = tls.server("secret", "prod", "db1", NAMES, start + tls.RENEWAL - timedelta(seconds=1))
+    new = tls.server("secret", "prod", "db1", NAMES, start + tls.RENEWAL)
+    assert new.certificate != old.certificate and new.key != old.key
+    for moment in (start, start + tls.RENEWAL - timedelta(seconds=1)):
+        certificate = x509.load_pem_x509_certificate(
+            tls.server("secret", "prod", "db1", NAMES, moment).certificate.encode())
+        assert certificate.not_valid_before_utc <= moment
+        assert certificate.not_valid_after_utc - moment >= tls.RENEWAL
+
+
+def test_openssl_verifies_the_names_clients_dial_and_no_other(tmp_path: Path) -> None:
+    ca = tls.authority("secret", "prod")
+    issued = tls.server("secret", "prod", "db1", NAMES, datetime.now(UTC))
+    assert verify(tmp_path, ca, issued.certificate, "-verify_ip", "10.0.3.11").returncode == 0
+    assert verify(tmp_path, ca, issued.certificate, "-verify_hostname", "db1").returncode == 0
+    assert verify(tmp_path, ca, issued.certificate, "-verify_ip", "10.0.3.12").returncode != 0
+    other_ca = tls.authority("another installation's secret", "prod")
+    assert verify(tmp_path, other_ca, issued.certificate).returncode != 0
+    key = subprocess.run(["openssl", "pkey", "-pubout"], input=issued.key, capture_output=True,
+                         text=True, check=True).stdout
+    shown = subprocess.run(["openssl", "x509", "-pubkey", "-noout"], input=issued.certificate,
+                           capture_output=True, text=True, check=True).stdout
+    assert key == shown  # the key is the certificate's
+
+
+def test_the_db_tier_serves_tls_to_other_hosts(load, base) -> None:
+    inventory = load(base)
+    plans = {plan.host.name: plan for plan in TIER.plan(inventory).hosts}
+    files = {step.path: step for step in plans["db1"].steps if isinstance(step, WriteFile)}
+    folder = "/etc/postgresql/difyops-tls"
+    key = files[f"{folder}/server.key"]
+    assert (key.mode, key.owner, key.secret) == (0o600, "postgres", True)
+    assert files[f"{folder}/ca.crt"].content == tls.authority(
+        inventory.secrets["INTERNAL_CA_KEY"], inventory.name)
+    certificate = x509.load_pem_x509_certificate(files[f"{folder}/server.crt"].content.encode())
+    names = certificate.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert "db1" in names.get_values_for_type(x509.DNSName)
+    assert [str(ip) for ip in names.get_values_for_type(x509.IPAddress)][0] == \
+        inventory.host("db1").address
+    conf = files["/etc/postgresql/15/main/conf.d/difyops.conf"].content
+    assert f"ssl_cert_file = '{folder}/server.crt'" in conf and "ssl = on" in conf
+
+
+def test_without_internal_tls_nothing_changes(load, base) -> None:
+    base["tls"] = {"internal": False}
+    inventory = load(base)
+    steps = [s for plan in TIER.plan(inventory).hosts for s in plan.steps]
+    assert not any("difyops-tls" in getattr(s, "path", "") for s in steps)
+    files = {s.path: s.content for s in steps if isinstance(s, WriteFile)}
+    assert "hostssl" not in files["/etc/postgresql/15/main/pg_hba.conf"]
+    assert "sslmode" not in files["/etc/postgresql/15/main/conf.d/difyops-upstream.conf"]
+
+
+@pytest.mark.parametrize("internal", [True, False])
+def test_the_ca_secret_is_needed_only_with_internal_tls(load, base, internal: bool) -> None:
+    from tasks.core.secrets import needed
+
+    base["tls"] = {"internal": internal}
+    assert ("INTERNAL_CA_KEY" in {spec.name for spec in needed(load(base))}) is internal
