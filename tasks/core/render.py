@@ -21,6 +21,7 @@ from tasks.core.errors import DifyopsError
 from tasks.core.inventory import Host, Inventory, endpoint
 from tasks.core.plan import TierPlan
 from tasks.core.project import ROOT
+from tasks.core.tls import CONTAINER_CA
 
 
 class Renderer:
@@ -46,6 +47,7 @@ class Renderer:
         environment.filters["compose_quote"] = compose_quote
         environment.globals["resp_hex"] = resp_hex
         environment.globals["endpoint"] = endpoint
+        environment.globals["ca_path"] = CONTAINER_CA  # a host's own path overrides it
         return environment
 
     def context(self, host: Host | None, extra: dict[str, Any]) -> dict[str, Any]:

@@ -33,6 +33,7 @@ RENEWAL = timedelta(days=90)  # a deploy in a new period of this length renews t
 CA_VALID_UNTIL = datetime(2124, 1, 1, tzinfo=UTC)
 SKEW = timedelta(hours=1)  # valid a little before the period starts: clocks differ
 CA_FILE, CERT_FILE, KEY_FILE = "ca.crt", "server.crt", "server.key"  # in a server's folder
+CONTAINER_CA = "/difyops-tls/ca.crt"  # the CA certificate mounted into containers
 
 
 @dataclass(frozen=True)

@@ -17,7 +17,7 @@ from __future__ import annotations
 import json
 import re
 
-from tasks.core import facts, placement, shell
+from tasks.core import facts, placement, shell, tls
 from tasks.core.errors import InputError, Problem
 from tasks.core.gates import CommandGate, HttpGate
 from tasks.core.inventory import APP_ROLES, Host, Inventory, endpoint
@@ -97,15 +97,39 @@ def runs_redis_proxy(inventory: Inventory, host: Host) -> bool:
 WITHOUT_DIFY_ENV = frozenset({"web", "ssrf_proxy", "redis_proxy"})
 
 
+def reads_dify_env(inventory: Inventory, host: Host) -> bool:
+    """Whether a service of the host reads Dify's environment (a web host's do not)."""
+    return not set(services_of(inventory, host)) <= WITHOUT_DIFY_ENV
+
+
 def environment(inventory: Inventory, renderer: Renderer, host: Host) -> str:
     """The host's .env: Dify's whole environment where a service reads it; a host that runs
     only services that read none of it (a web host) gets none of its secrets."""
-    services = services_of(inventory, host)
-    if set(services) <= WITHOUT_DIFY_ENV:
+    if not reads_dify_env(inventory, host):
         return (f"# Managed by difyops (app tier) for {host.name}: its services "
-                f"({', '.join(services)}) read none of Dify's environment, so none of its "
-                "secrets is kept here.\n")
+                f"({', '.join(services_of(inventory, host))}) read none of Dify's environment, "
+                "so none of its secrets is kept here.\n")
     return renderer.render("config/env/dify.env.j2", host)
+
+
+def ca_host_path(inventory: Inventory) -> str:
+    """Where the CA certificate of tls.internal lies on an app host."""
+    return f"{deploy_dir(inventory)}/tls/{tls.CA_FILE}"
+
+
+def ca_volume(inventory: Inventory) -> str | None:
+    """The CA certificate's read-only mount into the containers that connect to PostgreSQL
+    (None without tls.internal)."""
+    return f"{ca_host_path(inventory)}:{tls.CONTAINER_CA}:ro" if inventory.settings.tls.internal \
+        else None
+
+
+def volumes(inventory: Inventory) -> dict[str, object]:
+    """The mounts the compose templates give Dify's api image (storage, the CA) and the CA's."""
+    storage = inventory.settings.storage
+    mounts = [f"{storage.path}:/app/api/storage"] if storage.type != "s3" else []
+    ca = ca_volume(inventory)
+    return {"dify_volumes": mounts + ([ca] if ca else []), "ca_volume": ca}
 
 
 def host_roles(inventory: Inventory, host: Host) -> tuple[str, ...]:
@@ -127,7 +151,7 @@ def host_images(inventory: Inventory, host: Host) -> dict[str, str]:
 def compose_file(inventory: Inventory, renderer: Renderer, host: Host) -> str:
     """The host's compose project (its components decide which services it holds)."""
     return renderer.render("compose/app.yml.j2", host, celery_ping=CELERY_PING,
-                           components=host_images(inventory, host))
+                           components=host_images(inventory, host), **volumes(inventory))
 
 
 def worker_services(inventory: Inventory, host: Host) -> list[str]:
@@ -266,6 +290,8 @@ def steps(inventory: Inventory, renderer: Renderer, host: Host, *,
         WriteFile(f"{directory}/.env", env, mode=0o600, secret=True),
         WriteFile(f"{directory}/compose.yml", compose_file(inventory, renderer, host)),
     ]
+    if inventory.settings.tls.internal and reads_dify_env(inventory, host):
+        files.append(tls.ca_file(inventory, ca_host_path(inventory)))
     if runs_redis_proxy(inventory, host):
         files.append(WriteFile(f"{directory}/redis-proxy.cfg",
                                renderer.render("config/haproxy/redis-master.cfg.j2", host),
@@ -285,7 +311,8 @@ def steps(inventory: Inventory, renderer: Renderer, host: Host, *,
         plan += [
             WriteFile(f"{directory}/migration/.env", env, mode=0o600, secret=True),
             WriteFile(f"{directory}/migration/compose.yml",
-                      renderer.render("compose/app-migration.yml.j2", host)),
+                      renderer.render("compose/app-migration.yml.j2", host,
+                                      **volumes(inventory))),
         ]
     plan.append(WriteFile(f"{directory}/release.json", release_text(release(inventory, host))))
     plan.append(RunCommand(

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import re
 
-from tasks.core import facts, shell
+from tasks.core import facts, shell, tls
 from tasks.core.gates import CommandGate, HttpGate
 from tasks.core.inventory import Host, Inventory, endpoint
 from tasks.core.plan import RunCommand, Step, WaitFor, WriteFile
@@ -41,6 +41,7 @@ COMPOSE_ONLY = ("SANDBOX_API_KEY", "SERVER_WORKER_AMOUNT", "SERVER_WORKER_CLASS"
                 "GUNICORN_TIMEOUT")
 ENV_LINE = re.compile(r"^([A-Z][A-Z0-9_]*)=(.*)$")
 SYNC_STAMP = ".venv/.difyops-synced"
+CA_PATH = "/etc/difyops/tls/ca.crt"  # what the api and worker verify PostgreSQL with
 # Debian packages the api needs on the host: venv for the pip that installs uv, libmagic for the
 # api's python-magic (what the release's own image installs for it).
 PACKAGES = ("python3-venv", "libmagic1")
@@ -92,7 +93,7 @@ def parse_env(text: str) -> dict[str, str]:
 
 def api_env(inventory: Inventory, renderer: Renderer, host: Host) -> str:
     """api/.env: the production environment's values, development URLs and services on top."""
-    production = parse_env(renderer.render("config/env/dify.env.j2", host))
+    production = parse_env(renderer.render("config/env/dify.env.j2", host, ca_path=CA_PATH))
     web_urls = [f"http://{endpoint(frontend.address, WEB_PORT)}"
                 for frontend in inventory.with_role("dev_frontend")] or [
         f"http://localhost:{WEB_PORT}"]
@@ -129,7 +130,7 @@ def steps(inventory: Inventory, renderer: Renderer, host: Host) -> list[Step]:
     env_file = f"{api_dir}/.env"
     units = {unit: f"{UNIT_DIR}/{unit}" for unit in (API_UNIT, WORKER_UNIT)}
     context = {"user": user, "api_dir": api_dir, "uv": UV, "api_port": API_PORT,
-               "worker_name": WORKER_NAME}
+               "worker_name": WORKER_NAME, "ca_path": CA_PATH}
     primary = inventory.with_role("db_primary")[0]
     redis = (inventory.with_role("broker") or inventory.with_role("cache"))[0]
     db_port, redis_port = inventory.settings.db.port, inventory.settings.cache.port
@@ -153,6 +154,7 @@ def steps(inventory: Inventory, renderer: Renderer, host: Host) -> list[Step]:
                    f"checkout' >&2; exit 1; }}", changes=False),
         WriteFile(env_file, api_env(inventory, renderer, host), mode=0o600, owner=user,
                   group=user, secret=True),
+        *([tls.ca_file(inventory, CA_PATH)] if inventory.settings.tls.internal else []),
         RunCommand("install the api's dependencies (uv sync)",
                    in_api(api_dir, user, f"{uv_env} {UV} sync --frozen --no-dev --quiet")
                    + " && " + in_api(api_dir, user, "sh -c " + shell.quote(

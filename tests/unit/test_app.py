@@ -65,7 +65,7 @@ def test_the_plugin_daemon_gets_only_what_it_reads(load, base) -> None:
         "REDIS_SENTINELS", "REDIS_SENTINEL_SERVICE_NAME", "REDIS_SENTINEL_PASSWORD",
         "SERVER_PORT", "SERVER_KEY", "DIFY_INNER_API_URL", "DIFY_INNER_API_KEY",
         "PLUGIN_WORKING_PATH", "PLUGIN_REMOTE_INSTALLING_ENABLED", "PIP_MIRROR_AUTO_DETECT",
-        "LOG_LEVEL"}
+        "LOG_LEVEL", "DB_SSL_MODE", "PGSSLROOTCERT"}
     # Without a host and port for it, remote installing (on by default) stops the daemon.
     assert environment["PLUGIN_REMOTE_INSTALLING_ENABLED"] == "false"
     # Plugins' dependencies from PyPI, not from whichever public mirror answered fastest.

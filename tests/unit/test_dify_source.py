@@ -37,6 +37,8 @@ READ_ELSEWHERE = {
     "DIFY_AGENT_SHELLCTL_AUTH_TOKEN": "docker compose interpolation: agent_backend, local_sandbox",
     "DIFY_AGENT_REDIS_URL": "docker compose interpolation: agent_backend's environment",
     "GUNICORN_CMD_ARGS": "gunicorn itself, which the api's entrypoint runs",
+    "PGSSLMODE": "libpq, under the api's database and pgvector clients (psycopg2)",
+    "PGSSLROOTCERT": "libpq, under the api's database and pgvector clients (psycopg2)",
 }
 # The api's own service names in Dify's compose file, and the profile image each one runs.
 IMAGE_OF = {"worker": "api", "worker_beat": "api", "api_websocket": "api"}

@@ -8,6 +8,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
+import yaml
 from cryptography import x509
 
 from tasks.core import tls
@@ -73,7 +74,7 @@ def test_the_db_tier_serves_tls_to_other_hosts(load, base) -> None:
     certificate = x509.load_pem_x509_certificate(files[f"{folder}/server.crt"].content.encode())
     names = certificate.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
     assert "db1" in names.get_values_for_type(x509.DNSName)
-    assert [str(ip) for ip in names.get_values_for_type(x509.IPAddress)][0] == \
+    assert next(str(ip) for ip in names.get_values_for_type(x509.IPAddress)) == \
         inventory.host("db1").address
     conf = files["/etc/postgresql/15/main/conf.d/difyops.conf"].content
     assert f"ssl_cert_file = '{folder}/server.crt'" in conf and "ssl = on" in conf
@@ -95,3 +96,30 @@ def test_the_ca_secret_is_needed_only_with_internal_tls(load, base, internal: bo
 
     base["tls"] = {"internal": internal}
     assert ("INTERNAL_CA_KEY" in {spec.name for spec in needed(load(base))}) is internal
+
+
+def test_dify_verifies_postgresql_and_the_daemon_checks_the_chain(load, base) -> None:
+    from tasks.tiers.app import TIER as APP
+
+    inventory = load(base)
+    plans = {plan.host.name: plan for plan in APP.plan(inventory).hosts}
+
+    def files(name: str) -> dict[str, str]:
+        return {s.path: s.content for s in plans[name].steps if isinstance(s, WriteFile)}
+
+    ca = tls.authority(inventory.secrets["INTERNAL_CA_KEY"], inventory.name)
+    mount = f"/opt/dify/tls/ca.crt:{tls.CONTAINER_CA}:ro"
+    for name in ("api1", "worker1"):
+        assert files(name)["/opt/dify/tls/ca.crt"] == ca
+        env = dict(line.split("=", 1) for line in files(name)["/opt/dify/.env"].splitlines()
+                   if line and not line.startswith("#"))
+        assert (env["PGSSLMODE"], env["PGSSLROOTCERT"]) == ("verify-full", tls.CONTAINER_CA)
+        services = yaml.safe_load(files(name)["/opt/dify/compose.yml"])["services"]
+        using_env = [s for s, spec in services.items() if spec.get("env_file") == [".env"]]
+        assert using_env and all(mount in services[s]["volumes"] for s in using_env)
+    daemon = yaml.safe_load(files("api1")["/opt/dify/compose.yml"])["services"]["plugin_daemon"]
+    assert daemon["environment"]["DB_SSL_MODE"] == "require"  # its strongest mode
+    assert mount in daemon["volumes"]
+    migration = yaml.safe_load(files("api1")["/opt/dify/migration/compose.yml"])
+    assert mount in migration["services"]["migration"]["volumes"]
+    assert "/opt/dify/tls/ca.crt" not in files("web1")  # nothing there connects to PostgreSQL
