@@ -2,10 +2,12 @@
 
 Everything is derived from one secret, INTERNAL_CA_KEY (the secrets file, or the vault of
 `secrets.source: command`), so nothing else needs keeping and a render is a pure function:
-- the CA is an Ed25519 key made from that secret, with a certificate that never changes;
+- the CA is an ECDSA P-256 key made from that secret, with a certificate that never changes;
 - each host's key and certificate are made from the secret, the host's names and the current
-  renewal period. Ed25519 signatures are deterministic, so rendering twice gives the same bytes
+  renewal period, signed deterministically (RFC 6979), so rendering twice gives the same bytes
   (a second deploy changes nothing), and a deploy in a new period renews every certificate.
+Not Ed25519: libpq's SCRAM channel binding needs the certificate's signature digest, and an
+Ed25519 certificate has none ("could not find digest for NID UNDEF").
 
 A certificate is valid for two periods from the start of the one it was made in: whenever a
 deploy runs, the certificates it leaves have at least one period (RENEWAL) to go.
@@ -20,7 +22,7 @@ from datetime import UTC, datetime, timedelta
 
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.hashes import SHA256
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
@@ -44,11 +46,18 @@ class Issued:
     key: str
 
 
-def derived_key(secret: str, purpose: str) -> Ed25519PrivateKey:
-    """An Ed25519 key made from the secret for one purpose (HKDF-SHA256)."""
-    seed = HKDF(algorithm=SHA256(), length=32, salt=b"difyops internal tls",
-                info=purpose.encode()).derive(secret.encode())
-    return Ed25519PrivateKey.from_private_bytes(seed)
+def derived_key(secret: str, purpose: str) -> ec.EllipticCurvePrivateKey:
+    """A P-256 key made from the secret for one purpose (HKDF-SHA256 to a scalar)."""
+    material = HKDF(algorithm=SHA256(), length=48, salt=b"difyops internal tls",
+                    info=purpose.encode()).derive(secret.encode())
+    order = 0xFFFFFFFF00000000FFFFFFFFFFFFFFFFBCE6FAADA7179E84F3B9CAC2FC632551  # P-256's n
+    return ec.derive_private_key(int.from_bytes(material, "big") % (order - 1) + 1,
+                                 ec.SECP256R1())
+
+
+def signed(builder: x509.CertificateBuilder, key: ec.EllipticCurvePrivateKey) -> x509.Certificate:
+    """The certificate signed with ECDSA-SHA256, deterministically (the same bytes each time)."""
+    return builder.sign(key, SHA256(), ecdsa_deterministic=True)
 
 
 def serial(*parts: str) -> int:
@@ -66,7 +75,7 @@ def authority(secret: str, installation: str) -> str:
     """The CA certificate (PEM) that every client trusts."""
     key = derived_key(secret, "ca")
     name = ca_name(installation)
-    certificate = (
+    builder = (
         x509.CertificateBuilder()
         .subject_name(name).issuer_name(name)
         .public_key(key.public_key())
@@ -78,9 +87,8 @@ def authority(secret: str, installation: str) -> str:
                                      key_agreement=False, key_cert_sign=True, crl_sign=True,
                                      encipher_only=False, decipher_only=False), critical=True)
         .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()),
-                       critical=False)
-        .sign(key, None))
-    return certificate.public_bytes(serialization.Encoding.PEM).decode()
+                       critical=False))
+    return signed(builder, key).public_bytes(serialization.Encoding.PEM).decode()
 
 
 def period_start(now: datetime) -> datetime:
@@ -107,7 +115,7 @@ def server(secret: str, installation: str, host: str, names: tuple[str, ...],
     purpose = "\0".join(("server", host, start.isoformat(), *names))
     key = derived_key(secret, purpose)
     ca_key = derived_key(secret, "ca")
-    certificate = (
+    builder = (
         x509.CertificateBuilder()
         .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, host)]))
         .issuer_name(ca_name(installation))
@@ -119,9 +127,8 @@ def server(secret: str, installation: str, host: str, names: tuple[str, ...],
         .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH,
                                               ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
         .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()),
-                       critical=False)
-        .sign(ca_key, None))
-    return Issued(certificate.public_bytes(serialization.Encoding.PEM).decode(),
+                       critical=False))
+    return Issued(signed(builder, ca_key).public_bytes(serialization.Encoding.PEM).decode(),
                   key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
                                     serialization.NoEncryption()).decode())
 

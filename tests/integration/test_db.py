@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from tasks.core import shell, tls
 from tests.integration.lab import Lab, LabHost
 from tests.integration.support import release, summary_columns, until
 
@@ -113,6 +114,9 @@ def test_deploy_streams_to_every_standby(db: DbLab) -> None:
     slots = db.sql("db1", "SELECT slot_name, active FROM pg_replication_slots ORDER BY 1",
                    "postgres")
     assert slots.splitlines() == ["difyops_db2|t", "difyops_db3|t"]
+    encrypted = db.sql("db1", "SELECT r.application_name, s.ssl FROM pg_stat_replication r "
+                              "JOIN pg_stat_ssl s USING (pid) ORDER BY 1", "postgres")
+    assert encrypted.splitlines() == ["db2|t", "db3|t"]  # replication over TLS (verify-full)
     replication, database = db.secret("DB_REPLICATION_PASSWORD"), db.secret("DB_PASSWORD")
     for name in ("db1", "db2", "db3"):
         _, processes = db.hosts[name].exec("ps -eo args")
@@ -136,13 +140,23 @@ def test_pg_hba_admits_the_app_host_and_refuses_others(db: DbLab) -> None:
     address = db.hosts["db1"].address
     environment = {"PGPASSWORD": db.secret("DB_PASSWORD"), "PGCONNECT_TIMEOUT": "5"}
 
-    def connect(host: str) -> tuple[int, str]:
+    def connect(host: str, **tls: str) -> tuple[int, str]:
         result = db.hosts[host]._wrapped().exec_run(
             ["psql", "-XAtq", "-h", address, "-U", "dify", "-d", "dify", "-c",
-             "SELECT current_user"], environment=environment)
+             "SELECT current_user || ' ' || ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()"],
+            environment=environment | tls)
         return result.exit_code, result.output.decode()
 
-    assert connect("dbapp") == (0, "dify\n")
+    ca = tls.authority(db.secret("INTERNAL_CA_KEY"), "db-lab")
+    foreign = tls.authority("the secret of another installation", "db-lab")
+    assert db.hosts["dbapp"].exec(shell.command("printf %s {} > /tmp/ca.crt && printf %s {} > "
+                                                "/tmp/foreign.crt", ca, foreign))[0] == 0
+    assert connect("dbapp", PGSSLMODE="verify-full", PGSSLROOTCERT="/tmp/ca.crt") == \
+        (0, "dify true\n")
+    code, answer = connect("dbapp", PGSSLMODE="disable")  # TLS only from other hosts
+    assert code != 0 and "no encryption" in answer, answer
+    code, answer = connect("dbapp", PGSSLMODE="verify-full", PGSSLROOTCERT="/tmp/foreign.crt")
+    assert code != 0 and "certificate verify failed" in answer, answer
     code, answer = connect("db3")  # a standby: admitted for replication only
     assert code != 0
     assert f'no pg_hba.conf entry for host "{db.hosts["db3"].address}", user "dify", ' \

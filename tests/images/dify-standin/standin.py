@@ -189,9 +189,12 @@ def database(name: str | None = None):
     import psycopg2
 
     env = os.environ
+    # The daemon puts DB_SSL_MODE (disable|require, default disable) into its connection string,
+    # over libpq's PGSSLMODE; Dify's api leaves the mode to libpq (PGSSLMODE, PGSSLROOTCERT).
+    modes = {"sslmode": env.get("DB_SSL_MODE", "disable")} if ROLE == "plugin_daemon" else {}
     return psycopg2.connect(host=env["DB_HOST"], port=int(env["DB_PORT"]),
                             user=env["DB_USERNAME"], password=env["DB_PASSWORD"],
-                            dbname=name or env["DB_DATABASE"], connect_timeout=3)
+                            dbname=name or env["DB_DATABASE"], connect_timeout=3, **modes)
 
 
 def current_revision(connection) -> str | None:
