@@ -180,6 +180,12 @@ def test_deploy_migrates_to_the_release_head_and_serves_through_nginx(
     setup = requests.get(f"{real.balancer}/console/api/setup", timeout=10)
     assert setup.status_code == 200, setup.text
     assert setup.json()["step"] in ("not_started", "finished")  # (the console set it up)
+    # Every connection of Dify (and of the plugin daemon) from another host is TLS: pg_hba
+    # admits no other, and the api's libpq verified the server (PGSSLMODE=verify-full).
+    connections = real.sql("SELECT DISTINCT a.client_addr || ' ' || s.ssl FROM pg_stat_activity a "
+                           "JOIN pg_stat_ssl s USING (pid) WHERE a.usename = 'dify' "
+                           "AND a.client_addr IS NOT NULL").splitlines()
+    assert connections and all(line.endswith(" true") for line in connections), connections
 
 
 def test_the_apis_gunicorn_forks_its_workers_from_a_single_thread(real: RealApp,
