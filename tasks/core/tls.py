@@ -36,6 +36,8 @@ CA_VALID_UNTIL = datetime(2124, 1, 1, tzinfo=UTC)
 SKEW = timedelta(hours=1)  # valid a little before the period starts: clocks differ
 CA_FILE, CERT_FILE, KEY_FILE = "ca.crt", "server.crt", "server.key"  # in a server's folder
 CONTAINER_CA = "/difyops-tls/ca.crt"  # the CA certificate mounted into containers
+# Read by the node exporter's textfile collector: the InternalCertificateExpiring alert.
+EXPIRY_METRIC = "/var/lib/prometheus/node-exporter/difyops_tls.prom"
 
 
 @dataclass(frozen=True)
@@ -148,6 +150,20 @@ def server_files(inventory: Inventory, host: Host, directory: str, owner: str) -
             WriteFile(f"{directory}/{CERT_FILE}", issued.certificate, owner=owner, group=owner),
             WriteFile(f"{directory}/{KEY_FILE}", issued.key, mode=0o600, owner=owner,
                       group=owner, secret=True)]
+
+
+def expiry_file(inventory: Inventory, host: Host, service: str) -> WriteFile:
+    """When the host's certificate expires, for monitoring: it only changes when the
+    certificate is renewed, so a host no deploy reached for a period shows up in time."""
+    issued = server(inventory.secrets["INTERNAL_CA_KEY"], inventory.name, host.name,
+                    host_names(host))
+    expiry = x509.load_pem_x509_certificate(issued.certificate.encode()).not_valid_after_utc
+    return WriteFile(EXPIRY_METRIC, (
+        "# HELP difyops_tls_certificate_not_after_seconds When the certificate of the "
+        "installation's CA that a service presents expires.\n"
+        "# TYPE difyops_tls_certificate_not_after_seconds gauge\n"
+        f'difyops_tls_certificate_not_after_seconds{{service="{service}"}} '
+        f"{int(expiry.timestamp())}\n"))
 
 
 def ca_file(inventory: Inventory, path: str) -> WriteFile:

@@ -29,6 +29,7 @@ REQUIRED_ALERTS = {
     "TargetDown", "PostgresDown", "PostgresReplicationLag", "PostgresReplicaNotStreaming",
     "RedisDown", "RedisNoMaster", "RedisSeveralMasters", "NginxDown", "Nginx5xxRate",
     "DiskAlmostFull", "CertificateExpiring", "BackupTooOld", "BackupNeverSucceeded",
+    "InternalCertificateExpiring",  # tls.internal, the default
 }
 
 

@@ -123,3 +123,42 @@ def test_dify_verifies_postgresql_and_the_daemon_checks_the_chain(load, base) ->
     migration = yaml.safe_load(files("api1")["/opt/dify/migration/compose.yml"])
     assert mount in migration["services"]["migration"]["volumes"]
     assert "/opt/dify/tls/ca.crt" not in files("web1")  # nothing there connects to PostgreSQL
+
+
+def test_monitoring_sees_when_no_deploy_renewed_a_certificate(load, base, tmp_path) -> None:
+    """The db hosts publish their certificate's expiry; the real promtool fires the alert for
+    the one that expires within monitor.cert_days and not for the other."""
+    from tasks.tiers import monitor
+
+    inventory = load(base)
+    metric = next(s for plan in TIER.plan(inventory).hosts if plan.host.name == "db1"
+                  for s in plan.steps if isinstance(s, WriteFile) and s.path == tls.EXPIRY_METRIC)
+    certificate = next(s for plan in TIER.plan(inventory).hosts if plan.host.name == "db1"
+                       for s in plan.steps if isinstance(s, WriteFile)
+                       and s.path.endswith("/server.crt"))
+    expiry = x509.load_pem_x509_certificate(certificate.content.encode()).not_valid_after_utc
+    assert metric.content.splitlines()[-1] == (
+        f'difyops_tls_certificate_not_after_seconds{{service="postgresql"}} '
+        f"{int(expiry.timestamp())}")
+    rules = next(s.content for plan in monitor.TIER.plan(inventory).hosts
+                 if plan.host.name == "monitor1" for s in plan.steps
+                 if isinstance(s, WriteFile) and s.path.endswith("rules/dify.yml"))
+    (tmp_path / "dify.yml").write_text(rules)
+    days = 86400
+    name = "difyops_tls_certificate_not_after_seconds"
+    (tmp_path / "test.yml").write_text(yaml.safe_dump({
+        "rule_files": ["dify.yml"], "evaluation_interval": "1m",
+        "tests": [{"interval": "1m", "input_series": [
+            {"series": f'{name}{{service="postgresql",host="db1"}}', "values": f"{13 * days}x180"},
+            {"series": f'{name}{{service="postgresql",host="db2"}}', "values": f"{20 * days}x180"}],
+            "alert_rule_test": [{"eval_time": "2h", "alertname": "InternalCertificateExpiring",
+                                 "exp_alerts": [{"exp_labels": {
+                                     "severity": "warning", "service": "postgresql",
+                                     "host": "db1"}, "exp_annotations": {
+                                     "summary": "The postgresql certificate of db1 expires soon",
+                                     "description": "It expires in 12d 22h 0m 0s: no deploy has "
+                                     "reached the host for months. Run `inv db.deploy` (or `inv "
+                                     "deploy.all`): it renews the certificates."}}]}]}]}))
+    result = subprocess.run(["promtool", "test", "rules", "test.yml"], cwd=tmp_path,
+                            capture_output=True, text=True, check=False)
+    assert result.returncode == 0, result.stdout + result.stderr
