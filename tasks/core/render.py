@@ -97,10 +97,13 @@ def squid_word(value: Any) -> str:
     return text
 
 
-def redis_url(address: str, scheme: str, password: str, port: int, db: int) -> str:
-    """A redis:// or sentinel:// URL (Celery's broker) with the password percent-encoded, so
-    that `@`, `:`, `/` or `%` in it cannot change where the URL points."""
-    return f"{scheme}://:{quote(str(password), safe='')}@{endpoint(address, port)}/{db}"
+def redis_url(address: str, scheme: str, password: str, port: int, db: int,
+              ca: str = "") -> str:
+    """A redis://, rediss:// or sentinel:// URL (Celery's broker, Dify's pub/sub) with the
+    password percent-encoded, so that `@`, `:`, `/` or `%` in it cannot change where the URL
+    points. `ca`: the server is verified with this CA file (redis-py reads the query)."""
+    verified = f"?ssl_cert_reqs=required&ssl_ca_certs={quote(ca, safe='/')}" if ca else ""
+    return f"{scheme}://:{quote(str(password), safe='')}@{endpoint(address, port)}/{db}{verified}"
 
 
 def resp_hex(*words: str) -> str:

@@ -151,6 +151,12 @@ def broker_not_on_cluster(inventory: Inventory, shown: str) -> Iterator[Problem]
                       "(streaming answers) from REDIS_HOST:REDIS_PORT, which cannot follow a "
                       "Sentinel failover: streaming would break at the first one",
                       "use cache.mode standalone in a home-lab inventory")
+    if cache.mode == "cluster" and inventory.with_role("dev_backend") and \
+            inventory.settings.tls.internal:
+        yield Problem(shown, "cache.mode",
+                      "tls.internal makes the broker Redis serve TLS only, and Dify run from "
+                      "source on a dev_backend host has no TLS setting for a Redis Cluster",
+                      "use cache.mode standalone in a home-lab inventory")
     if cache.mode == "sentinel" and 0 < len(hosts) < 3:
         yield Problem(shown, "cache.mode", f"Sentinel needs 3 or more cache hosts to reach a "
                       f"quorum, the inventory has {len(hosts)}",

@@ -37,7 +37,7 @@ SKEW = timedelta(hours=1)  # valid a little before the period starts: clocks dif
 CA_FILE, CERT_FILE, KEY_FILE = "ca.crt", "server.crt", "server.key"  # in a server's folder
 CONTAINER_CA = "/difyops-tls/ca.crt"  # the CA certificate mounted into containers
 # Read by the node exporter's textfile collector: the InternalCertificateExpiring alert.
-EXPIRY_METRIC = "/var/lib/prometheus/node-exporter/difyops_tls.prom"
+EXPIRY_FOLDER = "/var/lib/prometheus/node-exporter"
 
 
 @dataclass(frozen=True)
@@ -141,29 +141,52 @@ def host_names(host: Host) -> tuple[str, ...]:
     return tuple(dict.fromkeys((host.address, host.name, "localhost", "127.0.0.1", "::1")))
 
 
+def host_certificate(inventory: Inventory, host: Host) -> Issued:
+    """The host's certificate and key for this period (the same for every service on it)."""
+    return server(inventory.secrets["INTERNAL_CA_KEY"], inventory.name, host.name,
+                  host_names(host))
+
+
 def server_files(inventory: Inventory, host: Host, directory: str, owner: str) -> list[WriteFile]:
     """The CA certificate, the host's certificate and its key (0600, secret) in `directory`,
     readable by the service that serves TLS (`owner`)."""
-    secret = inventory.secrets["INTERNAL_CA_KEY"]
-    issued = server(secret, inventory.name, host.name, host_names(host))
-    return [WriteFile(f"{directory}/{CA_FILE}", authority(secret, inventory.name)),
+    issued = host_certificate(inventory, host)
+    return [WriteFile(f"{directory}/{CA_FILE}",
+                      authority(inventory.secrets["INTERNAL_CA_KEY"], inventory.name)),
             WriteFile(f"{directory}/{CERT_FILE}", issued.certificate, owner=owner, group=owner),
             WriteFile(f"{directory}/{KEY_FILE}", issued.key, mode=0o600, owner=owner,
                       group=owner, secret=True)]
 
 
-def expiry_file(inventory: Inventory, host: Host, service: str) -> WriteFile:
+def expiry_path(service: str) -> str:
+    """The textfile of one service's certificate expiry (one per service: a host may serve
+    several)."""
+    return f"{EXPIRY_FOLDER}/difyops_tls_{service}.prom"
+
+
+def expiry_file(inventory: Inventory, host: Host, service: str, tier: str) -> WriteFile:
     """When the host's certificate expires, for monitoring: it only changes when the
-    certificate is renewed, so a host no deploy reached for a period shows up in time."""
-    issued = server(inventory.secrets["INTERNAL_CA_KEY"], inventory.name, host.name,
-                    host_names(host))
+    certificate is renewed, so a host no deploy reached for a period shows up in time. `tier`
+    names the deploy that renews it (the alert's fix)."""
+    issued = host_certificate(inventory, host)
     expiry = x509.load_pem_x509_certificate(issued.certificate.encode()).not_valid_after_utc
-    return WriteFile(EXPIRY_METRIC, (
+    return WriteFile(expiry_path(service), (
         "# HELP difyops_tls_certificate_not_after_seconds When the certificate of the "
         "installation's CA that a service presents expires.\n"
         "# TYPE difyops_tls_certificate_not_after_seconds gauge\n"
-        f'difyops_tls_certificate_not_after_seconds{{service="{service}"}} '
+        f'difyops_tls_certificate_not_after_seconds{{service="{service}",tier="{tier}"}} '
         f"{int(expiry.timestamp())}\n"))
+
+
+def service_files(inventory: Inventory, host: Host, *, directory: str, owner: str,
+                  service: str, tier: str) -> list[WriteFile]:
+    """What a TLS service needs on its host with tls.internal: its files in `directory` and,
+    where something monitors, its certificate's expiry. Nothing without tls.internal."""
+    if not inventory.settings.tls.internal:
+        return []
+    monitored = [expiry_file(inventory, host, service, tier)] if inventory.with_role("monitor") \
+        else []
+    return [*server_files(inventory, host, directory, owner), *monitored]
 
 
 def ca_file(inventory: Inventory, path: str) -> WriteFile:

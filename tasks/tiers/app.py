@@ -25,6 +25,7 @@ from tasks.core.plan import RunCommand, Step, WaitFor, WriteFile
 from tasks.core.project import display
 from tasks.core.render import Renderer
 from tasks.core.tiers import Tier
+from tasks.tiers.cache import serves_tls
 from tasks.tiers.common import compose_up, restart_compose, wait_bounded
 
 # The uid the Dify api image runs as: storage must belong to it.
@@ -85,12 +86,29 @@ def migration_host(inventory: Inventory) -> Host:
 
 
 def runs_redis_proxy(inventory: Inventory, host: Host) -> bool:
-    """Whether a host runs redis_proxy: in Sentinel mode, wherever a container reads Redis from
-    REDIS_HOST:REDIS_PORT (Dify's pub/sub) or a redis:// URL (the agent backend), which cannot
-    follow Sentinel. The plugin daemon asks the sentinels itself."""
-    return (inventory.settings.cache.mode == "sentinel"
-            and (host.has("api", "worker", "beat")
-                 or placement.runs_agent(inventory, host)))
+    """Whether a host runs redis_proxy (config/haproxy/redis-master.cfg.j2), the one way its
+    containers reach Redis that the clients cannot manage themselves:
+    - with tls.internal, every container that talks to Redis (Redis serves TLS only, and Dify's
+      Sentinel and cluster clients and the plugin daemon's Sentinel client have no TLS settings);
+    - in Sentinel mode, wherever a container reads Redis from REDIS_HOST:REDIS_PORT (Dify's
+      pub/sub) or a redis:// URL (the agent backend), which cannot follow Sentinel. The plugin
+      daemon then asks the sentinels itself."""
+    internal_tls = inventory.settings.tls.internal
+    if not (internal_tls or inventory.settings.cache.mode == "sentinel"):
+        return False
+    roles = ("api", "worker", "beat", "plugin_daemon") if internal_tls else ("api", "worker",
+                                                                             "beat")
+    return host.has(*roles) or placement.runs_agent(inventory, host)
+
+
+def proxied_redis(inventory: Inventory) -> list[Host]:
+    """The hosts redis_proxy forwards to, the one answering role:master taking every connection:
+    the cache hosts with Sentinel, the broker with a Redis Cluster (whose nodes Dify's cluster
+    client reaches itself), else the one cache host."""
+    mode = inventory.settings.cache.mode
+    if mode == "sentinel":
+        return inventory.with_role("cache")
+    return inventory.with_role("broker" if mode == "cluster" else "cache")[:1]
 
 
 # Services whose compose definition reads nothing of the host's .env (no env_file, no ${...}).
@@ -294,7 +312,9 @@ def steps(inventory: Inventory, renderer: Renderer, host: Host, *,
         files.append(tls.ca_file(inventory, ca_host_path(inventory)))
     if runs_redis_proxy(inventory, host):
         files.append(WriteFile(f"{directory}/redis-proxy.cfg",
-                               renderer.render("config/haproxy/redis-master.cfg.j2", host),
+                               renderer.render("config/haproxy/redis-master.cfg.j2", host,
+                                               servers=[(node, serves_tls(inventory, node))
+                                                        for node in proxied_redis(inventory)]),
                                mode=0o600, secret=True))
     if host.has("api", "worker"):
         files.append(WriteFile(f"{directory}/squid.conf",

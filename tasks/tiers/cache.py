@@ -10,11 +10,17 @@
 - cluster: cluster_nodes_per_host redis-server@PORT nodes per cache host (ports port, port+1...),
   joined once with redis-cli --cluster create; the broker hosts run a standalone Redis for Celery
   and the plugin daemon, which do not support Redis Cluster.
+
+With tls.internal (the default) every Redis and Sentinel serves TLS only (port 0, tls-port),
+replication and Sentinel's links included, with the installation's CA (tasks/core/tls.py);
+clients authenticate with the password, not with certificates. The nodes of a Redis Cluster stay
+plaintext: Dify's cluster client has no TLS settings (api/extensions/ext_redis.py), so they must
+be kept on the private network.
 """
 
 from __future__ import annotations
 
-from tasks.core import facts, shell
+from tasks.core import facts, shell, tls
 from tasks.core.gates import CommandGate
 from tasks.core.inventory import Host, Inventory
 from tasks.core.plan import RunCommand, Step, WaitFor, WriteFile
@@ -28,6 +34,26 @@ AUTH = f"{OWNED_DIR}/auth.env"
 OWNED_CONF = f"{OWNED_DIR}/redis.conf"
 SENTINEL_SEED = f"{OWNED_DIR}/sentinel.conf"
 AUTHED = f"set -a; . {AUTH}; set +a;"  # REDISCLI_AUTH from the root-only file
+TLS_DIR = f"{OWNED_DIR}/tls"  # not under /etc/redis (mode 2770): the exporter reads the CA too
+CA = f"{TLS_DIR}/{tls.CA_FILE}"
+
+
+def serves_tls(inventory: Inventory, host: Host) -> bool:
+    """Whether the host's Redis (and Sentinel) accept TLS only: with tls.internal, all but the
+    nodes of a Redis Cluster (module doc)."""
+    return inventory.settings.tls.internal and not (
+        inventory.settings.cache.mode == "cluster" and host.has("cache"))
+
+
+def cli_options(inventory: Inventory, host: Host) -> str:
+    """What redis-cli on the host needs to reach its Redis: TLS verified with the CA."""
+    return f"--tls --cacert {CA}" if serves_tls(inventory, host) else ""
+
+
+def cli(inventory: Inventory, host: Host) -> str:
+    """redis-cli on the host itself, authenticated from the root-only file (no password on a
+    command line), over TLS where the host's Redis serves TLS only."""
+    return " ".join(filter(None, (AUTHED, "timeout 5 redis-cli", cli_options(inventory, host))))
 
 
 def quorum(inventory: Inventory) -> int:
@@ -54,10 +80,10 @@ def memory(megabytes: int) -> str:
     return f"{megabytes}mb"
 
 
-def ping(port: int, name: str, unit: str, timeout: float = 60) -> WaitFor:
+def ping(redis_cli: str, port: int, name: str, unit: str, timeout: float = 60) -> WaitFor:
     """A gate: the Redis (or Sentinel) of this unit answers PING on its port with the password."""
     return WaitFor(CommandGate(name, timeout=timeout,
-                               command=f"{AUTHED} redis-cli -p {port} ping | grep -q PONG"),
+                               command=f"{redis_cli} -p {port} ping | grep -q PONG"),
                    restart=restart_unit(unit))
 
 
@@ -73,15 +99,22 @@ def steps(inventory: Inventory, renderer: Renderer, host: Host) -> list[Step]:
         "cluster_nodes": cluster_nodes(inventory) if mode == "cluster" else [],
         "owned": OWNED_CONF, "sentinel_seed": SENTINEL_SEED, "auth": AUTH,
         "maxmemory": memory(cache.maxmemory_mb) if cache.maxmemory_mb else "",
+        "tls_dir": TLS_DIR if serves_tls(inventory, host) else "",
+        "cli_options": cli_options(inventory, host),
     }
+    redis_cli = cli(inventory, host)
 
     def render(template: str, **more: object) -> str:
         return renderer.render(f"config/redis/{template}", host, **{**extra, **more})
 
     sentinel = mode == "sentinel" and host.has("cache")
     cluster = mode == "cluster" and host.has("cache")
+    certificates = tls.service_files(inventory, host, directory=TLS_DIR, owner="redis",
+                                     service="redis", tier="cache") \
+        if serves_tls(inventory, host) else []
     plan: list[Step] = [
         packages("redis-server", *(["redis-sentinel"] if sentinel else [])),
+        *certificates,
         WriteFile(HELPER, render("difyops-redis.sh.j2"), mode=0o755),
         WriteFile(AUTH, render("auth.env.j2"), mode=0o600, secret=True),
     ]
@@ -95,7 +128,10 @@ def steps(inventory: Inventory, renderer: Renderer, host: Host) -> list[Step]:
         RunCommand("redis.conf: difyops's settings, Redis's replicaof kept",
                    f"{HELPER} config-merge", unless=f"{HELPER} config-ok"),
         service_running("redis-server"),
-        ping(cache.port, f"redis on :{cache.port}", "redis-server"),
+        ping(redis_cli, cache.port, f"redis on :{cache.port}", "redis-server"),
+        *([RunCommand("load the renewed certificate (no restart)", f"{HELPER} tls-reload",
+                      on_change=tuple(step.path for step in certificates))]
+          if certificates else []),
     ]
     if not sentinel:
         return plan
@@ -111,8 +147,10 @@ def steps(inventory: Inventory, renderer: Renderer, host: Host) -> list[Step]:
                    unless=shell.command("grep -q {} /etc/redis/sentinel.conf",
                                         f"^sentinel monitor {cache.master_name} "
                                         .replace(".", "\\."))),
+        RunCommand("sentinel.conf: difyops's ports and TLS settings", f"{HELPER} sentinel-tls",
+                   unless=f"{HELPER} sentinel-tls-ok"),
         service_running("redis-sentinel"),
-        ping(cache.sentinel_port, f"sentinel on :{cache.sentinel_port}",
+        ping(redis_cli, cache.sentinel_port, f"sentinel on :{cache.sentinel_port}",
              "redis-sentinel"),
         RunCommand(f"sentinel quorum {quorum(inventory)} and timeouts", f"{HELPER} sentinel-set",
                    unless=f"{HELPER} sentinel-ok"),
@@ -142,7 +180,7 @@ def cluster_steps(inventory: Inventory, render, host: Host) -> list[Step]:
                       mode=0o640, owner="redis", group="redis", secret=True),
             service_running(service),
             service_restart(service, conf),
-            ping(port, f"cluster node on :{port}", service),
+            ping(cli(inventory, host), port, f"cluster node on :{port}", service),
         ]
     in_sync = [WaitFor(CommandGate(f"cluster node :{port} in sync", timeout=300, interval=1,
                                    command=f"{HELPER} in-sync {port}"))

@@ -13,7 +13,8 @@ from tasks.core.errors import DifyopsError
 from tasks.core.fleet import each_host, table
 from tasks.core.hosts import Machine
 from tasks.core.inventory import Inventory
-from tasks.tiers.cache import AUTHED, cluster_ports, quorum
+from tasks.tiers.cache import cli as redis_cli
+from tasks.tiers.cache import cluster_ports, quorum
 
 Out = Callable[[str], None]
 
@@ -64,7 +65,7 @@ def probe(inventory: Inventory) -> Callable[[Machine], list[RedisNode]]:
     mode = cache.mode
 
     def cli(machine: Machine, port: int, command: str) -> str:
-        result = machine.run(f"{AUTHED} timeout 5 redis-cli -p {port} {command}")
+        result = machine.run(f"{redis_cli(inventory, machine.host)} -p {port} {command}")
         if not result.ok:
             raise DifyopsError(result.answer)
         return result.stdout

@@ -83,10 +83,8 @@ def steps(inventory: Inventory, renderer: Renderer, host: Host) -> list[Step]:
                              f"ROLE={role}\nPRIMARY_NAME={primary.name}\n"
                              f"PRIMARY={primary.address}\n"),
         packages(f"postgresql-{version}"),
-        *(tls.server_files(inventory, host, TLS_DIR, "postgres")
-          if inventory.settings.tls.internal else []),
-        *([tls.expiry_file(inventory, host, "postgresql")]
-          if inventory.settings.tls.internal and inventory.with_role("monitor") else []),
+        *tls.service_files(inventory, host, directory=TLS_DIR, owner="postgres",
+                           service="postgresql", tier="db"),
         WriteFile(settings, render("postgresql.conf.j2"), owner="postgres", group="postgres"),
         WriteFile(upstream, render("upstream.conf.j2"), owner="postgres", group="postgres"),
         WriteFile(hba, render("pg_hba.conf.j2"), mode=0o640, owner="postgres", group="postgres"),

@@ -33,6 +33,8 @@ from tasks.core.render import Renderer
 from tasks.core.rules import extra_rules_path
 from tasks.core.system import packages, restart_unit, service_restart, service_running
 from tasks.core.tiers import Tier
+from tasks.tiers.cache import CA as REDIS_CA
+from tasks.tiers.cache import serves_tls as redis_serves_tls
 from tasks.tiers.common import compose_up, restart_compose
 
 PORTS = {"node": 9100, "postgres": 9187, "redis": 9121, "nginx": 9113, "nginx-log": 3903,
@@ -169,11 +171,14 @@ def postgres_exporter(inventory: Inventory, renderer: Renderer, host: Host,
 
 
 def redis_exporter(inventory: Inventory, host: Host) -> list[Step]:
-    """redis_exporter against the local Redis, its password in the environment file."""
+    """redis_exporter against the local Redis (over TLS, verified with the CA, where it serves
+    TLS only), its password in the environment file."""
     port = inventory.settings.cache.port
     address = endpoint(host.address, PORTS["redis"])
+    target = (f"rediss://127.0.0.1:{port} -tls-ca-cert-file {REDIS_CA}"
+              if redis_serves_tls(inventory, host) else f"redis://127.0.0.1:{port}")
     defaults = (f"REDIS_PASSWORD={inventory.secrets['REDIS_PASSWORD']}\n"
-                f'ARGS="-web.listen-address {address} -redis.addr redis://127.0.0.1:{port}"\n')
+                f'ARGS="-web.listen-address {address} -redis.addr {target}"\n')
     return exporter("prometheus-redis-exporter", host, PORTS["redis"], defaults, secret=True)
 
 

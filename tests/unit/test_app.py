@@ -61,9 +61,8 @@ def test_the_plugin_daemon_gets_only_what_it_reads(load, base) -> None:
     environment = daemon["environment"]
     assert set(environment) == {
         "DB_HOST", "DB_PORT", "DB_USERNAME", "DB_PASSWORD", "DB_DATABASE", "DB_MAX_OPEN_CONNS",
-        "REDIS_HOST", "REDIS_PORT", "REDIS_PASSWORD", "REDIS_DB", "REDIS_USE_SENTINEL",
-        "REDIS_SENTINELS", "REDIS_SENTINEL_SERVICE_NAME", "REDIS_SENTINEL_PASSWORD",
-        "SERVER_PORT", "SERVER_KEY", "DIFY_INNER_API_URL", "DIFY_INNER_API_KEY",
+        "REDIS_HOST", "REDIS_PORT", "REDIS_PASSWORD", "REDIS_DB", "SERVER_PORT", "SERVER_KEY",
+        "DIFY_INNER_API_URL", "DIFY_INNER_API_KEY",
         "PLUGIN_WORKING_PATH", "PLUGIN_REMOTE_INSTALLING_ENABLED", "PIP_MIRROR_AUTO_DETECT",
         "LOG_LEVEL", "DB_SSL_MODE", "PGSSLROOTCERT"}
     # Without a host and port for it, remote installing (on by default) stops the daemon.

@@ -55,7 +55,10 @@ def test_sentinel_seed_and_quorum(load, base) -> None:
     monitors = [v for v in seed["sentinel"] if v.startswith("monitor ")]
     assert monitors == ["monitor dify-master @MASTER@ 6379 2"]
     assert "down-after-milliseconds dify-master 5000" in seed["sentinel"]
-    assert seed["port"] == ["26379"]
+    # tls.internal: TLS only, to Redis and the other Sentinels too (tls-replication)
+    assert (seed["port"], seed["tls-port"], seed["tls-replication"]) == (["0"], ["26379"],
+                                                                         ["yes"])
+    assert seed["tls-ca-cert-file"] == ["/etc/difyops/redis/tls/ca.crt"]
     steps = plans(inventory)["db3"]
     seeding = next(s for s in steps if isinstance(s, RunCommand) and s.name.startswith("seed"))
     assert seeding.unless == "grep -q '^sentinel monitor dify-master ' /etc/redis/sentinel.conf"
@@ -95,6 +98,9 @@ def test_cluster_mode_nodes_and_creation(load, base) -> None:
     rendered = files(inventory)
     node = directives(rendered[("db2", "/etc/redis/redis-6380.conf")])
     assert node["port"] == ["6380"] and node["cluster-enabled"] == ["yes"]
+    # Dify's cluster client has no TLS settings: the nodes stay plaintext, without certificates
+    assert "tls-port" not in node
+    assert not [path for host, path in rendered if host == "db2" and "/tls/" in path]
     assert node["dir"] == ["/var/lib/redis/6380"]
     steps = plans(inventory)
     creators = [name for name, host_steps in steps.items()
@@ -105,7 +111,8 @@ def test_cluster_mode_nodes_and_creation(load, base) -> None:
             '10.0.3.12:6380 10.0.3.13:6380"') in script
     # the broker is a standalone Redis, not a cluster node
     broker = directives(rendered[("monitor1", OWNED_CONF)])
-    assert "cluster-enabled" not in broker and broker["port"] == ["6379"]
+    assert "cluster-enabled" not in broker and broker["port"] == ["0"]
+    assert broker["tls-port"] == ["6379"]  # the broker is reached through redis_proxy
 
 
 def test_broker_and_cluster_node_on_one_host_is_refused(load, base) -> None:

@@ -76,16 +76,26 @@ def test_api_env_has_the_production_values_and_development_urls(load) -> None:
     vm = inventory.host("ubuntu-vm")
     renderer = Renderer(inventory)
     env = parse_env(api_env(inventory, renderer, vm))
-    production = parse_env(renderer.render("config/env/dify.env.j2", vm))
+    production = parse_env(renderer.render("config/env/dify.env.j2", vm,
+                                           ca_path=dev_backend.CA_PATH))
     for key in ("SECRET_KEY", "DB_HOST", "DB_PORT", "DB_USERNAME", "DB_PASSWORD", "DB_DATABASE",
-                "REDIS_HOST", "REDIS_PORT", "REDIS_PASSWORD",
+                "REDIS_HOST", "REDIS_PORT", "REDIS_PASSWORD", "REDIS_USE_SSL",
+                "REDIS_SSL_CERT_REQS", "REDIS_SSL_CA_CERTS", "PUBSUB_REDIS_URL",
                 "CELERY_BROKER_URL", "CELERY_BACKEND", "VECTOR_STORE", "WEAVIATE_ENDPOINT",
                 "WEAVIATE_API_KEY", "WEAVIATE_GRPC_ENDPOINT", "STORAGE_TYPE", "OPENDAL_FS_ROOT",
                 "PLUGIN_DAEMON_KEY", "INNER_API_KEY_FOR_PLUGIN", "CODE_EXECUTION_API_KEY"):
         assert env[key] == production[key], key
     assert env["DB_HOST"] == env["REDIS_HOST"] == "192.168.1.100"
-    assert env["CELERY_BROKER_URL"] == (f"redis://:{SECRETS['REDIS_PASSWORD']}"
-                                        f"@192.168.1.100:6379/1")
+    # tls.internal: Dify's own TLS settings (no redis_proxy in the home lab), verified with
+    # the CA: its client, its pub/sub (a URL of its own) and Celery (rediss://).
+    assert (env["REDIS_USE_SSL"], env["REDIS_SSL_CERT_REQS"], env["REDIS_SSL_CA_CERTS"]) == (
+        "true", "CERT_REQUIRED", "/etc/difyops/tls/ca.crt")
+    verified = "?ssl_cert_reqs=required&ssl_ca_certs=/etc/difyops/tls/ca.crt"
+    # (single-quoted in the file: '?' and '&' are not plain for an env file)
+    assert env["CELERY_BROKER_URL"] == (f"'rediss://:{SECRETS['REDIS_PASSWORD']}"
+                                        f"@192.168.1.100:6379/1{verified}'")
+    assert env["PUBSUB_REDIS_URL"] == (f"'rediss://:{SECRETS['REDIS_PASSWORD']}"
+                                       f"@192.168.1.100:6379/0{verified}'")
     assert env["WEAVIATE_ENDPOINT"] == "http://192.168.1.100:8080"
     assert {env[k] for k in ("CONSOLE_API_URL", "SERVICE_API_URL",
                              "FILES_URL")} == {"http://192.168.1.101:5001"}

@@ -79,6 +79,11 @@ def test_app_compose_brackets_ipv6(load, v6) -> None:
 
 
 def test_dify_env_brackets_ipv6(load, v6) -> None:
+    written = files(load(v6))
+    # tls.internal: Redis through redis_proxy, whose server line brackets the address.
+    assert re.findall(r"^\s*server (\S+ \S+) ", written[("api1", "/opt/dify/redis-proxy.cfg")],
+                      re.M) == ["db1 [fd00::3:11]:6379"]
+    v6["tls"] = {"internal": False}
     values = env(files(load(v6))[("api1", "/opt/dify/.env")])
     assert values["WEAVIATE_ENDPOINT"] == "http://[fd00::2:11]:8080"  # the first vector host
     assert values["WEAVIATE_GRPC_ENDPOINT"] == "grpc://[fd00::2:11]:50051"
@@ -99,6 +104,7 @@ def test_cluster_broker_url_brackets_ipv6(load, v6) -> None:
         if host["name"] in ("db2", "db3"):
             host["roles"] = ["db_replica", "cache"]
     v6["hosts"][9]["roles"].append("broker")
+    v6["tls"] = {"internal": False}  # with it, the broker is reached through redis_proxy
     values = env(files(load(v6))[("api1", "/opt/dify/.env")])
     assert values["REDIS_CLUSTERS"] == "10.0.3.11:6379,10.0.3.12:6379,10.0.3.13:6379"
     assert values["CELERY_BROKER_URL"] == f"redis://:{SECRETS['REDIS_PASSWORD']}@[fd00::4:10]:6379/1"
@@ -131,7 +137,9 @@ def test_haproxy_servers_bracket_ipv6(load, base) -> None:
     inventory.hosts = [dataclasses.replace(host, address=f"fd00::3:{host.address[-2:]}")
                        if host.has("cache") else host for host in inventory.hosts]
     config = Renderer(inventory).render("config/haproxy/redis-master.cfg.j2",
-                                        inventory.host("api1"))
+                                        inventory.host("api1"),
+                                        servers=[(host, False)
+                                                 for host in inventory.with_role("cache")])
     assert re.findall(r"^\s*server (\S+ \S+) ", config, re.M) == [
         "db1 [fd00::3:11]:6379", "db2 [fd00::3:12]:6379", "db3 [fd00::3:13]:6379"]
 
@@ -191,6 +199,7 @@ def test_ipv6_hosts_that_are_not_listed_there_are_accepted(load, base) -> None:
 
 def test_ipv4_output_is_unchanged(load, base) -> None:
     """The IPv4 forms, exactly as before brackets existed."""
+    base["tls"] = {"internal": False}  # with it, Dify reaches Redis through redis_proxy
     written = files(load(base))
     values = env(written[("api1", "/opt/dify/.env")])
     assert values["REDIS_SENTINELS"] == "10.0.3.11:26379,10.0.3.12:26379,10.0.3.13:26379"

@@ -131,7 +131,8 @@ def test_redis_and_nginx_exporters_on_their_tiers(load, base) -> None:
     values = defaults(redis.content)
     assert values["REDIS_PASSWORD"] == inventory.secrets["REDIS_PASSWORD"]
     assert values["ARGS"] == "-web.listen-address 10.0.3.12:9121 -redis.addr " \
-                             "redis://127.0.0.1:6379"
+                             "rediss://127.0.0.1:6379 -tls-ca-cert-file " \
+                             "/etc/difyops/redis/tls/ca.crt"
     lb = files_of(plans["lb1"])
     status = lb["/etc/nginx/conf.d/difyops-status.conf"].content
     assert f"listen 127.0.0.1:{tier.NGINX_STATUS_PORT};" in status and "stub_status;" in status

@@ -186,14 +186,18 @@ def test_the_role_agent_with_an_older_release_runs_nothing(load, base) -> None:
     assert tier.steps(inventory, Renderer(inventory), inventory.host("agent1")) == []
 
 
-@pytest.mark.parametrize(("mode", "extra", "address", "port"), [
-    ("standalone", [], "10.0.3.11", 6379),
-    ("sentinel", [], "redis_proxy", 6379),
-    ("cluster", [{"name": "broker1", "address": "10.0.3.31", "roles": ["broker"]}],
-     "10.0.3.31", 6379)])
-def test_the_agent_backend_follows_the_apps_redis_on_db_2(load, base, mode, extra, address,
-                                                         port) -> None:
+@pytest.mark.parametrize(("mode", "extra", "internal_tls", "address", "port"), [
+    ("standalone", [], False, "10.0.3.11", 6379),
+    ("standalone", [], True, "redis_proxy", 6379),
+    ("sentinel", [], False, "redis_proxy", 6379),
+    ("cluster", [{"name": "broker1", "address": "10.0.3.31", "roles": ["broker"]}], False,
+     "10.0.3.31", 6379),
+    ("cluster", [{"name": "broker1", "address": "10.0.3.31", "roles": ["broker"]}], True,
+     "redis_proxy", 6379)])
+def test_the_agent_backend_follows_the_apps_redis_on_db_2(load, base, mode, extra,
+                                                         internal_tls, address, port) -> None:
     base["cache"] = {"mode": mode}
+    base["tls"] = {"internal": internal_tls}
     if mode == "standalone":
         for host in base["hosts"][6:8]:
             host["roles"] = [r for r in host["roles"] if r != "cache"]
@@ -202,10 +206,11 @@ def test_the_agent_backend_follows_the_apps_redis_on_db_2(load, base, mode, extr
     password = inventory.secrets["REDIS_PASSWORD"]
     assert env(inventory, "api1")["DIFY_AGENT_REDIS_URL"] == \
         f"redis://:{password}@{address}:{port}/2"
-    # Sentinel: the master-following redis_proxy of the agent host, started before it.
+    # Sentinel or tls.internal: the redis_proxy of the agent host, started before it.
+    proxied = mode == "sentinel" or internal_tls
     backend = services(inventory, "api1")["agent_backend"]
-    assert ("redis_proxy" in backend["depends_on"]) == (mode == "sentinel")
-    assert ("redis_proxy" in services(inventory, "api1")) == (mode == "sentinel")
+    assert ("redis_proxy" in backend["depends_on"]) == proxied
+    assert ("redis_proxy" in services(inventory, "api1")) == proxied
 
 
 def test_the_agent_proxy_lets_the_sandbox_reach_only_the_stub_and_files(load, base) -> None:

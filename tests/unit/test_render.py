@@ -57,6 +57,7 @@ def test_env_pairs_match_across_the_daemon_and_sandbox(load, base) -> None:
 
 
 def test_sentinel_broker_url_lists_every_sentinel(load, base) -> None:
+    base["tls"] = {"internal": False}  # with it, Celery reaches Redis through redis_proxy
     env = env_of(load(base), "worker1")
     assert env["REDIS_USE_SENTINEL"] == "true"
     assert env["REDIS_SENTINELS"] == "10.0.3.11:26379,10.0.3.12:26379,10.0.3.13:26379"
@@ -69,6 +70,13 @@ def test_cluster_cache_keeps_the_broker_on_a_standalone_redis(load, base) -> Non
     base["hosts"][9]["roles"] = ["monitor", "broker"]
     env = env_of(load(base), "api1")
     assert env["REDIS_USE_CLUSTERS"] == "true"
+    # tls.internal: the broker through redis_proxy, which forwards to the broker host over TLS.
+    assert env["CELERY_BROKER_URL"].endswith("@redis_proxy:6379/1")
+    proxy = files(load(base))[("api1", "/opt/dify/redis-proxy.cfg")]
+    assert re.findall(r"^\s+server (\S+) (\S+) .* ssl verify required", proxy, re.M) == [
+        ("monitor1", "10.0.4.10:6379")]
+    base["tls"] = {"internal": False}
+    env = env_of(load(base), "api1")
     assert env["CELERY_BROKER_URL"].endswith("@10.0.4.10:6379/1")
 
 

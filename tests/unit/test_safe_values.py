@@ -63,7 +63,7 @@ def test_sql_and_redis_files_carry_the_secret_whole(load, base) -> None:
     assert f"ALTER ROLE dify WITH LOGIN PASSWORD '{db_password}';" in roles
     conf = renderer.render("config/redis/redis.conf.j2", inventory.host("db1"), port=6379,
                            data_dir="/var/lib/redis", log_file="/var/log/redis/r.log",
-                           pid_file="", maxmemory=0, cluster=False)
+                           pid_file="", maxmemory=0, cluster=False, tls_dir="")
     assert 'requirepass "Aa1\\"$ {x} ;--long-password"' in conf
     auth = renderer.render("config/redis/auth.env.j2", inventory.host("db1"))
     assert shlex.split(auth.splitlines()[-1]) == [f"REDISCLI_AUTH={password}"]

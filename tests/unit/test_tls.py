@@ -126,20 +126,24 @@ def test_dify_verifies_postgresql_and_the_daemon_checks_the_chain(load, base) ->
 
 
 def test_monitoring_sees_when_no_deploy_renewed_a_certificate(load, base, tmp_path) -> None:
-    """The db hosts publish their certificate's expiry; the real promtool fires the alert for
-    the one that expires within monitor.cert_days and not for the other."""
-    from tasks.tiers import monitor
+    """PostgreSQL and Redis publish their certificate's expiry, each in a file of its own (db1
+    serves both); the real promtool fires the alert for the one that expires within
+    monitor.cert_days, naming the deploy that renews it, and not for the other."""
+    from tasks.tiers import cache, monitor
 
     inventory = load(base)
-    metric = next(s for plan in TIER.plan(inventory).hosts if plan.host.name == "db1"
-                  for s in plan.steps if isinstance(s, WriteFile) and s.path == tls.EXPIRY_METRIC)
-    certificate = next(s for plan in TIER.plan(inventory).hosts if plan.host.name == "db1"
-                       for s in plan.steps if isinstance(s, WriteFile)
-                       and s.path.endswith("/server.crt"))
-    expiry = x509.load_pem_x509_certificate(certificate.content.encode()).not_valid_after_utc
-    assert metric.content.splitlines()[-1] == (
-        f'difyops_tls_certificate_not_after_seconds{{service="postgresql"}} '
-        f"{int(expiry.timestamp())}")
+
+    def written(tier, path: str) -> str:
+        return next(s.content for plan in tier.plan(inventory).hosts if plan.host.name == "db1"
+                    for s in plan.steps if isinstance(s, WriteFile) and s.path.endswith(path))
+
+    expiry = x509.load_pem_x509_certificate(
+        written(TIER, "/server.crt").encode()).not_valid_after_utc
+    for tier, service, name in ((TIER, "postgresql", "db"), (cache.TIER, "redis", "cache")):
+        assert written(tier, tls.expiry_path(service)).splitlines()[-1] == (
+            f'difyops_tls_certificate_not_after_seconds{{service="{service}",tier="{name}"}} '
+            f"{int(expiry.timestamp())}")
+    assert written(cache.TIER, "/redis/tls/server.crt") == written(TIER, "/server.crt")
     rules = next(s.content for plan in monitor.TIER.plan(inventory).hosts
                  if plan.host.name == "monitor1" for s in plan.steps
                  if isinstance(s, WriteFile) and s.path.endswith("rules/dify.yml"))
@@ -149,16 +153,18 @@ def test_monitoring_sees_when_no_deploy_renewed_a_certificate(load, base, tmp_pa
     (tmp_path / "test.yml").write_text(yaml.safe_dump({
         "rule_files": ["dify.yml"], "evaluation_interval": "1m",
         "tests": [{"interval": "1m", "input_series": [
-            {"series": f'{name}{{service="postgresql",host="db1"}}', "values": f"{13 * days}x180"},
-            {"series": f'{name}{{service="postgresql",host="db2"}}', "values": f"{20 * days}x180"}],
+            {"series": f'{name}{{service="redis",tier="cache",host="db1"}}',
+             "values": f"{13 * days}x180"},
+            {"series": f'{name}{{service="postgresql",tier="db",host="db1"}}',
+             "values": f"{20 * days}x180"}],
             "alert_rule_test": [{"eval_time": "2h", "alertname": "InternalCertificateExpiring",
                                  "exp_alerts": [{"exp_labels": {
-                                     "severity": "warning", "service": "postgresql",
+                                     "severity": "warning", "service": "redis", "tier": "cache",
                                      "host": "db1"}, "exp_annotations": {
-                                     "summary": "The postgresql certificate of db1 expires soon",
+                                     "summary": "The redis certificate of db1 expires soon",
                                      "description": "It expires in 12d 22h 0m 0s: no deploy has "
-                                     "reached the host for months. Run `inv db.deploy` (or `inv "
-                                     "deploy.all`): it renews the certificates."}}]}]}]}))
+                                     "reached the host for months. Run `inv cache.deploy` (or "
+                                     "`inv deploy.all`): it renews the certificates."}}]}]}]}))
     result = subprocess.run(["promtool", "test", "rules", "test.yml"], cwd=tmp_path,
                             capture_output=True, text=True, check=False)
     assert result.returncode == 0, result.stdout + result.stderr
