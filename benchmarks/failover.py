@@ -28,9 +28,8 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from tasks.tiers.cache import HELPER as REDIS_HELPER  # noqa: E402
 from tests.integration.lab import Lab, LabHost  # noqa: E402
-
-AUTHED = "set -a; . /etc/difyops/redis/auth.env; set +a;"
 
 
 class Inventory:
@@ -82,7 +81,7 @@ def postgres(lab: Lab, folder: Path, runs: int) -> list[float]:
 
 def sentinel_master(host: LabHost, sentinels: list[str]) -> str:
     for address in sentinels:
-        code, out = host.exec(f"{AUTHED} redis-cli -h {address} -p 26379 "
+        code, out = host.exec(f"{REDIS_HELPER} cli -h {address} -p 26379 "
                               f"sentinel get-master-addr-by-name dify-master")
         if code == 0 and out.strip():
             return out.split()[0]
@@ -95,7 +94,7 @@ def redis(lab: Lab, folder: Path, runs: int) -> list[float]:
     inventory = Inventory(folder, "bench-cache", {
         "name": "bench-cache", "cache": {"mode": "sentinel"}, "vector": {"store": "pgvector"},
         "net": {"firewall": "off"},
-        "hosts": [hosts[0].inventory_entry(["cache", "db_primary", "dev_backend"]),
+        "hosts": [hosts[0].inventory_entry(["cache", "db_primary", "dev_frontend"]),
                   *(host.inventory_entry(["cache"]) for host in hosts[1:])]})
     inventory.inv("cache.deploy")
     sentinels = list(by_address)

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import yaml
 
-from tasks.tiers.cache import AUTHED
+from tasks.tiers.cache import HELPER as REDIS_HELPER
 from tests.images import standin
 from tests.integration.lab import Lab, LabHost, ensure_base_image
 
@@ -90,8 +90,8 @@ class App:
 
     def redis(self, *args: str, db: int = 1) -> str:
         """A redis-cli command on the cache host app-db (db 1: the broker, db 0: the cache),
-        authenticated as the cache tier's own helper is."""
-        command = f"{AUTHED} redis-cli -n {db} --no-auth-warning " + " ".join(args)
+        through the cache tier's own helper (the password from its file, TLS with the CA)."""
+        command = f"{REDIS_HELPER} cli -n {db} " + " ".join(args)
         code, out = self.hosts["app-db"].exec(command)
         assert code == 0, out
         return out.strip()

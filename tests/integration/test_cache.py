@@ -1,9 +1,9 @@
 """cache tier on real hosts: Redis with Sentinel failover, then a Redis Cluster with a broker.
 
-r1 r2 r3 run redis-server and redis-sentinel (sentinel mode); rp runs a real HAProxy with the app
-tier's redis_proxy configuration (what Dify's pub/sub reaches in Sentinel mode); c1 c2 c3 run two
-cluster nodes each and cb the standalone broker Redis (cluster mode). The tests run in order and
-share hosts.
+r1 r2 r3 run redis-server and redis-sentinel (sentinel mode, TLS only: tls.internal is on);
+rp runs a real HAProxy with the app tier's redis_proxy configuration (what every Dify client
+reaches, over TLS to the master); c1 c2 c3 run two cluster nodes each (plaintext) and cb the
+standalone broker Redis (TLS; cluster mode). The tests run in order and share hosts.
 """
 
 from __future__ import annotations
@@ -19,8 +19,11 @@ from pathlib import Path
 import pytest
 import yaml
 
+from tasks.core import tls
 from tasks.core.inventory import load_inventory
 from tasks.core.render import Renderer
+from tasks.tiers.app import proxied_redis
+from tasks.tiers.cache import CA, HELPER, serves_tls
 from tests.integration.lab import Lab, LabHost
 from tests.integration.support import release, summary_columns, until
 
@@ -44,9 +47,10 @@ class CacheLab:
                               capture_output=True, env=env, timeout=900, check=False)
 
     def redis(self, host: str, command: str, port: int = 6379, target: str = "") -> str:
-        """redis-cli on a host (docker exec), authenticated from the root-only file."""
+        """redis-cli on a host (docker exec) through the cache tier's helper: the password from
+        the root-only file, TLS with the CA where the host's Redis serves TLS only."""
         to = f"-h {target} " if target else ""
-        code, out = self.hosts[host].exec(f"{AUTHED} redis-cli {to}-p {port} {command}")
+        code, out = self.hosts[host].exec(f"{HELPER} cli {to}-p {port} {command}")
         return out.strip() if code == 0 else f"exit {code}: {out.strip()}"
 
     def address(self, name: str) -> str:
@@ -86,11 +90,17 @@ def redis_proxy(lab: Lab, sentinel: CacheLab) -> Iterator[LabHost]:
     host = lab.start(["rp"])[0]
     os.environ["DIFY_SECRETS"] = str(sentinel.secrets)
     inventory = load_inventory(sentinel.inventory)
-    config = Renderer(inventory).render("config/haproxy/redis-master.cfg.j2",
-                                        inventory.host("r1"))
+    config = Renderer(inventory).render(
+        "config/haproxy/redis-master.cfg.j2", inventory.host("r1"),
+        servers=[(node, serves_tls(inventory, node)) for node in proxied_redis(inventory)])
+    assert config.count(" ssl verify required ") == 3
     data = base64.b64encode(config.encode()).decode()
+    ca = base64.b64encode(tls.authority(inventory.secrets["INTERNAL_CA_KEY"],
+                                        inventory.name).encode()).decode()
     code, out = host.exec("DEBIAN_FRONTEND=noninteractive apt-get install -y -q haproxy "
                           f">/dev/null && echo {data} | base64 -d > /etc/haproxy/haproxy.cfg && "
+                          f"mkdir -p {Path(tls.CONTAINER_CA).parent} && "
+                          f"echo {ca} | base64 -d > {tls.CONTAINER_CA} && "
                           "haproxy -c -f /etc/haproxy/haproxy.cfg && systemctl disable --now "
                           "haproxy && systemd-run --unit difyops-redis-proxy haproxy -W -db -f "
                           "/etc/haproxy/haproxy.cfg")
@@ -100,8 +110,11 @@ def redis_proxy(lab: Lab, sentinel: CacheLab) -> Iterator[LabHost]:
 
 
 def through_proxy(cache: CacheLab, proxy: LabHost, command: str) -> str:
-    """A redis-cli command sent to the proxy (from r3, which has redis-cli and the password)."""
-    return cache.redis("r3", command, 6379, proxy.address)
+    """A plaintext redis-cli command sent to the proxy, as Dify's containers send theirs (from
+    r3, which has redis-cli and the password); the proxy speaks TLS to the master."""
+    code, out = cache.hosts["r3"].exec(f"{AUTHED} redis-cli -h {proxy.address} -p 6379 "
+                                       f"{command}")
+    return out.strip() if code == 0 else f"exit {code}: {out.strip()}"
 
 
 def run_id(answer: str) -> str:
@@ -146,6 +159,30 @@ def test_sentinel_deploy_one_master_two_replicas(sentinel: CacheLab) -> None:
     assert not any(line.split("=", 1)[1] in first.stdout for line in password.splitlines())
     status = sentinel.inv("cache.status")
     assert status.returncode == 0, status.stdout + status.stderr
+
+
+def test_redis_and_sentinel_serve_only_tls_clients_that_trust_the_ca(
+        sentinel: CacheLab) -> None:
+    """tls.internal: a plaintext client, a TLS client without the installation's CA and one
+    with another CA are refused by Redis and by Sentinel; replication runs over TLS (port 0:
+    there is nothing else), and the certificate names the host."""
+    r3, r1 = sentinel.hosts["r3"], sentinel.address("r1")
+    other = base64.b64encode(tls.authority("another installation's secret", "other").encode())
+    assert r3.exec(f"echo {other.decode()} | base64 -d > /tmp/other-ca.crt")[0] == 0
+    for port in (6379, 26379):
+        ask = f"{AUTHED} timeout 5 redis-cli -h {r1} -p {port}"
+        for options, refusal in (("", ""), ("--tls", "certificate verify failed"),
+                                 ("--tls --cacert /tmp/other-ca.crt",
+                                  "certificate verify failed")):
+            code, out = r3.exec(f"{ask} {options} ping")
+            assert "PONG" not in out, (port, options, out)
+            assert refusal in out, (port, options, out)
+        code, out = r3.exec(f"{ask} --tls --cacert {CA} ping")
+        assert (code, out.strip()) == (0, "PONG"), out
+    assert sentinel.redis("r1", "config get port").split() == ["port", "0"]
+    code, out = r3.exec(f"openssl s_client -connect {r1}:6379 -CAfile {CA} "
+                        f"-verify_hostname r1 -verify_return_error </dev/null")
+    assert code == 0 and "Verify return code: 0 (ok)" in out, out
 
 
 def test_the_redis_proxy_reaches_the_master(sentinel: CacheLab, redis_proxy: LabHost) -> None:
@@ -232,7 +269,7 @@ def test_sentinel_settings_change_through_sentinel_set(sentinel: CacheLab) -> No
 def cluster(lab: Lab, tmp_path_factory: pytest.TempPathFactory) -> Iterator[CacheLab]:
     cache = make_lab(lab, tmp_path_factory.mktemp("cluster"), "cluster",
                      {"c1": ["cache", "db_primary"], "c2": ["cache"], "c3": ["cache"],
-                      "cb": ["broker", "dev_backend"]})
+                      "cb": ["broker", "dev_frontend"]})
     yield cache
     release(lab, cache.hosts)
 
@@ -262,6 +299,10 @@ def test_cluster_deploy_spreads_slots_and_keys(cluster: CacheLab) -> None:
         assert int(cluster.redis("c1", "dbsize", int(port), host)) > 0, address
     assert "cluster_enabled:0" in cluster.redis("cb", "info cluster")
     assert cluster.redis("cb", "ping") == "PONG"
+    # tls.internal: the broker serves TLS only; the cluster nodes stay plaintext (Dify's cluster
+    # client has no TLS settings)
+    assert cluster.redis("cb", "config get port").split() == ["port", "0"]
+    assert cluster.redis("c1", "config get tls-port").split() == ["tls-port", "0"]
     status = cluster.inv("cache.status")
     assert status.returncode == 0, status.stdout + status.stderr
 

@@ -51,6 +51,7 @@ from dotenv import dotenv_values
 
 from tasks.core.dify_source import DifySource, SourceError, open_source
 from tasks.core.profiles import load_profile
+from tasks.tiers.cache import HELPER as REDIS_HELPER
 from tests.images import dify_real, dify_source
 from tests.integration.lab import Lab, LabHost
 from tests.integration.support import eventually
@@ -285,7 +286,13 @@ def test_backend_env_points_at_the_home_server(devlab: Lab3) -> None:
     assert env["DB_USERNAME"] == "dify" and env["DB_DATABASE"] == "dify"
     assert env["DB_PASSWORD"] == secrets["DB_PASSWORD"]
     assert env["REDIS_HOST"] == server and env["REDIS_PASSWORD"] == secrets["REDIS_PASSWORD"]
-    assert env["CELERY_BROKER_URL"] == f"redis://:{secrets['REDIS_PASSWORD']}@{server}:6379/1"
+    # tls.internal: Dify's own TLS settings, verified with the installation's CA
+    verified = "?ssl_cert_reqs=required&ssl_ca_certs=/etc/difyops/tls/ca.crt"
+    assert env["CELERY_BROKER_URL"] == \
+        f"rediss://:{secrets['REDIS_PASSWORD']}@{server}:6379/1{verified}"
+    assert env["PUBSUB_REDIS_URL"] == \
+        f"rediss://:{secrets['REDIS_PASSWORD']}@{server}:6379/0{verified}"
+    assert (env["REDIS_USE_SSL"], env["REDIS_SSL_CA_CERTS"]) == ("true", "/etc/difyops/tls/ca.crt")
     assert env["SECRET_KEY"] == secrets["SECRET_KEY"]
     assert env["PLUGIN_DAEMON_KEY"] == secrets["PLUGIN_DAEMON_KEY"]
     assert env["VECTOR_STORE"] == "pgvector" and env["PGVECTOR_HOST"] == server
@@ -337,6 +344,11 @@ def test_worker_consumes_every_queue_of_the_version(devlab: Lab3) -> None:
     consumed = {queue["name"] for queues in replies.values() for queue in queues}
     assert consumed == set(PROFILE.queues), sorted(set(PROFILE.queues) ^ consumed)
     assert list(replies) == ["dify-dev@ubuntu-vm"]
+    # The worker's broker connections reach the home server's Redis, which serves TLS only.
+    code, clients = devlab.server.exec(f"{REDIS_HELPER} cli client list")
+    assert code == 0 and f"addr={devlab.vm.address}:" in clients, clients
+    code, port = devlab.server.exec(f"{REDIS_HELPER} cli config get port")
+    assert port.split() == ["port", "0"], port
     count = len(PROFILE.queues)
     assert (f"worker consumes the {count} queues of Dify {VERSION} ... unchanged: {count} "
             f"queues consumed") in devlab.runs["dev.backend"].stdout

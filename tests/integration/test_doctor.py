@@ -21,6 +21,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from tasks.tiers.cache import HELPER as REDIS_HELPER
 from tests.integration.lab import Lab, LabHost
 from tests.integration.support import release, summary_columns, until
 
@@ -28,7 +29,6 @@ ROOT = Path(__file__).resolve().parents[2]
 NAME = "doctor-lab"
 HISTORY = ROOT / ".difyops" / "doctor" / f"{NAME}.json"
 LOCK = ROOT / ".difyops" / "locks" / f"{NAME}.lock"
-AUTHED = "set -a; . /etc/difyops/redis/auth.env; set +a;"
 BAD_LINE = "difyops-doctor-test-not-a-directive yes"
 
 
@@ -49,7 +49,7 @@ class DoctorLab:
         return self.inv("deploy.doctor", "--only", "db,cache", *flags)
 
     def redis_answers(self) -> bool:
-        code, out = self.host.exec(f"{AUTHED} redis-cli -p 6379 ping")
+        code, out = self.host.exec(f"{REDIS_HELPER} cli -p 6379 ping")
         return code == 0 and "PONG" in out
 
     def postgres_answers(self) -> bool:

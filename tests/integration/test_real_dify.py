@@ -37,6 +37,7 @@ import requests
 
 from tasks.core.gates import poll
 from tasks.core.profiles import steps_between
+from tasks.tiers.cache import HELPER as REDIS_HELPER
 from tests.images import dify_source
 from tests.integration import dify_client
 from tests.integration.app_lab import ROOT
@@ -186,6 +187,12 @@ def test_deploy_migrates_to_the_release_head_and_serves_through_nginx(
                            "JOIN pg_stat_ssl s USING (pid) WHERE a.usename = 'dify' "
                            "AND a.client_addr IS NOT NULL").splitlines()
     assert connections and all(line.endswith(" true") for line in connections), connections
+    # Redis serves TLS only (port 0), and Dify's clients (api, workers, daemon) reach it from
+    # both api hosts through their redis_proxy, which verified the certificate.
+    assert real.redis("config", "get", "port", db=0).split() == ["port", "0"]
+    clients = real.redis("client", "list", db=0)
+    for host in APIS:
+        assert f"addr={real.hosts[host].address}:" in clients, (host, clients)
 
 
 def test_the_apis_gunicorn_forks_its_workers_from_a_single_thread(real: RealApp,
@@ -651,8 +658,7 @@ def test_workflows_run_again_after_a_postgresql_failover(real: RealApp, workflow
 def _sentinel_master(real: RealApp) -> str:
     """The master's address as the Sentinel on app-r2 names it ("" when it does not answer)."""
     code, out = real.hosts["app-r2"].exec(
-        "set -a; . /etc/difyops/redis/auth.env; set +a; redis-cli --no-auth-warning -p 26379 "
-        "sentinel get-master-addr-by-name dify-master")
+        f"{REDIS_HELPER} cli -p 26379 sentinel get-master-addr-by-name dify-master")
     return out.split()[0] if code == 0 and out.split() else ""
 
 

@@ -125,6 +125,23 @@ def test_broker_and_cluster_node_on_one_host_is_refused(load, base) -> None:
         load(base)
 
 
+def test_renewed_certificates_are_loaded_and_every_probe_speaks_tls(load, base) -> None:
+    from tasks.core.plan import WaitFor
+
+    steps = plans(load(base))["db1"]
+    reload = next(s for s in steps if isinstance(s, RunCommand)
+                  and s.command == f"{HELPER} tls-reload")
+    assert {"/etc/difyops/redis/tls/server.crt", "/etc/difyops/redis/tls/server.key"} <= \
+        set(reload.on_change)
+    gates = [s.gate.command for s in steps if isinstance(s, WaitFor) and "ping" in
+             getattr(s.gate, "command", "")]
+    assert len(gates) == 2  # Redis and Sentinel
+    assert all("redis-cli --tls --cacert /etc/difyops/redis/tls/ca.crt -p " in g for g in gates)
+    plaintext = plans(load({**base, "tls": {"internal": False}}))["db1"]
+    assert not [s for s in plaintext if isinstance(s, RunCommand) and "tls-reload" in s.command]
+    assert not [s for s in plaintext if isinstance(s, WriteFile) and "/tls/" in s.path]
+
+
 # --- the helper scripts, run for real on local copies of the files -----------------------------
 
 @needs_bash
@@ -152,7 +169,13 @@ def merge(load, base, tmp_path: Path):
               .replace(". /etc/difyops/redis/auth.env", f". {auth}")
               .replace("mktemp /etc/redis/", f"mktemp {tmp_path}/")
               .replace("chown redis:redis", "true")
-              .replace("systemctl restart redis-server", f"touch {tmp_path}/restarted"))
+              .replace("systemctl restart redis-server", f"touch {tmp_path}/restarted")
+              .replace(f"SENTINEL_SEED={SENTINEL_SEED}", f"SENTINEL_SEED={tmp_path}/seed.conf")
+              .replace("SENTINEL_LIVE=/etc/redis/sentinel.conf",
+                       f"SENTINEL_LIVE={tmp_path}/sentinel.conf")
+              .replace("systemctl stop redis-sentinel", f"touch {tmp_path}/sentinel-stopped")
+              .replace("systemctl start redis-sentinel", f"touch {tmp_path}/sentinel-started"))
+    (tmp_path / "seed.conf").write_text(rendered[("db2", SENTINEL_SEED)])
     helper = tmp_path / "helper"
     helper.write_text(script)
 
@@ -204,6 +227,32 @@ def test_the_packaged_redis_conf_is_replaced(merge) -> None:
     assert run("config-ok") == 1
     assert run("config-merge") == 0
     assert live.read_text() == owned.read_text()
+
+
+@needs_bash
+def test_an_installation_turning_tls_on_gets_sentinels_ports_and_tls_lines(merge) -> None:
+    """sentinel.conf is Sentinel's, written once; its port and tls-* lines are difyops's: a
+    Sentinel seeded in plaintext gets the TLS lines, the rest of what it wrote is kept, and the
+    way CONFIG REWRITE quotes them is not a change."""
+    _, _, run, tmp = merge
+    live = tmp / "sentinel.conf"
+    state = ("sentinel monitor dify-master 10.0.3.12 6379 2\n"
+             "sentinel known-replica dify-master 10.0.3.11 6379\nsentinel current-epoch 3\n")
+    live.write_text(f"port 26379\ndir \"/var/lib/redis\"\n{state}")
+    assert run("sentinel-tls-ok") == 1
+    assert run("sentinel-tls") == 0
+    assert (tmp / "sentinel-stopped").exists() and (tmp / "sentinel-started").exists()
+    lines = live.read_text().splitlines()
+    assert [line for line in lines if line.startswith(("port ", "tls-"))] == [
+        "port 0", "tls-port 26379", "tls-cert-file /etc/difyops/redis/tls/server.crt",
+        "tls-key-file /etc/difyops/redis/tls/server.key",
+        "tls-ca-cert-file /etc/difyops/redis/tls/ca.crt", "tls-auth-clients no",
+        "tls-replication yes"]
+    assert [line for line in lines if line.startswith("sentinel ")] == state.splitlines()
+    assert run("sentinel-tls-ok") == 0
+    live.write_text(live.read_text().replace("tls-cert-file /etc/difyops/redis/tls/server.crt",
+                                             'tls-cert-file "/etc/difyops/redis/tls/server.crt"'))
+    assert run("sentinel-tls-ok") == 0
 
 
 # --- cache.status rules ------------------------------------------------------------------------

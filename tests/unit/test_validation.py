@@ -297,6 +297,19 @@ def test_sentinel_is_refused_where_dify_runs_from_source(load: Loader, base: dic
     assert "use cache.mode standalone in a home-lab inventory" in message
 
 
+def test_a_tls_cluster_is_refused_where_dify_runs_from_source(load: Loader, base: dict) -> None:
+    """tls.internal makes the broker Redis TLS only; Dify's cluster client has no TLS setting,
+    and a home lab has no redis_proxy to carry it."""
+    base["cache"]["mode"] = "cluster"
+    base["hosts"][9]["roles"] = ["monitor", "broker"]
+    base["hosts"].append({"name": "vm", "address": "10.0.5.1", "roles": ["dev_backend"]})
+    message = refusal(load, base)
+    assert "cache.mode: tls.internal makes the broker Redis serve TLS only" in message
+    assert "use cache.mode standalone in a home-lab inventory" in message
+    base["tls"] = {"internal": False}
+    assert load(base).settings.cache.mode == "cluster"  # plaintext: Dify's own clients do
+
+
 def test_a_home_lab_checkout_of_another_release_is_refused(load: Loader, base: dict) -> None:
     base["cache"] = {"mode": "standalone"}
     base["hosts"] = [h for h in base["hosts"] if h["name"] not in ("db2", "db3")]
