@@ -36,6 +36,7 @@ CA_VALID_UNTIL = datetime(2124, 1, 1, tzinfo=UTC)
 SKEW = timedelta(hours=1)  # valid a little before the period starts: clocks differ
 CA_FILE, CERT_FILE, KEY_FILE = "ca.crt", "server.crt", "server.key"  # in a server's folder
 CONTAINER_CA = "/difyops-tls/ca.crt"  # the CA certificate mounted into containers
+HOST_CA = "/etc/difyops/tls/ca.crt"  # the CA certificate for clients on a host (not in containers)
 # Read by the node exporter's textfile collector: the InternalCertificateExpiring alert.
 EXPIRY_FOLDER = "/var/lib/prometheus/node-exporter"
 
@@ -147,14 +148,15 @@ def host_certificate(inventory: Inventory, host: Host) -> Issued:
                   host_names(host))
 
 
-def server_files(inventory: Inventory, host: Host, directory: str, owner: str) -> list[WriteFile]:
-    """The CA certificate, the host's certificate and its key (0600, secret) in `directory`,
-    readable by the service that serves TLS (`owner`)."""
+def server_files(inventory: Inventory, host: Host, directory: str, owner: str,
+                 key_mode: int = 0o600) -> list[WriteFile]:
+    """The CA certificate, the host's certificate and its key (`key_mode`, secret) in
+    `directory`, readable by the service that serves TLS (`owner`, its group)."""
     issued = host_certificate(inventory, host)
     return [WriteFile(f"{directory}/{CA_FILE}",
                       authority(inventory.secrets["INTERNAL_CA_KEY"], inventory.name)),
             WriteFile(f"{directory}/{CERT_FILE}", issued.certificate, owner=owner, group=owner),
-            WriteFile(f"{directory}/{KEY_FILE}", issued.key, mode=0o600, owner=owner,
+            WriteFile(f"{directory}/{KEY_FILE}", issued.key, mode=key_mode, owner=owner,
                       group=owner, secret=True)]
 
 
@@ -179,14 +181,14 @@ def expiry_file(inventory: Inventory, host: Host, service: str, tier: str) -> Wr
 
 
 def service_files(inventory: Inventory, host: Host, *, directory: str, owner: str,
-                  service: str, tier: str) -> list[WriteFile]:
+                  service: str, tier: str, key_mode: int = 0o600) -> list[WriteFile]:
     """What a TLS service needs on its host with tls.internal: its files in `directory` and,
     where something monitors, its certificate's expiry. Nothing without tls.internal."""
     if not inventory.settings.tls.internal:
         return []
     monitored = [expiry_file(inventory, host, service, tier)] if inventory.with_role("monitor") \
         else []
-    return [*server_files(inventory, host, directory, owner), *monitored]
+    return [*server_files(inventory, host, directory, owner, key_mode), *monitored]
 
 
 def ca_file(inventory: Inventory, path: str) -> WriteFile:

@@ -41,7 +41,7 @@ COMPOSE_ONLY = ("SANDBOX_API_KEY", "SERVER_WORKER_AMOUNT", "SERVER_WORKER_CLASS"
                 "GUNICORN_TIMEOUT")
 ENV_LINE = re.compile(r"^([A-Z][A-Z0-9_]*)=(.*)$")
 SYNC_STAMP = ".venv/.difyops-synced"
-CA_PATH = "/etc/difyops/tls/ca.crt"  # what the api and worker verify PostgreSQL with
+CA_PATH = tls.HOST_CA  # what the api and worker verify PostgreSQL and Redis with
 # Debian packages the api needs on the host: venv for the pip that installs uv, libmagic for the
 # api's python-magic (what the release's own image installs for it).
 PACKAGES = ("python3-venv", "libmagic1")

@@ -5,7 +5,9 @@ superuser's password comes from the secrets file; Kibana logs in as kibana_syste
 of its own; the shippers log in as a user whose role may only add documents to the daily log
 indices (create_doc, create_index). A helper script on the host (`es`) talks to the security API
 with passwords on stdin: the deploy sets users, role, index template and retention policy when its
-`check` says they differ. Ports are published on the host's inventory address only.
+`check` says they differ. Ports are published on the host's inventory address only. With
+tls.internal (the default) Elasticsearch serves HTTPS with the host's certificate of the
+installation's CA (tasks/core/tls.py), which Kibana, the helper and every shipper verify.
 
 The shippers (every Linux host, the logging host too): rsyslog with omelasticsearch, reading the
 journal (imjournal) and, where a tier runs Docker, the containers' json logs (imfile), into a
@@ -22,7 +24,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from tasks.core import shell
+from tasks.core import shell, tls
 from tasks.core.errors import HostError
 from tasks.core.gates import CommandGate
 from tasks.core.hosts import Machine
@@ -38,6 +40,7 @@ from tasks.tiers.common import wait_bounded
 DIRECTORY = "/opt/dify-logging"
 PROJECT = "dify-logging"
 ES_TOOL = f"{DIRECTORY}/es"
+CERTS = f"{DIRECTORY}/certs"  # the CA, the host's certificate and key (tls.internal)
 SYSCTL = "/etc/sysctl.d/60-difyops-elasticsearch.conf"
 MAX_MAP_COUNT = 262144
 RSYSLOG_LIVE = "/etc/rsyslog.d/60-difyops-elasticsearch.conf"
@@ -60,6 +63,17 @@ def store(inventory: Inventory) -> Host | None:
     """The logging host (the rules allow one), or None when the inventory has none."""
     hosts = inventory.with_role("logging")
     return hosts[0] if hosts else None
+
+
+def store_url(inventory: Inventory, host: Host) -> str:
+    """Elasticsearch's address: https with tls.internal."""
+    scheme = "https" if inventory.settings.tls.internal else "http"
+    return f"{scheme}://{endpoint(host.address, inventory.settings.logging.es_port)}"
+
+
+def curl_verifies(inventory: Inventory, ca: str) -> str:
+    """curl's option that verifies Elasticsearch with the CA file `ca` (none over http)."""
+    return shell.command("--cacert {}", ca) if inventory.settings.tls.internal else ""
 
 
 def shippers(inventory: Inventory) -> list[Host]:
@@ -154,9 +168,10 @@ def publisher(host: Host) -> Callable[[int, int], str]:
 def store_steps(inventory: Inventory, renderer: Renderer, host: Host) -> list[Step]:
     """vm.max_map_count, the compose project, users and roles, then Kibana."""
     logging = inventory.settings.logging
-    url = f"http://{endpoint(host.address, logging.es_port)}"
+    url = store_url(inventory, host)
     bodies = security_bodies(inventory)
     script = renderer.render("config/logging/es.sh.j2", host, url=url, writer_role=WRITER_ROLE,
+                             verify=curl_verifies(inventory, f"{CERTS}/{tls.CA_FILE}"),
                              **{key: json.dumps(value, sort_keys=True, separators=(",", ":"))
                                 if isinstance(value, dict) else value
                                 for key, value in bodies.items()})
@@ -177,6 +192,9 @@ def store_steps(inventory: Inventory, renderer: Renderer, host: Host) -> list[St
                        unless=f"test \"$(cat /proc/sys/vm/max_map_count)\" -ge {MAX_MAP_COUNT}"),
         ]
     plan += [
+        # The image runs Elasticsearch as uid 1000 and gid 0: group root reads the key.
+        *tls.service_files(inventory, host, directory=CERTS, owner="root",
+                           service="elasticsearch", tier="logging", key_mode=0o640),
         env, compose_file,
         WriteFile(ES_TOOL, script, mode=0o700),
         RunCommand("compose up elasticsearch",
@@ -223,12 +241,16 @@ def rsyslog_check() -> str:
     )
 
 
-def writer_login(target: Host, port: int, user: str) -> str:
+def writer_login(inventory: Inventory, target: Host) -> str:
     """Probe on a shipper: the store authenticates the writer with the password of the staged
-    configuration (read from that file: never on a command line)."""
+    configuration (read from that file: never on a command line), over a verified TLS link with
+    tls.internal."""
+    user = inventory.settings.logging.writer_user
+    verify = curl_verifies(inventory, tls.HOST_CA)
     script = (f"p=$(sed -n 's/.*pwd=\"\\([^\"]*\\)\".*/\\1/p' {RSYSLOG_STAGED}); "
               f"printf 'user = \"{user}:%s\"\\n' \"$p\" | curl -sf --max-time 5 -K- -o /dev/null "
-              f"http://{endpoint(target.address, port)}/_security/_authenticate")
+              f"{verify + ' ' if verify else ''}"
+              f"{shell.quote(store_url(inventory, target) + '/_security/_authenticate')}")
     return f"bash -c {shell.quote(script)}"
 
 
@@ -251,7 +273,7 @@ def shipper_steps(inventory: Inventory, renderer: Renderer, host: Host) -> list[
     target = store(inventory)
     assert target is not None
     config = renderer.render(
-        "config/logging/rsyslog-elasticsearch.conf.j2", host, store=target,
+        "config/logging/rsyslog-elasticsearch.conf.j2", host, store=target, ca_file=tls.HOST_CA,
         password=inventory.secrets["LOGS_WRITER_PASSWORD"], journal=logging.ship_journal,
         docker=ships_docker(inventory, host), stats_interval=STATS_INTERVAL,
         stats_file=STATS_FILE, error_file=ERROR_FILE, spool=SPOOL)
@@ -260,13 +282,13 @@ def shipper_steps(inventory: Inventory, renderer: Renderer, host: Host) -> list[
               f"  missingok\n  notifempty\n  compress\n  copytruncate\n}}\n")
     return [
         packages("rsyslog", "rsyslog-elasticsearch", "curl"),
+        *([tls.ca_file(inventory, tls.HOST_CA)] if inventory.settings.tls.internal else []),
         WriteFile(RSYSLOG_STAGED, config, mode=0o600, secret=True),
         # Elasticsearch drops (does not retry) documents it refuses a login for: start shipping
         # only once the store accepts the writer's login (the store host may still be creating it).
         WaitFor(CommandGate(f"the store {target.name} accepts the shippers' login",
                             timeout=logging.health_timeout + 60, interval=2,
-                            command=writer_login(target, logging.es_port,
-                                                 logging.writer_user))),
+                            command=writer_login(inventory, target))),
         RunCommand("check the rsyslog configuration (rsyslogd -N1) and install it",
                    rsyslog_check(), unless=f"cmp -s {RSYSLOG_STAGED} {RSYSLOG_LIVE}"),
         WriteFile(LOGROTATE, rotate),

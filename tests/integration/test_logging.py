@@ -24,6 +24,7 @@ import requests
 import yaml
 from dotenv import dotenv_values
 
+from tasks.core import tls
 from tasks.tiers import logging as tier
 from tests.images import logging_standin, standin
 from tests.integration.lab import Lab, LabHost, ensure_base_image
@@ -75,6 +76,13 @@ class Logging:
     def secret(self, name: str) -> str:
         return dotenv_values(self.secrets_file)[name] or ""
 
+    @property
+    def ca_file(self) -> str:
+        """The installation's CA certificate, to verify the store with (tls.internal)."""
+        path = self.inventory.with_name("ca.crt")
+        path.write_text(tls.authority(self.secret("INTERNAL_CA_KEY"), "logging-lab"))
+        return str(path)
+
     def es(self, path: str, user: str | None = "elastic", password: str | None = None,
            method: str = "GET", **kwargs: Any) -> requests.Response:
         """A request to the store from this machine, as the tier's users make them."""
@@ -83,8 +91,8 @@ class Logging:
             auth = (user, password if password is not None else
                     self.secret("ELASTIC_PASSWORD" if user == "elastic" else
                                 "LOGS_WRITER_PASSWORD"))
-        return requests.request(method, f"http://{self.store.address}:9200{path}", auth=auth,
-                                timeout=10, **kwargs)
+        return requests.request(method, f"https://{self.store.address}:9200{path}", auth=auth,
+                                timeout=10, verify=self.ca_file, **kwargs)
 
     def found(self, text: str) -> list[dict]:
         """Documents whose message holds text (searched as elastic)."""
@@ -170,11 +178,29 @@ def test_ports_are_published_on_the_private_address_only(lab_logging: Logging) -
     for port in (9200, 5601):
         assert f"{env.store.address}:{port}" in listening, out
         assert not {f"0.0.0.0:{port}", f"*:{port}", f"[::]:{port}"} & listening, out
-    _, out = env.store.exec("curl -s -o /dev/null -w '%{http_code}' http://127.0.0.1:9200/")
+    _, out = env.store.exec("curl -sk -o /dev/null -w '%{http_code}' https://127.0.0.1:9200/")
     assert out.strip() == "000", out  # nothing answers on loopback
     _, out = env.shipper.exec(
         f"timeout 5 bash -c 'exec 3<>/dev/tcp/{env.store.address}/9200' && echo open")
     assert out.strip() == "open", out  # ...but the other hosts reach the private address
+
+
+def test_the_store_serves_https_only_with_the_installations_certificate(
+        lab_logging: Logging) -> None:
+    """tls.internal: plain http gets no answer, a client without the CA refuses the store, and
+    the certificate the shippers verify names the store's address."""
+    env = lab_logging
+    url = f"https://{env.store.address}:9200/_security/_authenticate"
+    with pytest.raises(requests.exceptions.SSLError):
+        requests.get(url, auth=("elastic", env.secret("ELASTIC_PASSWORD")), timeout=10)
+    with pytest.raises(requests.exceptions.ConnectionError):
+        requests.get(url.replace("https", "http"), timeout=10)
+    answer = env.es("/_security/_authenticate")
+    assert answer.status_code == 200 and answer.json()["username"] == "elastic", answer.text
+    code, out = env.shipper.exec(
+        f"openssl s_client -connect {env.store.address}:9200 -CAfile {tls.HOST_CA} "
+        f"-verify_ip {env.store.address} -verify_return_error </dev/null")
+    assert code == 0 and "Verify return code: 0 (ok)" in out, out
 
 
 def test_status_reports_store_and_shippers(lab_logging: Logging) -> None:

@@ -93,6 +93,50 @@ def test_store_compose_has_security_on_and_ports_on_the_private_address(load, ba
     assert kibana["depends_on"] == {"elasticsearch": {"condition": "service_healthy"}}
 
 
+def test_elasticsearch_serves_https_that_kibana_shippers_and_the_helper_verify(load,
+                                                                             base) -> None:
+    """tls.internal: HTTPS with the host's certificate (key readable by the image's gid 0),
+    Kibana dialling the name the certificate holds with full verification, the shippers and
+    the helper verifying the CA; without it, plain http as before."""
+    inventory = load(with_store(base))
+    compose = compose_of(inventory)
+    es, kibana = compose["services"]["elasticsearch"], compose["services"]["kibana"]
+    assert {key: value for key, value in es["environment"].items()
+            if key.startswith("xpack.security.http.ssl")} == {
+        "xpack.security.http.ssl.enabled": "true",
+        "xpack.security.http.ssl.key": "certs/server.key",
+        "xpack.security.http.ssl.certificate": "certs/server.crt",
+        "xpack.security.http.ssl.certificate_authorities": "certs/ca.crt"}
+    assert "./certs:/usr/share/elasticsearch/config/certs:ro" in es["volumes"]
+    assert es["networks"]["default"]["aliases"] == ["logs1"]
+    assert "--cacert /usr/share/elasticsearch/config/certs/ca.crt https'://127.0.0.1:9200" in \
+        es["healthcheck"]["test"][1]
+    assert kibana["environment"]["ELASTICSEARCH_HOSTS"] == '["https://logs1:9200"]'
+    assert kibana["environment"]["ELASTICSEARCH_SSL_VERIFICATIONMODE"] == "full"
+    files = files_of(plan_of(inventory)["logs1"])
+    key = files[f"{tier.CERTS}/server.key"]
+    assert (key.mode, key.owner, key.group, key.secret) == (0o640, "root", "root", True)
+    assert "--cacert /opt/dify-logging/certs/ca.crt -K" in files[tier.ES_TOOL].content
+    assert "url=https://10.0.4.11:9200" in files[tier.ES_TOOL].content
+    shipper = plan_of(inventory)["db1"]
+    assert files_of(shipper)["/etc/difyops/tls/ca.crt"].content == \
+        files[f"{tier.CERTS}/ca.crt"].content
+    action = re.search(r'action\(type="omelasticsearch"(.*?)\)\n',
+                       rsyslog_of(inventory, "db1").content, re.S).group(1)
+    params = dict(re.findall(r'([\w.]+)="([^"]*)"', action))
+    assert (params["usehttps"], params["tls.cacert"], params["allowunsignedcerts"],
+            params["skipverifyhost"]) == ("on", "/etc/difyops/tls/ca.crt", "off", "off")
+    login = next(s.gate.command for s in shipper if isinstance(s, WaitFor)
+                 and "accepts the shippers' login" in s.gate.name)
+    assert "--cacert /etc/difyops/tls/ca.crt" in login and "https://10.0.4.11:9200" in login
+
+    plain = load({**with_store(base), "tls": {"internal": False}})
+    es = compose_of(plain)["services"]["elasticsearch"]
+    assert es["environment"]["xpack.security.http.ssl.enabled"] == "false"
+    assert 'usehttps="off"' in rsyslog_of(plain, "db1").content
+    assert f"{tier.CERTS}/server.key" not in files_of(plan_of(plain)["logs1"])
+
+
 def test_passwords_reach_the_store_only_through_the_env_file(load, base) -> None:
     inventory = load(with_store(base))
     files = files_of(plan_of(inventory)["logs1"])

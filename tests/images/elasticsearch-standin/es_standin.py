@@ -15,11 +15,17 @@ Elasticsearch (STANDIN_ROLE=elasticsearch, :9200), security on:
   index needs create_index, and gets the settings of the matching index template;
 - _cluster/health, _cat/indices, _index_template, _ilm/policy, _count and _search (query
   match/match_phrase/term on a field, or q=field:text; sort=@timestamp:desc; size);
-- everything is kept in the data folder (a volume): a restart loses nothing.
+- everything is kept in the data folder (a volume): a restart loses nothing;
+- xpack.security.http.ssl.enabled=true: HTTPS only, with the PEM key, certificate and CA the
+  xpack.security.http.ssl.* settings name (relative to the config folder, as Elasticsearch
+  resolves them); it refuses to start, as Elasticsearch does, when one is missing or the key is
+  unreadable for the image's user (uid 1000, gid 0); renewed files are loaded within seconds.
 
 Kibana (STANDIN_ROLE=kibana, :5601): logs in to ELASTICSEARCH_HOSTS as ELASTICSEARCH_USERNAME
-(refuses to start as `elastic`, like Kibana 8); GET / answers 302 once that login works, 503
-"Kibana server is not ready yet" before.
+(refuses to start as `elastic`, like Kibana 8), over https verifying the server with
+ELASTICSEARCH_SSL_CERTIFICATEAUTHORITIES (ELASTICSEARCH_SSL_VERIFICATIONMODE full, the default,
+also checks the name); GET / answers 302 once that login works, 503 "Kibana server is not ready
+yet" before.
 """
 
 from __future__ import annotations
@@ -29,6 +35,8 @@ import fnmatch
 import hashlib
 import json
 import os
+import ssl
+import stat
 import sys
 import threading
 import time
@@ -40,6 +48,8 @@ from urllib.parse import parse_qs, unquote, urlparse
 ROLE = os.environ.get("STANDIN_ROLE", "elasticsearch")
 VERSION = os.environ.get("STANDIN_VERSION", "8.15.3")
 DATA = os.environ.get("STANDIN_DATA", "/usr/share/elasticsearch/data")
+CONFIG = "/usr/share/elasticsearch/config"
+IMAGE_UID, IMAGE_GID = 1000, 0  # the user Elasticsearch's image runs as
 RESERVED = ("elastic", "kibana_system", "kibana", "logstash_system", "beats_system",
             "apm_system", "remote_monitoring_user")
 IMPLIED = {
@@ -424,8 +434,12 @@ def kibana_ready() -> bool:
     request = urllib.request.Request(f"{hosts[0].rstrip('/')}/_security/_authenticate")
     token = base64.b64encode(f"{user}:{password}".encode()).decode()
     request.add_header("Authorization", f"Basic {token}")
+    context = ssl.create_default_context(
+        cafile=os.environ.get("ELASTICSEARCH_SSL_CERTIFICATEAUTHORITIES") or None)
+    context.check_hostname = os.environ.get("ELASTICSEARCH_SSL_VERIFICATIONMODE",
+                                            "full") == "full"
     try:
-        with urllib.request.urlopen(request, timeout=5) as answer:
+        with urllib.request.urlopen(request, timeout=5, context=context) as answer:
             ok = answer.status == 200
     except (urllib.error.URLError, OSError) as exc:
         log(f"cannot log in to Elasticsearch as {user}: {exc}")
@@ -455,6 +469,50 @@ class KibanaHandler(BaseHTTPRequestHandler):
         self.wfile.write(data)
 
 
+def readable_by_the_image(path: str) -> bool:
+    """Whether Elasticsearch's user (uid 1000, gid 0) may read a file."""
+    info = os.stat(path)
+    return bool(info.st_mode & stat.S_IROTH
+                or (info.st_uid == IMAGE_UID and info.st_mode & stat.S_IRUSR)
+                or (info.st_gid == IMAGE_GID and info.st_mode & stat.S_IRGRP))
+
+
+def https(server: ThreadingHTTPServer) -> None:
+    """Serve TLS only, from the files the xpack.security.http.ssl.* settings name; the files
+    are read again when they change (Elasticsearch watches them)."""
+    files = {name: os.path.join(CONFIG, setting(f"xpack.security.http.ssl.{name}"))
+             for name in ("key", "certificate", "certificate_authorities")}
+    for name, path in files.items():
+        if not setting(f"xpack.security.http.ssl.{name}") or not os.path.isfile(path):
+            log(f"xpack.security.http.ssl.{name}: no file at {path}")
+            sys.exit(78)
+        if not readable_by_the_image(path):
+            log(f"xpack.security.http.ssl.{name}: {path} is not readable by uid {IMAGE_UID}")
+            sys.exit(78)
+    loaded = {"stamp": None, "context": None}
+
+    def context() -> ssl.SSLContext:
+        stamp = tuple(os.stat(path).st_mtime_ns for path in files.values())
+        if stamp != loaded["stamp"]:
+            made = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+            made.minimum_version = ssl.TLSVersion.TLSv1_2
+            made.load_cert_chain(files["certificate"], files["key"])
+            loaded.update(stamp=stamp, context=made)
+        return loaded["context"]
+
+    context()
+    plain = server.get_request
+
+    def get_request():
+        connection, address = plain()
+        # The handshake happens in the request's thread: a client that never completes it
+        # holds up no other.
+        return context().wrap_socket(connection, server_side=True,
+                                     do_handshake_on_connect=False), address
+
+    server.get_request = get_request
+
+
 def main() -> None:
     global STORE
     if ROLE == "kibana":
@@ -472,6 +530,8 @@ def main() -> None:
             sys.exit(78)
         STORE = Store(DATA)
         server = ThreadingHTTPServer(("0.0.0.0", 9200), ElasticHandler)
+        if setting("xpack.security.http.ssl.enabled") == "true":
+            https(server)
     log(f"listening on {server.server_address[1]}")
     server.serve_forever()
 
