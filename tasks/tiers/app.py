@@ -88,8 +88,9 @@ def migration_host(inventory: Inventory) -> Host:
 def runs_redis_proxy(inventory: Inventory, host: Host) -> bool:
     """Whether a host runs redis_proxy (config/haproxy/redis-master.cfg.j2), the one way its
     containers reach Redis that the clients cannot manage themselves:
-    - with tls.internal, every container that talks to Redis (Redis serves TLS only, and Dify's
-      Sentinel and cluster clients and the plugin daemon's Sentinel client have no TLS settings);
+    - with tls.internal, every container that talks to Redis (Redis serves TLS only; Dify's
+      Sentinel and cluster clients have no TLS settings, and the plugin daemon of Dify 1.5.1
+      no CA setting: one way for every client and release);
     - in Sentinel mode, wherever a container reads Redis from REDIS_HOST:REDIS_PORT (Dify's
       pub/sub) or a redis:// URL (the agent backend), which cannot follow Sentinel. The plugin
       daemon then asks the sentinels itself."""
