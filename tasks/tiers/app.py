@@ -333,6 +333,8 @@ def steps(inventory: Inventory, renderer: Renderer, host: Host, *,
             WriteFile(f"{directory}/migration/.env", env, mode=0o600, secret=True),
             WriteFile(f"{directory}/migration/compose.yml",
                       renderer.render("compose/app-migration.yml.j2", host,
+                                      redis_proxy_network=f"{PROJECT}_default"
+                                      if runs_redis_proxy(inventory, host) else "",
                                       **volumes(inventory))),
         ]
     plan.append(WriteFile(f"{directory}/release.json", release_text(release(inventory, host))))
@@ -365,6 +367,12 @@ def steps(inventory: Inventory, renderer: Renderer, host: Host, *,
             "plugin_daemon"), on_change=triggers))
     daemons = [pd for pd in inventory.with_role("plugin_daemon") if pd.name != host.name]
     if is_migrator:
+        if runs_redis_proxy(inventory, host):
+            # The migration's Redis clients reach Redis through it too (on this project's
+            # network, which the migration project joins).
+            plan.append(RunCommand("compose up redis_proxy",
+                                   f"{compose(directory)} up -d redis_proxy",
+                                   on_change=triggers))
         if migrate:
             plan.append(migrate_step(inventory))
     else:

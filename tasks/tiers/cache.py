@@ -137,18 +137,20 @@ def steps(inventory: Inventory, renderer: Renderer, host: Host) -> list[Step]:
         return plan
     return [
         *plan,
+        WriteFile(SENTINEL_SEED, render("sentinel.conf.j2"), mode=0o600, secret=True),
+        # Before join: an installation turning tls.internal on or off asks its Sentinels the
+        # way its Redis now speaks.
+        RunCommand("sentinel.conf: difyops's ports and TLS settings", f"{HELPER} sentinel-tls",
+                   unless=f"{HELPER} sentinel-tls-ok"),
         RunCommand("replica of the current master", f"{HELPER} join",
                    unless=f"{HELPER} join-ok"),
         WaitFor(CommandGate("replication link up", timeout=300, interval=1,
                             command=f"{HELPER} in-sync")),
-        WriteFile(SENTINEL_SEED, render("sentinel.conf.j2"), mode=0o600, secret=True),
         RunCommand("seed sentinel.conf (once: Sentinel owns it afterwards)",
                    f"{HELPER} sentinel-seed",
                    unless=shell.command("grep -q {} /etc/redis/sentinel.conf",
                                         f"^sentinel monitor {cache.master_name} "
                                         .replace(".", "\\."))),
-        RunCommand("sentinel.conf: difyops's ports and TLS settings", f"{HELPER} sentinel-tls",
-                   unless=f"{HELPER} sentinel-tls-ok"),
         service_running("redis-sentinel"),
         ping(redis_cli, cache.sentinel_port, f"sentinel on :{cache.sentinel_port}",
              "redis-sentinel"),

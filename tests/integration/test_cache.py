@@ -265,6 +265,32 @@ def test_sentinel_settings_change_through_sentinel_set(sentinel: CacheLab) -> No
     assert summary_columns(again.stdout) == ["host", "unchanged"]
 
 
+def test_an_installation_turning_internal_tls_off_and_on_keeps_its_master_and_data(
+        sentinel: CacheLab) -> None:
+    """What every installation made before tls.internal meets at its next deploy, and back:
+    Redis, replication and the Sentinels change how they speak, the master stays, no key is
+    lost, and the next deploy changes nothing."""
+    master = celery_style_master(sentinel, "r2")
+    assert sentinel.redis("r3", "set across-tls kept", target=master) == "OK"
+    data = yaml.safe_load(sentinel.inventory.read_text())
+    for internal in (False, True):
+        data["tls"] = {"internal": internal}
+        sentinel.inventory.write_text(yaml.safe_dump(data, sort_keys=False))
+        changed = sentinel.inv("cache.deploy")
+        assert changed.returncode == 0, changed.stdout + changed.stderr
+        for name in ("r1", "r2", "r3"):
+            assert f"[cache] {name}: sentinel.conf: difyops's ports and TLS settings ... " \
+                   "changed" in changed.stdout, changed.stdout
+            assert sentinel.redis(name, "config get port").split() == \
+                ["port", "0" if internal else "6379"]
+        assert celery_style_master(sentinel, "r2") == master
+        for name in ("r1", "r2", "r3"):
+            until(lambda name=name: sentinel.redis(name, "get across-tls") == "kept", 30,
+                  f"the key on {name}")
+        again = sentinel.inv("cache.deploy")
+        assert summary_columns(again.stdout) == ["host", "unchanged"], again.stdout
+
+
 @pytest.fixture(scope="module")
 def cluster(lab: Lab, tmp_path_factory: pytest.TempPathFactory) -> Iterator[CacheLab]:
     cache = make_lab(lab, tmp_path_factory.mktemp("cluster"), "cluster",

@@ -84,6 +84,12 @@ def test_with_internal_tls_every_client_reaches_redis_through_the_proxy_over_tls
              f" ssl verify required ca-file /difyops-tls/ca.crt verifyhost {node}")
             for node, address in (("db1", "10.0.3.11"), ("db2", "10.0.3.12"),
                                   ("db3", "10.0.3.13"))]
+    # The one-off migration (on api1) reaches Redis through the app project's redis_proxy,
+    # started before it.
+    migration = yaml.safe_load(files_of(inventory, "api1")["/opt/dify/migration/compose.yml"])
+    assert migration["networks"]["default"] == {"name": "dify_default", "external": True}
+    labels = [s.label for s in tier.steps(inventory, Renderer(inventory), inventory.host("api1"))]
+    assert labels.index("compose up redis_proxy") < labels.index("migrate the database (one run)")
     daemon = yaml.safe_load(files_of(inventory, "api1")["/opt/dify/compose.yml"])[
         "services"]["plugin_daemon"]
     assert "redis_proxy" in daemon["depends_on"]
