@@ -1,4 +1,5 @@
-"""A real HAProxy image for the lab: the app tier's ``redis_proxy`` in Sentinel mode.
+"""A real HAProxy image for the lab: the app tier's ``redis_proxy`` (on every app host with
+tls.internal, and in Sentinel mode).
 
 No registry serves ``haproxy:2.8`` here, so the lab builds HAProxy from Debian 12's package on
 its base image (HAProxy 2.6: the same program and configuration language), with the official

@@ -19,7 +19,7 @@ from pathlib import Path
 import yaml
 
 from tasks.tiers.cache import HELPER as REDIS_HELPER
-from tests.images import standin
+from tests.images import haproxy_image, standin
 from tests.integration.lab import Lab, LabHost, ensure_base_image
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -119,7 +119,9 @@ def start_app(lab: Lab, tmp: Path) -> App:
     """Stand-in images built here, the four hosts started, PostgreSQL, Redis and nginx deployed
     (the app tier itself is left to the caller)."""
     started = time.monotonic()
-    standin.ensure_images(lab.client, ensure_base_image(lab.client))
+    base = ensure_base_image(lab.client)
+    standin.ensure_images(lab.client, base)
+    haproxy_image.ensure_haproxy(lab.client, base)  # redis_proxy: tls.internal is on
     lab.timings["app: stand-in images"] = time.monotonic() - started
     (db,) = lab.start([NAMES[0]])
     docker_hosts = lab.start(list(NAMES[1:]), docker=True)

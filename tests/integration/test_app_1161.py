@@ -26,7 +26,7 @@ import requests
 import yaml
 from dotenv import dotenv_values
 
-from tests.images import dify_real, dify_source, standin
+from tests.images import dify_real, dify_source, haproxy_image, standin
 from tests.integration.app_lab import App
 from tests.integration.lab import Lab, ensure_base_image
 from tests.integration.support import release, summary_counts, until
@@ -93,6 +93,7 @@ def mirror_images(lab: Lab) -> tuple[dify_real.Built | None, str]:
         lab.timings[f"app {VERSION}: real agent backend image built"] = agent.seconds
     standin.mirror(lab.client, [name for role, name in names.items()
                                 if role != "agent_backend" or agent is None], MIRROR)
+    haproxy_image.ensure_haproxy(lab.client, base, MIRROR)  # redis_proxy: tls.internal is on
     return agent, missing
 
 
