@@ -35,6 +35,7 @@ from pathlib import Path
 import pytest
 import requests
 
+from tasks.core import shell
 from tasks.core.gates import poll
 from tasks.core.profiles import steps_between
 from tasks.tiers.cache import HELPER as REDIS_HELPER
@@ -187,12 +188,15 @@ def test_deploy_migrates_to_the_release_head_and_serves_through_nginx(
                            "JOIN pg_stat_ssl s USING (pid) WHERE a.usename = 'dify' "
                            "AND a.client_addr IS NOT NULL").splitlines()
     assert connections and all(line.endswith(" true") for line in connections), connections
-    # Redis serves TLS only (port 0), and Dify's clients (api, workers, daemon) reach it from
-    # both api hosts through their redis_proxy, which verified the certificate.
+    # Redis serves TLS only (port 0); Dify's clients reach it through their host's redis_proxy,
+    # which verified the certificate: the worker's broker connections from app-api1, and the
+    # api's own client on both api hosts.
     assert real.redis("config", "get", "port", db=0).split() == ["port", "0"]
-    clients = real.redis("client", "list", db=0)
+    worker = real.hosts["app-api1"].address
+    until(lambda: f"addr={worker}:" in real.redis("client", "list", db=0), 30,
+          "the worker's connections to Redis")
     for host in APIS:
-        assert f"addr={real.hosts[host].address}:" in clients, (host, clients)
+        assert _role_through_the_proxy(real, host) == "master", host
 
 
 def test_the_apis_gunicorn_forks_its_workers_from_a_single_thread(real: RealApp,
@@ -655,6 +659,17 @@ def test_workflows_run_again_after_a_postgresql_failover(real: RealApp, workflow
     assert _runs_of(real, workflow["app_id"]) >= 2  # runs from before the failover are there
 
 
+def _role_through_the_proxy(real: RealApp, host: str) -> str:
+    """The role of the Redis that the api container of a host reaches through its redis_proxy,
+    as Dify's own client (redis-py, REDIS_* of its environment); "" when none answers."""
+    probe = ("import os, redis; print(redis.Redis(host=os.environ['REDIS_HOST'], "
+             "port=int(os.environ['REDIS_PORT']), password=os.environ['REDIS_PASSWORD'], "
+             "socket_timeout=3).info('replication')['role'])")
+    code, out = real.hosts[host].exec(f"docker exec {real.container('api', host)} python -c "
+                                      f"{shell.quote(probe)}")
+    return out.strip().splitlines()[-1] if code == 0 and out.strip() else ""
+
+
 def _sentinel_master(real: RealApp) -> str:
     """The master's address as the Sentinel on app-r2 names it ("" when it does not answer)."""
     code, out = real.hosts["app-r2"].exec(
@@ -670,6 +685,10 @@ def test_workflows_run_again_after_a_redis_failover(real: RealApp, workflow: dic
     assert code == 0, out
     since = time.monotonic()
     until(lambda: _sentinel_master(real) not in ("", old), 90, "Sentinel electing a new master")
+    # ...and each api host's redis_proxy forwarding to it (its checks need about 2 s more).
+    for host in APIS:
+        until(lambda host=host: _role_through_the_proxy(real, host) == "master", 30,
+              f"{host}'s redis_proxy reaching the new master")
     # What doctor's timer runs every doctor.every minutes: a worker whose ack failed in the
     # failover stopped consuming and answering pings (tasks/tiers/app.py CELERY_PING) and is
     # restarted; a worker that reconnected answers and is left alone.
