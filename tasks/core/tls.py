@@ -191,6 +191,9 @@ def service_files(inventory: Inventory, host: Host, *, directory: str, owner: st
     return [*server_files(inventory, host, directory, owner, key_mode), *monitored]
 
 
-def ca_file(inventory: Inventory, path: str) -> WriteFile:
-    """The CA certificate that clients verify servers with."""
-    return WriteFile(path, authority(inventory.secrets["INTERNAL_CA_KEY"], inventory.name))
+def ca_files(inventory: Inventory, path: str) -> list[WriteFile]:
+    """The CA certificate that clients verify servers with, at `path`, with tls.internal
+    (nothing without it)."""
+    if not inventory.settings.tls.internal:
+        return []
+    return [WriteFile(path, authority(inventory.secrets["INTERNAL_CA_KEY"], inventory.name))]

@@ -309,8 +309,8 @@ def steps(inventory: Inventory, renderer: Renderer, host: Host, *,
         WriteFile(f"{directory}/.env", env, mode=0o600, secret=True),
         WriteFile(f"{directory}/compose.yml", compose_file(inventory, renderer, host)),
     ]
-    if inventory.settings.tls.internal and reads_dify_env(inventory, host):
-        files.append(tls.ca_file(inventory, ca_host_path(inventory)))
+    if reads_dify_env(inventory, host):
+        files += tls.ca_files(inventory, ca_host_path(inventory))
     if runs_redis_proxy(inventory, host):
         files.append(WriteFile(f"{directory}/redis-proxy.cfg",
                                renderer.render("config/haproxy/redis-master.cfg.j2", host,

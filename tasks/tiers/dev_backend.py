@@ -154,7 +154,7 @@ def steps(inventory: Inventory, renderer: Renderer, host: Host) -> list[Step]:
                    f"checkout' >&2; exit 1; }}", changes=False),
         WriteFile(env_file, api_env(inventory, renderer, host), mode=0o600, owner=user,
                   group=user, secret=True),
-        *([tls.ca_file(inventory, CA_PATH)] if inventory.settings.tls.internal else []),
+        *tls.ca_files(inventory, CA_PATH),
         RunCommand("install the api's dependencies (uv sync)",
                    in_api(api_dir, user, f"{uv_env} {UV} sync --frozen --no-dev --quiet")
                    + " && " + in_api(api_dir, user, "sh -c " + shell.quote(

@@ -282,7 +282,7 @@ def shipper_steps(inventory: Inventory, renderer: Renderer, host: Host) -> list[
               f"  missingok\n  notifempty\n  compress\n  copytruncate\n}}\n")
     return [
         packages("rsyslog", "rsyslog-elasticsearch", "curl"),
-        *([tls.ca_file(inventory, tls.HOST_CA)] if inventory.settings.tls.internal else []),
+        *tls.ca_files(inventory, tls.HOST_CA),
         WriteFile(RSYSLOG_STAGED, config, mode=0o600, secret=True),
         # Elasticsearch drops (does not retry) documents it refuses a login for: start shipping
         # only once the store accepts the writer's login (the store host may still be creating it).
