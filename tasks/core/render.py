@@ -6,6 +6,7 @@ rendered for, the Dify version profile and the secrets.
 
 from __future__ import annotations
 
+import hashlib
 import ipaddress
 import json
 import re
@@ -43,6 +44,7 @@ class Renderer:
         environment.filters["sql_literal"] = sql_literal
         environment.filters["shell_quote"] = shell.quote  # files a shell sources
         environment.filters["redis_quote"] = redis_quote
+        environment.filters["redis_acl_password"] = redis_acl_password
         environment.filters["pgpass_field"] = pgpass_field
         environment.filters["compose_quote"] = compose_quote
         environment.globals["resp_hex"] = resp_hex
@@ -98,12 +100,14 @@ def squid_word(value: Any) -> str:
 
 
 def redis_url(address: str, scheme: str, password: str, port: int, db: int,
-              ca: str = "") -> str:
-    """A redis://, rediss:// or sentinel:// URL (Celery's broker, Dify's pub/sub) with the
-    password percent-encoded, so that `@`, `:`, `/` or `%` in it cannot change where the URL
-    points. `ca`: the server is verified with this CA file (redis-py reads the query)."""
+              ca: str = "", user: str = "") -> str:
+    """A redis://, rediss:// or sentinel:// URL (Celery's broker, Dify's pub/sub) with the user
+    name and password percent-encoded, so that `@`, `:`, `/` or `%` in them cannot change where
+    the URL points. `ca`: the server is verified with this CA file (redis-py reads the query);
+    no user: Redis' `default` user."""
     verified = f"?ssl_cert_reqs=required&ssl_ca_certs={quote(ca, safe='/')}" if ca else ""
-    return f"{scheme}://:{quote(str(password), safe='')}@{endpoint(address, port)}/{db}{verified}"
+    login = f"{quote(user, safe='')}:{quote(str(password), safe='')}"
+    return f"{scheme}://{login}@{endpoint(address, port)}/{db}{verified}"
 
 
 def resp_hex(*words: str) -> str:
@@ -135,6 +139,12 @@ def sql_literal(value: Any) -> str:
     if "\0" in text:
         raise DifyopsError("a value for SQL holds a NUL character")
     return "'" + text.replace("'", "''") + "'"
+
+
+def redis_acl_password(value: Any) -> str:
+    """A password in a Redis ACL rule, as its SHA-256 (`#<hex>`): the users file holds no
+    password, and no value needs quoting there."""
+    return "#" + hashlib.sha256(str(value).encode()).hexdigest()
 
 
 def redis_quote(value: Any) -> str:

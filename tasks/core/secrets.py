@@ -98,7 +98,16 @@ SPECS: tuple[SecretSpec, ...] = (
     SecretSpec("DB_PASSWORD", "the dify database role", always, shape=one_word),
     SecretSpec("DB_REPLICATION_PASSWORD", "the streaming replication role",
                lambda inv: bool(inv.with_role("db_replica"))),
-    SecretSpec("REDIS_PASSWORD", "Redis, Sentinel and the Celery broker", always),
+    SecretSpec("REDIS_PASSWORD", "Redis' default user (Dify's cache, pub/sub and Celery broker; "
+               "dangerous commands denied) and Sentinel", always),
+    SecretSpec("REDIS_ADMIN_PASSWORD", "Redis' user difyops (every command): replication, "
+               "Sentinel's link to Redis, the cache tier's tools", always),
+    SecretSpec("REDIS_PLUGIN_DAEMON_PASSWORD", "Redis' user plugin_daemon (dangerous commands "
+               "denied)", always),
+    SecretSpec("REDIS_AGENT_PASSWORD", "Redis' user agent_backend (dangerous commands denied)",
+               runs_agent),
+    SecretSpec("REDIS_MONITOR_PASSWORD", "Redis' user monitor (PING, INFO, CONFIG GET...): "
+               "redis_proxy's health checks and the metrics exporter", always),
     SecretSpec("SANDBOX_API_KEY", "api/worker -> sandbox (CODE_EXECUTION_API_KEY)", always),
     SecretSpec("PLUGIN_DAEMON_KEY", "api -> plugin daemon (the daemon's SERVER_KEY)", always),
     SecretSpec("PLUGIN_DIFY_INNER_API_KEY", "plugin daemon -> api inner API", always),

@@ -11,6 +11,12 @@
   joined once with redis-cli --cluster create; the broker hosts run a standalone Redis for Celery
   and the plugin daemon, which do not support Redis Cluster.
 
+Users (config/redis/users.acl.j2, Redis' aclfile, loaded again with ACL LOAD when it changes):
+one per client, every command but the @dangerous ones for Dify (`default`: Dify's cluster client
+sends no user name), the plugin daemon and the agent backend; `monitor` for health checks and
+metrics; `difyops`, with every command, for replication, Sentinel and the tier's own tools.
+Sentinel keeps one password (REDIS_PASSWORD, Dify's): it holds no data.
+
 With tls.internal (the default) every Redis and Sentinel serves TLS only (port 0, tls-port),
 replication and Sentinel's links included, with the installation's CA (tasks/core/tls.py);
 clients authenticate with the password, not with certificates. The nodes of a Redis Cluster stay
@@ -33,6 +39,7 @@ OWNED_DIR = "/etc/difyops/redis"
 AUTH = f"{OWNED_DIR}/auth.env"
 OWNED_CONF = f"{OWNED_DIR}/redis.conf"
 SENTINEL_SEED = f"{OWNED_DIR}/sentinel.conf"
+USERS = f"{OWNED_DIR}/users.acl"
 AUTHED = f"set -a; . {AUTH}; set +a;"  # REDISCLI_AUTH from the root-only file
 TLS_DIR = f"{OWNED_DIR}/tls"  # not under /etc/redis (mode 2770): the exporter reads the CA too
 CA = f"{TLS_DIR}/{tls.CA_FILE}"
@@ -51,9 +58,16 @@ def cli_options(inventory: Inventory, host: Host) -> str:
 
 
 def cli(inventory: Inventory, host: Host) -> str:
-    """redis-cli on the host itself, authenticated from the root-only file (no password on a
-    command line), over TLS where the host's Redis serves TLS only."""
-    return " ".join(filter(None, (AUTHED, "timeout 5 redis-cli", cli_options(inventory, host))))
+    """redis-cli on the host itself as Redis' user difyops, authenticated from the root-only file
+    (no password on a command line), over TLS where the host's Redis serves TLS only."""
+    return " ".join(filter(None, (AUTHED, "timeout 5 redis-cli --user difyops",
+                                  cli_options(inventory, host))))
+
+
+def sentinel_cli(inventory: Inventory, host: Host) -> str:
+    """redis-cli to the host's Sentinel, with Sentinel's password from the same file."""
+    return " ".join(filter(None, (AUTHED, 'REDISCLI_AUTH="$SENTINEL_AUTH" timeout 5 redis-cli',
+                                  cli_options(inventory, host))))
 
 
 def quorum(inventory: Inventory) -> int:
@@ -87,6 +101,13 @@ def ping(redis_cli: str, port: int, name: str, unit: str, timeout: float = 60) -
                    restart=restart_unit(unit))
 
 
+def acl_load(port: int | None = None) -> RunCommand:
+    """Redis loads a changed users file without a restart (a restart reads it anyway)."""
+    node = f" {port}" if port else ""
+    return RunCommand(f"users file changed: ACL LOAD{node}", f"{HELPER} acl-load{node}",
+                      on_change=(USERS,))
+
+
 def steps(inventory: Inventory, renderer: Renderer, host: Host) -> list[Step]:
     """The host's Redis processes for the inventory's mode."""
     cache = inventory.settings.cache
@@ -97,7 +118,7 @@ def steps(inventory: Inventory, renderer: Renderer, host: Host) -> list[Step]:
         "nodes": [node.address for node in nodes],
         "quorum": quorum(inventory),
         "cluster_nodes": cluster_nodes(inventory) if mode == "cluster" else [],
-        "owned": OWNED_CONF, "sentinel_seed": SENTINEL_SEED, "auth": AUTH,
+        "owned": OWNED_CONF, "sentinel_seed": SENTINEL_SEED, "auth": AUTH, "acl_file": USERS,
         "maxmemory": memory(cache.maxmemory_mb) if cache.maxmemory_mb else "",
         "tls_dir": TLS_DIR if serves_tls(inventory, host) else "",
         "cli_options": cli_options(inventory, host),
@@ -117,6 +138,8 @@ def steps(inventory: Inventory, renderer: Renderer, host: Host) -> list[Step]:
         *certificates,
         WriteFile(HELPER, render("difyops-redis.sh.j2"), mode=0o755),
         WriteFile(AUTH, render("auth.env.j2"), mode=0o600, secret=True),
+        WriteFile(USERS, render("users.acl.j2"), mode=0o600, owner="redis", group="redis",
+                  secret=True),
     ]
     if cluster:
         return [*plan, *cluster_steps(inventory, render, host)]
@@ -129,6 +152,7 @@ def steps(inventory: Inventory, renderer: Renderer, host: Host) -> list[Step]:
                    f"{HELPER} config-merge", unless=f"{HELPER} config-ok"),
         service_running("redis-server"),
         ping(redis_cli, cache.port, f"redis on :{cache.port}", "redis-server"),
+        acl_load(),
         *([RunCommand("load the renewed certificate (no restart)", f"{HELPER} tls-reload",
                       on_change=tuple(step.path for step in certificates))]
           if certificates else []),
@@ -138,10 +162,10 @@ def steps(inventory: Inventory, renderer: Renderer, host: Host) -> list[Step]:
     return [
         *plan,
         WriteFile(SENTINEL_SEED, render("sentinel.conf.j2"), mode=0o600, secret=True),
-        # Before join: an installation turning tls.internal on or off asks its Sentinels the
-        # way its Redis now speaks.
-        RunCommand("sentinel.conf: difyops's ports and TLS settings", f"{HELPER} sentinel-tls",
-                   unless=f"{HELPER} sentinel-tls-ok"),
+        # Before join: an installation turning tls.internal on or off, or whose Redis users
+        # change, asks its Sentinels the way its Redis now speaks.
+        RunCommand("sentinel.conf: difyops's ports, TLS settings and login",
+                   f"{HELPER} sentinel-owned", unless=f"{HELPER} sentinel-owned-ok"),
         RunCommand("replica of the current master", f"{HELPER} join",
                    unless=f"{HELPER} join-ok"),
         WaitFor(CommandGate("replication link up", timeout=300, interval=1,
@@ -152,8 +176,8 @@ def steps(inventory: Inventory, renderer: Renderer, host: Host) -> list[Step]:
                                         f"^sentinel monitor {cache.master_name} "
                                         .replace(".", "\\."))),
         service_running("redis-sentinel"),
-        ping(redis_cli, cache.sentinel_port, f"sentinel on :{cache.sentinel_port}",
-             "redis-sentinel"),
+        ping(sentinel_cli(inventory, host), cache.sentinel_port,
+             f"sentinel on :{cache.sentinel_port}", "redis-sentinel"),
         RunCommand(f"sentinel quorum {quorum(inventory)} and timeouts", f"{HELPER} sentinel-set",
                    unless=f"{HELPER} sentinel-ok"),
         WaitFor(CommandGate(f"sentinels agree on {cache.master_name}", timeout=60,
@@ -183,6 +207,7 @@ def cluster_steps(inventory: Inventory, render, host: Host) -> list[Step]:
             service_running(service),
             service_restart(service, conf),
             ping(cli(inventory, host), port, f"cluster node on :{port}", service),
+            acl_load(port),
         ]
     in_sync = [WaitFor(CommandGate(f"cluster node :{port} in sync", timeout=300, interval=1,
                                    command=f"{HELPER} in-sync {port}"))

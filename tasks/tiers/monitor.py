@@ -171,14 +171,15 @@ def postgres_exporter(inventory: Inventory, renderer: Renderer, host: Host,
 
 
 def redis_exporter(inventory: Inventory, host: Host) -> list[Step]:
-    """redis_exporter against the local Redis (over TLS, verified with the CA, where it serves
-    TLS only), its password in the environment file."""
+    """redis_exporter against the local Redis as its user monitor (over TLS, verified with the
+    CA, where it serves TLS only), the password in the environment file."""
     port = inventory.settings.cache.port
     address = endpoint(host.address, PORTS["redis"])
     target = (f"rediss://127.0.0.1:{port} -tls-ca-cert-file {REDIS_CA}"
               if redis_serves_tls(inventory, host) else f"redis://127.0.0.1:{port}")
-    defaults = (f"REDIS_PASSWORD={inventory.secrets['REDIS_PASSWORD']}\n"
-                f'ARGS="-web.listen-address {address} -redis.addr {target}"\n')
+    defaults = (f"REDIS_PASSWORD={inventory.secrets['REDIS_MONITOR_PASSWORD']}\n"
+                f'ARGS="-web.listen-address {address} -redis.addr {target} '
+                f'-redis.user monitor"\n')
     return exporter("prometheus-redis-exporter", host, PORTS["redis"], defaults, secret=True)
 
 

@@ -9,7 +9,9 @@ standalone broker Redis (TLS; cluster mode). The tests run in order and share ho
 from __future__ import annotations
 
 import base64
+import itertools
 import os
+import shlex
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -18,6 +20,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from dotenv import dotenv_values
 
 from tasks.core import tls
 from tasks.core.inventory import load_inventory
@@ -30,6 +33,10 @@ from tests.integration.support import release, summary_columns, until
 ROOT = Path(__file__).resolve().parents[2]
 AUTHED = "set -a; . /etc/difyops/redis/auth.env; set +a;"
 DOWN_AFTER_S = 5  # cache.down_after_ms in config/defaults.yml
+SENTINEL_PORT = 26379
+# Redis' @dangerous commands Dify's and the plugin daemon's users must be refused.
+DANGEROUS = ("config get maxmemory", "flushall", "client list", "keys acl-default", "info",
+             "monitor", "replicaof no one", "shutdown nosave", "acl list", "module list", "save")
 
 
 @dataclass
@@ -47,10 +54,23 @@ class CacheLab:
                               capture_output=True, env=env, timeout=900, check=False)
 
     def redis(self, host: str, command: str, port: int = 6379, target: str = "") -> str:
-        """redis-cli on a host (docker exec) through the cache tier's helper: the password from
-        the root-only file, TLS with the CA where the host's Redis serves TLS only."""
+        """redis-cli on a host (docker exec) through the cache tier's helper: Redis' user
+        difyops (or Sentinel's password, on Sentinel's port) from the root-only file, TLS with
+        the CA where the host's Redis serves TLS only."""
         to = f"-h {target} " if target else ""
-        code, out = self.hosts[host].exec(f"{HELPER} cli {to}-p {port} {command}")
+        login = "sentinel-cli" if port == SENTINEL_PORT else f"cli -p {port}"
+        code, out = self.hosts[host].exec(f"{HELPER} {login} {to}{command}")
+        return out.strip() if code == 0 else f"exit {code}: {out.strip()}"
+
+    def as_user(self, host: str, user: str, password: str, command: str,
+                target: str = "", port: int = 6379, tls_on: bool = True) -> str:
+        """redis-cli on a host as one of Redis' users (`default`: no user name, as Dify's
+        clients log in)."""
+        login = f"--user {user} " if user != "default" else ""
+        tls_options = f"--tls --cacert {CA} " if tls_on else ""
+        code, out = self.hosts[host].exec(
+            f"REDISCLI_AUTH={shlex.quote(password)} timeout 5 redis-cli {login}{tls_options}"
+            f"-h {target or '127.0.0.1'} -p {port} {command}")
         return out.strip() if code == 0 else f"exit {code}: {out.strip()}"
 
     def address(self, name: str) -> str:
@@ -112,8 +132,8 @@ def redis_proxy(lab: Lab, sentinel: CacheLab) -> Iterator[LabHost]:
 def through_proxy(cache: CacheLab, proxy: LabHost, command: str) -> str:
     """A plaintext redis-cli command sent to the proxy, as Dify's containers send theirs (from
     r3, which has redis-cli and the password); the proxy speaks TLS to the master."""
-    code, out = cache.hosts["r3"].exec(f"{AUTHED} redis-cli -h {proxy.address} -p 6379 "
-                                       f"{command}")
+    code, out = cache.hosts["r3"].exec(f"{AUTHED} redis-cli --user difyops "
+                                       f"-h {proxy.address} -p 6379 {command}")
     return out.strip() if code == 0 else f"exit {code}: {out.strip()}"
 
 
@@ -169,8 +189,9 @@ def test_redis_and_sentinel_serve_only_tls_clients_that_trust_the_ca(
     r3, r1 = sentinel.hosts["r3"], sentinel.address("r1")
     other = base64.b64encode(tls.authority("another installation's secret", "other").encode())
     assert r3.exec(f"echo {other.decode()} | base64 -d > /tmp/other-ca.crt")[0] == 0
-    for port in (6379, 26379):
-        ask = f"{AUTHED} timeout 5 redis-cli -h {r1} -p {port}"
+    for port, cli in ((6379, "timeout 5 redis-cli --user difyops"),
+                      (SENTINEL_PORT, 'REDISCLI_AUTH="$SENTINEL_AUTH" timeout 5 redis-cli')):
+        ask = f"{AUTHED} {cli} -h {r1} -p {port}"
         for options, refusal in (("", ""), ("--tls", "certificate verify failed"),
                                  ("--tls --cacert /tmp/other-ca.crt",
                                   "certificate verify failed")):
@@ -183,6 +204,46 @@ def test_redis_and_sentinel_serve_only_tls_clients_that_trust_the_ca(
     code, out = r3.exec(f"openssl s_client -connect {r1}:6379 -CAfile {CA} "
                         f"-verify_hostname r1 -verify_return_error </dev/null")
     assert code == 0 and "Verify return code: 0 (ok)" in out, out
+
+
+def acl_log_users(cache: CacheLab, host: str) -> list[str]:
+    """The user of every entry of a Redis' ACL LOG (what it refused, and to whom)."""
+    lines = cache.redis(host, "acl log 128").splitlines()
+    return [value for key, value in itertools.pairwise(lines) if key == "username"]
+
+
+def test_each_client_logs_in_as_its_own_user_without_dangerous_commands(
+        sentinel: CacheLab) -> None:
+    """Dify (`default`) and the plugin daemon may use every command but Redis' @dangerous ones;
+    monitor may read INFO and no key; the admin password is difyops's user's only."""
+    secrets = dotenv_values(sentinel.secrets)
+    r1 = sentinel.address("r1")
+    assert sentinel.redis("r1", "acl log reset") == "OK"
+
+    def ask(user: str, secret: str, command: str) -> str:
+        return sentinel.as_user("r2", user, secrets[secret], command, target=r1)
+
+    for user, secret in (("default", "REDIS_PASSWORD"),
+                         ("plugin_daemon", "REDIS_PLUGIN_DAEMON_PASSWORD")):
+        assert ask(user, secret, f"set acl-{user} 1") == "OK"
+        assert ask(user, secret, f"get acl-{user}") == "1"
+        assert ask(user, secret, "publish acl-events 1").isdigit()  # pub/sub
+        for command in DANGEROUS:
+            assert "NOPERM" in ask(user, secret, command), (user, command)
+    assert "role:master" in ask("monitor", "REDIS_MONITOR_PASSWORD", "info replication")
+    for command in ("get acl-default", "set acl-monitor 1", "config set maxmemory 1"):
+        assert "NOPERM" in ask("monitor", "REDIS_MONITOR_PASSWORD", command), command
+    assert "WRONGPASS" in ask("default", "REDIS_ADMIN_PASSWORD", "ping")
+    assert ask("difyops", "REDIS_ADMIN_PASSWORD", "config get appendonly").split() == [
+        "appendonly", "yes"]
+    refused = acl_log_users(sentinel, "r1")
+    assert {"default", "plugin_daemon", "monitor"} <= set(refused), refused
+    # Replication and Sentinel log in as difyops: nothing of theirs was refused.
+    assert "difyops" not in refused
+    assert "connected_slaves:2" in sentinel.redis("r1", "info replication")
+    # The users file holds no password, only their SHA-256.
+    _, users = sentinel.hosts["r1"].exec("cat /etc/difyops/redis/users.acl")
+    assert not [value for value in secrets.values() if value and value in users]
 
 
 def test_the_redis_proxy_reaches_the_master(sentinel: CacheLab, redis_proxy: LabHost) -> None:
@@ -279,8 +340,8 @@ def test_an_installation_turning_internal_tls_off_and_on_keeps_its_master_and_da
         changed = sentinel.inv("cache.deploy")
         assert changed.returncode == 0, changed.stdout + changed.stderr
         for name in ("r1", "r2", "r3"):
-            assert f"[cache] {name}: sentinel.conf: difyops's ports and TLS settings ... " \
-                   "changed" in changed.stdout, changed.stdout
+            assert f"[cache] {name}: sentinel.conf: difyops's ports, TLS settings and " \
+                   "login ... changed" in changed.stdout, changed.stdout
             assert sentinel.redis(name, "config get port").split() == \
                 ["port", "0" if internal else "6379"]
         assert celery_style_master(sentinel, "r2") == master
@@ -329,6 +390,14 @@ def test_cluster_deploy_spreads_slots_and_keys(cluster: CacheLab) -> None:
     # client has no TLS settings)
     assert cluster.redis("cb", "config get port").split() == ["port", "0"]
     assert cluster.redis("c1", "config get tls-port").split() == ["tls-port", "0"]
+    # Dify's cluster client sends no user name: it is `default` on every node, without
+    # dangerous commands; the plugin daemon has its own user on the broker.
+    secrets = dotenv_values(cluster.secrets)
+    dify = secrets["REDIS_PASSWORD"]
+    assert cluster.as_user("c2", "default", dify, "-c set dify-key 1", tls_on=False) == "OK"
+    assert "NOPERM" in cluster.as_user("c2", "default", dify, "config get port", tls_on=False)
+    assert cluster.as_user("cb", "plugin_daemon", secrets["REDIS_PLUGIN_DAEMON_PASSWORD"],
+                           "set daemon-key 1") == "OK"
     status = cluster.inv("cache.status")
     assert status.returncode == 0, status.stdout + status.stderr
 

@@ -148,9 +148,7 @@ def test_inv_deploys_a_real_tier_over_ssh(ssh_hosts: list[LabHost], tmp_path: Pa
     first = inv("cache.deploy")
     assert first.returncode == 0, first.stdout + first.stderr
     assert "[cache] h1: health redis on :6379 ... unchanged: " in first.stdout
-    _, out = h1.exec("REDISCLI_AUTH=$(sed -n 's/^requirepass //p' /etc/redis/redis.conf) "
-                     "redis-cli --tls --cacert /etc/difyops/redis/tls/ca.crt ping; "
-                     "stat -c %a /etc/redis/redis.conf")
+    _, out = h1.exec("/usr/local/sbin/difyops-redis cli ping; stat -c %a /etc/redis/redis.conf")
     assert out.split() == ["PONG", "640"]
     second = inv("cache.deploy")
     assert second.returncode == 0, second.stdout + second.stderr

@@ -152,10 +152,15 @@ def test_deploy_scrapes_every_exporter(lab_monitor: Monitor,
     # The postgres exporter logs in as its pg_monitor role and sees PostgreSQL.
     pg = monitor.api("query", query='pg_up{host="mdata1"}')["result"]
     assert [sample["value"][1] for sample in pg] == ["1"]
-    # The Redis exporter reaches a Redis that serves TLS only (tls.internal), verifying the CA.
+    # The Redis exporter reaches a Redis that serves TLS only (tls.internal), verifying the CA,
+    # as Redis' user monitor: it reads the settings (CONFIG GET) and nothing it asks is refused.
     eventually("redis_up 1", lambda: [
         sample["value"][1] for sample in
         monitor.api("query", query='redis_up{host="mdata1"}')["result"]] == ["1"])
+    eventually("redis_config_maxclients", lambda: monitor.api(
+        "query", query='redis_config_maxclients{host="mdata1"}')["result"])
+    code, refused = data.exec("/usr/local/sbin/difyops-redis cli acl log 128")
+    assert (code, refused.strip()) == (0, ""), refused
 
     # The load balancer's answers are counted by status class from nginx's access log.
     code, out = data.exec("for i in 1 2 3 4 5; do curl -s -o /dev/null 127.0.0.1:8098/x; "

@@ -196,7 +196,7 @@ def test_deploy_migrates_to_the_release_head_and_serves_through_nginx(
     until(lambda: f"addr={worker}:" in real.redis("client", "list", db=0), 30,
           "the worker's connections to Redis")
     for host in APIS:
-        assert _role_through_the_proxy(real, host) == "master", host
+        assert _writes_through_the_proxy(real, host), host
 
 
 def test_the_apis_gunicorn_forks_its_workers_from_a_single_thread(real: RealApp,
@@ -638,6 +638,24 @@ def _runs_again(real: RealApp, key: str, since: float, what: str, lab: Lab) -> N
     print(f"after the {what}: workflows ran again {down:.0f} s after the fault")
 
 
+def _refused(real: RealApp) -> dict[str, str]:
+    """cache host -> what its Redis refused (ACL LOG) while it ran, for hosts whose Redis runs."""
+    refused = {}
+    for host in ("app-db", "app-r2", "app-r3"):
+        code, out = real.hosts[host].exec(f"{REDIS_HELPER} cli acl log 128")
+        if code == 0 and out.strip():
+            refused[host] = out.strip()
+    return refused
+
+
+def test_no_command_of_dify_or_its_daemons_is_refused_by_their_redis_users(
+        real: RealApp, on_target: None) -> None:
+    """Dify's clients log in as Redis' user default, the plugin daemon as plugin_daemon and
+    redis_proxy's checks as monitor, all without Redis' @dangerous commands: after the
+    upgrade, the workflows, the one-off commands and the app deletion, none was refused."""
+    assert _refused(real) == {}
+
+
 def test_workflows_run_again_after_a_postgresql_failover(real: RealApp, workflow: dict[str, str],
                                                          lab: Lab, on_target: None) -> None:
     new = real.hosts["app-r2"]
@@ -659,21 +677,22 @@ def test_workflows_run_again_after_a_postgresql_failover(real: RealApp, workflow
     assert _runs_of(real, workflow["app_id"]) >= 2  # runs from before the failover are there
 
 
-def _role_through_the_proxy(real: RealApp, host: str) -> str:
-    """The role of the Redis that the api container of a host reaches through its redis_proxy,
-    as Dify's own client (redis-py, REDIS_* of its environment); "" when none answers."""
+def _writes_through_the_proxy(real: RealApp, host: str) -> bool:
+    """Whether the api container of a host writes to Redis through its redis_proxy, as Dify's
+    own client (redis-py, REDIS_* of its environment, Redis' user default): only a master
+    takes a write (a replica answers READONLY), and Dify's user may not ask INFO or ROLE."""
     probe = ("import os, redis; print(redis.Redis(host=os.environ['REDIS_HOST'], "
              "port=int(os.environ['REDIS_PORT']), password=os.environ['REDIS_PASSWORD'], "
-             "socket_timeout=3).info('replication')['role'])")
+             "socket_timeout=3).set('difyops-test-write', '1', ex=60))")
     code, out = real.hosts[host].exec(f"docker exec {real.container('api', host)} python -c "
                                       f"{shell.quote(probe)}")
-    return out.strip().splitlines()[-1] if code == 0 and out.strip() else ""
+    return code == 0 and out.strip().splitlines()[-1:] == ["True"]
 
 
 def _sentinel_master(real: RealApp) -> str:
     """The master's address as the Sentinel on app-r2 names it ("" when it does not answer)."""
     code, out = real.hosts["app-r2"].exec(
-        f"{REDIS_HELPER} cli -p 26379 sentinel get-master-addr-by-name dify-master")
+        f"{REDIS_HELPER} sentinel-cli sentinel get-master-addr-by-name dify-master")
     return out.split()[0] if code == 0 and out.split() else ""
 
 
@@ -687,7 +706,7 @@ def test_workflows_run_again_after_a_redis_failover(real: RealApp, workflow: dic
     until(lambda: _sentinel_master(real) not in ("", old), 90, "Sentinel electing a new master")
     # ...and each api host's redis_proxy forwarding to it (its checks need about 2 s more).
     for host in APIS:
-        until(lambda host=host: _role_through_the_proxy(real, host) == "master", 30,
+        until(lambda host=host: _writes_through_the_proxy(real, host), 30,
               f"{host}'s redis_proxy reaching the new master")
     # What doctor's timer runs every doctor.every minutes: a worker whose ack failed in the
     # failover stopped consuming and answering pings (tasks/tiers/app.py CELERY_PING) and is
@@ -698,3 +717,4 @@ def test_workflows_run_again_after_a_redis_failover(real: RealApp, workflow: dic
         assert "worker_all answers a Celery ping healthy again after restarting dify/worker_all" \
             in doctor.stdout, doctor.stdout
     _runs_again(real, workflow["key"], since, "Redis failover", lab)
+    assert _refused(real) == {}  # the clients reconnected to the new master with their users

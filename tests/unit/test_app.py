@@ -61,8 +61,8 @@ def test_the_plugin_daemon_gets_only_what_it_reads(load, base) -> None:
     environment = daemon["environment"]
     assert set(environment) == {
         "DB_HOST", "DB_PORT", "DB_USERNAME", "DB_PASSWORD", "DB_DATABASE", "DB_MAX_OPEN_CONNS",
-        "REDIS_HOST", "REDIS_PORT", "REDIS_PASSWORD", "REDIS_DB", "SERVER_PORT", "SERVER_KEY",
-        "DIFY_INNER_API_URL", "DIFY_INNER_API_KEY",
+        "REDIS_HOST", "REDIS_PORT", "REDIS_USERNAME", "REDIS_PASSWORD", "REDIS_DB",
+        "SERVER_PORT", "SERVER_KEY", "DIFY_INNER_API_URL", "DIFY_INNER_API_KEY",
         "PLUGIN_WORKING_PATH", "PLUGIN_REMOTE_INSTALLING_ENABLED", "PIP_MIRROR_AUTO_DETECT",
         "LOG_LEVEL", "DB_SSL_MODE", "PGSSLROOTCERT"}
     # Without a host and port for it, remote installing (on by default) stops the daemon.
@@ -78,6 +78,11 @@ def test_the_plugin_daemon_gets_only_what_it_reads(load, base) -> None:
     assert not set(environment.values()) & set(inventory.secrets.values())
     assert {"DB_PASSWORD", "REDIS_PASSWORD", "SERVER_KEY", "DIFY_INNER_API_KEY"} <= {
         name for name, match in references.items() if match}
+    # Its own Redis user, not Dify's (config/redis/users.acl.j2).
+    assert environment["REDIS_USERNAME"] == "plugin_daemon"
+    assert env[references["REDIS_PASSWORD"].group(1)] == \
+        inventory.secrets["REDIS_PLUGIN_DAEMON_PASSWORD"]
+    assert env["REDIS_PASSWORD"] == inventory.secrets["REDIS_PASSWORD"]
 
 
 def test_the_plugin_daemon_installs_from_the_index_the_inventory_names(load, base) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import shutil
 import subprocess
 from pathlib import Path
@@ -11,7 +12,7 @@ import pytest
 from tasks.core.inventory import Inventory
 from tasks.core.plan import RunCommand, WriteFile
 from tasks.tiers import cache_ops
-from tasks.tiers.cache import HELPER, OWNED_CONF, SENTINEL_SEED, TIER, memory, quorum
+from tasks.tiers.cache import HELPER, OWNED_CONF, SENTINEL_SEED, TIER, USERS, memory, quorum
 from tasks.tiers.cache_ops import RedisNode, info, pairs, problems
 
 needs_bash = pytest.mark.skipif(shutil.which("bash") is None, reason="bash is not installed")
@@ -41,11 +42,53 @@ def test_sentinel_mode_renders_no_static_replicaof(load, base) -> None:
         conf = directives(rendered[(name, OWNED_CONF)])
         assert "replicaof" not in conf and "slaveof" not in conf
         assert conf["protected-mode"] == ["yes"] and conf["appendonly"] == ["yes"]
-        assert conf["requirepass"] == conf["masterauth"]
+        # Users from the users file; replicas log in as difyops (config/redis/users.acl.j2).
+        assert "requirepass" not in conf and conf["aclfile"] == ["/etc/difyops/redis/users.acl"]
+        assert conf["masteruser"] == ["difyops"]
     assert directives(rendered[("db2", OWNED_CONF)])["bind"] == ["127.0.0.1 10.0.3.12"]
     # Redis's own files are never overwritten by a plain file write
     assert not {path for _, path in rendered} & {"/etc/redis/redis.conf",
                                                  "/etc/redis/sentinel.conf"}
+
+
+def users_of(text: str) -> dict[str, list[str]]:
+    """user name -> its rules, from a users file."""
+    return {line.split()[1]: line.split()[2:] for line in text.splitlines()
+            if line.startswith("user ")}
+
+
+def test_one_redis_user_per_client_and_dangerous_commands_denied(load, base) -> None:
+    inventory = load(base)
+    secrets = inventory.secrets
+
+    def password(name: str) -> str:
+        return "#" + hashlib.sha256(secrets[name].encode()).hexdigest()
+
+    for name in ("db1", "db3"):
+        step = next(s for s in plans(inventory)[name] if isinstance(s, WriteFile)
+                    and s.path == USERS)
+        assert (step.mode, step.owner, step.secret) == (0o600, "redis", True)
+        users = users_of(step.content)
+        # Redis reads nothing else there (a comment line stops it from starting).
+        assert all(line.startswith("user ") for line in step.content.splitlines())
+        assert not [value for value in secrets.values() if value in step.content]
+        clients = {"default": "REDIS_PASSWORD", "plugin_daemon": "REDIS_PLUGIN_DAEMON_PASSWORD",
+                   "agent_backend": "REDIS_AGENT_PASSWORD"}
+        for user, secret in clients.items():
+            assert users[user] == ["on", password(secret), "~*", "&*", "+@all", "-@dangerous"]
+        assert users["difyops"] == ["on", password("REDIS_ADMIN_PASSWORD"), "~*", "&*", "+@all"]
+        monitor = users["monitor"]
+        assert monitor[:5] == ["on", password("REDIS_MONITOR_PASSWORD"), "resetkeys",
+                               "resetchannels", "-@all"]
+        assert "+info" in monitor and not [rule for rule in monitor if rule.startswith("~")]
+    base["dify"] = {"version": "1.15.0"}  # no agent backend: no user for it
+    older = next(s for s in plans(load(base))["db1"] if isinstance(s, WriteFile)
+                 and s.path == USERS)
+    assert "agent_backend" not in users_of(older.content)
+    # The file changes: Redis loads it without a restart.
+    load_step = next(s for s in plans(inventory)["db1"] if isinstance(s, RunCommand)
+                     and s.command == f"{HELPER} acl-load")
+    assert load_step.on_change == (USERS,)
 
 
 def test_sentinel_seed_and_quorum(load, base) -> None:
@@ -135,8 +178,11 @@ def test_renewed_certificates_are_loaded_and_every_probe_speaks_tls(load, base) 
         set(reload.on_change)
     gates = [s.gate.command for s in steps if isinstance(s, WaitFor) and "ping" in
              getattr(s.gate, "command", "")]
-    assert len(gates) == 2  # Redis and Sentinel
-    assert all("redis-cli --tls --cacert /etc/difyops/redis/tls/ca.crt -p " in g for g in gates)
+    assert len(gates) == 2  # Redis as its user difyops, and Sentinel with its own password
+    assert "redis-cli --user difyops --tls --cacert /etc/difyops/redis/tls/ca.crt -p 6379 " \
+        in gates[0]
+    assert 'REDISCLI_AUTH="$SENTINEL_AUTH" timeout 5 redis-cli --tls --cacert ' \
+        '/etc/difyops/redis/tls/ca.crt -p 26379 ' in gates[1]
     plaintext = plans(load({**base, "tls": {"internal": False}}))["db1"]
     assert not [s for s in plaintext if isinstance(s, RunCommand) and "tls-reload" in s.command]
     assert not [s for s in plaintext if isinstance(s, WriteFile) and "/tls/" in s.path]
@@ -191,7 +237,7 @@ def rewritten(owned: str) -> str:
     quoted = []
     for line in owned.splitlines():
         key, _, value = line.partition(" ")
-        if key in ("requirepass", "masterauth", "dir", "logfile"):
+        if key in ("masterauth", "dir", "logfile"):
             line = f'{key} "{value}"'
         quoted.append(line)
     return ("\n".join(quoted) + "\n\n# Generated by CONFIG REWRITE\nsupervised systemd\n"
@@ -215,7 +261,7 @@ def test_a_changed_setting_is_merged_keeping_replicaof_only(merge) -> None:
     assert run("config-merge") == 0
     text = live.read_text()
     assert text == owned.read_text() + "\n# Generated by CONFIG REWRITE\nreplicaof 10.0.3.11 6379\n"
-    assert "user default" not in text  # its password hash would override a new requirepass
+    assert "user default" not in text  # Redis refuses user lines next to an aclfile
     assert (tmp / "restarted").exists()
     assert run("config-ok") == 0
 
@@ -230,17 +276,21 @@ def test_the_packaged_redis_conf_is_replaced(merge) -> None:
 
 
 @needs_bash
-def test_an_installation_turning_tls_on_gets_sentinels_ports_and_tls_lines(merge) -> None:
-    """sentinel.conf is Sentinel's, written once; its port and tls-* lines are difyops's: a
-    Sentinel seeded in plaintext gets the TLS lines, the rest of what it wrote is kept, and the
-    way CONFIG REWRITE quotes them is not a change."""
+def test_an_installation_turning_tls_on_gets_sentinels_ports_tls_and_login_lines(
+        merge, load, base) -> None:
+    """sentinel.conf is Sentinel's, written once; its port, tls-* and login lines are difyops's:
+    a Sentinel seeded in plaintext, logging in with Dify's password, gets the TLS lines and the
+    user difyops, the rest of what it wrote is kept, and the way CONFIG REWRITE quotes them is
+    not a change."""
     _, _, run, tmp = merge
+    admin = load(base).secrets["REDIS_ADMIN_PASSWORD"]
     live = tmp / "sentinel.conf"
     state = ("sentinel monitor dify-master 10.0.3.12 6379 2\n"
              "sentinel known-replica dify-master 10.0.3.11 6379\nsentinel current-epoch 3\n")
-    live.write_text(f"port 26379\ndir \"/var/lib/redis\"\n{state}")
-    assert run("sentinel-tls-ok") == 1
-    assert run("sentinel-tls") == 0
+    live.write_text(f"port 26379\ndir \"/var/lib/redis\"\n{state}"
+                    "sentinel auth-pass dify-master dify-password\n")
+    assert run("sentinel-owned-ok") == 1
+    assert run("sentinel-owned") == 0
     assert (tmp / "sentinel-stopped").exists() and (tmp / "sentinel-started").exists()
     lines = live.read_text().splitlines()
     assert [line for line in lines if line.startswith(("port ", "tls-"))] == [
@@ -248,11 +298,14 @@ def test_an_installation_turning_tls_on_gets_sentinels_ports_and_tls_lines(merge
         "tls-key-file /etc/difyops/redis/tls/server.key",
         "tls-ca-cert-file /etc/difyops/redis/tls/ca.crt", "tls-auth-clients no",
         "tls-replication yes"]
-    assert [line for line in lines if line.startswith("sentinel ")] == state.splitlines()
-    assert run("sentinel-tls-ok") == 0
+    # The login lines after the monitor line of their master (Sentinel refuses them before it).
+    assert [line for line in lines if line.startswith("sentinel ")] == [
+        *state.splitlines(), "sentinel auth-user dify-master difyops",
+        f"sentinel auth-pass dify-master {admin}"]
+    assert run("sentinel-owned-ok") == 0
     live.write_text(live.read_text().replace("tls-cert-file /etc/difyops/redis/tls/server.crt",
                                              'tls-cert-file "/etc/difyops/redis/tls/server.crt"'))
-    assert run("sentinel-tls-ok") == 0
+    assert run("sentinel-owned-ok") == 0
 
 
 # --- cache.status rules ------------------------------------------------------------------------

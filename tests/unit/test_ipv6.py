@@ -91,7 +91,7 @@ def test_dify_env_brackets_ipv6(load, v6) -> None:
     assert values["AGENT_BACKEND_BASE_URL"] == "http://[fd00::2:31]:5050"
     assert values["CELERY_BROKER_URL"] == f"redis://:{SECRETS['REDIS_PASSWORD']}@[fd00::3:11]:6379/1"
     assert values["DIFY_AGENT_REDIS_URL"] == \
-        f"redis://:{SECRETS['REDIS_PASSWORD']}@[fd00::3:11]:6379/2"
+        f"redis://agent_backend:{SECRETS['REDIS_AGENT_PASSWORD']}@[fd00::3:11]:6379/2"
     # Addresses that Dify reads on their own (with the port in a key of its own) stay bare.
     assert values["REDIS_HOST"] == values["DB_HOST"] == "fd00::3:11"
 

@@ -129,10 +129,11 @@ def test_redis_and_nginx_exporters_on_their_tiers(load, base) -> None:
     redis = files_of(plans["db2"])["/etc/default/prometheus-redis-exporter"]
     assert (redis.mode, redis.secret) == (0o600, True)
     values = defaults(redis.content)
-    assert values["REDIS_PASSWORD"] == inventory.secrets["REDIS_PASSWORD"]
+    # Redis' user monitor, not Dify's password (config/redis/users.acl.j2).
+    assert values["REDIS_PASSWORD"] == inventory.secrets["REDIS_MONITOR_PASSWORD"]
     assert values["ARGS"] == "-web.listen-address 10.0.3.12:9121 -redis.addr " \
                              "rediss://127.0.0.1:6379 -tls-ca-cert-file " \
-                             "/etc/difyops/redis/tls/ca.crt"
+                             "/etc/difyops/redis/tls/ca.crt -redis.user monitor"
     lb = files_of(plans["lb1"])
     status = lb["/etc/nginx/conf.d/difyops-status.conf"].content
     assert f"listen 127.0.0.1:{tier.NGINX_STATUS_PORT};" in status and "stub_status;" in status

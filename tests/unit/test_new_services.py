@@ -203,9 +203,9 @@ def test_the_agent_backend_follows_the_apps_redis_on_db_2(load, base, mode, extr
             host["roles"] = [r for r in host["roles"] if r != "cache"]
     base["hosts"] += extra
     inventory = load(base)
-    password = inventory.secrets["REDIS_PASSWORD"]
+    password = inventory.secrets["REDIS_AGENT_PASSWORD"]  # its own Redis user
     assert env(inventory, "api1")["DIFY_AGENT_REDIS_URL"] == \
-        f"redis://:{password}@{address}:{port}/2"
+        f"redis://agent_backend:{password}@{address}:{port}/2"
     # Sentinel or tls.internal: the redis_proxy of the agent host, started before it.
     proxied = mode == "sentinel" or internal_tls
     backend = services(inventory, "api1")["agent_backend"]

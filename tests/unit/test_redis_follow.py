@@ -55,8 +55,9 @@ def test_pubsub_reaches_redis_through_the_proxy_and_the_daemon_asks_sentinel(loa
     assert servers == [("db1", "10.0.3.11:6379"), ("db2", "10.0.3.12:6379"),
                        ("db3", "10.0.3.13:6379")]
     sent = [bytes.fromhex(h) for h in re.findall(r"tcp-check send-binary (\w+)", config)]
-    password = inventory.secrets["REDIS_PASSWORD"].encode()
-    assert sent[0] == b"*2\r\n$4\r\nAUTH\r\n$%d\r\n%s\r\n" % (len(password), password)
+    password = inventory.secrets["REDIS_MONITOR_PASSWORD"].encode()  # Redis' user monitor
+    assert sent[0] == b"*3\r\n$4\r\nAUTH\r\n$7\r\nmonitor\r\n$%d\r\n%s\r\n" % (
+        len(password), password)
     assert sent[1] == b"*2\r\n$4\r\nINFO\r\n$11\r\nreplication\r\n"
     assert "tcp-check expect string role:master" in config
     assert " ssl " not in config

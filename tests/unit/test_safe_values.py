@@ -3,6 +3,7 @@ escaping of each target, or are refused before any host is touched."""
 
 from __future__ import annotations
 
+import hashlib
 import re
 import shlex
 import subprocess
@@ -57,16 +58,23 @@ def test_sql_and_redis_files_carry_the_secret_whole(load, base) -> None:
     password = 'Aa1"$ {x} ;--long-password'
     db_password = 'Aa1"$x;--{long}-password'  # a space is refused there (see below)
     inventory = load(base, {**good_secrets(), "DB_PASSWORD": db_password,
-                            "REDIS_PASSWORD": password})
+                            "REDIS_PASSWORD": password, "REDIS_ADMIN_PASSWORD": password})
     renderer = Renderer(inventory)
     roles = renderer.render("config/postgres/roles.sql.j2", inventory.host("db1"), slots=[])
     assert f"ALTER ROLE dify WITH LOGIN PASSWORD '{db_password}';" in roles
     conf = renderer.render("config/redis/redis.conf.j2", inventory.host("db1"), port=6379,
                            data_dir="/var/lib/redis", log_file="/var/log/redis/r.log",
-                           pid_file="", maxmemory=0, cluster=False, tls_dir="")
-    assert 'requirepass "Aa1\\"$ {x} ;--long-password"' in conf
+                           pid_file="", maxmemory=0, cluster=False, tls_dir="",
+                           acl_file="/etc/difyops/redis/users.acl")
+    assert 'masterauth "Aa1\\"$ {x} ;--long-password"' in conf
     auth = renderer.render("config/redis/auth.env.j2", inventory.host("db1"))
-    assert shlex.split(auth.splitlines()[-1]) == [f"REDISCLI_AUTH={password}"]
+    assert [shlex.split(line) for line in auth.splitlines()[-2:]] == [
+        [f"REDISCLI_AUTH={password}"], [f"SENTINEL_AUTH={password}"]]
+    # The users file holds each password's SHA-256: nothing there to quote.
+    users = renderer.render("config/redis/users.acl.j2", inventory.host("db1"))
+    digest = hashlib.sha256(password.encode()).hexdigest()
+    assert f"user default on #{digest} ~* &* +@all -@dangerous" in users
+    assert password not in users
 
 
 @pytest.mark.parametrize(("key", "value"), [

@@ -90,11 +90,11 @@ class Redis:
     """The few Redis commands the stand-in needs, without a client library."""
 
     def __init__(self, host: str, port: int, password: str = "", db: int = 0,
-                 timeout: float = 3) -> None:
+                 timeout: float = 3, username: str = "") -> None:
         self.sock = socket.create_connection((host, port), timeout=timeout)
         self.file = self.sock.makefile("rb")
-        if password:
-            self.call("AUTH", password)
+        if password:  # AUTH [username] password: a Redis ACL user, else `default`
+            self.call("AUTH", *filter(None, (username, password)))
         if db:
             self.call("SELECT", db)
 
@@ -158,8 +158,9 @@ def redis_from_env() -> Redis:
                      for item in env.get("REDIS_SENTINELS", "").split(",") if item]
         host, port = sentinel_master(sentinels, env.get("REDIS_SENTINEL_SERVICE_NAME", ""),
                                      env.get("REDIS_SENTINEL_PASSWORD", ""))
-        return Redis(host, port, password, db)
-    return Redis(env["REDIS_HOST"], int(env["REDIS_PORT"]), password, db)
+        return Redis(host, port, password, db, username=env.get("REDIS_USERNAME", ""))
+    return Redis(env["REDIS_HOST"], int(env["REDIS_PORT"]), password, db,
+                 username=env.get("REDIS_USERNAME", ""))
 
 
 def broker_from_env() -> Redis:
@@ -176,10 +177,11 @@ def broker_from_env() -> Redis:
         host, port = sentinel_master(sentinels,
                                      os.environ.get("CELERY_SENTINEL_MASTER_NAME", ""),
                                      os.environ.get("CELERY_SENTINEL_PASSWORD", ""))
-        return Redis(host, port, password, db)
+        return Redis(host, port, password, db, username=unquote(first.username or ""))
     if first.scheme != "redis":
         raise RedisError(f"unsupported broker scheme {first.scheme!r}")
-    return Redis(first.hostname, first.port or 6379, password, db)
+    return Redis(first.hostname, first.port or 6379, password, db,
+                 username=unquote(first.username or ""))
 
 
 # --- PostgreSQL ----------------------------------------------------------------------------
@@ -406,10 +408,11 @@ def web_routes(path: str) -> tuple[int, dict]:
 
 
 def agent_redis() -> Redis:
-    """The Redis of DIFY_AGENT_REDIS_URL (redis://:password@host:port/db)."""
+    """The Redis of DIFY_AGENT_REDIS_URL (redis://[user]:password@host:port/db)."""
     url = urlparse(os.environ["DIFY_AGENT_REDIS_URL"])
     db = int(url.path.lstrip("/") or 0)
-    return Redis(url.hostname or "", url.port or 6379, unquote(url.password or ""), db)
+    return Redis(url.hostname or "", url.port or 6379, unquote(url.password or ""), db,
+                 username=unquote(url.username or ""))
 
 
 def agent_backend_routes(path: str) -> tuple[int, dict]:
