@@ -700,6 +700,12 @@ class Lab:
         """Return the started host called ``name``."""
         return self.hosts[name]
 
+    def bridge(self) -> str:
+        """The host's interface of the lab's network (a Linux bridge: every packet between two
+        lab hosts crosses it), created if it is not yet."""
+        self._ensure_network()
+        return f"br-{self._network.id[:12]}"
+
     def _ensure_network(self) -> None:
         """Create the lab's private bridge network on first use."""
         if self._network is None:
