@@ -5,23 +5,18 @@ dify.registry_mirror) unless it is there already (or --refresh). Then, with dify
 set, each is tagged with the registry's name and pushed there: hosts pull it when they deploy.
 Without one, each host that lacks an image, or holds another image under its name, gets it over
 SSH: `docker save` here streamed into `docker load` there, all its missing images in one stream
-(layers shared by images travel once); hosts that lack the same images share one `docker save`,
-so the control machine packs them once. Image IDs are compared, so a second sync ships nothing.
+(layers shared by images travel once). Image IDs are compared, so a second sync ships nothing.
 """
 
 from __future__ import annotations
 
-import contextlib
-import os
 import subprocess
-import threading
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import BinaryIO
 
 from tasks.core import shell
 from tasks.core.errors import DifyopsError
-from tasks.core.fleet import Outcome, each_host
+from tasks.core.fleet import each_host
 from tasks.core.hosts import Machine
 from tasks.core.inventory import APP_ROLES, Host, Inventory
 from tasks.tiers import app as app_tier
@@ -157,121 +152,52 @@ def host_ids(machine: Machine, images: list[str]) -> dict[str, str | None]:
                                                                                strict=True)}
 
 
-def lacking(inventory: Inventory, wanted: dict[str, str | None], machine: Machine,
-            refresh: bool) -> list[str]:
-    """The host's images it lacks or holds in another version (all of them with refresh)."""
-    images = host_images(inventory, machine.host)
+def ship(inventory: Inventory, docker: ControlDocker, host: Host, machine: Machine,
+         refresh: bool) -> list[Row]:
+    """docker save | docker load of the images the host lacks (or holds in another version)."""
+    images = host_images(inventory, host)
+    if host.connection == "local":
+        return [Row(host.name, image, LOCAL, "the control machine's own engine")
+                for image in images]
+    wanted = {image: docker.image_id(image) for image in images}
     present = host_ids(machine, images)
-    return [i for i in images if refresh or present[i] != wanted[i]]
-
-
-def receive(machine: Machine, stream: BinaryIO, images: list[str],
-            wanted: dict[str, str | None]) -> None:
-    """docker load on the host from the stream, then its image IDs checked; the stream is
-    closed at the end, so the sender stops writing to a host that gave up."""
-    host = machine.host
-    try:
-        result = machine.feed("docker load -q", stream)
-    finally:
-        stream.close()
-    if not result.ok:
-        raise ImageError(f"{host.target}: docker load failed: {result.answer}")
-    loaded = host_ids(machine, images)
-    wrong = [i for i in images if loaded[i] != wanted[i]]
-    if wrong:
-        raise ImageError(f"{host.target}: after docker load, {', '.join(wrong)} still "
-                         f"differ from the control machine's")
-
-
-def tee(source: BinaryIO, sinks: list[BinaryIO]) -> None:
-    """Copy source to every sink until its end, a chunk at a time (the slowest sink sets the
-    pace); a sink that fails (its host gave up) is dropped and the others go on. Every sink is
-    closed at the end."""
-    open_sinks = list(sinks)
-    try:
-        while open_sinks and (chunk := source.read(1 << 20)):
-            for sink in list(open_sinks):
-                try:
-                    sink.write(chunk)
-                    sink.flush()
-                except OSError:
-                    open_sinks.remove(sink)
-                    close_quietly(sink)
-    finally:
-        for sink in open_sinks:
-            close_quietly(sink)
-
-
-def close_quietly(stream: BinaryIO) -> None:
-    """Close a pipe's end whose reader may be gone already."""
-    with contextlib.suppress(OSError):
-        stream.close()
-
-
-def ship(docker: ControlDocker, images: list[str], hosts: list[Host],
-         wanted: dict[str, str | None], timeouts: Mapping[str, int]) -> list[Outcome[None]]:
-    """One `docker save` of the images, streamed to `docker load` on every host at once: the
-    control machine reads and packs the images once, whatever the number of hosts."""
-    pipes = {host.name: os.pipe() for host in hosts}
-    readers = {name: os.fdopen(read, "rb") for name, (read, _) in pipes.items()}
-    writers = [os.fdopen(write, "wb") for _, write in pipes.values()]
-    saver = docker.save(images)
-    pump = threading.Thread(target=tee, args=(saver.stdout, writers), daemon=True)
-    pump.start()
-    try:
-        outcomes = each_host(hosts, lambda m: receive(m, readers[m.host.name], images, wanted),
-                             timeouts, parallel=len(hosts))
-    finally:
-        for reader in readers.values():  # a host that never started reading stops the copy
-            close_quietly(reader)
-        pump.join()
-        saver.stdout.close()
-        error = saver.stderr.read().decode(errors="replace").strip()
-        saver.wait()
-    if saver.returncode != 0 and any(outcome.ok for outcome in outcomes):
-        raise ImageError(f"docker save failed on the control machine: {error}")
-    return outcomes
+    missing = [i for i in images if refresh or present[i] != wanted[i]]
+    if missing:
+        saver = docker.save(missing)
+        try:
+            result = machine.feed("docker load -q", saver.stdout)
+        finally:
+            saver.stdout.close()
+            error = saver.stderr.read().decode(errors="replace").strip()
+            saver.wait()
+        if saver.returncode != 0:
+            raise ImageError(f"docker save failed on the control machine: {error}")
+        if not result.ok:
+            raise ImageError(f"{host.target}: docker load failed: {result.answer}")
+        loaded = host_ids(machine, missing)
+        wrong = [i for i in missing if loaded[i] != wanted[i]]
+        if wrong:
+            raise ImageError(f"{host.target}: after docker load, {', '.join(wrong)} still "
+                             f"differ from the control machine's")
+    return [Row(host.name, image, SHIPPED if image in missing else PRESENT) for image in images]
 
 
 def sync(inventory: Inventory, refresh: bool = False, parallel: int = 4) -> list[Row]:
-    """Every image of the inventory's release where its hosts need it (module doc). Hosts that
-    lack the same images get them from one `docker save`, `parallel` hosts at a time."""
+    """Every image of the inventory's release where its hosts need it (module doc)."""
     docker = ControlDocker(inventory.settings.timeouts.command)
     rows = prepare(inventory, docker, refresh)
     if inventory.settings.dify.private_registry:
         return rows
-    timeouts = inventory.settings.timeouts
     hosts = [h for h in inventory.hosts if host_images(inventory, h)]
-    rows += [Row(h.name, image, LOCAL, "the control machine's own engine")
-             for h in hosts if h.connection == "local" for image in host_images(inventory, h)]
-    remote = [h for h in hosts if h.connection != "local"]
-    wanted = {image: docker.image_id(image)
-              for image in {i for h in remote for i in host_images(inventory, h)}}
-    missing: dict[str, list[str]] = {}
-    errors: list[str] = []
-    failed: dict[str, str] = {}
-    for outcome in each_host(remote, lambda m: lacking(inventory, wanted, m, refresh),
-                             timeouts, parallel=parallel):
+    outcomes = each_host(hosts, lambda m: ship(inventory, docker, m.host, m, refresh),
+                         inventory.settings.timeouts, parallel=parallel)
+    errors = []
+    for outcome in outcomes:
         if outcome.ok:
-            missing[outcome.host.name] = outcome.value or []
+            rows.extend(outcome.value or [])
         else:
-            failed[outcome.host.name] = outcome.error
-    groups: dict[tuple[str, ...], list[Host]] = {}
-    for host in remote:
-        if missing.get(host.name):
-            groups.setdefault(tuple(missing[host.name]), []).append(host)
-    for images, group in groups.items():
-        for batch in (group[i:i + parallel] for i in range(0, len(group), parallel)):
-            for outcome in ship(docker, list(images), batch, wanted, timeouts):
-                if not outcome.ok:
-                    failed[outcome.host.name] = outcome.error
-    for host in remote:
-        if host.name in failed:
-            errors.append(failed[host.name])
-            rows.append(Row(host.name, "-", "failed", failed[host.name]))
-        else:
-            rows += [Row(host.name, image, SHIPPED if image in missing[host.name] else PRESENT)
-                     for image in host_images(inventory, host)]
+            errors.append(outcome.error)
+            rows.append(Row(outcome.host.name, "-", "failed", outcome.error))
     if errors:
         raise ImageError(f"images did not reach {len(errors)} host(s):\n  "
                          + "\n  ".join(errors) + "\n  the others have them; rerun "

@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 import yaml
 
-from tasks.core import fleet, rollout
+from tasks.core import rollout
 from tasks.core.errors import DifyopsError, InputError
 from tasks.core.gates import CommandGate, HttpGate
 from tasks.core.hosts import LocalMachine, Result
@@ -463,7 +463,7 @@ class Docker(images_tier.ControlDocker):
         self.saved.append(list(names))
 
         class Saver:
-            stdout = io.BytesIO(TAR)
+            stdout = io.BytesIO(b"tar-bytes")
             stderr = io.BytesIO(b"")
             returncode = 0
 
@@ -471,9 +471,6 @@ class Docker(images_tier.ControlDocker):
                 return 0
 
         return Saver()
-
-
-TAR = bytes(range(256)) * 20000  # a save stream of several chunks (5 MB)
 
 
 class ImageHost(FakeMachine):
@@ -489,56 +486,23 @@ class ImageHost(FakeMachine):
         return Result(0, "\n".join(self.held.get(i, "-") for i in images), "")
 
     def _feed(self, command: str, source, timeout: float) -> Result:
-        if self.gives_up:
-            return Result(1, "", "no space left on device")
         self.fed.append((command, source.read()))
         for image in self.control.saved[-1]:
             self.held[image] = self.control.ids[image]
         return Result(0, "Loaded image", "")
 
-    gives_up = False
 
-
-@pytest.fixture
-def engines(load, base, monkeypatch):
-    """The inventory, the control engine (holding every image of the release) and the app hosts'
-    engines (web1 holds an old web image, the others nothing), connected by images.sync."""
+def test_ship_sends_only_missing_or_different_images(load, base) -> None:
     inventory = load(base)
-    names = images_tier.upstream(inventory)
-    docker = Docker({name: f"sha256:{name}" for name in {*names, *names.values()}})
-    hosts = {host.name: ImageHost(host, {}, docker) for host in inventory.hosts}
-    hosts["web1"].held[inventory.image("web")] = "sha256:old"
-    monkeypatch.setattr(fleet, "connect", lambda host, timeouts=None: hosts[host.name])
-    monkeypatch.setattr(images_tier, "ControlDocker", lambda timeout: docker)
-    return inventory, docker, hosts
-
-
-def test_sync_packs_each_set_of_missing_images_once_and_ships_it_to_each_host(engines) -> None:
-    inventory, docker, hosts = engines
-    rows = images_tier.sync(inventory)
-    api = images_tier.host_images(inventory, inventory.host("api2"))
-    # One `docker save` per set of missing images, whatever the number of hosts that lack it:
-    # api2 and worker1 lack the same images and each gets the whole stream.
-    wanted = {tuple(images_tier.host_images(inventory, host)) for host in inventory.hosts}
-    assert sorted(map(tuple, docker.saved)) == sorted(wanted - {()})
-    assert hosts["api2"].fed == hosts["worker1"].fed == [("docker load -q", TAR)]
-    assert images_tier.host_images(inventory, inventory.host("worker1")) == api
-    shipped = {(r.where, r.image) for r in rows if r.status == "shipped"}
-    assert (("web1", inventory.image("web")) in shipped and
-            {("api2", image) for image in api} <= shipped)
-    again = images_tier.sync(inventory)
-    assert {r.status for r in again if r.where != "control"} == {"present"}
-    assert len(docker.saved) == len(wanted - {()})  # a second sync packs and ships nothing
-
-
-def test_a_host_that_gives_up_does_not_stop_the_others_of_its_stream(engines) -> None:
-    inventory, _, hosts = engines
-    hosts["api2"].gives_up = True
-    with pytest.raises(images_tier.ImageError, match="images did not reach 1 host") as failed:
-        images_tier.sync(inventory)
-    assert "no space left on device" in str(failed.value)
-    assert hosts["worker1"].fed == [("docker load -q", TAR)]  # same stream, whole
-    assert [r.status for r in failed.value.rows if r.where == "api2"] == ["failed"]
+    web = inventory.host("web1")
+    name = inventory.image("web")
+    docker = Docker({name: "sha256:new"})
+    machine = ImageHost(web, {name: "sha256:old"}, docker)
+    rows = images_tier.ship(inventory, docker, web, machine, refresh=False)
+    assert [(r.image, r.status) for r in rows] == [(name, "shipped")]
+    assert docker.saved == [[name]] and machine.fed == [("docker load -q", b"tar-bytes")]
+    again = images_tier.ship(inventory, docker, web, machine, refresh=False)
+    assert [r.status for r in again] == ["present"] and len(docker.saved) == 1
 
 
 def test_images_per_host_follow_roles(load, base) -> None:
