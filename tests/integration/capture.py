@@ -26,17 +26,20 @@ class Capture:
 
     def start(self, timeout: float = 10) -> None:
         """Start tcpdump and wait until it writes its file."""
-        # -U: each packet is written as it comes; -s 0: whole packets; -Z root: no user switch,
-        # so the file stays where pytest put it.
-        self.process = subprocess.Popen(
-            ["tcpdump", "-i", self.interface, "-U", "-s", "0", "-Z", "root", "-w",
-             str(self.path), FILTER], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        # --immediate-mode and -U: each packet is read and written as it comes (not a second
+        # later, in a block); -s 0: whole packets; -Z root: no user switch, so the file stays
+        # where pytest put it. Its messages go to a file beside it.
+        messages = self.path.with_suffix(".log")
+        with messages.open("wb") as log:
+            self.process = subprocess.Popen(
+                ["tcpdump", "-i", self.interface, "--immediate-mode", "-U", "-s", "0", "-Z",
+                 "root", "-w",
+                 str(self.path), FILTER], stdout=subprocess.DEVNULL, stderr=log)
         listening, _ = poll(lambda: (self.path.exists() or self.process.poll() is not None,
                                      None), timeout, 0.1)
         if not listening or self.process.poll() is not None:
-            error = self.process.stderr.read().decode(errors="replace") \
-                if self.process.poll() is not None else "no capture file"
-            raise RuntimeError(f"tcpdump on {self.interface} did not start: {error}")
+            raise RuntimeError(f"tcpdump on {self.interface} did not start: "
+                               f"{messages.read_text(errors='replace').strip()}")
 
     def stop(self, timeout: float = 30) -> None:
         """Stop tcpdump (SIGINT: it writes what it buffered and exits)."""
