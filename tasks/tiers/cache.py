@@ -19,9 +19,9 @@ Sentinel keeps one password (REDIS_PASSWORD, Dify's): it holds no data.
 
 With tls.internal (the default) every Redis and Sentinel serves TLS only (port 0, tls-port),
 replication and Sentinel's links included, with the installation's CA (tasks/core/tls.py);
-clients authenticate with the password, not with certificates. The nodes of a Redis Cluster stay
-plaintext: Dify's cluster client has no TLS settings (api/extensions/ext_redis.py), so they must
-be kept on the private network.
+clients authenticate with their user's password, not with certificates. The nodes of a Redis
+Cluster stay plaintext: Dify's cluster client has no TLS settings (api/extensions/ext_redis.py),
+so they must be kept on the private network.
 """
 
 from __future__ import annotations

@@ -141,7 +141,7 @@ def test_inv_deploys_a_real_tier_over_ssh(ssh_hosts: list[LabHost], tmp_path: Pa
     dry = inv("cache.deploy", "--dry")
     assert dry.returncode == 0, dry.stdout + dry.stderr
     assert h1.exec("test -e /etc/redis/redis.conf")[0] != 0  # the dry run installed nothing
-    assert "new file, " in dry.stdout and "requirepass" not in dry.stdout  # sizes, not contents
+    assert "new file, " in dry.stdout and "masterauth" not in dry.stdout  # sizes, not contents
     fresh = inv("deploy.status", "--only", "cache")
     assert fresh.returncode == 1
     assert "nothing deployed on this host yet: run `inv deploy.all`" in fresh.stdout
