@@ -57,17 +57,13 @@ def cli_options(inventory: Inventory, host: Host) -> str:
     return f"--tls --cacert {CA}" if serves_tls(inventory, host) else ""
 
 
-def cli(inventory: Inventory, host: Host) -> str:
-    """redis-cli on the host itself as Redis' user difyops, authenticated from the root-only file
-    (no password on a command line), over TLS where the host's Redis serves TLS only."""
-    return " ".join(filter(None, (AUTHED, "timeout 5 redis-cli --user difyops",
-                                  cli_options(inventory, host))))
-
-
-def sentinel_cli(inventory: Inventory, host: Host) -> str:
-    """redis-cli to the host's Sentinel, with Sentinel's password from the same file."""
-    return " ".join(filter(None, (AUTHED, 'REDISCLI_AUTH="$SENTINEL_AUTH" timeout 5 redis-cli',
-                                  cli_options(inventory, host))))
+def cli(inventory: Inventory, host: Host, sentinel: bool = False) -> str:
+    """redis-cli on the host itself as Redis' user difyops (or to its Sentinel, with Sentinel's
+    password), authenticated from the root-only file (no password on a command line), over TLS
+    where the host's Redis serves TLS only."""
+    login = ('REDISCLI_AUTH="$SENTINEL_AUTH" timeout 5 redis-cli' if sentinel
+             else "timeout 5 redis-cli --user difyops")
+    return " ".join(filter(None, (AUTHED, login, cli_options(inventory, host))))
 
 
 def quorum(inventory: Inventory) -> int:
@@ -176,7 +172,7 @@ def steps(inventory: Inventory, renderer: Renderer, host: Host) -> list[Step]:
                                         f"^sentinel monitor {cache.master_name} "
                                         .replace(".", "\\."))),
         service_running("redis-sentinel"),
-        ping(sentinel_cli(inventory, host), cache.sentinel_port,
+        ping(cli(inventory, host, sentinel=True), cache.sentinel_port,
              f"sentinel on :{cache.sentinel_port}", "redis-sentinel"),
         RunCommand(f"sentinel quorum {quorum(inventory)} and timeouts", f"{HELPER} sentinel-set",
                    unless=f"{HELPER} sentinel-ok"),

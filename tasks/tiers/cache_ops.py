@@ -14,7 +14,7 @@ from tasks.core.fleet import each_host, table
 from tasks.core.hosts import Machine
 from tasks.core.inventory import Inventory
 from tasks.tiers.cache import cli as redis_cli
-from tasks.tiers.cache import cluster_ports, quorum, sentinel_cli
+from tasks.tiers.cache import cluster_ports, quorum
 
 Out = Callable[[str], None]
 
@@ -64,8 +64,9 @@ def probe(inventory: Inventory) -> Callable[[Machine], list[RedisNode]]:
     cache = inventory.settings.cache
     mode = cache.mode
 
-    def cli(machine: Machine, port: int, command: str, login=redis_cli) -> str:
-        result = machine.run(f"{login(inventory, machine.host)} -p {port} {command}")
+    def cli(machine: Machine, port: int, command: str, sentinel: bool = False) -> str:
+        result = machine.run(f"{redis_cli(inventory, machine.host, sentinel)} -p {port} "
+                             f"{command}")
         if not result.ok:
             raise DifyopsError(result.answer)
         return result.stdout
@@ -87,13 +88,12 @@ def probe(inventory: Inventory) -> Callable[[Machine], list[RedisNode]]:
         if mode == "sentinel" and host.has("cache"):
             node, port, name = nodes[0], cache.sentinel_port, cache.master_name
             try:
-                answer = cli(machine, port, f"sentinel get-master-addr-by-name {name}",
-                             sentinel_cli)
-                node.sentinel_master = (answer.split() or [""])[0]
-                node.sentinel = pairs(cli(machine, port, f"sentinel master {name}",
-                                          sentinel_cli))
-                node.ckquorum = cli(machine, port, f"sentinel ckquorum {name}",
-                                    sentinel_cli).strip()
+                def ask(command: str) -> str:
+                    return cli(machine, port, f"sentinel {command} {name}", sentinel=True)
+
+                node.sentinel_master = (ask("get-master-addr-by-name").split() or [""])[0]
+                node.sentinel = pairs(ask("master"))
+                node.ckquorum = ask("ckquorum").strip()
             except DifyopsError as exc:
                 node.ckquorum = f"sentinel: {exc}"
         return nodes

@@ -32,9 +32,9 @@ class Capture:
         messages = self.path.with_suffix(".log")
         with messages.open("wb") as log:
             self.process = subprocess.Popen(
-                ["tcpdump", "-i", self.interface, "--immediate-mode", "-U", "-s", "0", "-Z",
-                 "root", "-w",
-                 str(self.path), FILTER], stdout=subprocess.DEVNULL, stderr=log)
+                ["tcpdump", "-i", self.interface, "--immediate-mode", "-U", "-s", "0",
+                 "-Z", "root", "-w", str(self.path), FILTER],
+                stdout=subprocess.DEVNULL, stderr=log)
         listening, _ = poll(lambda: (self.path.exists() or self.process.poll() is not None,
                                      None), timeout, 0.1)
         if not listening or self.process.poll() is not None:
