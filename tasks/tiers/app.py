@@ -309,6 +309,10 @@ def steps(inventory: Inventory, renderer: Renderer, host: Host, *,
         WriteFile(f"{directory}/.env", env, mode=0o600, secret=True),
         WriteFile(f"{directory}/compose.yml", compose_file(inventory, renderer, host)),
     ]
+    if host.has("plugin_daemon"):
+        files.append(WriteFile(f"{directory}/plugin_daemon.env",
+                               renderer.render("config/env/plugin-daemon.env.j2", host),
+                               mode=0o600, secret=True))
     if reads_dify_env(inventory, host):
         files += tls.ca_files(inventory, ca_host_path(inventory))
     if runs_redis_proxy(inventory, host):

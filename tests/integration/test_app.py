@@ -91,6 +91,12 @@ def test_deploy_starts_every_service_healthy_then_changes_nothing(app: App) -> N
         "docker inspect -f '{{range $k, $v := .NetworkSettings.Networks}}{{$k}} {{end}}' "
         "dify-sandbox-1; docker network inspect -f '{{.Internal}}' dify_ssrf_proxy_network")
     assert out.split() == ["dify_ssrf_proxy_network", "true"], out
+    # The plugin daemon's Redis password reaches the daemon alone (its own env file).
+    daemon_password = dotenv_values(app.env["DIFY_SECRETS"])["REDIS_PLUGIN_DAEMON_PASSWORD"]
+    api1 = app.hosts["app-api1"]
+    assert f"REDIS_PASSWORD={daemon_password}" in \
+        api1.exec("docker exec dify-plugin_daemon-1 env")[1].splitlines()
+    assert daemon_password not in api1.exec("docker exec dify-api-1 env")[1]
     status = app.ok("app.status")
     assert "dataset" in status.stdout and "healthy" in status.stdout
 

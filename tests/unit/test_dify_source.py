@@ -36,7 +36,6 @@ READ_ELSEWHERE = {
     "DIFY_AGENT_SERVER_SECRET_KEY": "docker compose interpolation: agent_backend's environment",
     "DIFY_AGENT_SHELLCTL_AUTH_TOKEN": "docker compose interpolation: agent_backend, local_sandbox",
     "DIFY_AGENT_REDIS_URL": "docker compose interpolation: agent_backend's environment",
-    "PLUGIN_DAEMON_REDIS_PASSWORD": "docker compose interpolation: plugin_daemon's REDIS_PASSWORD",
     "GUNICORN_CMD_ARGS": "gunicorn itself, which the api's entrypoint runs",
     "PGSSLMODE": "libpq, under the api's database and pgvector clients (psycopg2)",
     "PGSSLROOTCERT": "libpq, under the api's database and pgvector clients (psycopg2)",

@@ -141,7 +141,8 @@ def test_pg_hba_admits_app_hosts_and_replicas_only(load, base) -> None:
     hba = files(load(base))[("db1", "/etc/postgresql/15/main/pg_hba.conf")]
     rules = [line.split() for line in hba.splitlines() if line.startswith("host")]
     app = {r[3] for r in rules if r[1] == "dify,dify_plugin"}
-    assert app == {"10.0.2.21/32", "10.0.2.22/32", "10.0.2.31/32", "10.0.4.10/32"}
+    assert app == {"10.0.2.21/32", "10.0.2.22/32", "10.0.2.31/32"}
+    assert "10.0.4.10/32" not in hba  # the monitor reads statistics on the db hosts themselves
     assert {r[3] for r in rules if r[1] == "replication"} == {"10.0.3.12/32", "10.0.3.13/32"}
     assert "10.0.1.10/32" not in hba  # the load balancer never reaches the database
     # other hosts over TLS only (tls.internal, the default); loopback as before
