@@ -24,7 +24,8 @@ def connection_rows(inventory: Inventory, show_secrets: bool) -> list[tuple[str,
     cache = inventory.with_role("cache")[0]
     rows = [
         ("PostgreSQL", endpoint(primary.address, settings.db.port),
-         f"user dify, databases dify and dify_plugin, password {secret('DB_PASSWORD')}"),
+         f"user dify, database dify, password {secret('DB_PASSWORD')}; a plugin daemon: user "
+         f"dify_plugin, database dify_plugin, password {secret('DB_PLUGIN_PASSWORD')}"),
         ("Redis", endpoint(cache.address, settings.cache.port),
          f"password {secret('REDIS_PASSWORD')}"),
     ]

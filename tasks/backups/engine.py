@@ -423,7 +423,7 @@ def scratch_restore(plan: Plan, machine: Machine, backup: Backup, database: str,
         postgres.create(machine, plan.port, scratch)
         with crypto.reader(backup.path / entry["path"],
                            passphrase_for(plan.inventory, entry)) as source:
-            postgres.restore(machine, plan.port, scratch, source, keep_owners=False,
+            postgres.restore(machine, plan.port, scratch, source, scratch=True,
                              timeout=plan.timeouts["command"])
         counts = postgres.count_rows(machine, plan.port, scratch)
         where = f"{database} (restored into {scratch} on {machine.host.name})"
@@ -562,11 +562,13 @@ def restore_database(plan: Plan, backup: Backup, database: str, facts: dict[str,
     machine = plan.connect(plan.primary)
     try:
         postgres.drop(machine, plan.port, restored)
-        postgres.create(machine, plan.port, restored, owner=postgres.ROLE)
+        owner = postgres.OWNERS[database]
+        postgres.create(machine, plan.port, restored, owner=owner)
         try:
             with crypto.reader(backup.path / entry["path"],
                                passphrase_for(plan.inventory, entry)) as source:
-                postgres.restore(machine, plan.port, restored, source, keep_owners=True,
+                postgres.restore(machine, plan.port, restored, source,
+                                 owner=owner if database in postgres.RESTORED_AS_OWNER else None,
                                  timeout=plan.timeouts["command"])
             counts = postgres.count_rows(machine, plan.port, restored)
             problems = postgres.compare(facts["tables"], counts, database)

@@ -24,6 +24,11 @@ from tasks.core.hosts import Machine
 
 ROLE = "dify"
 DATABASES = ("dify", "dify_plugin")
+# The role that owns each database.
+OWNERS = {"dify": "dify", "dify_plugin": "dify_plugin"}
+# Databases whose every object is restored as their owner's, whoever owned it in the dump: the
+# plugin daemon's (a dump taken before it had its own role holds dify's tables).
+RESTORED_AS_OWNER = frozenset({"dify_plugin"})
 DONE = "DIFYOPS-COUNTS-DONE"
 # One `SELECT 'TABLE:<schema.table>|' || count(*)` per table, executed by \gexec.
 COUNT_TABLES = (
@@ -175,9 +180,16 @@ def create(machine: Machine, port: int, database: str, owner: str | None = None)
 
 
 def restore(machine: Machine, port: int, database: str, source: BinaryIO, *,
-            keep_owners: bool, timeout: float | None = None) -> Transfer:
-    """pg_restore a custom-format dump from source into an existing empty database."""
-    options = "--exit-on-error" + ("" if keep_owners else " --no-owner --no-acl")
+            scratch: bool = False, owner: str | None = None,
+            timeout: float | None = None) -> Transfer:
+    """pg_restore a custom-format dump from source into an existing empty database: owners and
+    grants as dumped; with `scratch`, every object the superuser's and no grants (a copy only
+    difyops reads); with `owner`, every object made by and owned by that role."""
+    options = "--exit-on-error"
+    if scratch:
+        options += " --no-owner --no-acl"
+    elif owner:
+        options += " --no-owner " + shell.quote(f"--role={owner}")
     transfer = upload(machine, superuser(f"pg_restore {options}", port, database), source,
                       timeout)
     if not transfer.ok:

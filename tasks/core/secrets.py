@@ -75,8 +75,8 @@ def runs_agent(inventory: Inventory) -> bool:
 
 
 def one_word(value: str) -> str | None:
-    """The database password: the plugin daemon writes it unquoted into a libpq connection
-    string (`password=...`), where a space would end it."""
+    """The plugin daemon's database password: the daemon writes it unquoted into a libpq
+    connection string (`password=...`), where a space would end it."""
     if any(character.isspace() for character in value):
         return "holds a space, which the plugin daemon's database connection string cuts at"
     return None
@@ -95,7 +95,9 @@ def base64url_32(value: str) -> str | None:
 
 SPECS: tuple[SecretSpec, ...] = (
     SecretSpec("SECRET_KEY", "signs sessions and encrypts stored credentials", always),
-    SecretSpec("DB_PASSWORD", "the dify database role", always, shape=one_word),
+    SecretSpec("DB_PASSWORD", "the dify database role", always),
+    SecretSpec("DB_PLUGIN_PASSWORD", "the dify_plugin database role (the plugin daemon's own, "
+               "owner of the database dify_plugin)", always, shape=one_word),
     SecretSpec("DB_REPLICATION_PASSWORD", "the streaming replication role",
                lambda inv: bool(inv.with_role("db_replica"))),
     SecretSpec("REDIS_PASSWORD", "Redis' default user (Dify's cache, pub/sub and Celery broker; "

@@ -91,12 +91,26 @@ def test_deploy_starts_every_service_healthy_then_changes_nothing(app: App) -> N
         "docker inspect -f '{{range $k, $v := .NetworkSettings.Networks}}{{$k}} {{end}}' "
         "dify-sandbox-1; docker network inspect -f '{{.Internal}}' dify_ssrf_proxy_network")
     assert out.split() == ["dify_ssrf_proxy_network", "true"], out
-    # The plugin daemon's Redis password reaches the daemon alone (its own env file).
-    daemon_password = dotenv_values(app.env["DIFY_SECRETS"])["REDIS_PLUGIN_DAEMON_PASSWORD"]
+    # The plugin daemon's passwords reach the daemon alone (its own env file), and every plugin
+    # it runs inherits them: its database role made its tables and owns them, and cannot even
+    # connect to Dify's database.
+    secrets = dotenv_values(app.env["DIFY_SECRETS"])
+    own = {"DB_PASSWORD": secrets["DB_PLUGIN_PASSWORD"],
+           "REDIS_PASSWORD": secrets["REDIS_PLUGIN_DAEMON_PASSWORD"]}
     api1 = app.hosts["app-api1"]
-    assert f"REDIS_PASSWORD={daemon_password}" in \
-        api1.exec("docker exec dify-plugin_daemon-1 env")[1].splitlines()
-    assert daemon_password not in api1.exec("docker exec dify-api-1 env")[1]
+    daemon_env = api1.exec("docker exec dify-plugin_daemon-1 env")[1].splitlines()
+    assert {f"{name}={value}" for name, value in own.items()} <= set(daemon_env)
+    api_env = api1.exec("docker exec dify-api-1 env")[1]
+    assert not [name for name, value in own.items() if value in api_env]
+    _, owner = app.hosts[app.primary].exec(
+        "runuser -u postgres -- psql -d dify_plugin -AtX -c "
+        "\"SELECT tableowner FROM pg_tables WHERE tablename = 'plugins'\"")
+    assert owner.strip() == "dify_plugin", owner
+    connect = ("import os, psycopg2; e = os.environ; psycopg2.connect(host=e['DB_HOST'], "
+               "port=e['DB_PORT'], user=e['DB_USERNAME'], password=e['DB_PASSWORD'], "
+               "dbname='dify', sslmode=e.get('DB_SSL_MODE', 'disable'), connect_timeout=5)")
+    code, out = api1.exec(f"docker exec dify-plugin_daemon-1 python3 -c {shlex.quote(connect)}")
+    assert code != 0 and 'user "dify_plugin", database "dify"' in out, out
     status = app.ok("app.status")
     assert "dataset" in status.stdout and "healthy" in status.stdout
 

@@ -138,6 +138,8 @@ def env(lab, tmp_path_factory: pytest.TempPathFactory) -> Env:
                             "INSERT INTO accounts (name) VALUES ('ada'), ('grace'), ('李雷'); "
                             "CREATE TABLE events (id bigserial PRIMARY KEY, at timestamptz "
                             "DEFAULT now())")
+    # Made as dify, as an installation did before the plugin daemon had its own role (dify is a
+    # member of that role, which owns the database).
     environment.sql("dify_plugin", "CREATE TABLE plugins (id text PRIMARY KEY); "
                                    "INSERT INTO plugins VALUES ('openai'), ('search')")
     return environment
@@ -221,8 +223,12 @@ def test_backup_destroy_restore_compare(env: Env) -> None:
     assert env.sql("dify", "SELECT count(*) FROM events") == str(tables["public.events"])
     assert env.sql("dify_plugin", "SELECT string_agg(id, ',' ORDER BY id) FROM plugins") == \
         "openai,search"
-    assert env.superuser("SELECT pg_get_userbyid(datdba) FROM pg_database WHERE datname = "
-                         "'dify'") == "dify"
+    assert env.superuser("SELECT string_agg(pg_get_userbyid(datdba), ',' ORDER BY datname) "
+                         "FROM pg_database WHERE datname IN ('dify', 'dify_plugin')") == \
+        "dify,dify_plugin"
+    # the daemon's objects are its own role's after a restore, whoever owned them in the dump
+    assert env.sql("dify_plugin", "SELECT tableowner FROM pg_tables WHERE tablename = "
+                                  "'plugins'") == "dify_plugin"
     assert env.superuser("SELECT count(*) FROM pg_database WHERE datname LIKE "
                          "'%difyops%'") == "0"  # no scratch or previous database left
     assert tree_digest(env.app, STORAGE) == storage_before

@@ -263,9 +263,12 @@ def test_dev_server_runs_the_base_services_for_the_lab(devlab: Lab3) -> None:
     assert rows == ["home-server"]
     # the connection details follow, without secrets
     assert f"{devlab.server.address}:5432" in out and "password DB_PASSWORD in " in out
+    assert "password DB_PLUGIN_PASSWORD in " in out
     assert devlab.secrets["DB_PASSWORD"] not in out
+    assert devlab.secrets["DB_PLUGIN_PASSWORD"] not in out
     _, hba = devlab.server.exec("cat /etc/postgresql/15/main/pg_hba.conf")
-    assert f"dify,dify_plugin    dify        {devlab.vm.address}/32" in hba, hba
+    assert f"dify                dify        {devlab.vm.address}/32" in hba, hba
+    assert f"dify_plugin         dify_plugin {devlab.vm.address}/32" in hba, hba
     _, listening = devlab.server.exec("ss -ltn")
     assert f"{devlab.server.address}:5432" in listening
     assert f"{devlab.server.address}:6379" in listening

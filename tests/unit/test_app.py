@@ -61,7 +61,7 @@ def test_the_plugin_daemon_gets_only_what_it_reads(load, base) -> None:
     assert daemon["env_file"] == ["plugin_daemon.env"]
     environment = daemon["environment"]
     assert set(environment) == {
-        "DB_HOST", "DB_PORT", "DB_USERNAME", "DB_PASSWORD", "DB_DATABASE", "DB_MAX_OPEN_CONNS",
+        "DB_HOST", "DB_PORT", "DB_USERNAME", "DB_DATABASE", "DB_MAX_OPEN_CONNS",
         "REDIS_HOST", "REDIS_PORT", "REDIS_USERNAME", "REDIS_DB",
         "SERVER_PORT", "SERVER_KEY", "DIFY_INNER_API_URL", "DIFY_INNER_API_KEY",
         "PLUGIN_WORKING_PATH", "PLUGIN_REMOTE_INSTALLING_ENABLED", "PIP_MIRROR_AUTO_DETECT",
@@ -77,17 +77,21 @@ def test_the_plugin_daemon_gets_only_what_it_reads(load, base) -> None:
                   for name, value in environment.items()}
     assert all(match.group(1) in env for match in references.values() if match)
     assert not set(environment.values()) & set(inventory.secrets.values())
-    assert {"DB_PASSWORD", "SERVER_KEY", "DIFY_INNER_API_KEY"} <= {
+    assert {"SERVER_KEY", "DIFY_INNER_API_KEY"} <= {
         name for name, match in references.items() if match}
-    # Its own Redis user, not Dify's (config/redis/users.acl.j2), whose password is in a 0600
-    # file of its own: the api, workers and beat, which read .env whole, never see it.
-    assert environment["REDIS_USERNAME"] == "plugin_daemon"
+    # Its own database role and Redis user, not Dify's (config/postgres/roles.sql.j2,
+    # config/redis/users.acl.j2), whose passwords are in a 0600 file of its own: the api,
+    # workers and beat, which read .env whole, never see them.
+    assert (environment["DB_USERNAME"], environment["REDIS_USERNAME"]) == (
+        "dify_plugin", "plugin_daemon")
     own = next(step for step in plan_of(inventory, "api1")
                if isinstance(step, WriteFile) and step.path == "/opt/dify/plugin_daemon.env")
     assert (own.mode, own.secret) == (0o600, True)
     assert [line for line in own.content.splitlines() if not line.startswith("#")] == [
+        "DB_PASSWORD=" + inventory.secrets["DB_PLUGIN_PASSWORD"],
         "REDIS_PASSWORD=" + inventory.secrets["REDIS_PLUGIN_DAEMON_PASSWORD"]]
-    assert inventory.secrets["REDIS_PLUGIN_DAEMON_PASSWORD"] not in env.values()
+    assert not {inventory.secrets["DB_PLUGIN_PASSWORD"],
+                inventory.secrets["REDIS_PLUGIN_DAEMON_PASSWORD"]} & set(env.values())
     assert env["REDIS_PASSWORD"] == inventory.secrets["REDIS_PASSWORD"]
 
 

@@ -140,8 +140,11 @@ def test_postgres_settings_follow_the_host_size(load, base) -> None:
 def test_pg_hba_admits_app_hosts_and_replicas_only(load, base) -> None:
     hba = files(load(base))[("db1", "/etc/postgresql/15/main/pg_hba.conf")]
     rules = [line.split() for line in hba.splitlines() if line.startswith("host")]
-    app = {r[3] for r in rules if r[1] == "dify,dify_plugin"}
+    app = {r[3] for r in rules if r[1:3] == ["dify", "dify"]}
     assert app == {"10.0.2.21/32", "10.0.2.22/32", "10.0.2.31/32"}
+    # the plugin daemon (api1), as its own role, to its own database only
+    assert [r[1:4] for r in rules if "dify_plugin" in r[1:3]] == [
+        ["dify_plugin", "dify_plugin", "10.0.2.21/32"]]
     assert "10.0.4.10/32" not in hba  # the monitor reads statistics on the db hosts themselves
     assert {r[3] for r in rules if r[1] == "replication"} == {"10.0.3.12/32", "10.0.3.13/32"}
     assert "10.0.1.10/32" not in hba  # the load balancer never reaches the database

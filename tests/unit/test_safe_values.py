@@ -39,8 +39,9 @@ def test_secrets_that_no_file_can_hold_as_they_are_are_refused_without_printing_
 
 def test_a_database_password_with_a_space_is_refused(load, base) -> None:
     # The plugin daemon writes it unquoted into its libpq connection string.
-    message = refusal(load, base, {**good_secrets(), "DB_PASSWORD": "two words-long-password"})
-    assert "DB_PASSWORD: holds a space, which the plugin daemon's database connection" in message
+    message = refusal(load, base, {**good_secrets(),
+                                   "DB_PLUGIN_PASSWORD": "two words-long-password"})
+    assert "DB_PLUGIN_PASSWORD: holds a space, which the plugin daemon's database" in message
     assert "long-password" not in message
 
 

@@ -16,8 +16,9 @@ image's alembic head, which `flask db heads` prints).
 - `flask upgrade-db` takes the Redis lock db_upgrade_lock as Dify does and, like Dify, exits 0
   when another process holds it ("Database migration skipped") or when the migration fails.
 - web :3000 (GET /), plugin_daemon :5002 (refuses to start, as the real one, while remote
-  installing is on without PLUGIN_REMOTE_INSTALLING_HOST and _PORT; GET /health/check: its own
-  database and Redis;
+  installing is on without PLUGIN_REMOTE_INSTALLING_HOST and _PORT; at start it makes its table
+  `plugins` in DB_DATABASE as DB_USERNAME, as the real one's migration does, and stops when it
+  cannot; GET /health/check: its own database and Redis;
   /plugin/... only with X-Api-Key equal to SERVER_KEY, as the real daemon; an empty plugin list;
   POST /standin/inner/<route> makes the call the real daemon makes back to the api: POST
   DIFY_INNER_API_URL/inner/api/<route> with X-Inner-Api-Key: DIFY_INNER_API_KEY, and answers
@@ -197,6 +198,23 @@ def database(name: str | None = None):
     return psycopg2.connect(host=env["DB_HOST"], port=int(env["DB_PORT"]),
                             user=env["DB_USERNAME"], password=env["DB_PASSWORD"],
                             dbname=name or env["DB_DATABASE"], connect_timeout=3, **modes)
+
+
+def migrate_plugin_database() -> str | None:
+    """What the real daemon does at start (gorm's AutoMigrate, internal/db/init.go): make its
+    tables in its database as its user. Why it could not, or None."""
+    try:
+        connection = database()
+        try:
+            with connection.cursor() as cursor:
+                cursor.execute("CREATE TABLE IF NOT EXISTS plugins (id uuid PRIMARY KEY, "
+                               "plugin_unique_identifier text)")
+            connection.commit()
+        finally:
+            connection.close()
+    except Exception as exc:
+        return str(exc).strip() or repr(exc)
+    return None
 
 
 def current_revision(connection) -> str | None:
@@ -567,6 +585,11 @@ def main(argv: list[str]) -> int:
     if ROLE == "plugin_daemon" and remote_installing_unset():
         log("plugin remote installing host is empty")  # the real daemon's Validate()
         return 1
+    if ROLE == "plugin_daemon":
+        problem = migrate_plugin_database()
+        if problem:
+            log(f"failed to init dify plugin db: {problem}")
+            return 1
     if ROLE == "api":
         mode = os.environ.get("MODE", "api")
         if os.environ.get("MIGRATION_ENABLED") == "true":
