@@ -194,15 +194,26 @@ def ensure_image(client: docker.DockerClient, base_image: str, version: str, pre
     """The real image of ``recipe`` of Dify ``version``, built once per set of inputs and
     tagged under the profile's name of its component behind ``prefix``; Unavailable without
     the source (or the release's folder), the component in the profile, or Python."""
+    tag, seconds = ensure_built(client, base_image, version, recipe)
+    name = prefix + load_profile(version).images[recipe.component]
+    image = client.images.get(tag)
+    if name not in image.tags:
+        image.tag(*name.rsplit(":", 1))
+    return Built(tag, name, version, seconds, int(image.attrs["Size"]))
+
+
+def ensure_built(client: docker.DockerClient, base_image: str, version: str,
+                 recipe: Recipe) -> tuple[str, float]:
+    """The cache tag of the real image of ``recipe`` of Dify ``version``, built unless it is
+    (or another run is building it: the build lock), and the seconds a build here took (0 when
+    it was cached). Unavailable as ensure_image."""
     source = dify_source.source_for(version)
-    images = load_profile(version).images
-    if recipe.component not in images:
+    if recipe.component not in load_profile(version).images:
         raise dify_source.Unavailable(f"Dify {version} has no {recipe.component}")
     python = find_python312()
     base_id = client.images.get(base_image).id
     inputs = _inputs(recipe, base_id, source, python)
     tag = f"{recipe.repo}:{inputs}"
-    name = prefix + images[recipe.component]
     started = time.monotonic()
     built = False
     with build_lock(recipe.context.name):  # another run may be building the same image
@@ -218,8 +229,4 @@ def ensure_image(client: docker.DockerClient, base_image: str, version: str, pre
                     raise dify_source.Unavailable(
                         f"{source}: {recipe.folder}/ is Dify {found}, not {version}")
                 _build(root, recipe, python, base_id, tag, inputs)
-    seconds = time.monotonic() - started if built else 0.0
-    image = client.images.get(tag)
-    if name not in image.tags:
-        image.tag(*name.rsplit(":", 1))
-    return Built(tag, name, version, seconds, int(image.attrs["Size"]))
+    return tag, time.monotonic() - started if built else 0.0

@@ -83,6 +83,18 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             item.add_marker(pytest.mark.docker)
 
 
+def pytest_collection_finish(session: pytest.Session) -> None:
+    """Start building the real Dify images the selected modules need, in the background
+    (tests/integration/prebuild.py)."""
+    if session.config.option.collectonly or not session.items or not docker_answers():
+        return
+    from tests.integration import prebuild
+
+    modules = {module.__name__: module for module in
+               (getattr(item, "module", None) for item in session.items) if module is not None}
+    prebuild.start(list(modules.values()))
+
+
 def pytest_runtest_setup(item: pytest.Item) -> None:
     """Apply the Docker skip/fail rule to every test marked ``docker``."""
     if item.get_closest_marker("docker") is not None:
