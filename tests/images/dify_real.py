@@ -186,7 +186,10 @@ def _build(root: Path, recipe: Recipe, python: Python312, base_id: str, tag: str
         args = {"BASE_IMAGE": base_id,
                 "UV_VERSION": dify_source.uv_version(root, recipe.folder),
                 "UV_SYNC": dify_source.uv_sync_command(root, recipe.folder)}
-        standin.build_folder(scratch, tag, args, labels={LABEL: inputs}, timeout=3600)
+        # A low CPU weight: built in the background (tests/integration/prebuild.py), it gives
+        # way to the lab's hosts, whose tests have deadlines.
+        standin.build_folder(scratch, tag, args, labels={LABEL: inputs}, timeout=3600,
+                             cpu_shares=128)
 
 
 def ensure_image(client: docker.DockerClient, base_image: str, version: str, prefix: str,

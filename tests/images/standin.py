@@ -90,13 +90,16 @@ def ensure_core(client: docker.DockerClient, base_image: str) -> str:
 
 
 def build_folder(folder: str, tag: str, buildargs: dict[str, str], *,
-                 labels: dict[str, str] | None = None, timeout: int) -> None:
+                 labels: dict[str, str] | None = None, timeout: int,
+                 cpu_shares: int | None = None) -> None:
     """`docker build` of a folder, never pulling; a failure names the tag and ends with the
-    build log's tail."""
+    build log's tail. ``cpu_shares``: the build's CPU weight against other containers (1024
+    each by default), which only counts while the CPU is short."""
     builder = docker.from_env(timeout=timeout)
+    limits = {"cpushares": cpu_shares} if cpu_shares else None
     try:
         builder.images.build(path=folder, tag=tag, buildargs=buildargs, labels=labels or {},
-                             rm=True, forcerm=True, pull=False)
+                             rm=True, forcerm=True, pull=False, container_limits=limits)
     except docker.errors.BuildError as exc:
         log = "".join(str(item.get("stream", item.get("error", ""))) for item in exc.build_log)
         raise RuntimeError(f"building {tag} failed: {exc}\n{log[-6000:]}") from exc
